@@ -1,0 +1,61 @@
+"""Checking that image files exist and can be decoded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a regular file whose suffix is a common image suffix (case-insensitive)."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_problem(path: str | Path, full: bool = False) -> str | None:
+    """Why `path` is not a usable image, or None when it is.
+
+    The cheap check opens the header (size, mode); ``full=True`` decodes every pixel, which also
+    catches truncated files.
+    """
+    path = Path(path)
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():
+        return "not a file"
+    try:
+        with Image.open(path) as image:
+            if full:
+                image.load()
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"unreadable image ({type(error).__name__}: {error})".rstrip()
+    if width == 0 or height == 0:
+        return "empty image"
+    return None
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) of a readable image, None otherwise."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def pair_problem(image: str | Path, mask: str | Path | None, full: bool = False) -> str | None:
+    """Why an (image, mask) pair is unusable: either file unreadable, or sizes that differ."""
+    reason = image_problem(image, full)
+    if reason is not None:
+        return f"image {Path(image).name}: {reason}"
+    if mask is None:
+        return None
+    reason = image_problem(mask, full)
+    if reason is not None:
+        return f"mask {Path(mask).name}: {reason}"
+    if image_size(image) != image_size(mask):
+        return f"mask size {image_size(mask)} differs from image size {image_size(image)}"
+    return None

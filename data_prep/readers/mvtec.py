@@ -1,0 +1,89 @@
+"""MVTec AD layout reader (also reads the synthetic generator's output).
+
+    <root>/<class>/train/good/*.png
+    <root>/<class>/test/good/*.png                      normal test images
+    <root>/<class>/test/<defect>/<name>.png             anomalous test images
+    <root>/<class>/ground_truth/<defect>/<name>_mask.png
+
+`root` may also be a single class folder (one that holds `train/` or `test/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..images import is_image_file, pair_problem
+from ..records import ANOMALOUS, NORMAL, ReadResult, Record
+
+GOOD = "good"
+
+
+def class_dirs(root: Path) -> list[Path]:
+    """The class folders under `root`, or `[root]` when `root` is itself a class folder."""
+    if _is_class_dir(root):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and _is_class_dir(p))
+
+
+def _is_class_dir(path: Path) -> bool:
+    return (path / "train").is_dir() or (path / "test").is_dir()
+
+
+def read_mvtec(root: str | Path, full_check: bool = False) -> ReadResult:
+    """Every image of an MVTec-layout tree as records; missing masks and unreadable files are problems.
+
+    ``full_check`` decodes every image (slower; catches truncated files).
+    """
+    root = Path(root)
+    result = ReadResult()
+    if not root.is_dir():
+        result.report(str(root), "not a directory")
+        return result
+    classes = class_dirs(root)
+    if not classes:
+        result.report(str(root), "no class folder with train/ or test/ found (MVTec AD layout)")
+    for class_dir in classes:
+        _read_class(class_dir, result, full_check)
+    return result
+
+
+def _read_class(class_dir: Path, result: ReadResult, full_check: bool) -> None:
+    category = class_dir.name
+    used_masks: set[Path] = set()
+    for split in ("train", "test"):
+        split_dir = class_dir / split
+        if not split_dir.is_dir():
+            continue
+        for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            if split == "train" and defect != GOOD:
+                result.report(str(defect_dir), "train/ should hold only good/ images; folder ignored")
+                continue
+            for path in sorted(p for p in defect_dir.iterdir() if is_image_file(p)):
+                record_id = str(path.relative_to(class_dir.parent))
+                mask = None
+                if defect != GOOD:
+                    mask = class_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
+                    if not mask.is_file():
+                        result.drop(str(mask), "missing ground-truth mask", record_id)
+                        continue
+                    used_masks.add(mask)
+                reason = pair_problem(path, mask, full_check)
+                if reason is not None:
+                    result.drop(str(path), reason, record_id)
+                    continue
+                result.keep(
+                    Record(
+                        image=str(path),
+                        label=NORMAL if defect == GOOD else ANOMALOUS,
+                        mask=str(mask) if mask is not None else None,
+                        category=category,
+                        split=split,
+                        defect_type=None if defect == GOOD else defect,
+                    )
+                )
+    gt_dir = class_dir / "ground_truth"
+    if gt_dir.is_dir():
+        for mask in sorted(gt_dir.glob("*/*")):
+            if is_image_file(mask) and mask not in used_masks:
+                result.report(str(mask), "mask without a test image")

@@ -1,0 +1,59 @@
+"""One synthetic sample at a time, reproducible from (seed, family, index) alone."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .defects import DefectContext, apply_defect
+from .families import FAMILIES, make_normal
+
+
+@dataclass
+class Sample:
+    """A generated image: the normal source, the output, and for an anomaly its mask, type, bbox, area."""
+
+    family: str
+    normal: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray | None = None
+    defect_type: str | None = None
+    bbox: list[int] | None = None
+    area: int = 0
+
+
+def sample_rng(seed: int, family: str, index: int) -> np.random.Generator:
+    """The generator of one sample: independent of every other sample and of the family list."""
+    return np.random.default_rng([seed, zlib.crc32(family.encode()), index])
+
+
+def donor_source(family: str | None, size: int, rng: np.random.Generator):
+    """A callable drawing a foreign texture: a normal image of another procedural family."""
+    others = [name for name in FAMILIES if name != family]
+
+    def donor() -> np.ndarray:
+        return make_normal(others[int(rng.integers(len(others)))], size, rng)[0]
+
+    return donor
+
+
+def make_sample(
+    family: str,
+    index: int,
+    seed: int,
+    size: int = 256,
+    defect_type: str | None = None,
+    normal: np.ndarray | None = None,
+    foreground: np.ndarray | None = None,
+) -> Sample:
+    """Sample `index` of `family`: a procedural normal (or the given `normal`), with `defect_type` applied when set."""
+    rng = sample_rng(seed, family, index)
+    if normal is None:
+        normal, foreground = make_normal(family, size, rng)
+    if defect_type is None:
+        return Sample(family, normal, normal)
+    ctx = DefectContext(foreground=foreground, donor=donor_source(family, normal.shape[0], rng))
+    defect = apply_defect(normal, defect_type, rng, ctx)
+    return Sample(family, normal, defect.image, defect.mask, defect_type, defect.bbox, defect.area)
