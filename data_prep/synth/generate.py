@@ -24,9 +24,10 @@ class Sample:
     area: int = 0
 
 
-def sample_rng(seed: int, family: str, index: int) -> np.random.Generator:
-    """The generator of one sample: independent of every other sample and of the family list."""
-    return np.random.default_rng([seed, zlib.crc32(family.encode()), index])
+def sample_rng(seed: int, family: str, index: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one sample (`stream` 0) or of a per-family draw (other streams): independent of
+    every other sample and of the family list."""
+    return np.random.default_rng([seed, zlib.crc32(family.encode()), index, stream])
 
 
 def donor_source(family: str | None, size: int, rng: np.random.Generator):

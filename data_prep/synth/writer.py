@@ -69,7 +69,7 @@ def load_normal(path: Path, size: int) -> np.ndarray:
 
 def _custom_source(plan: SynthPlan, family: str, index: int, split: str) -> np.ndarray:
     """The user's normal image for one index: test images draw from a held-out quarter of the normals."""
-    order = sample_rng(plan.seed, family, -1).permutation(len(plan.normals))
+    order = sample_rng(plan.seed, family, 0, stream=1).permutation(len(plan.normals))
     n_test = min(max(1, len(order) // 4), len(order) - 1) if len(order) > 1 else 0
     pool = order[:n_test] if split == "test" and n_test else order[n_test:] if n_test else order
     return load_normal(plan.normals[pool[index % len(pool)]], plan.size)
