@@ -1,0 +1,122 @@
+"""The synthetic anomaly generator: exact masks, determinism, the written MVTec layout."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from data_prep.readers import read_mvtec
+from data_prep.synth import DEFECT_TYPES, FAMILIES, SynthPlan, make_normal, make_sample, write_dataset
+from data_prep.synth.poisson import poisson_blend
+from data_prep.synth.shapes import bbox
+
+
+def test_there_are_at_least_five_families_each_drawing_varied_images():
+    assert len(FAMILIES) >= 5
+    for name in FAMILIES:
+        first, _ = make_normal(name, 64, np.random.default_rng(0))
+        second, _ = make_normal(name, 64, np.random.default_rng(1))
+        assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+        assert first.std() > 3, f"{name} is flat"
+        assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("family", ["wood", "fabric", "pill", "cap"])
+@pytest.mark.parametrize("defect_type", DEFECT_TYPES)
+def test_mask_is_exactly_the_changed_pixels(family, defect_type):
+    for index in range(3):
+        sample = make_sample(family, index, seed=7, size=96, defect_type=defect_type)
+        changed = (sample.image != sample.normal).any(axis=-1)
+        assert sample.mask.any()
+        np.testing.assert_array_equal(sample.mask, changed)
+        assert sample.bbox == bbox(sample.mask) and sample.area == int(sample.mask.sum())
+        assert np.abs(sample.image[sample.mask].astype(int) - sample.normal[sample.mask]).max(-1).mean() >= 6
+
+
+@pytest.mark.parametrize("defect_type", ["scratch", "crack", "stain", "hole"])
+def test_defects_stay_on_the_object(defect_type):
+    for index in range(4):
+        sample = make_sample("pill", index, seed=3, size=96, defect_type=defect_type)
+        # the pill is bright, its background dark: no masked pixel may lie on the background
+        background = ndimage.binary_erosion(sample.normal.mean(-1) < 90, iterations=2)
+        assert background.mean() > 0.5
+        assert not (sample.mask & background).any()
+
+
+def test_samples_are_deterministic_from_the_seed():
+    a = make_sample("metal", 4, seed=11, size=64, defect_type="poisson_patch")
+    b = make_sample("metal", 4, seed=11, size=64, defect_type="poisson_patch")
+    c = make_sample("metal", 4, seed=12, size=64, defect_type="poisson_patch")
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_poisson_blend_keeps_source_gradients_inside_and_target_outside():
+    rng = np.random.default_rng(0)
+    target = rng.random((40, 50, 3)).astype(np.float32) * 80
+    source = rng.random((40, 50, 3)).astype(np.float32) * 200
+    region = np.zeros((40, 50), bool)
+    region[10:30, 12:40] = True
+    out = poisson_blend(target, source, region)
+
+    def laplacian(a):
+        return a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:] - 4 * a[1:-1, 1:-1]
+
+    inside = ndimage.binary_erosion(region)[1:-1, 1:-1]
+    outside = ~ndimage.binary_dilation(region)[1:-1, 1:-1]
+    assert np.abs(laplacian(out) - laplacian(source))[inside].max() < 1e-2
+    assert np.abs(laplacian(out) - laplacian(target))[outside].max() < 1e-2
+    np.testing.assert_array_equal(out[0], target[0])
+    # a source that only differs by a constant has the target's gradients: nothing changes
+    np.testing.assert_allclose(poisson_blend(target, target + 50, region), target, atol=1e-3)
+
+
+def test_written_dataset_has_the_mvtec_layout_and_metadata(tmp_path):
+    out = tmp_path / "synth"
+    counts = write_dataset(out, SynthPlan(n=16, families=("wood", "pill"), size=64, seed=1))
+    assert counts == {"wood": 16, "pill": 16}
+    for family in ("wood", "pill"):
+        assert len(list((out / family / "train/good").glob("*.png"))) == 6
+        assert len(list((out / family / "test/good").glob("*.png"))) == 2
+        assert {p.name for p in (out / family / "ground_truth").iterdir()} == set(DEFECT_TYPES)
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 32
+    for line in lines:
+        if line["label"] == 1:
+            mask = np.asarray(Image.open(out / line["mask"])) > 0
+            assert line["defect_type"] in line["image"] and line["area"] == int(mask.sum()) and line["bbox"] == bbox(mask)
+        else:
+            assert line["mask"] is None and line["bbox"] is None
+    result = read_mvtec(out)
+    assert len(result.records) == 32 and result.problems == []
+
+
+def test_writer_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    plan = SynthPlan(n=2, families=("carpet",), size=32)
+    with pytest.raises(FileExistsError):
+        write_dataset(tmp_path, plan)
+    write_dataset(tmp_path, plan, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "carpet/train/good/000.png").is_file()
+
+
+def test_user_normals_are_copied_exactly_outside_the_mask(tmp_path):
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    sources = []
+    for index in range(4):
+        image, _ = make_normal("fabric", 48, np.random.default_rng(100 + index))
+        Image.fromarray(image).save(normals / f"{index}.png")
+        sources.append(image)
+    out = tmp_path / "out"
+    write_dataset(out, SynthPlan(n=8, families=("mine",), size=48, seed=2, normals=sorted(normals.glob("*.png"))))
+    for line in map(json.loads, (out / "metadata.jsonl").read_text().splitlines()):
+        image = np.asarray(Image.open(out / line["image"]))
+        mask = np.asarray(Image.open(out / line["mask"])) > 0 if line["mask"] else np.zeros(image.shape[:2], bool)
+        matches = [s for s in sources if np.array_equal(image[~mask], s[~mask])]
+        assert len(matches) == 1, line["image"]
+        assert (image[mask] != matches[0][mask]).any(-1).all()
