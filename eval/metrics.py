@@ -133,11 +133,13 @@ def _auroc_by_ranks(positive: np.ndarray, negative: np.ndarray) -> float:
     """AUROC as P(positive > negative) + P(tie) / 2 (Mann-Whitney), exact and tie-aware.
 
     Own code because it is measurably better at pixel scale: 100 maps of 256x256 (6.5M pixels)
-    take ~0.4 s here versus ~3.1 s for scikit-learn's ``roc_auc_score`` on 2 cores (it argsorts
-    all pixels; this sorts only the normal pixels and binary-searches the anomalous ones). The
-    value equals scikit-learn's (trapezoidal ROC area) to rounding; the tests check that.
+    take ~0.3 s here versus ~3-4 s for scikit-learn's ``roc_auc_score`` on 2 cores (it argsorts
+    all pixels with a stable sort; this value-sorts the pixels and binary-searches the anomalous
+    ones among the normal ones). The value equals scikit-learn's (trapezoidal ROC area) to
+    rounding; the tests check that.
     """
-    negative = np.sort(negative, kind="stable")
+    negative = np.sort(negative)  # unstable SIMD sort: ~2.5x faster than kind="stable" here
+    positive = np.sort(positive)  # sorted queries make the binary searches cache-friendly
     below = np.searchsorted(negative, positive, side="left").astype(np.int64)
     below_or_tied = np.searchsorted(negative, positive, side="right").astype(np.int64)
     # integers throughout: 2 * (#pairs pos > neg) + (#tied pairs), over 2 * #pairs
@@ -176,9 +178,10 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     its trapezoidal area from FPR 0 to ``fpr_limit``, with PRO linearly interpolated at the limit,
     is divided by ``fpr_limit`` so a perfect map scores 1.
 
-    Vectorised: the ``fpr_limit`` quantile of normal scores is found with ``np.partition``; only
-    pixels above it are sorted once; FPR and PRO at every threshold are cumulative sums of per-pixel
-    weights (1 / #normal for normal pixels, 1 / (#regions * region size) for region pixels).
+    Vectorised, no threshold loop: the ``fpr_limit`` quantile of normal scores is found with
+    ``np.partition`` and only scores above it are sorted (normal ones by value, region ones by
+    argsort); PRO at each region-pixel score is a cumulative sum of per-pixel weights
+    1 / (#regions * region size), FPR a binary search in the sorted normal scores.
     """
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -186,29 +189,38 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     region_ids, n_regions = ndimage.label(masks, structure=_STACK_8_CONNECTIVITY)
     region_ids = region_ids.ravel()
     scores = maps.ravel()
-    normal = region_ids == 0
-    n_normal = int(np.count_nonzero(normal))
+    in_region = region_ids > 0
+    normal_scores = scores[~in_region]
+    n_normal = normal_scores.size
 
-    # Threshold `cut` = the k-th highest normal score with k/n_normal > fpr_limit: thresholds at or
-    # above it cover the curve up to (and one point past) the limit, so lower pixels are never sorted.
+    # Thresholds at or above `cut` (the k-th highest normal score, k / n_normal > fpr_limit) cover
+    # the curve up to and past the limit: lower scores are never sorted.
     k = min(math.floor(fpr_limit * n_normal) + 1, n_normal)
-    normal_scores = scores[normal]
     cut = np.partition(normal_scores, n_normal - k)[n_normal - k]
-    keep = np.flatnonzero(scores >= cut)
-    order = keep[np.argsort(scores[keep], kind="stable")[::-1]]  # descending score
+    normal_top = np.sort(normal_scores[normal_scores >= cut])  # ascending; ties with `cut` included
 
-    sorted_scores = scores[order]
-    sorted_ids = region_ids[order]
-    region_size = np.bincount(region_ids, minlength=n_regions + 1)
-    pixel_weight = np.zeros(n_regions + 1)
-    pixel_weight[1:] = 1.0 / (n_regions * region_size[1:])
-    pro = np.cumsum(pixel_weight[sorted_ids])
-    fpr = np.cumsum(sorted_ids == 0) / n_normal
+    # PRO only changes at region-pixel scores: sort those (few) and accumulate their weights.
+    region_scores, region_of_pixel = scores[in_region], region_ids[in_region]
+    above = region_scores >= cut
+    region_scores, region_of_pixel = region_scores[above], region_of_pixel[above]
+    order = np.argsort(region_scores)[::-1]  # descending; unstable is fine, ties are grouped below
+    region_scores = region_scores[order]
+    region_size = np.bincount(region_ids, minlength=n_regions + 1)[1:]
+    weights = 1.0 / (n_regions * region_size[region_of_pixel[order] - 1])
+    # the last pixel of each run of tied scores (none when every region pixel is below the cut)
+    last_of_tie = np.flatnonzero(np.append(region_scores[1:] != region_scores[:-1], region_scores.size > 0))
+    thresholds = region_scores[last_of_tie]  # distinct, descending
+    pro_at = np.cumsum(weights)[last_of_tie]  # PRO(map >= threshold)
+    pro_above = np.concatenate(([0.0], pro_at))[:-1]  # PRO(map > threshold)
+    m = normal_top.size
+    fpr_at = (m - np.searchsorted(normal_top, thresholds, side="left")) / n_normal
+    fpr_above = (m - np.searchsorted(normal_top, thresholds, side="right")) / n_normal
 
-    # one curve point per distinct threshold: the last pixel of each run of tied scores
-    last_of_tie = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
-    fpr = np.concatenate(([0.0], fpr[last_of_tie]))
-    pro = np.concatenate(([0.0], pro[last_of_tie]))
+    # Exact curve over every distinct score: from (0, 0), for each region threshold the point just
+    # above it and the point at it (a diagonal when normal pixels tie with it); between region
+    # thresholds only FPR moves (horizontal); it ends at the cut, past the limit.
+    fpr = np.concatenate(([0.0], np.column_stack((fpr_above, fpr_at)).ravel(), [m / n_normal]))
+    pro = np.concatenate(([0.0], np.column_stack((pro_above, pro_at)).ravel(), [pro_at[-1] if pro_at.size else 0.0]))
     return _integrate_to_limit(fpr, pro, fpr_limit) / fpr_limit
 
 
