@@ -1,0 +1,161 @@
+"""`anomaly-assistant`: ask about an image from the command line.
+
+    anomaly-assistant ask part.png                       # the embedded default model
+    anomaly-assistant ask part.png -q "Where is the defect?" --heatmap overlay.png
+    anomaly-assistant ask part.png --model ./my-checkpoint --reference good1.png good2.png --json
+    anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
+
+Bad input (unreadable image, bad model path, over-long question, an output file that already exists)
+prints one line on stderr and exits with code 2; nothing the user gave is written over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(ValueError):
+    """Bad input from the user: one line on stderr, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly-assistant", description="Visual anomaly inspection with an LLM that shows its evidence.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question about one image, with score, heatmap and boxes")
+    ask.add_argument("image", help="the image to inspect")
+    ask.add_argument("-q", "--question", default=None, help="question (default: is there an anomaly, where, what)")
+    ask.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
+    ask.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
+    ask.add_argument("--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal")
+    ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ask.add_argument("--heatmap", default=None, metavar="OUT.png", help="write the overlay (heatmap, contours, boxes) here")
+    ask.add_argument("--overwrite", action="store_true", help="allow --heatmap to replace an existing file")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ask.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ask.add_argument("--temperature", type=float, default=0.7)
+    ask.add_argument("--top-p", type=float, default=0.9)
+    ask.add_argument("--seed", type=int, default=0, help="random seed for --sample")
+
+    convert = sub.add_parser("convert-expert", help="LLaVA-OneVision base + Anomaly-OV expert .pth → a safetensors checkpoint")
+    convert.add_argument("--base", required=True, help="llava-hf LLaVA-OneVision checkpoint folder or hub id")
+    convert.add_argument("--expert", required=True, help="pretrained_expert_05b.pth or pretrained_expert_7b.pth")
+    convert.add_argument("--out", required=True, help="new folder for the converted checkpoint")
+    return parser
+
+
+def _check_output(path: str | None, overwrite: bool) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise UsageError(f"--heatmap must end in .png, .jpg, .webp or .bmp: '{path}'")
+    if out.is_dir():
+        raise UsageError(f"--heatmap '{path}' is a folder")
+    if out.exists() and not overwrite:
+        raise UsageError(f"'{path}' already exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise UsageError(f"the folder for --heatmap does not exist: '{out.parent}'")
+    return out
+
+
+def _ask(args) -> int:
+    from .imageio import load_image
+    from .limits import MAX_QUESTION_CHARS
+
+    if args.question is not None and len(args.question) > MAX_QUESTION_CHARS:
+        raise UsageError(f"the question is too long ({len(args.question)} characters; at most {MAX_QUESTION_CHARS})")
+    if args.question is not None and not args.question.strip():
+        raise UsageError("the question is empty")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    heatmap = _check_output(args.heatmap, args.overwrite)
+    image = load_image(args.image)
+    references = [load_image(r) for r in args.reference]
+
+    _quiet_libraries()  # inputs are checked above before torch and transformers load (seconds)
+    from .inference import AnomalyAssistant
+
+    assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device, expert=args.expert)
+    generate = {}
+    if args.sample:
+        import torch
+
+        torch.manual_seed(args.seed)
+        generate = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    report = assistant.analyze(image, args.question, references=references, max_new_tokens=args.max_new_tokens, **generate)
+
+    written = None
+    if heatmap is not None:
+        if report.anomaly_map is None:
+            print(f"note: the model '{args.model}' has no anomaly expert, so there is no heatmap to write", file=sys.stderr)
+        else:
+            tmp = heatmap.with_name(f".{heatmap.name}.partial{heatmap.suffix}")
+            assistant.visualize(report).save(tmp)
+            os.replace(tmp, heatmap)
+            written = str(heatmap)
+    if args.json:
+        print(json.dumps(report.to_dict(heatmap=written)))
+        return 0
+    if report.pred_score is not None:
+        verdict = "ANOMALOUS" if report.pred_label else "normal"
+        where = f", {report.location}" if report.location else ""
+        print(f"verdict: {verdict} (score {report.pred_score:.3f}, threshold {report.threshold:.3f}{where})")
+    print(report.answer)
+    if written:
+        print(f"heatmap: {written}")
+    return 0
+
+
+def _convert(args) -> int:
+    _quiet_libraries()
+    from .checkpoint import convert_anomaly_ov
+
+    out = convert_anomaly_ov(args.base, args.expert, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _is_bad_input(error: Exception) -> bool:
+    from .imageio import ImageInputError
+
+    if isinstance(error, (UsageError, ImageInputError)):
+        return True
+    checkpoint = sys.modules.get("assistant.checkpoint")  # loaded only once a model was asked for
+    return checkpoint is not None and isinstance(error, checkpoint.ModelLoadError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = os.environ.get("ANOMALY_ASSISTANT_DEBUG") == "1"
+    try:
+        return {"ask": _ask, "convert-expert": _convert}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for the user; the traceback with ANOMALY_ASSISTANT_DEBUG=1
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if _is_bad_input(error) else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

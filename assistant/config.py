@@ -1,0 +1,112 @@
+"""Configuration of the composed model, saved as `config.json` inside every checkpoint.
+
+The nesting follows transformers' `LlavaOnevisionConfig`: a vision config and a text config (any
+transformers CLIP/SigLIP vision config and any causal-LM config), plus the anomaly expert's and the
+token selector's own small configs, the calibrated decision thresholds and a format version.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+#: bumped whenever the checkpoint layout changes incompatibly
+FORMAT_VERSION = 1
+
+#: LLaVA-OneVision's default anyres grid (multiples of 384 up to 6×6 tiles)
+LLAVA_OV_GRID_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def _sub_config(value):
+    if value is None or isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("a nested config dict needs a 'model_type'")
+        return AutoConfig.for_model(model_type, **value)
+    raise TypeError(f"expected a config or a dict, got {type(value).__name__}")
+
+
+class AnomalyAssistantConfig(PretrainedConfig):
+    """Vision tower + anomaly expert + look-twice selector + projector + causal LM.
+
+    Args:
+        vision_config / text_config: configs (or dicts with `model_type`) of the vision model and the LLM.
+        expert_config: dict for `assistant.expert.ExpertConfig`, or None for a model without an expert
+            (then it behaves exactly like a plain LLaVA-OneVision model).
+        selector_config: dict for `assistant.selector.SelectorConfig`.
+        image_token_index: id of the `<image>` placeholder; anomaly tokens use the same placeholder and
+            are told apart by the marker text in front of them and by their count.
+        vision_feature_layer / vision_feature_select_strategy / vision_aspect_ratio / image_grid_pinpoints /
+            projector_hidden_act / multimodal_projector_bias: as in `LlavaOnevisionConfig`.
+        image_threshold: calibrated decision threshold on `pred_score` (stored by training).
+        pixel_threshold: threshold on the anomaly map for `pred_mask`.
+        suspicion_marker: text inserted between image tokens and anomaly tokens; `{level}` is filled with
+            "slightly", "moderately" or "highly".
+        suspicion_bounds: score bounds separating the three levels. Anomaly-OV uses fixed bounds
+            (0.3, 0.7); this project's checkpoints derive them from the calibrated threshold so that
+            "highly" means the verdict is anomalous.
+    """
+
+    model_type = "anomaly_assistant"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        expert_config: dict | None = None,
+        selector_config: dict | None = None,
+        image_token_index: int = 151646,
+        vision_feature_layer: int | list[int] = -1,
+        vision_feature_select_strategy: str = "full",
+        vision_aspect_ratio: str = "anyres_max_9",
+        image_grid_pinpoints: list | None = None,
+        projector_hidden_act: str = "gelu",
+        multimodal_projector_bias: bool = True,
+        image_threshold: float = 0.5,
+        pixel_threshold: float = 0.5,
+        suspicion_marker: str = " with {level} suspicious features: ",
+        suspicion_bounds: tuple[float, float] = (0.3, 0.7),
+        format_version: int = FORMAT_VERSION,
+        **kwargs,
+    ):
+        self.vision_config = _sub_config(vision_config)
+        self.text_config = _sub_config(text_config)
+        self.expert_config = expert_config
+        self.selector_config = selector_config
+        self.image_token_index = image_token_index
+        self.vision_feature_layer = vision_feature_layer
+        if vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}")
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_aspect_ratio = vision_aspect_ratio
+        self.image_grid_pinpoints = image_grid_pinpoints if image_grid_pinpoints is not None else LLAVA_OV_GRID_PINPOINTS
+        self.projector_hidden_act = projector_hidden_act
+        self.multimodal_projector_bias = multimodal_projector_bias
+        self.image_threshold = float(image_threshold)
+        self.pixel_threshold = float(pixel_threshold)
+        self.suspicion_marker = suspicion_marker
+        self.suspicion_bounds = tuple(float(b) for b in suspicion_bounds)
+        if int(format_version) > FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"
+            )
+        self.format_version = int(format_version)
+        tie = kwargs.pop("tie_word_embeddings", None)
+        if tie is None and self.text_config is not None:
+            tie = getattr(self.text_config, "tie_word_embeddings", False)
+        super().__init__(tie_word_embeddings=bool(tie), **kwargs)
+
+    @property
+    def has_expert(self) -> bool:
+        return self.expert_config is not None
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    def suspicion_level(self, score: float) -> str:
+        low, high = self.suspicion_bounds
+        return "slightly" if score < low else "moderately" if score < high else "highly"

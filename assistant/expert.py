@@ -1,0 +1,118 @@
+"""The anomaly expert: scores every patch of every crop against learned normal/abnormal prompts.
+
+Anomaly-OV's look-twice idea, with parameter names that load its released expert weights:
+
+* first look — the base view's projector-layer features are pooled over patches (`pooling_layer`) into
+  one global vector; `class_predictor` turns it into an image-conditioned class embedding that is
+  concatenated with each learned prompt (`positive_embedding` = normal, `negative_embedding` =
+  anomalous) and adapted per level (`prompt_adaptors`);
+* second look — each chosen vision layer's patch features are adapted (`patch_adaptors`) and compared
+  with the two prompts by cosine similarity; a softmax over 100·cos gives the per-patch probability of
+  the anomalous prompt, averaged over levels.
+
+`final_predictor` turns the look-twice tokens chosen by `assistant.selector` into the image score.
+Few-shot (AnomalyGPT's in-context mode): when normal reference images are given, each patch's distance
+to its nearest reference patch (raw multi-level features, cosine) is fused into the map and the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ExpertConfig:
+    """Sizes of the anomaly expert. `feature_layers` index the vision tower's `hidden_states`."""
+
+    feature_layers: list[int] = field(default_factory=lambda: [7, 13, 19, 25])
+    embedding_dim: int = 512
+    class_dim: int = 512
+    predictor_dim: int = 512
+    logit_scale: float = 100.0
+    #: weight of the few-shot (reference) map when references are given
+    reference_weight: float = 0.5
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ExpertConfig":
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown expert config keys: {sorted(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evenly_spaced_layers(num_hidden_layers: int, count: int = 4) -> list[int]:
+    """`count` hidden-state indices spread evenly over the tower's blocks, the last block included (26 → 6, 13, 20, 26)."""
+    return sorted({max(1, round(num_hidden_layers * (i + 1) / count)) for i in range(count)})
+
+
+class AnomalyExpert(nn.Module):
+    def __init__(self, config: ExpertConfig, vision_hidden_size: int, num_patches: int):
+        super().__init__()
+        self.config = config
+        e, c, h = config.embedding_dim, config.class_dim, vision_hidden_size
+        levels = len(config.feature_layers)
+        self.num_patches = num_patches
+        self.positive_embedding = nn.Parameter(torch.randn(1, e))
+        self.negative_embedding = nn.Parameter(torch.randn(1, e))
+        self.pooling_layer = nn.Sequential(nn.Linear(num_patches, 1))
+        self.class_predictor = nn.Sequential(nn.Linear(h, c), nn.GELU(), nn.Linear(c, c))
+        self.patch_adaptors = nn.ModuleList(nn.Linear(h, e) for _ in range(levels))
+        self.prompt_adaptors = nn.ModuleList(nn.Linear(e + c, e) for _ in range(levels))
+        self.final_predictor = nn.Sequential(nn.Linear(h, config.predictor_dim), nn.GELU(), nn.Linear(config.predictor_dim, 1))
+
+    def prompts(self, base_features: torch.Tensor) -> list[torch.Tensor]:
+        """First look. base_features [N, P, H] → per level, unit prompts [N, E, 2] (normal, anomalous)."""
+        pooled = self.pooling_layer(base_features.transpose(1, 2)).squeeze(-1)  # [N, H]
+        class_embedding = self.class_predictor(pooled)  # [N, C]
+        n = base_features.shape[0]
+        normal = torch.cat([self.positive_embedding.expand(n, -1), class_embedding], dim=-1)
+        abnormal = torch.cat([self.negative_embedding.expand(n, -1), class_embedding], dim=-1)
+        out = []
+        for adaptor in self.prompt_adaptors:
+            pair = torch.stack([F.normalize(adaptor(normal), dim=-1), F.normalize(adaptor(abnormal), dim=-1)], dim=-1)
+            out.append(pair)
+        return out
+
+    def forward(self, multi_level: list[torch.Tensor], base_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Second look. multi_level: L tensors [N, P, H]; base_features [N, P, H] (each crop's image's base view).
+
+        Returns the anomaly probability per patch [N, P] (averaged over levels) and each crop's mean
+        probability [N] (Anomaly-OV's patch significance).
+        """
+        if len(multi_level) != len(self.patch_adaptors):
+            raise ValueError(f"expert expects {len(self.patch_adaptors)} feature levels, got {len(multi_level)}")
+        prompts = self.prompts(base_features)
+        maps = []
+        for features, adaptor, prompt in zip(multi_level, self.patch_adaptors, prompts):
+            patches = F.normalize(adaptor(features), dim=-1)  # [N, P, E]
+            logits = self.config.logit_scale * torch.bmm(patches, prompt)  # [N, P, 2]
+            maps.append(logits.softmax(dim=-1)[..., 1])
+        anomaly_map = torch.stack(maps).mean(0)
+        return anomaly_map, anomaly_map.mean(dim=-1)
+
+    def score(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Image probability from one image's look-twice tokens [T, H] and their significances [T]."""
+        weights = weights.clamp_min(1e-12)
+        pooled = (tokens * weights[:, None]).sum(0) / weights.sum()
+        return torch.sigmoid(self.final_predictor(pooled)).squeeze(-1)
+
+
+def reference_distance(multi_level: list[torch.Tensor], bank: list[torch.Tensor]) -> torch.Tensor:
+    """Few-shot map: per patch, (1 − cosine similarity to the nearest reference patch) / 2, averaged over levels.
+
+    multi_level: L tensors [N, P, H] of the query's crops; bank: L tensors [R, H] of the references'
+    patches (unit-normalised). Returns [N, P] in [0, 1].
+    """
+    distances = []
+    for features, reference in zip(multi_level, bank):
+        query = F.normalize(features.float(), dim=-1)
+        similarity = query @ reference.float().T  # [N, P, R]
+        distances.append((1.0 - similarity.max(dim=-1).values) / 2.0)
+    return torch.stack(distances).mean(0)

@@ -1,0 +1,231 @@
+"""`AnomalyAssistant`: the one object behind the CLI, the app, the server and evaluation.
+
+The verdict comes from the expert's calibrated score (never from the text); the LLM is told the
+suspicion level through the marker in front of the look-twice tokens and explains it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import GenerationConfig, TextIteratorStreamer
+
+from . import checkpoint
+from .imageio import load_image
+from .limits import MAX_QUESTION_CHARS
+from .localize import boxes_from_mask, location_words
+from .maps import image_anomaly_map
+from .modeling import VisualEncoding
+from .processing import as_chat
+
+DEFAULT_QUESTION = "Is there any anomaly in this image? If so, where is it and what does it look like?"
+
+
+@dataclass
+class AnomalyReport:
+    """What the assistant found, with anomalib's field names."""
+
+    answer: str
+    pred_score: float | None
+    pred_label: bool | None
+    anomaly_map: np.ndarray | None  # float32 [H, W] at the input size, probability of anomaly
+    pred_mask: np.ndarray | None  # bool [H, W]; empty when the verdict is normal
+    boxes: list[dict] = field(default_factory=list)  # [{"box": [x0, y0, x1, y1], "score": s}], input pixels
+    location: str = ""
+    threshold: float | None = None
+    model: str = ""
+    image: Image.Image | None = field(default=None, repr=False)
+
+    def to_dict(self, heatmap: str | None = None) -> dict:
+        return {
+            "answer": self.answer,
+            "anomalous": self.pred_label,
+            "score": None if self.pred_score is None else round(float(self.pred_score), 6),
+            "boxes": self.boxes,
+            "location": self.location or None,
+            "heatmap": heatmap,
+            "model": self.model,
+        }
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise checkpoint.ModelLoadError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+class AnomalyAssistant:
+    def __init__(self, model, processor, generation_config: GenerationConfig, name: str, kind: str, cache_size: int = 4):
+        self.model = model
+        self.processor = processor
+        self.generation_config = generation_config
+        self.name = name
+        self.kind = kind
+        self._cache: OrderedDict[str, tuple[VisualEncoding, dict]] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str = "default", device: str = "cpu", dtype: torch.dtype | None = None, expert: str | None = None
+    ) -> "AnomalyAssistant":
+        """Load a checkpoint ("default", a folder or a hub id); `expert` adds Anomaly-OV's expert weights."""
+        device = _resolve_device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, processor, generation, kind = checkpoint.load(path_or_id, dtype=dtype, device=device)
+        if expert is not None:
+            checkpoint.attach_anomaly_ov_expert(model, expert)
+            model.to(device)
+            processor = type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
+            kind = "assistant"
+        return cls(model, processor, generation, str(path_or_id), kind)
+
+    @property
+    def has_expert(self) -> bool:
+        return self.model.expert is not None
+
+    # -- vision -----------------------------------------------------------------------------------
+    def _key(self, image: Image.Image, references: list[Image.Image]) -> str:
+        digest = hashlib.sha1()
+        for im in [image, *references]:
+            digest.update(f"{im.size}".encode())
+            digest.update(im.tobytes())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def encode(self, image, references=None) -> tuple[Image.Image, VisualEncoding, dict]:
+        """Load and encode the image (and normal references) once; reused across chat turns."""
+        image = load_image(image)
+        references = [load_image(r) for r in references or []]
+        key = self._key(image, references)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                visual, pixels = self._cache[key]
+                return image, visual, pixels
+        pixels = self.processor.preprocess([image])
+        refs = self.processor.preprocess(references) if references and self.has_expert else None
+        visual = self.model.encode_images(
+            pixels["pixel_values"],
+            pixels["image_sizes"],
+            refs["pixel_values"] if refs else None,
+            refs["image_sizes"] if refs else None,
+        )
+        with self._lock:
+            self._cache[key] = (visual, pixels)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return image, visual, pixels
+
+    def _evidence(self, image: Image.Image, visual: VisualEncoding) -> dict:
+        if visual.scores is None:
+            return {"pred_score": None, "pred_label": None, "anomaly_map": None, "pred_mask": None, "boxes": [], "location": "", "threshold": None}
+        config = self.model.config
+        score = float(visual.scores[0])
+        label = score >= config.image_threshold
+        amap = image_anomaly_map(
+            visual.crop_maps[0], (image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size
+        ).cpu().numpy().astype(np.float32)
+        mask = (amap >= config.pixel_threshold) if label else np.zeros(amap.shape, dtype=bool)
+        if label and not mask.any():  # anomalous but no pixel passes: mark the peak region
+            mask = amap >= amap.max() * 0.9
+        boxes = boxes_from_mask(mask, amap, min_area=max(1, int(0.0005 * mask.size))) if label else []
+        location = location_words(boxes[0]["box"], image.width, image.height) if boxes else ""
+        return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": config.image_threshold}
+
+    def detect(self, image, references=None) -> AnomalyReport:
+        """The detection-only path: score, map, mask, boxes and location, no text generated."""
+        if not self.has_expert:
+            raise ValueError(f"the model '{self.name}' has no anomaly expert, so it cannot score images")
+        image, visual, _ = self.encode(image, references)
+        return AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual))
+
+    # -- language ---------------------------------------------------------------------------------
+    def _inputs(self, messages, image: Image.Image, visual: VisualEncoding, pixels: dict):
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str) and len(content) > MAX_QUESTION_CHARS:
+                raise ValueError(f"the question is too long ({len(content)} characters; at most {MAX_QUESTION_CHARS})")
+        prompt = self.processor.render(as_chat(messages))
+        level = self.model.config.suspicion_level(float(visual.scores[0])) if visual.scores is not None else None
+        return self.processor(prompt, [image], levels=[level], pixels=pixels)
+
+    def _generation(self, max_new_tokens: int, **overrides) -> GenerationConfig:
+        config = GenerationConfig(**self.generation_config.to_dict())
+        config.max_new_tokens = max_new_tokens
+        config.do_sample = False
+        config.temperature = config.top_p = config.top_k = None
+        tokenizer = self.processor.tokenizer
+        if config.eos_token_id is None:
+            config.eos_token_id = tokenizer.eos_token_id
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    def _generate(self, inputs, visual, generation: GenerationConfig, streamer=None) -> torch.Tensor:
+        return self.model.generate(
+            inputs["input_ids"], visual=visual, attention_mask=inputs["attention_mask"], generation_config=generation, streamer=streamer
+        )
+
+    def chat(self, messages, image, references=None, stream: bool = True, max_new_tokens: int = 256, **generate_kwargs):
+        """Multi-turn chat about one image. Yields text chunks with `stream=True`, else returns the answer."""
+        image, visual, pixels = self.encode(image, references)
+        inputs = self._inputs(messages, image, visual, pixels)
+        generation = self._generation(max_new_tokens, **generate_kwargs)
+        if not stream:
+            return self.processor.decode(self._generate(inputs, visual, generation)[0])
+        return self._stream(inputs, visual, generation)
+
+    def _stream(self, inputs, visual, generation) -> Iterator[str]:
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                self._generate(inputs, visual, generation, streamer)
+            except BaseException as error:  # surfaced in the consumer's thread below
+                failure.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from (chunk for chunk in streamer if chunk)
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def analyze(self, image, question: str | None = None, references=None, max_new_tokens: int = 128, **generate_kwargs) -> AnomalyReport:
+        """Answer one question about the image, with the evidence."""
+        question = question if question is not None else DEFAULT_QUESTION
+        if not question.strip():
+            raise ValueError("the question is empty")
+        image, visual, pixels = self.encode(image, references)
+        answer = self.chat(
+            [{"role": "user", "content": question}], image, references, stream=False, max_new_tokens=max_new_tokens, **generate_kwargs
+        )
+        return AnomalyReport(answer=answer.strip(), model=self.name, image=image, **self._evidence(image, visual))
+
+    def visualize(self, report: AnomalyReport, image=None) -> Image.Image:
+        """The input with the heatmap, the mask contours and the boxes drawn over it."""
+        from .visualize import overlay
+
+        base = load_image(image) if image is not None else report.image
+        if base is None:
+            raise ValueError("the report holds no image; pass the image")
+        title = None
+        if report.pred_score is not None:
+            title = f"{'ANOMALOUS' if report.pred_label else 'normal'}  score {report.pred_score:.2f}"
+        return overlay(base, report.anomaly_map, report.pred_mask, report.boxes, title=title)

@@ -1,0 +1,249 @@
+"""The composed model: vision tower, anomaly expert, look-twice selector, projector and a causal LM.
+
+Composed the way transformers composes `LlavaOnevisionModel` — parts held side by side, image features
+scattered into the text embeddings at placeholder positions with the count checked — never by
+subclassing or patching the LLM. Generation is the language model's own `generate` on the merged
+embeddings, so decoding, KV cache and streaming are transformers'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+from .config import AnomalyAssistantConfig
+from .expert import AnomalyExpert, ExpertConfig, reference_distance
+from .projector import Projector, num_crops, pack_image_features
+from .selector import LookTwiceSelector, SelectorConfig
+
+
+@dataclass
+class VisualEncoding:
+    """Everything the vision side computed for a batch of images, reusable across chat turns."""
+
+    image_embeds: list[torch.Tensor]  # per image [T_i, D]: ordinary image tokens (LLaVA-OV layout)
+    image_sizes: list[tuple[int, int]]  # (height, width) of each input image
+    anomaly_embeds: list[torch.Tensor] | None = None  # per image [M_i, D]: look-twice tokens
+    crop_maps: list[torch.Tensor] | None = None  # per image [crops, P]: anomaly probability per patch
+    scores: torch.Tensor | None = None  # [B] image anomaly probability
+    extras: dict = field(default_factory=dict)
+
+    def placeholder_embeds(self, look_twice: bool) -> torch.Tensor:
+        parts = []
+        for i, embeds in enumerate(self.image_embeds):
+            parts.append(embeds)
+            if look_twice:
+                parts.append(self.anomaly_embeds[i])
+        return torch.cat(parts, dim=0)
+
+
+class AnomalyAssistantModel(PreTrainedModel):
+    config_class = AnomalyAssistantConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = []
+
+    def __init__(self, config: AnomalyAssistantConfig):
+        super().__init__(config)
+        vision, text = config.vision_config, config.text_config
+        layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        self.vision_tower = AutoModel.from_config(vision)
+        self.multi_modal_projector = Projector(
+            vision.hidden_size * layers, text.hidden_size, config.projector_hidden_act, config.multimodal_projector_bias
+        )
+        self.image_newline = nn.Parameter(torch.randn(text.hidden_size) / text.hidden_size**0.5)
+        self.language_model = AutoModelForCausalLM.from_config(text)
+        if config.has_expert:
+            if layers != 1:
+                raise ValueError("the anomaly expert needs a single vision_feature_layer")
+            self.expert = AnomalyExpert(
+                ExpertConfig.from_dict(config.expert_config), vision.hidden_size, config.patches_per_side**2
+            )
+            self.selector = LookTwiceSelector(SelectorConfig.from_dict(config.selector_config or {}), vision.hidden_size)
+        else:
+            self.expert = None
+            self.selector = None
+        self.post_init()
+
+    # -- embeddings -------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            nn.init.normal_(self.image_newline, std=self.config.text_config.hidden_size**-0.5)
+        if isinstance(module, AnomalyExpert):
+            nn.init.normal_(module.positive_embedding)
+            nn.init.normal_(module.negative_embedding)
+
+    @property
+    def selector_config(self) -> SelectorConfig | None:
+        return self.selector.config if self.selector is not None else None
+
+    # -- vision side ------------------------------------------------------------------------------
+    def _select(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, 1:] if self.config.vision_feature_select_strategy == "default" else hidden
+
+    def crops_per_image(self, image_sizes) -> list[int]:
+        tile = self.config.vision_config.image_size
+        return [num_crops(tuple(size), self.config.image_grid_pinpoints, tile) for size in image_sizes]
+
+    def vision_features(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image."""
+        counts = self.crops_per_image(image_sizes)
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"got {pixel_values.shape[0]} crops for images that need {sum(counts)}")
+        pixel_values = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        layer = self.config.vision_feature_layer
+        if isinstance(layer, int):
+            projector_input = self._select(hidden[layer])
+        else:
+            projector_input = self._select(torch.cat([hidden[i] for i in layer], dim=-1))
+        levels = [self._select(hidden[i]) for i in self.expert.config.feature_layers] if self.expert is not None else []
+        return projector_input, levels, counts
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes,
+        reference_pixel_values: torch.Tensor | None = None,
+        reference_image_sizes=None,
+    ) -> VisualEncoding:
+        """Image tokens for the LLM, and — with an expert — anomaly maps, scores and look-twice tokens.
+
+        `reference_*` are normal images of the same object (the few-shot mode); they apply to every image
+        in the batch.
+        """
+        image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        features, levels, counts = self.vision_features(pixel_values, image_sizes)
+        projected = self.multi_modal_projector(features).split(counts)
+        tile, side = self.config.vision_config.image_size, self.config.patches_per_side
+        image_embeds = [
+            pack_image_features(
+                crops, size, self.image_newline, self.config.image_grid_pinpoints, tile, side, self.config.vision_aspect_ratio
+            )
+            for crops, size in zip(projected, image_sizes)
+        ]
+        encoding = VisualEncoding(image_embeds=image_embeds, image_sizes=image_sizes)
+        if self.expert is None:
+            return encoding
+
+        per_image = features.split(counts)
+        base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
+        crop_map, crop_significance = self.expert(levels, base)
+        weight = self.expert.config.reference_weight
+        reference_map = None
+        if reference_pixel_values is not None:
+            _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
+            bank = [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
+            reference_map = reference_distance(levels, bank).to(crop_map.dtype)
+            crop_map = (1 - weight) * crop_map + weight * reference_map
+            crop_significance = crop_map.mean(dim=-1)
+
+        anomaly_embeds, scores, crop_maps = [], [], []
+        for feats, maps, significance in zip(per_image, crop_map.split(counts), crop_significance.split(counts)):
+            tokens, weights = self.selector(feats, maps, significance)
+            score = self.expert.score(tokens, weights)
+            if reference_map is not None:
+                score = (1 - weight) * score + weight * maps.max()
+            anomaly_embeds.append(self.multi_modal_projector(tokens))
+            scores.append(score)
+            crop_maps.append(maps)
+        encoding.anomaly_embeds = anomaly_embeds
+        encoding.crop_maps = crop_maps
+        encoding.scores = torch.stack(scores)
+        return encoding
+
+    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None):
+        """The detection-only path: vision tower + expert + selector, no LLM. Returns (crop_maps, scores)."""
+        if self.expert is None:
+            raise ValueError("this model has no anomaly expert, so it cannot score images")
+        enc = self.encode_images(pixel_values, image_sizes, reference_pixel_values, reference_image_sizes)
+        return enc.crop_maps, enc.scores
+
+    # -- language side ----------------------------------------------------------------------------
+    def merge_embeddings(self, input_ids: torch.Tensor, visual: VisualEncoding | None) -> torch.Tensor:
+        """Text embeddings with the visual embeddings scattered into the `<image>` placeholders (count checked)."""
+        embeds = self.get_input_embeddings()(input_ids)
+        mask = input_ids == self.config.image_token_index
+        n_placeholders = int(mask.sum())
+        if visual is None:
+            if n_placeholders:
+                raise ValueError(f"the text has {n_placeholders} image placeholders but no image was given")
+            return embeds
+        n_image = sum(e.shape[0] for e in visual.image_embeds)
+        n_anomaly = sum(e.shape[0] for e in visual.anomaly_embeds) if visual.anomaly_embeds is not None else 0
+        if n_placeholders == n_image + n_anomaly and n_anomaly:
+            features = visual.placeholder_embeds(look_twice=True)
+        elif n_placeholders == n_image:
+            features = visual.placeholder_embeds(look_twice=False)
+        else:
+            raise ValueError(
+                f"image placeholders and image features do not match: {n_placeholders} placeholders, "
+                f"{n_image} image tokens" + (f" + {n_anomaly} look-twice tokens" if n_anomaly else "")
+            )
+        features = features.to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter(mask.unsqueeze(-1).to(embeds.device), features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes=None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        visual: VisualEncoding | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """Causal-LM forward (loss when `labels` are given). Images come as pixels or a precomputed `visual`."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            if visual is None and pixel_values is not None:
+                visual = self.encode_images(pixel_values, image_sizes)
+            inputs_embeds = self.merge_embeddings(input_ids, visual)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs):
+        """Generate with the language model from merged embeddings; returns only the new token ids."""
+        embeds = self.merge_embeddings(input_ids.to(self.get_input_embeddings().weight.device), visual)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.language_model.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
+        )

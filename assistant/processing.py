@@ -1,0 +1,156 @@
+"""Text + image processing: chat template, placeholder expansion and pixel preprocessing.
+
+Built from a checkpoint's tokenizer, its LLaVA-OneVision image processor (the PIL backend: no
+torchvision) and its chat template. One `<image>` in the rendered prompt is expanded into exactly the
+number of tokens the model fills — the LLaVA-OneVision image tokens, then, for a model with an expert,
+the marker text (" with highly suspicious features: ") and the look-twice tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BatchEncoding
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from .config import AnomalyAssistantConfig
+from .projector import num_crops, num_image_tokens
+from .selector import SelectorConfig
+
+#: ChatML with images first in a user turn, the layout of llava-onevision-qwen2's template.
+#: `{% generation %}` marks assistant text so training can mask everything else.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] }}{% endgeneration %}"
+    "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The processor-level template of a checkpoint folder (jinja file, then the older JSON form)."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    as_json = path / "chat_template.json"
+    if as_json.is_file():
+        return json.loads(as_json.read_text()).get("chat_template")
+    return None
+
+
+def as_chat(messages, with_image: bool = True) -> list[dict]:
+    """Normalise messages (`content` as a string or as parts) and attach the image to the first user turn."""
+    out, image_attached = [], not with_image
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown message role {role!r}")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+        if role == "user" and not image_attached:
+            if not any(p.get("type") == "image" for p in parts):
+                parts = [{"type": "image"}] + parts
+            image_attached = True
+        elif role == "user":
+            parts = [p for p in parts if p.get("type") != "image"]
+        out.append({"role": role, "content": parts})
+    return out
+
+
+class AssistantProcessor:
+    def __init__(self, tokenizer, image_processor, config: AnomalyAssistantConfig, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
+        if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) != config.image_token_index:
+            raise ValueError(f"the tokenizer has no token for image_token_index {config.image_token_index}")
+        self.selector = SelectorConfig.from_dict(config.selector_config or {}) if config.has_expert else None
+
+    # -- persistence ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: AnomalyAssistantConfig) -> "AssistantProcessor":
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
+        return cls(tokenizer, image_processor, config, read_chat_template(path))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        (path / "chat_template.jinja").write_text(self.chat_template)
+
+    # -- images -----------------------------------------------------------------------------------
+    def preprocess(self, images) -> dict:
+        out = self.image_processor(list(images), return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+
+    def image_sizes_of(self, images) -> list[tuple[int, int]]:
+        return [(im.height, im.width) for im in images]
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        c = self.config
+        # the patch grid excludes CLIP's class token, which the "default" strategy drops
+        return num_image_tokens(image_size, c.image_grid_pinpoints, c.vision_config.image_size, c.patches_per_side, c.vision_aspect_ratio)
+
+    def num_anomaly_tokens(self, image_size: tuple[int, int]) -> int:
+        if self.selector is None:
+            return 0
+        crops = num_crops(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        return self.selector.tokens_per_image(crops)
+
+    def expand_image(self, image_size: tuple[int, int], level: str | None) -> str:
+        """The text one `<image>` becomes: image tokens, then (with `level`) the marker and look-twice tokens."""
+        text = self.image_token * self.num_image_tokens(image_size)
+        if level is not None:
+            if self.selector is None:
+                raise ValueError("this model has no expert, so it has no look-twice tokens")
+            text += self.config.suspicion_marker.format(level=level) + self.image_token * self.num_anomaly_tokens(image_size)
+        return text
+
+    # -- text -------------------------------------------------------------------------------------
+    def render(self, messages, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def expand(self, prompt: str, image_sizes: list[tuple[int, int]], levels: list[str | None] | None = None) -> str:
+        pieces = prompt.split(self.image_token)
+        if len(pieces) - 1 != len(image_sizes):
+            raise ValueError(f"the prompt has {len(pieces) - 1} images but {len(image_sizes)} were given")
+        levels = levels or [None] * len(image_sizes)
+        out = [pieces[0]]
+        for size, level, piece in zip(image_sizes, levels, pieces[1:]):
+            out.append(self.expand_image(size, level))
+            out.append(piece)
+        return "".join(out)
+
+    def __call__(self, prompt: str, images=(), levels: list[str | None] | None = None, pixels: dict | None = None) -> BatchEncoding:
+        """Tokenise one rendered prompt holding `<image>` once per image; pixels are computed unless given."""
+        images = list(images)
+        sizes = self.image_sizes_of(images) if images else []
+        text = self.expand(prompt, sizes, levels) if images else prompt
+        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if images:
+            data.update(pixels if pixels is not None else self.preprocess(images))
+        return BatchEncoding(data)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,150 @@
+"""Tiny random checkpoints of the real classes and file layouts, written with `save_pretrained`.
+
+No weights can be downloaded in tests, CI or benchmarks, so the code that loads real checkpoints
+(CLIP/SigLIP towers, Llama/Qwen2 LLMs, llava-hf LLaVA-OneVision) is exercised on these: same classes,
+same files, a few thousand parameters. Also handy for trying the tools without a download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import AnomalyAssistantConfig
+from .processing import CHAT_TEMPLATE
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+DEFAULT_CORPUS = [
+    "The image shows a normal part with no visible defect.",
+    "Yes, there is an anomaly: a scratch in the upper left of the surface.",
+    "No, the object looks normal and free of defects.",
+    "A small stain appears near the center; it looks like contamination.",
+    "The crack runs across the lower right; it is severe and likely caused by impact.",
+    "Describe the defect. How severe is it? What is the likely cause?",
+    "Is there any anomaly in the image? Where is it located?",
+    "user assistant system",
+]
+
+
+def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on `corpus`, with the chat and image special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:]
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def image_processor(tile: int, clip_normalisation: bool = False, max_tiles_side: int = 3):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    pinpoints = [[tile * i, tile * j] for i in range(1, max_tiles_side + 1) for j in range(1, max_tiles_side + 1)]
+    kwargs = {"size": {"height": tile, "width": tile}, "image_grid_pinpoints": pinpoints}
+    if not clip_normalisation:  # SigLIP's
+        kwargs.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return LlavaOnevisionImageProcessorPil(**kwargs)
+
+
+def vision_config(kind: str, image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 4):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[kind]
+    return cls(
+        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size,
+    )
+
+
+def text_config(kind: str, vocab_size: int, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    return cls(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=(kind == "qwen2"),
+        # wide enough that a random model's greedy answer depends on the image (0.02 gives one repeated token)
+        initializer_range=0.5,
+    )
+
+
+def tiny_llava_onevision(path: str | Path, seed: int = 0, tile: int = 32) -> Path:
+    """A llava-hf LLaVA-OneVision checkpoint (SigLIP + Qwen2), as transformers saves it."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = train_tokenizer()
+    processor = image_processor(tile)
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config("siglip", image_size=tile),
+        text_config=text_config("qwen2", len(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=processor.image_grid_pinpoints,
+        vision_aspect_ratio="anyres_max_4",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return path
+
+
+def tiny_config(vision: str = "clip", text: str = "llama", expert: bool = True, tile: int = 32, vocab_size: int = 400, **overrides):
+    from .expert import ExpertConfig, evenly_spaced_layers
+    from .selector import SelectorConfig
+
+    vcfg = vision_config(vision, image_size=tile)
+    expert_config = None
+    if expert:
+        expert_config = ExpertConfig(
+            feature_layers=evenly_spaced_layers(vcfg.num_hidden_layers), embedding_dim=16, class_dim=16, predictor_dim=16
+        ).to_dict()
+    values = dict(
+        vision_config=vcfg,
+        text_config=text_config(text, vocab_size),
+        expert_config=expert_config,
+        selector_config=SelectorConfig(attention_dim=16).to_dict() if expert else None,
+        image_token_index=SPECIAL_TOKENS.index("<image>"),
+        vision_feature_select_strategy="default" if vision == "clip" else "full",
+        image_grid_pinpoints=image_processor(tile).image_grid_pinpoints,
+        vision_aspect_ratio="anyres_max_4",
+        suspicion_bounds=(0.25, 0.5),
+    )
+    values.update(overrides)
+    return AnomalyAssistantConfig(**values)
+
+
+def tiny_assistant(path: str | Path, vision: str = "clip", text: str = "llama", expert: bool = True, seed: int = 0, **overrides) -> Path:
+    """This project's checkpoint layout with a tiny random model."""
+    from .modeling import AnomalyAssistantModel
+    from .processing import AssistantProcessor
+
+    path = Path(path)
+    tokenizer = train_tokenizer()
+    config = tiny_config(vision, text, expert, vocab_size=len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    model = AnomalyAssistantModel(config).eval()
+    processor = AssistantProcessor(tokenizer, image_processor(config.vision_config.image_size, clip_normalisation=vision == "clip"), config)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,141 @@
+"""`anomaly-assistant ask`: the JSON a script reads, and one-line errors with exit code 2 on bad input."""
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from conftest import random_image
+from PIL import Image
+
+from assistant.cli import main
+
+KEYS = {"answer", "anomalous", "score", "boxes", "location", "heatmap", "model"}
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_with_heatmap(clip_llama, image_file, tmp_path, capsys):
+    heatmap = tmp_path / "overlay.png"
+    code, out, err = run(["ask", str(image_file), "--model", str(clip_llama), "--json", "--heatmap", str(heatmap), "--max-new-tokens", "6"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report) == KEYS
+    assert isinstance(report["anomalous"], bool) and 0.0 <= report["score"] <= 1.0
+    assert report["heatmap"] == str(heatmap)
+    assert Image.open(heatmap).size[0] == 80  # the input's width
+    for box in report["boxes"]:
+        assert len(box["box"]) == 4 and 0 <= box["score"] <= 1
+
+
+def test_json_for_a_model_without_expert(llava_ov, image_file, capsys):
+    code, out, _ = run(["ask", str(image_file), "--model", str(llava_ov), "--json", "--max-new-tokens", "4"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["anomalous"] is None and report["score"] is None and report["boxes"] == []
+
+
+def test_plain_text_output(siglip_qwen2, image_file, capsys):
+    code, out, _ = run(["ask", str(image_file), "--model", str(siglip_qwen2), "-q", "Where?", "--max-new-tokens", "4"], capsys)
+    assert code == 0 and out.startswith("verdict: ")
+
+
+def _png_header(width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+
+
+def _bad_images(tmp_path):
+    png = io.BytesIO()
+    random_image(64, 64).save(png, format="PNG")
+    jpeg = io.BytesIO()
+    random_image(64, 64).save(jpeg, format="JPEG")
+    files = {
+        "missing": None,
+        "corrupt": b"\x89PNG\r\n\x1a\n" + b"garbage" * 20,
+        "truncated-png": png.getvalue()[: len(png.getvalue()) // 2],
+        "truncated-jpeg": jpeg.getvalue()[: len(jpeg.getvalue()) // 2],
+        "unsupported": b"<svg xmlns='http://www.w3.org/2000/svg'></svg>",
+        "bomb": _png_header(100_000, 100_000) + b"\x00" * 64,
+        "zero-pixels": _png_header(0, 10) + b"\x00" * 16,
+        "empty": b"",
+    }
+    paths = {}
+    for name, data in files.items():
+        path = tmp_path / f"{name}.png"
+        if data is not None:
+            path.write_bytes(data)
+        paths[name] = path
+    return paths
+
+
+def test_each_bad_image_is_one_line_and_exit_2(tmp_path, clip_llama, capsys):
+    for name, path in _bad_images(tmp_path).items():
+        before = path.read_bytes() if path.exists() else None
+        code, out, err = run(["ask", str(path), "--model", str(clip_llama)], capsys)
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, (name, err)
+        assert str(path.name) in err, (name, err)
+        assert out == ""
+        assert (path.read_bytes() if path.exists() else None) == before  # nothing written over
+
+
+def test_bad_model_path_question_and_outputs(image_file, tmp_path, clip_llama, capsys):
+    cases = [
+        (["--model", str(tmp_path / "no-such-model")], "no model"),
+        (["--model", str(image_file)], "is a file"),
+        (["--model", str(tmp_path)], "no config.json"),
+        (["--model", "someone/not-cached"], "cannot fetch"),
+        (["--model", str(clip_llama), "-q", "x" * 5000], "too long"),
+        (["--model", str(clip_llama), "-q", "   "], "empty"),
+        (["--model", str(clip_llama), "--heatmap", str(image_file)], "already exists"),
+        (["--model", str(clip_llama), "--heatmap", str(tmp_path / "out.txt")], "must end in"),
+        (["--model", str(clip_llama), "--reference", str(tmp_path / "gone.png")], "gone.png"),
+    ]
+    original = image_file.read_bytes()
+    for extra, message in cases:
+        code, _, err = run(["ask", str(image_file), *extra], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+    assert image_file.read_bytes() == original
+
+
+def test_model_folder_with_broken_config(image_file, tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    code, _, err = run(["ask", str(image_file), "--model", str(tmp_path)], capsys)
+    assert code == 2 and "config.json" in err
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("gray", lambda: random_image(40, 50, mode="L")),
+        ("rgba", lambda: random_image(40, 50, mode="RGBA")),
+        ("16bit", lambda: Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16))),
+        ("one-pixel", lambda: random_image(1, 1)),
+        ("extreme-aspect", lambda: random_image(3, 900)),
+        ("palette", lambda: random_image(30, 30).convert("P")),
+    ],
+)
+def test_odd_images_are_handled(name, make, tmp_path, clip_llama, capsys):
+    path = tmp_path / f"{name}.png"
+    make().save(path)
+    code, out, err = run(["ask", str(path), "--model", str(clip_llama), "--json", "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    assert set(json.loads(out)) == KEYS
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    result = subprocess.run([sys.executable, "-m", "assistant", "ask", str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr and result.stdout == ""

@@ -1,0 +1,159 @@
+"""The composed model: parity with transformers, expert maps, look-twice token counts, save/load."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+from assistant import AnomalyAssistant
+from assistant.processing import as_chat
+
+# (height, width): square, wide, tall, multi-tile and extreme aspect — every anyres path
+SIZES = [(32, 32), (50, 90), (120, 40), (96, 96), (7, 200)]
+
+
+@pytest.fixture(scope="module")
+def llava_pair(llava_ov):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    ours = AnomalyAssistant.from_pretrained(str(llava_ov))
+    reference = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_ov).eval()
+    return ours, reference
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_plain_llava_onevision_answers_exactly_like_transformers(llava_pair, size):
+    ours, reference = llava_pair
+    image = random_image(*size, seed=sum(size))
+    question = "Is there a defect in this part?"
+    report = ours.analyze(image, question, max_new_tokens=12)
+
+    # transformers' own model on the same image, question and the checkpoint's chat template
+    processor = ours.processor
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True,
+    )
+    pixels = processor.image_processor([image], return_tensors="pt")
+    with torch.no_grad():
+        features = reference.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"]).pooler_output
+    n_tokens = sum(f.shape[0] for f in features)  # counted by transformers, not by our processor
+    ids = processor.tokenizer(prompt.replace("<image>", "<image>" * n_tokens), return_tensors="pt")
+    out = reference.generate(
+        **ids, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], max_new_tokens=12, do_sample=False
+    )
+    expected = processor.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    assert report.answer == expected
+    assert report.pred_score is None and report.pred_label is None and report.anomaly_map is None
+
+
+def test_parity_is_not_vacuous(llava_pair):
+    """Different images give different answers, so equal answers above mean the image was read the same way."""
+    ours, _ = llava_pair
+    answers = {ours.analyze(random_image(*s, seed=sum(s)), "Describe it.", max_new_tokens=8).answer for s in SIZES}
+    assert len(answers) >= 3
+
+
+@pytest.mark.parametrize("fixture", ["clip_llama", "siglip_qwen2"])
+def test_expert_map_and_score(request, fixture):
+    assistant = AnomalyAssistant.from_pretrained(str(request.getfixturevalue(fixture)))
+    for height, width in [(60, 80), (33, 150), (1, 1)]:
+        report = assistant.detect(random_image(height, width))
+        assert report.anomaly_map.shape == (height, width)
+        assert report.anomaly_map.dtype == np.float32
+        assert 0.0 <= report.anomaly_map.min() <= report.anomaly_map.max() <= 1.0
+        assert 0.0 <= report.pred_score <= 1.0
+        assert report.pred_label == (report.pred_score >= assistant.model.config.image_threshold)
+        assert report.pred_mask.shape == (height, width)
+        if not report.pred_label:
+            assert not report.pred_mask.any() and report.boxes == []
+        for box in report.boxes:
+            x0, y0, x1, y1 = box["box"]
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+
+def test_crop_maps_are_probabilities_per_patch(clip_llama):
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    _, visual, _ = assistant.encode(random_image(50, 90))
+    crops = assistant.model.crops_per_image([(50, 90)])[0]
+    patches = assistant.model.config.patches_per_side ** 2
+    assert visual.crop_maps[0].shape == (crops, patches)
+    assert torch.all((visual.crop_maps[0] > 0) & (visual.crop_maps[0] < 1))
+
+
+@pytest.mark.parametrize("mode,expected", [("pool", lambda crops: crops * 4), ("topk", lambda crops: 8)])
+def test_selector_token_count(tmp_path, mode, expected):
+    from assistant.testing import tiny_assistant
+
+    path = tiny_assistant(tmp_path / mode, selector_config={"mode": mode, "grid": 2, "num_tokens": 8, "attention_dim": 16})
+    assistant = AnomalyAssistant.from_pretrained(str(path))
+    for size in [(32, 32), (50, 90), (120, 40)]:
+        _, visual, _ = assistant.encode(random_image(*size))
+        crops = assistant.model.crops_per_image([size])[0]
+        assert visual.anomaly_embeds[0].shape == (expected(crops), assistant.model.config.text_config.hidden_size)
+        assert assistant.processor.num_anomaly_tokens(size) == expected(crops)
+        # the prompt holds exactly image + look-twice placeholders, after the marker text
+        inputs = assistant._inputs([{"role": "user", "content": "Any defect?"}], random_image(*size), visual, None)
+        ids = inputs["input_ids"][0]
+        n_placeholders = int((ids == assistant.model.config.image_token_index).sum())
+        assert n_placeholders == visual.image_embeds[0].shape[0] + expected(crops)
+        assert "suspicious features:" in assistant.processor.tokenizer.decode(ids)
+
+
+def test_placeholder_count_is_checked(clip_llama):
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    image = random_image(40, 40)
+    _, visual, _ = assistant.encode(image)
+    token = assistant.model.config.image_token_index
+    ids = torch.tensor([[1, token, token, 2]])
+    with pytest.raises(ValueError, match="do not match"):
+        assistant.model.merge_embeddings(ids, visual)
+
+
+@pytest.mark.parametrize("fixture", ["clip_llama", "siglip_qwen2", "llava_ov"])
+def test_save_then_load_gives_identical_outputs(request, tmp_path, fixture):
+    first = AnomalyAssistant.from_pretrained(str(request.getfixturevalue(fixture)))
+    first.model.save_pretrained(tmp_path / "copy")
+    first.processor.save_pretrained(tmp_path / "copy")
+    second = AnomalyAssistant.from_pretrained(str(tmp_path / "copy"))
+    image = random_image(50, 70, seed=3)
+    a = first.analyze(image, "What do you see?", max_new_tokens=10)
+    b = second.analyze(image, "What do you see?", max_new_tokens=10)
+    assert a.answer == b.answer
+    assert a.pred_score == b.pred_score
+    if a.anomaly_map is not None:
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    config = (tmp_path / "copy" / "config.json").read_text()
+    assert '"format_version": 1' in config and '"model_type": "anomaly_assistant"' in config
+
+
+def test_references_change_the_map(siglip_qwen2):
+    assistant = AnomalyAssistant.from_pretrained(str(siglip_qwen2))
+    image = random_image(48, 48, seed=1)
+    alone = assistant.detect(image)
+    with_itself = assistant.detect(image, references=[image])
+    with_other = assistant.detect(image, references=[random_image(48, 48, seed=2)])
+    # a reference identical to the query makes every patch "seen": the map can only go down
+    assert with_itself.anomaly_map.mean() < alone.anomaly_map.mean()
+    assert with_other.anomaly_map.mean() > with_itself.anomaly_map.mean()
+
+
+def test_multi_turn_chat_streams_and_uses_history(clip_llama):
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    image = random_image(40, 60)
+    first = [{"role": "user", "content": "Is it defective?"}]
+    streamed = "".join(assistant.chat(first, image, max_new_tokens=8))
+    assert streamed == assistant.chat(first, image, stream=False, max_new_tokens=8)
+    follow_up = first + [{"role": "assistant", "content": streamed}, {"role": "user", "content": "How severe?"}]
+    prompt = assistant.processor.render(as_chat(follow_up))
+    assert prompt.count("<image>") == 1 and "Is it defective?" in prompt and "How severe?" in prompt
+    assert isinstance(assistant.chat(follow_up, image, stream=False, max_new_tokens=8), str)
+
+
+def test_visualize_overlays_the_report(clip_llama):
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    image = random_image(64, 96)
+    report = assistant.detect(image)
+    picture = assistant.visualize(report)
+    assert picture.width == 96 and picture.height >= 64
