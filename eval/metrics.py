@@ -235,7 +235,8 @@ def aupimo(
     Returns ``(mean over anomalous images, per-image values)``; the per-image array has one entry
     per input image, NaN for images that are not scored (normal ones).
 
-    Exact choices (following the paper and anomalib's ``AUPIMO``):
+    Exact choices (the paper's definition; anomalib evaluates the same curves on a grid of
+    thresholds, here they are exact):
 
     - Normal images are those with an empty mask (or, when ``image_labels`` is given, label 0; a
       label-0 image with a non-empty mask is an error). Anomalous images are those with a non-empty
