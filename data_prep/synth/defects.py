@@ -30,7 +30,7 @@ class DefectContext:
     """What a defect may use besides the image: the object's foreground and a donor image source."""
 
     foreground: np.ndarray | None = None
-    donor: Callable[[], np.ndarray] | None = None
+    donor: Callable[[int], np.ndarray] | None = None  # side in pixels -> foreign uint8 image
 
 
 @dataclass
@@ -44,10 +44,13 @@ class Defect:
     area: int = 0
 
 
-def _donor(image: np.ndarray, rng: np.random.Generator, ctx: DefectContext) -> np.ndarray:
+def _donor(image: np.ndarray, rng: np.random.Generator, ctx: DefectContext, height: int, width: int) -> np.ndarray:
+    """A (height, width, 3) float patch of foreign texture (or of this image, rotated, without a donor)."""
     if ctx.donor is not None:
-        return ctx.donor().astype(np.float32)
-    return np.rot90(image, k=int(rng.integers(1, 4))).astype(np.float32)[: image.shape[0], : image.shape[1]]
+        return ctx.donor(max(height, width))[:height, :width].astype(np.float32)
+    rotated = np.rot90(image, k=int(rng.integers(1, 4)))
+    y, x = int(rng.integers(0, rotated.shape[0] - height + 1)), int(rng.integers(0, rotated.shape[1] - width + 1))
+    return rotated[y : y + height, x : x + width].astype(np.float32)
 
 
 def foreign_texture(image, rng, ctx):
@@ -66,7 +69,8 @@ def foreign_texture(image, rng, ctx):
     region[y0:y1, x0:x1] = blob
     beta = rng.uniform(0.55, 0.95)
     candidate = image.copy()
-    candidate[region] = (1 - beta) * image[region] + beta * _donor(image, rng, ctx)[region]
+    window = candidate[y0:y1, x0:x1]
+    window[blob] = (1 - beta) * window[blob] + beta * _donor(image, rng, ctx, y1 - y0, x1 - x0)[blob]
     return candidate, region, region
 
 
@@ -139,15 +143,24 @@ def stain(image, rng, ctx):
     size = image.shape[0]
     cy, cx = pick_center(rng, size, ctx.foreground)
     radius = size * rng.uniform(0.05, 0.13)
-    y = np.arange(size, dtype=np.float32)[:, None] - cy
-    x = np.arange(size, dtype=np.float32)[None, :] - cx
+    sigma = max(radius * 0.15, 1.0)
+    reach = radius * 1.6 + 4 * sigma
+    y0, y1 = int(max(cy - reach, 0)), int(min(cy + reach + 1, size))
+    x0, x1 = int(max(cx - reach, 0)), int(min(cx + reach + 1, size))
+    y = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
+    x = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
     theta = np.arctan2(y, x)
     k = np.arange(2, 6)[:, None, None]
     wobble = (rng.uniform(0, 0.15, (4, 1, 1)) * np.cos(k * theta + rng.uniform(0, 2 * np.pi, (4, 1, 1)))).sum(0)
     blob = np.sqrt(y**2 + x**2) <= radius * (1 + wobble)
-    alpha = ndimage.gaussian_filter(blob.astype(np.float32), sigma=max(radius * 0.15, 1.0)) * rng.uniform(0.5, 0.85)
+    alpha = np.zeros(image.shape[:2], dtype=np.float32)
+    alpha[y0:y1, x0:x1] = ndimage.gaussian_filter(blob.astype(np.float32), sigma=sigma, mode="constant")
+    alpha *= rng.uniform(0.5, 0.85)
     colour = STAIN_COLOURS[rng.integers(len(STAIN_COLOURS))] + rng.uniform(-15, 15, 3).astype(np.float32)
-    candidate = image * (1 - alpha[..., None]) + colour * alpha[..., None]
+    candidate = image.copy()
+    window = (slice(y0, y1), slice(x0, x1))
+    a = alpha[window][..., None]
+    candidate[window] = image[window] * (1 - a) + colour * a
     return candidate, alpha > 0.25, alpha > 0
 
 
@@ -178,11 +191,10 @@ def poisson_patch(image, rng, ctx):
     hh, ww = (int(size * rng.uniform(0.12, 0.3)) + 6 for _ in range(2))
     cy, cx = pick_center(rng, size, ctx.foreground)
     y0, x0 = int(np.clip(cy - hh / 2, 0, size - hh)), int(np.clip(cx - ww / 2, 0, size - ww))
-    donor = _donor(image, rng, ctx)
-    sy, sx = int(rng.integers(0, size - hh + 1)), int(rng.integers(0, size - ww + 1))
+    donor = _donor(image, rng, ctx, hh, ww)
     shape = ellipse((hh, ww), ((hh - 1) / 2, (ww - 1) / 2), (hh / 2 - 3, ww / 2 - 3))
     target = image[y0 : y0 + hh, x0 : x0 + ww]
-    blended = poisson_blend(target, donor[sy : sy + hh, sx : sx + ww], shape)
+    blended = poisson_blend(target, donor, shape)
     candidate = image.copy()
     candidate[y0 : y0 + hh, x0 : x0 + ww] = blended
     core = np.zeros(image.shape[:2], dtype=bool)

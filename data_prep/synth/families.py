@@ -35,8 +35,12 @@ def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _colorize(shade: np.ndarray, dark: np.ndarray, light: np.ndarray) -> FloatImage:
     """Map a shade in [0, 1] linearly between two RGB colours."""
-    shade = np.clip(shade, 0, 1)[..., None]
-    return (dark + shade * (light - dark)).astype(np.float32)
+    shade = np.clip(shade, 0, 1, dtype=np.float32)
+    out = np.empty((*shade.shape, 3), dtype=np.float32)
+    for channel in range(3):
+        np.multiply(shade, light[channel] - dark[channel], out=out[..., channel])
+        out[..., channel] += dark[channel]
+    return out
 
 
 def _jitter(rng: np.random.Generator, rgb, spread: float = 18.0) -> np.ndarray:
@@ -53,7 +57,7 @@ def make_wood(size: int, rng: np.random.Generator):
     angle = rng.uniform(-0.3, 0.3) + (np.pi / 2 if rng.random() < 0.5 else 0.0)
     along = (x * np.cos(angle) + y * np.sin(angle)) / size
     across = (-x * np.sin(angle) + y * np.cos(angle)) / size
-    warp = value_noise((size, size), (3, 3), rng, order=3)
+    warp = value_noise((size, size), (3, 3), rng)
     rings = 0.5 + 0.5 * np.sin(2 * np.pi * (across * rng.uniform(6, 12) + warp * rng.uniform(1.5, 3.0) + 0.2 * along))
     fibre = ndimage.uniform_filter1d(_grain(rng, size, 1.0), size=15, axis=1 if abs(np.cos(angle)) > 0.5 else 0)
     shade = 0.25 + 0.55 * rings**1.5 + 0.12 * fibre
@@ -97,8 +101,8 @@ def make_carpet(size: int, rng: np.random.Generator):
 
 def _background(size: int, rng: np.random.Generator) -> FloatImage:
     level = rng.uniform(15, 60)
-    shade = value_noise((size, size), (2, 2), rng) * 12 + _grain(rng, size, 2.0)
-    return (np.full((size, size, 3), level, np.float32) + shade[..., None]).astype(np.float32)
+    shade = value_noise((size, size), (2, 2), rng) * 12 + _grain(rng, size, 2.0) + level
+    return np.repeat(shade[..., None], 3, axis=2)
 
 
 def make_pill(size: int, rng: np.random.Generator):
@@ -111,11 +115,12 @@ def make_pill(size: int, rng: np.random.Generator):
     foreground = distance <= 1.0
     shading = 1.0 - 0.35 * distance**2 - 0.1 * (y - cy) / radius
     colour = _jitter(rng, (235, 225, 205), 12)
-    pill = colour * np.clip(shading, 0, 1)[..., None]
-    speckles = ndimage.gaussian_filter((rng.random((size, size)) < 0.004).astype(np.float32), 0.7) * 6
-    pill = pill - np.clip(speckles, 0, 1)[..., None] * np.array([20, 90, 90], np.float32)
-    image = np.where(foreground[..., None], pill, _background(size, rng))
-    return image.astype(np.float32), foreground
+    pill = _colorize(shading, np.zeros(3, np.float32), colour)
+    speckles = ndimage.binary_dilation(rng.random((size, size)) < 0.003) & foreground
+    pill[speckles] -= np.array([20, 90, 90], np.float32)
+    image = _background(size, rng)
+    image[foreground] = pill[foreground]
+    return image, foreground
 
 
 def make_cap(size: int, rng: np.random.Generator):
@@ -132,9 +137,9 @@ def make_cap(size: int, rng: np.random.Generator):
     shade = np.where(rim, 0.55 + 0.35 * ridges, face)
     shade = np.where((r > 0.78) & (r <= 0.82), 0.4, shade)
     colour = _jitter(rng, rng.choice([(200, 40, 40), (40, 90, 190), (220, 220, 215), (40, 140, 60)]), 15)
-    cap = colour * np.clip(shade, 0, 1.1)[..., None]
-    image = np.where(foreground[..., None], np.minimum(cap, 255), _background(size, rng))
-    return image.astype(np.float32), foreground
+    image = _background(size, rng)
+    image[foreground] = np.minimum(colour * np.clip(shade[foreground], 0, 1.1)[:, None], 255)
+    return image, foreground
 
 
 FAMILIES: dict[str, Family] = {

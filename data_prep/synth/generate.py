@@ -34,8 +34,10 @@ def donor_source(family: str | None, size: int, rng: np.random.Generator):
     """A callable drawing a foreign texture: a normal image of another procedural family."""
     others = [name for name in FAMILIES if name != family]
 
-    def donor() -> np.ndarray:
-        return make_normal(others[int(rng.integers(len(others)))], size, rng)[0]
+    def donor(side: int) -> np.ndarray:
+        """A `side`×`side` foreign texture: at the scale it would have in a `size` image, cropped."""
+        full = make_normal(others[int(rng.integers(len(others)))], max(min(size, 2 * side), side), rng)[0]
+        return full[:side, :side]
 
     return donor
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -43,12 +42,22 @@ def fractal(shape: tuple[int, int], cells: float, rng: np.random.Generator, octa
     return total
 
 
-def value_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator, order: int = 1) -> np.ndarray:
-    """Smooth noise in [0, 1]: a random `cells` grid upsampled to `shape` (cheaper than Perlin)."""
+def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights that resample n_in lattice values to n_out pixels with smoothstep easing."""
+    position = (np.arange(n_out, dtype=np.float32) + 0.5) * ((n_in - 1) / n_out)
+    low = np.minimum(position.astype(np.int64), n_in - 2)
+    t = _fade(position - low)
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    weights[rows, low] = 1 - t
+    weights[rows, low + 1] += t
+    return weights
+
+
+def value_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Smooth noise in [0, 1]: a random `cells` lattice eased up to `shape` (two small matrix products)."""
     grid = rng.random((max(int(cells[0]), 1) + 1, max(int(cells[1]), 1) + 1), dtype=np.float32)
-    zoom = (shape[0] / grid.shape[0], shape[1] / grid.shape[1])
-    out = ndimage.zoom(grid, zoom, order=order, mode="nearest", grid_mode=True)
-    return out[: shape[0], : shape[1]]
+    return _interpolation_matrix(shape[0], grid.shape[0]) @ grid @ _interpolation_matrix(shape[1], grid.shape[1]).T
 
 
 def normalize(values: np.ndarray) -> np.ndarray:
