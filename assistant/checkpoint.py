@@ -95,10 +95,16 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str |
 
 
 def from_llava_onevision(path: Path, dtype: torch.dtype = torch.float32) -> AnomalyAssistantModel:
-    """Compose our model from the parts transformers loads for a llava-hf LLaVA-OneVision checkpoint."""
-    from transformers import AutoModelForCausalLM, LlavaOnevisionForConditionalGeneration
+    """Load a llava-hf LLaVA-OneVision checkpoint with transformers and compose our model from its parts."""
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    llava = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return compose_from_llava(LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype))
+
+
+def compose_from_llava(llava) -> AnomalyAssistantModel:
+    """Our model holding the very modules of a loaded `LlavaOnevisionForConditionalGeneration` (no copy)."""
+    from transformers import AutoModelForCausalLM
+
     lcfg = llava.config
     config = AnomalyAssistantConfig(
         vision_config=lcfg.vision_config,
@@ -125,6 +131,30 @@ def from_llava_onevision(path: Path, dtype: torch.dtype = torch.float32) -> Anom
     leftovers = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise ModelLoadError(f"could not take over {leftovers[0]} from the LLaVA-OneVision checkpoint")
+    return model
+
+
+def add_expert(
+    model: AnomalyAssistantModel, expert_config: ExpertConfig, selector_config: SelectorConfig, seed: int | None = None
+) -> AnomalyAssistantModel:
+    """Give a model a freshly initialised expert and selector (the start of stage-1 training), in place."""
+    from .expert import AnomalyExpert
+    from .selector import LookTwiceSelector
+
+    config = model.config
+    if max(expert_config.feature_layers) > config.vision_config.num_hidden_layers:
+        raise ValueError(
+            f"expert feature layer {max(expert_config.feature_layers)} is beyond the tower's "
+            f"{config.vision_config.num_hidden_layers} layers"
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    dtype, device = model.image_newline.dtype, model.image_newline.device
+    hidden = config.vision_config.hidden_size
+    config.expert_config = expert_config.to_dict()
+    config.selector_config = selector_config.to_dict()
+    model.expert = AnomalyExpert(expert_config, hidden, config.patches_per_side**2).to(device, dtype)
+    model.selector = LookTwiceSelector(selector_config, hidden).to(device, dtype)
     return model
 
 
@@ -224,6 +254,8 @@ __all__ = [
     "attach_anomaly_ov_expert",
     "convert_anomaly_ov",
     "default_model_path",
+    "add_expert",
+    "compose_from_llava",
     "from_llava_onevision",
     "load",
     "read_anomaly_ov_expert",
