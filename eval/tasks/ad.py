@@ -1,0 +1,124 @@
+"""Anomaly-detection metrics on an MVTec-layout folder (also the synthetic sets) or a VisA split CSV.
+
+The test images go through the detection-only path (`AnomalyAssistant.detect`: score and map, no
+text). Metrics per class with `eval.metrics.compute_ad_metrics`: image AUROC, AP, F1-max always;
+pixel AUROC, AUPRO (FPR <= 0.3) and AUPIMO when the set has ground-truth masks. Maps are cached
+downsampled (longest side <= ``--map-size``); masks are resized (nearest) to the cached map size,
+so pixel metrics are computed at that resolution, as anomalib computes them at its eval size.
+The summary is the mean over classes, as MVTec AD and VisA results are published.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .base import DataError, Dataset, Sample, Scores, Task
+
+IMAGE_METRICS = ("image_AUROC", "image_AP", "image_F1max")
+PIXEL_METRICS = ("pixel_AUROC", "pixel_AUPRO", "pixel_AUPIMO")
+
+
+class ADTask(Task):
+    name = "ad"
+    prompt = "(no text: detection-only path)"
+
+    def load(self, data: Path, need_images: bool) -> Dataset:
+        from data_prep.check import UnknownFormat, detect_format
+        from data_prep.readers import read_mvtec, read_visa
+        from data_prep.readers.visa import DEFAULT_CSV
+
+        try:
+            fmt = detect_format(data)
+        except UnknownFormat as error:
+            raise DataError(str(error)) from error
+        if fmt == "mvtec":
+            result, root = read_mvtec(data), data
+        elif fmt == "visa":
+            if data.is_dir():
+                result, root = read_visa(data), data
+            else:
+                root = data.parent.parent if data.parent.name == DEFAULT_CSV.parent.name else data.parent
+                result = read_visa(root, data)
+        else:
+            raise DataError(f"'{data}' is {fmt} data; the ad task reads an MVTec-layout folder or a VisA split CSV")
+        records = [r for r in result.records if r.split == "test"]
+        if not records:
+            raise DataError(f"no test images in '{data}'" + (f" ({result.problems[0]})" if result.problems else ""))
+        samples = [
+            Sample(
+                key=Path(r.image).resolve().relative_to(root.resolve()).as_posix(),
+                index=i, image=r.image, label=r.label, category=r.category, mask=r.mask,
+            )
+            for i, r in enumerate(records)
+        ]
+        return Dataset(samples, [str(p) for p in result.problems], len(samples) + len(result.dropped))
+
+    def infer(self, adapter, sample: Sample, save_map) -> dict:
+        found = adapter.detect(sample)
+        return {"score": found["score"], "verdict": found["verdict"], "map": save_map(sample.key, found["anomaly_map"])}
+
+    def score(self, samples: list[Sample], predictions: dict[str, dict], options: dict) -> Scores:
+        load_map = options["load_map"]
+        with_masks = all(s.mask is not None for s in samples if s.label == 1)
+        notes = [] if with_masks else ["some anomalous images have no ground-truth mask: image-level metrics only"]
+        rows = []
+        for category in sorted({s.category for s in samples}):
+            chosen = [s for s in samples if s.category == category]
+            row = {"class": category, "n": len(chosen), "n_anomalous": sum(s.label == 1 for s in chosen)}
+            labels = np.array([s.label for s in chosen])
+            scores = np.array([predictions[s.key]["score"] for s in chosen], dtype=np.float64)
+            masks = maps = None
+            if with_masks:
+                maps = [load_map(predictions[s.key]["map"]) for s in chosen]
+                shape = Counter(m.shape for m in maps).most_common(1)[0][0]
+                maps = np.stack([_resize(m, shape) for m in maps])
+                masks = np.stack([_mask(s.mask, shape) for s in chosen])
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    metrics = compute(labels, scores, masks, maps)
+                notes.extend(f"{category}: {w.message}" for w in caught if issubclass(w.category, RuntimeWarning))
+            except ValueError as error:
+                notes.append(f"{category}: not scored ({error})")
+                metrics = {}
+            for name in IMAGE_METRICS + (PIXEL_METRICS if with_masks else ()):
+                row[name] = metrics.get(name, float("nan"))
+            row["threshold_F1max"] = metrics.get("thresholds", {}).get("image_F1max", float("nan"))
+            rows.append(row)
+        summary = {"n": len(samples), "n_classes": len(rows)}
+        for name in IMAGE_METRICS + (PIXEL_METRICS if with_masks else ()):
+            values = [r[name] for r in rows if not math.isnan(r[name])]
+            summary[name] = sum(values) / len(values) if values else float("nan")
+        return Scores(summary, rows, notes)
+
+
+def compute(labels, scores, masks, maps) -> dict:
+    from ..metrics import compute_ad_metrics
+
+    return compute_ad_metrics(labels, scores, masks=masks, maps=maps)
+
+
+def _resize(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if anomaly_map.shape == shape:
+        return anomaly_map
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(anomaly_map, mode="F").resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
+
+
+def _mask(path: str | None, shape: tuple[int, int]) -> np.ndarray:
+    """The ground-truth mask as bool at `shape` (nonzero = anomalous: VisA masks hold defect ids)."""
+    if path is None:
+        return np.zeros(shape, dtype=bool)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        mask = np.asarray(image.convert("L")) > 0
+    if mask.shape != shape:
+        mask = np.asarray(Image.fromarray(mask).resize((shape[1], shape[0]), Image.NEAREST))
+    return mask
