@@ -3,6 +3,7 @@
     anomaly-assistant ask part.png                       # the embedded default model
     anomaly-assistant ask part.png -q "Where is the defect?" --heatmap overlay.png
     anomaly-assistant ask part.png --model ./my-checkpoint --reference good1.png good2.png --json
+    anomaly-assistant inspect ./parts --reference ./good --model ./my-checkpoint --out ./inspection [--recursive]
     anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
 
 Bad input (unreadable image, bad model path, over-long question, an output file that already exists)
@@ -44,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.7)
     ask.add_argument("--top-p", type=float, default=0.9)
     ask.add_argument("--seed", type=int, default=0, help="random seed for --sample")
+
+    inspect = sub.add_parser("inspect", help="score every image of a folder: scores.csv, overlays, an HTML gallery")
+    inspect.add_argument("folder", help="the folder of images to inspect")
+    inspect.add_argument("--out", required=True, help="new (or empty) folder for scores.csv, overlays/, index.html")
+    inspect.add_argument("--reference", default=None, metavar="DIR", help="a folder of images of the same object known to be normal")
+    inspect.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
+    inspect.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
+    inspect.add_argument("--recursive", action="store_true", help="also inspect images in subfolders")
+    inspect.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
 
     convert = sub.add_parser("convert-expert", help="LLaVA-OneVision base + Anomaly-OV expert .pth → a safetensors checkpoint")
     convert.add_argument("--base", required=True, help="llava-hf LLaVA-OneVision checkpoint folder or hub id")
@@ -115,6 +125,43 @@ def _ask(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    from .batch import find_images, inspect_folder
+    from .imageio import ImageInputError, load_image
+
+    folder, out = Path(args.folder), Path(args.out)
+    if not folder.is_dir():
+        raise UsageError(f"'{args.folder}' is not a folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out '{args.out}' already exists and is not an empty folder; choose a new one")
+    images = find_images(folder, args.recursive, exclude=out)
+    if not images:
+        raise UsageError(f"no image files in '{args.folder}'" + ("" if args.recursive else " (use --recursive for subfolders)"))
+    references = []
+    if args.reference is not None:
+        if not Path(args.reference).is_dir():
+            raise UsageError(f"--reference '{args.reference}' is not a folder")
+        reference_files = find_images(Path(args.reference))
+        if not reference_files:
+            raise UsageError(f"no image files in --reference '{args.reference}'")
+        try:
+            references = [load_image(path) for path in reference_files]
+        except ImageInputError as error:
+            raise UsageError(f"a reference image is unusable: {error}") from error
+
+    _quiet_libraries()  # inputs are checked above before torch and transformers load (seconds)
+    from .inference import AnomalyAssistant
+
+    assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device, expert=args.expert)
+    if not assistant.has_expert:
+        raise UsageError(f"the model '{args.model}' has no anomaly expert, so it cannot score images; give --expert or another --model")
+    results = inspect_folder(assistant, folder, out, references, recursive=args.recursive)
+    failed = sum(item.error is not None for item in results)
+    anomalous = sum(bool(item.label) for item in results)
+    print(f"{len(results) - failed} images scored, {anomalous} anomalous, {failed} unreadable; see {out / 'index.html'}")
+    return 0
+
+
 def _convert(args) -> int:
     _quiet_libraries()
     from .checkpoint import convert_anomaly_ov
@@ -145,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = os.environ.get("ANOMALY_ASSISTANT_DEBUG") == "1"
     try:
-        return {"ask": _ask, "convert-expert": _convert}[args.command](args)
+        return {"ask": _ask, "inspect": _inspect, "convert-expert": _convert}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

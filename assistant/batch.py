@@ -1,0 +1,121 @@
+"""Batch inspection: score every image of a folder and write a browsable report.
+
+    <out>/scores.csv      path, score, label, overlay, error (one row per image file, unreadable ones too)
+    <out>/overlays/       the evidence overlay of each readable image (heatmap, contours, boxes, verdict)
+    <out>/problems.txt    each unreadable file and why (empty when there is none)
+    <out>/index.html      the overlays as a gallery, most anomalous first, then the unreadable files
+
+An unreadable file is reported and skipped; it never stops the run. Uses the detection-only path
+(`AnomalyAssistant.detect`), so no text is generated.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .imageio import ImageInputError, load_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+OVERLAYS = "overlays"
+
+
+@dataclass
+class Inspected:
+    path: str  # relative to the inspected folder, with '/' separators
+    score: float | None = None
+    label: bool | None = None
+    overlay: str | None = None  # relative to the output folder
+    error: str | None = None
+
+
+def find_images(folder: Path, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
+    """Files under `folder` with an image suffix, sorted; `exclude` (the output folder) is left out."""
+    pattern = "**/*" if recursive else "*"
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for path in folder.glob(pattern):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if exclude is not None and exclude in path.resolve().parents:
+            continue
+        found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def inspect_folder(assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=sys.stderr) -> list[Inspected]:
+    """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`."""
+    folder, out = Path(folder), Path(out)
+    images = find_images(folder, recursive, exclude=out)
+    (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
+    results = []
+    for number, path in enumerate(images, start=1):
+        item = Inspected(path.relative_to(folder).as_posix())
+        try:
+            image = load_image(path, name=item.path)
+        except ImageInputError as error:
+            item.error = error.reason
+        else:
+            report = assistant.detect(image, references=list(references) or None)
+            item.score, item.label = report.pred_score, report.pred_label
+            item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
+            assistant.visualize(report).save(out / item.overlay)
+        results.append(item)
+        state = item.error if item.error else f"score {item.score:.3f}{' ANOMALOUS' if item.label else ''}"
+        print(f"[{number}/{len(images)}] {item.path}: {state}", file=log, flush=True)
+    write_csv(results, out / "scores.csv")
+    write_problems(results, out / "problems.txt")
+    (out / "index.html").write_text(gallery(results, folder), encoding="utf-8")
+    return results
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60] or "image"
+
+
+def write_csv(results: list[Inspected], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "label", "overlay", "error"])
+        for item in results:
+            label = "" if item.label is None else ("anomalous" if item.label else "normal")
+            score = "" if item.score is None else f"{item.score:.6f}"
+            writer.writerow([item.path, score, label, item.overlay or "", item.error or ""])
+
+
+def write_problems(results: list[Inspected], path: Path) -> None:
+    path.write_text("".join(f"{item.path}: {item.error}\n" for item in results if item.error), encoding="utf-8")
+
+
+def gallery(results: list[Inspected], folder: Path) -> str:
+    """The HTML page: readable images by descending score, then the unreadable files with reasons."""
+    scored = sorted((r for r in results if r.error is None), key=lambda r: -r.score)
+    failed = [r for r in results if r.error is not None]
+    n_anomalous = sum(bool(r.label) for r in scored)
+    cards = []
+    for item in scored:
+        verdict = "ANOMALOUS" if item.label else "normal"
+        cards.append(
+            f'<figure class="{verdict.lower()}"><a href="{quote(item.overlay)}"><img src="{quote(item.overlay)}" '
+            f'alt="{html.escape(item.path)}" loading="lazy"></a><figcaption>{html.escape(item.path)}<br>'
+            f"<b>{verdict}</b> {item.score:.3f}</figcaption></figure>"
+        )
+    problems = "".join(f"<li>{html.escape(r.path)}: {html.escape(r.error)}</li>" for r in failed)
+    title = html.escape(f"Inspection of {folder}")
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title><style>"
+        "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:6px;width:260px;vertical-align:top}"
+        "img{max-width:256px;max-height:256px}figure.anomalous figcaption b{color:#c00}figcaption{font-size:12px;word-break:break-all}"
+        "</style></head><body>\n"
+        f"<h1>{title}</h1>\n<p>{len(scored)} images scored, {n_anomalous} anomalous; {len(failed)} unreadable. "
+        "Most anomalous first.</p>\n"
+        + "\n".join(cards)
+        + (f"\n<h2 id=\"problems\">Unreadable files</h2>\n<ul>{problems}</ul>" if failed else "")
+        + "\n</body></html>\n"
+    )
