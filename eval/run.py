@@ -82,6 +82,8 @@ def check_arguments(args) -> None:
         raise UsageError(f"--data '{args.data}' does not exist")
     if args.mode != "eval" and args.model is None and args.predictions is None:
         raise UsageError("give --model or --predictions (or --mode eval to score a cache)")
+    if args.predictions is not None and TASKS[args.task].needs_model:
+        raise UsageError(f"the {args.task} task needs anomaly maps: give --model, not --predictions")
     if args.predictions is not None and not Path(args.predictions).is_file():
         raise UsageError(f"--predictions '{args.predictions}' is not a file")
     if args.limit is not None and args.limit < 1:

@@ -26,6 +26,7 @@ PIXEL_METRICS = ("pixel_AUROC", "pixel_AUPRO", "pixel_AUPIMO")
 class ADTask(Task):
     name = "ad"
     prompt = "(no text: detection-only path)"
+    needs_model = True
 
     def load(self, data: Path, need_images: bool) -> Dataset:
         from data_prep.check import UnknownFormat, detect_format

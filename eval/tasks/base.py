@@ -47,6 +47,7 @@ class Scores:
 class Task:
     name = ""
     prompt = ""
+    needs_model = False  # True when a predictions file cannot answer (anomaly maps are needed)
 
     def load(self, data: Path, need_images: bool) -> Dataset:
         raise NotImplementedError
