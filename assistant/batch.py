@@ -48,9 +48,10 @@ def find_images(folder: Path, recursive: bool = False, exclude: Path | None = No
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def inspect_folder(assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=sys.stderr) -> list[Inspected]:
+def inspect_folder(assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=None) -> list[Inspected]:
     """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`."""
     folder, out = Path(folder), Path(out)
+    log = log if log is not None else sys.stderr
     images = find_images(folder, recursive, exclude=out)
     (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
     results = []
