@@ -1,0 +1,302 @@
+"""One typed schema for training runs: dataclasses, YAML recipes and strict dotted overrides.
+
+    cfg = load_config("configs/train/debug_tiny.yaml", ["lora.r=64", "trainer.max_steps=10"])
+
+Every key of a recipe or an override must name a field of the schema; anything else is a
+`ConfigError` naming the key ("Unknown config key: lora.rr"). The resolved config is written as
+`training_config.yaml` next to every checkpoint, with the git commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+STAGES = ("stage1", "stage2", "all")
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; reported as one line on stderr with exit code 2."""
+
+
+@dataclass
+class ModelInit:
+    """A small random model built from scratch (no download): vision tower, LLM and a tokenizer trained on the corpus."""
+
+    vision: str = "clip"  # clip | siglip
+    vision_hidden: int = 32
+    vision_layers: int = 4
+    tile: int = 32  # vision image size
+    patch: int = 8
+    max_tiles_side: int = 3
+    text: str = "llama"  # llama | qwen2
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    vocab_size: int = 600
+    seed: int = 0
+
+
+@dataclass
+class ExpertSpec:
+    """The anomaly expert given to a model without one (stage 1). `feature_layers` empty: 4 evenly spaced layers."""
+
+    feature_layers: list = field(default_factory=list)
+    embedding_dim: int = 128
+    class_dim: int = 128
+    predictor_dim: int = 128
+    logit_scale: float = 100.0  # Anomaly-OV's; a random tower learns faster with ~10
+    selector_mode: str = "pool"
+    selector_grid: int = 2
+    selector_tokens: int = 8
+    attention_dim: int = 128
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a checkpoint folder (this project's or llava-hf LLaVA-OneVision)
+    init: ModelInit | None = None  # or build one
+    expert: ExpertSpec = field(default_factory=ExpertSpec)
+    reinit_expert: bool = False  # stage 1: replace an existing expert with a fresh one
+
+
+@dataclass
+class SynthData:
+    """Synthetic data generated into `<output_dir>/data` when no data path is given."""
+
+    n: int = 24  # images per family
+    size: int = 64
+    families: list = field(default_factory=list)  # empty: all
+    anomaly_ratio: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    masked: str | None = None  # stage 1: MVTec-layout folder (or synth output) or a VisA root
+    instructions: str | None = None  # stage 2: LLaVA-format JSON (`data_prep instruct` output)
+    synth: SynthData | None = None
+    val_fraction: float = 0.25  # held out for threshold calibration
+    map_size: int = 64  # stage 1: the map loss is computed at map_size × map_size
+    max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
+    split_seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    focal_weight: float = 1.0
+    focal_alpha: float = 0.75  # weight of anomalous pixels (they are rare)
+    focal_gamma: float = 2.0
+    dice_weight: float = 1.0
+    score_weight: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    #: a regex over module names; scoped to the LLM (plain names would also hit the vision tower's attention)
+    target_modules: str = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+    modules_to_save: list = field(default_factory=lambda: ["multi_modal_projector", "selector"])
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    save_steps: int = 50
+    save_total_limit: int = 2  # keep the last K checkpoints
+    logging_steps: int = 10
+    precision: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16
+    deepspeed: str | None = None  # a JSON file from configs/deepspeed/
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "all"  # stage1 | stage2 | all (stage 1, then stage 2 on its output)
+    output_dir: str = "runs/debug"
+    seed: int = 0
+    resume: bool = False
+    full: bool = False  # stage 2: full fine-tuning instead of LoRA
+    quantization: str = "none"  # none | 4bit (QLoRA)
+    stage1_steps: int | None = None  # stage "all": stage 1's max_steps (default trainer.max_steps)
+    stage1_lr: float | None = None  # stage "all": stage 1's learning rate (default trainer.lr)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.quantization not in ("none", "4bit"):
+            raise ConfigError(f"quantization must be 'none' or '4bit', got {self.quantization!r}")
+        if self.quantization == "4bit" and self.full:
+            raise ConfigError("quantization=4bit trains LoRA adapters; it cannot be combined with full=true")
+        if self.trainer.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"trainer.precision must be auto, fp32 or bf16, got {self.trainer.precision!r}")
+        if self.model.path is None and self.model.init is None:
+            raise ConfigError("give model.path (a checkpoint folder) or a model.init section")
+        if self.model.init is not None and self.model.init.vision not in ("clip", "siglip"):
+            raise ConfigError(f"model.init.vision must be clip or siglip, got {self.model.init.vision!r}")
+        if self.model.init is not None and self.model.init.text not in ("llama", "qwen2"):
+            raise ConfigError(f"model.init.text must be llama or qwen2, got {self.model.init.text!r}")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction must be between 0 and 1")
+        if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
+            raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.grad_accum must be ≥ 1")
+        if self.trainer.save_total_limit < 1:
+            raise ConfigError("trainer.save_total_limit must be ≥ 1")
+        if self.trainer.deepspeed is not None and not Path(self.trainer.deepspeed).is_file():
+            raise ConfigError(f"trainer.deepspeed: no file {self.trainer.deepspeed}")
+        return self
+
+
+# -- building dataclasses from plain dicts, strictly ------------------------------------------------
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> type | None:
+    """The dataclass in `tp` (also inside `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _coerce(value, tp, key: str):
+    allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else (tp,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key} cannot be null")
+    for option in allowed:
+        if option is type(None):
+            continue
+        base = typing.get_origin(option) or option
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if base is list and isinstance(value, list):
+            return list(value)
+        if base is list and isinstance(value, str):  # "a,b" from the command line
+            return [v.strip() for v in value.split(",") if v.strip()]
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in allowed)
+    raise ConfigError(f"config key {key} expects {names}, got {value!r}")
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from `values`; unknown keys and wrong types raise `ConfigError`."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {values!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"Unknown config key: {prefix}{key}")
+        sub = _is_dataclass_type(hints[key])
+        if sub is not None:
+            if value is None:
+                if type(None) not in typing.get_args(hints[key]):
+                    raise ConfigError(f"config section {prefix}{key} cannot be null")
+                kwargs[key] = None
+            else:
+                kwargs[key] = from_dict(sub, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """`a.b.c=value` into the nested dict `tree` (value parsed as YAML: numbers, booleans, lists, null)."""
+    if "=" not in override:
+        raise ConfigError(f"an override is key=value, got {override!r}")
+    key, text = override.split("=", 1)
+    key = key.strip().removeprefix("--")
+    if not key:
+        raise ConfigError(f"an override is key=value, got {override!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node, cls = tree, TrainConfig
+    for depth, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise ConfigError(f"Unknown config key: {'.'.join(parts[: depth + 1])}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        sub = _is_dataclass_type(hints[part])
+        if sub is None:
+            raise ConfigError(f"config key {'.'.join(parts[: depth + 1])} is not a section")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node, cls = node[part], sub
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The recipe at `path` (or the defaults) with the dotted `overrides` applied, validated."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no config file {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+    for override in overrides:
+        apply_override(tree, override)
+    return from_dict(TrainConfig, tree).validate()
+
+
+def git_commit() -> str | None:
+    """The commit of the working tree this code runs from (with "-dirty" when it has changes), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(cfg: TrainConfig, folder: str | Path, commit: str | None = None) -> None:
+    """`training_config.yaml` (the resolved config) and `git_commit.txt` into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (folder / "git_commit.txt").write_text((commit or "unknown") + "\n")

@@ -1,0 +1,233 @@
+"""Training data: masked images for stage 1, LLaVA conversations for stage 2, and their collators.
+
+Records come from `data_prep`'s readers with a full decode check, so a missing or broken image is
+reported and counted once, up front, and never reaches a batch. Stage-2 inputs are built with the
+model's own `AssistantProcessor` (chat template, `<image>` expansion, tokenizer) so training and
+inference see the same token layout; only assistant turns carry labels.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data_prep.records import ANOMALOUS, ReadResult, Record
+
+IGNORE_INDEX = -100
+ROLE = {"human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class Skipped:
+    """Inputs left out of training, with the reason for each (printed once and counted)."""
+
+    problems: list
+    seen: int
+
+    def report(self, what: str, stream=sys.stderr) -> None:
+        for problem in self.problems:
+            print(f"skipped: {problem}", file=stream)
+        if self.problems:
+            print(f"{what}: skipped {len(self.problems)} of {self.seen} entries (listed above)", file=stream)
+
+
+def read_masked(root: str | Path) -> tuple[list[Record], Skipped]:
+    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root."""
+    from data_prep.readers import read_mvtec, read_visa
+
+    root = Path(root)
+    result: ReadResult = read_visa(root, full_check=True) if (root / "split_csv").is_dir() else read_mvtec(root, full_check=True)
+    records = [r for r in result.records if r.label is not None]
+    problems = [str(p) for p in result.dropped] + [f"{r.image}: no label" for r in result.records if r.label is None]
+    return records, Skipped(problems, result.n_seen)
+
+
+def read_conversations(path: str | Path) -> tuple[list[Record], Skipped]:
+    """LLaVA-format conversations (`data_prep instruct` output); malformed entries and bad images are skipped."""
+    from data_prep.readers import read_llava
+
+    result = read_llava(path, full_check=True)
+    return list(result.records), Skipped([str(p) for p in result.dropped], result.n_seen)
+
+
+def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A held-out split stratified by label (every label present in both parts when it has ≥ 2 records)."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted({r.label for r in records}, key=lambda v: (v is None, v)):
+        group = [r for r in records if r.label == label]
+        rng.shuffle(group)
+        n_val = int(round(len(group) * val_fraction))
+        if len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        val += group[:n_val]
+        train += group[n_val:]
+    key = lambda r: r.image  # noqa: E731 - a stable order independent of the label grouping
+    return sorted(train, key=key), sorted(val, key=key)
+
+
+def load_rgb(path: str) -> Image.Image:
+    from assistant.imageio import load_image
+
+    return load_image(path)
+
+
+def load_mask(path: str | None, size: tuple[int, int]) -> torch.Tensor:
+    """Ground-truth mask as float [H, W] in {0, 1} (zeros for a normal image)."""
+    if path is None:
+        return torch.zeros(size)
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("L")) > 0).float()
+
+
+# -- stage 1 ------------------------------------------------------------------------------------------
+class MaskedImages(Dataset):
+    """(pixels, size, mask at map_size², label) per record."""
+
+    def __init__(self, records: list[Record], processor, map_size: int = 64):
+        self.records, self.processor, self.map_size = records, processor, map_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image = load_rgb(record.image)
+        pixels = self.processor.preprocess([image])
+        n = self.processor_crops(image)
+        mask = load_mask(record.mask, (image.height, image.width))
+        small = F.interpolate(mask[None, None], size=(self.map_size, self.map_size), mode="area")[0, 0]
+        return {
+            "pixel_values": pixels["pixel_values"][0, :n],
+            "image_sizes": torch.tensor([image.height, image.width]),
+            "masks": (small > 0.5).float() if record.mask is not None else small,
+            "labels": torch.tensor(float(record.label == ANOMALOUS)),
+        }
+
+    def processor_crops(self, image) -> int:
+        from assistant.projector import num_crops
+
+        config = self.processor.config
+        return num_crops((image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def collate_masked(batch: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.cat([b["pixel_values"] for b in batch]),
+        "image_sizes": torch.stack([b["image_sizes"] for b in batch]),
+        "masks": torch.stack([b["masks"] for b in batch]),
+        "labels": torch.stack([b["labels"] for b in batch]),
+    }
+
+
+# -- stage 2 ------------------------------------------------------------------------------------------
+def chat_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns → chat messages; the image goes first in the first user turn, as at inference."""
+    messages = []
+    for index, turn in enumerate(conversations):
+        text = turn["value"]
+        if index == 0:
+            text = text.replace("<image>", "").strip()
+            messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+        else:
+            messages.append({"role": ROLE[turn["from"]], "content": text.strip()})
+    return messages
+
+
+def level_for(label: int | None) -> str | None:
+    """The suspicion level shown to the LLM during training: from the ground truth label."""
+    if label is None:
+        return None
+    return "highly" if label == ANOMALOUS else "slightly"
+
+
+def encode_conversation(processor, conversations: list[dict], image_size: tuple[int, int], level: str | None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation: the chat rendered with the model's template, `<image>`
+    expanded into the exact image (and look-twice) token count, labels only on assistant text."""
+    tokenizer = processor.tokenizer
+    messages = chat_messages(conversations)
+    encoded = tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True, add_generation_prompt=False,
+    )
+    ids, assistant = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    image_id = processor.config.image_token_index
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    if len(positions) != 1:
+        raise ValueError(f"the rendered chat holds {len(positions)} image tokens, expected 1")
+    expansion = tokenizer(processor.expand_image(image_size, level), add_special_tokens=False)["input_ids"]
+    at = positions[0]
+    ids = ids[:at] + expansion + ids[at + 1 :]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids[:at], assistant[:at])]
+    labels += [IGNORE_INDEX] * len(expansion)
+    labels += [t if m else IGNORE_INDEX for t, m in zip(ids[at + len(expansion) :], assistant[at + 1 :])]
+    return ids, labels
+
+
+class Conversations(Dataset):
+    """Tokenised conversations with their image pixels; records longer than `max_length` are dropped up front."""
+
+    def __init__(self, records: list[Record], processor, with_levels: bool, max_length: int = 2048):
+        self.processor, self.with_levels = processor, with_levels
+        self.records, problems = [], []
+        for record in records:
+            with Image.open(record.image) as image:
+                size = (image.height, image.width)
+            length = len(self._encode(record, size)[0])
+            if length > max_length:
+                problems.append(f"{record.image}: {length} tokens > data.max_length {max_length}")
+                continue
+            self.records.append((record, size))
+        self.skipped = Skipped(problems, len(records))
+
+    def _encode(self, record: Record, size):
+        level = level_for(record.label) if self.with_levels else None
+        return encode_conversation(self.processor, record.extra["conversations"], size, level)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record, size = self.records[index]
+        ids, labels = self._encode(record, size)
+        image = load_rgb(record.image)
+        pixels = self.processor.preprocess([image])
+        from assistant.projector import num_crops
+
+        config = self.processor.config
+        n = num_crops(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixels["pixel_values"][0, :n],
+            "image_sizes": torch.tensor(size),
+        }
+
+
+@dataclass
+class ConversationCollator:
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict:
+        length = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, b in enumerate(batch):  # right padding: positions stay those of an unpadded sequence
+            n = len(b["input_ids"])
+            ids[row, :n], labels[row, :n], attention[row, :n] = b["input_ids"], b["labels"], 1
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "pixel_values": torch.cat([b["pixel_values"] for b in batch]),
+            "image_sizes": torch.stack([b["image_sizes"] for b in batch]),
+        }

@@ -1,0 +1,186 @@
+"""The two training stages, top to bottom.
+
+    <output_dir>/data/                      synthetic data, when the recipe generates it
+    <output_dir>/base/                      the model a `model.init` section built
+    <output_dir>/stage1/checkpoint-N/       resumable checkpoints (expert + selector, optimizer, RNG)
+    <output_dir>/stage1/model/              stage-1 result: a full checkpoint with calibrated thresholds
+    <output_dir>/stage2/checkpoint-N/       resumable checkpoints (adapter or full weights)
+    <output_dir>/stage2/adapter/            LoRA result in peft's format (+ processor files, calibration.json)
+    <output_dir>/stage2/model/              full fine-tuning result (full=true)
+
+Every result and checkpoint folder holds `training_config.yaml` (the resolved config) and `git_commit.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .build import data_paths, expert_configs, init_model, instruction_corpus, load_model
+from .config import ConfigError, TrainConfig, git_commit, write_run_info
+from .data import ConversationCollator, Conversations, MaskedImages, collate_masked, read_conversations, read_masked, split_records
+from .stage1 import ExpertObjective, calibrate, stage1_trainer_class, write_calibration
+from .trainer import ReliableTrainer, atomic_folder, last_checkpoint, training_arguments
+
+
+def _say(args, message: str) -> None:
+    if args.process_index == 0:
+        print(message, flush=True)
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> str | None:
+    found = last_checkpoint(run_dir)
+    finished = any((run_dir / name).is_dir() for name in ("model", "adapter"))
+    if (found or finished) and not cfg.resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume (resume=true) or choose a new output_dir")
+    return found
+
+
+def _save_model_folder(model, processor, generation, folder: Path, cfg: TrainConfig, commit, report: dict | None) -> None:
+    with atomic_folder(folder) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        generation.save_pretrained(staging)
+        write_run_info(cfg, staging, commit)
+        if report is not None:
+            write_calibration(report, staging)
+
+
+def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: str | None) -> Path:
+    from assistant.checkpoint import add_expert
+    from assistant.processing import AssistantProcessor
+
+    run_dir, final = root / "stage1", root / "stage1" / "model"
+    args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr)
+    if cfg.stage == "all" and cfg.resume and (final / "config.json").is_file():
+        _say(args, f"stage 1 already finished: {final}")
+        return final
+    resume = _resume_point(cfg, run_dir)
+    model, processor, generation = load_model(base)
+    if model.expert is None or cfg.model.reinit_expert:
+        expert, selector = expert_configs(cfg.model.expert, model.config.vision_config.num_hidden_layers)
+        try:
+            add_expert(model, expert, selector, seed=cfg.seed)
+        except ValueError as error:
+            raise ConfigError(f"model.expert: {error}") from None
+        processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
+    records, skipped = read_masked(masked)
+    if args.process_index == 0:
+        skipped.report("stage 1 data")
+    train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)
+    if not train_records:
+        raise ConfigError(f"no usable training images in {masked}")
+    objective = ExpertObjective(model, cfg.loss, cfg.data.map_size)
+    trainer = stage1_trainer_class(ReliableTrainer)(
+        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size),
+        data_collator=collate_masked, run_config=cfg, commit=commit,
+    )
+    _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        report = calibrate(model, processor, val_records, cfg.data.map_size)
+        _save_model_folder(model, processor, generation, final, cfg, commit, report)
+        print(f"stage 1: calibration {json.dumps(report)}")
+        print(f"stage 1: model written to {final}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def _module_names(model, names: list[str]) -> list[str]:
+    present = {name.split(".")[0] for name, _ in model.named_children()}
+    return [n for n in names if n in present and getattr(model, n) is not None]
+
+
+def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, commit: str | None) -> Path:
+    run_dir = root / "stage2"
+    final = run_dir / ("model" if cfg.full else "adapter")
+    args = training_arguments(cfg, run_dir, cfg.trainer.max_steps, cfg.trainer.lr)
+    resume = _resume_point(cfg, run_dir)
+    model, processor, generation = load_model(base, quantize=cfg.quantization == "4bit")
+    records, skipped = read_conversations(instructions)
+    if args.process_index == 0:
+        skipped.report("stage 2 data")
+    to_save = _module_names(model, list(cfg.lora.modules_to_save))
+    recalibrate = model.expert is not None and "selector" in to_save
+    train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.data.split_seed) if recalibrate else (records, [])
+    dataset = Conversations(train_records, processor, with_levels=model.expert is not None, max_length=cfg.data.max_length)
+    if args.process_index == 0:
+        dataset.skipped.report("stage 2 length")
+    if len(dataset) == 0:
+        raise ConfigError(f"no usable conversations in {instructions}")
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if cfg.full:
+        trained = ["language_model", "multi_modal_projector", *to_save]
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.split(".")[0] in trained or name == "image_newline")
+        model.config.use_cache = False
+        train_model = model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        pattern = re.compile(cfg.lora.target_modules)
+        if not any(pattern.fullmatch(name) for name, _ in model.named_modules()):
+            raise ConfigError(f"lora.target_modules {cfg.lora.target_modules!r} matches no module of the model")
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules, modules_to_save=to_save or None)
+        train_model = get_peft_model(model, lora)
+        train_model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+    if cfg.trainer.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    trainer = ReliableTrainer(
+        model=train_model, args=args, train_dataset=dataset, run_config=cfg, commit=commit,
+        data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
+    )
+    n_trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
+    _say(args, f"stage 2 ({'full' if cfg.full else 'LoRA'}{', 4-bit base' if cfg.quantization == '4bit' else ''}): "
+               f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        report = calibrate(model, processor, val_records, cfg.data.map_size) if recalibrate and val_records else None
+        if report is not None:
+            print(f"stage 2: recalibrated {json.dumps(report)}")
+        if cfg.full:
+            _save_model_folder(model, processor, generation, final, cfg, commit, report)
+        else:
+            with atomic_folder(final) as staging:
+                train_model.save_pretrained(staging)
+                processor.save_pretrained(staging)
+                generation.save_pretrained(staging)
+                write_run_info(cfg, staging, commit)
+                if report is not None:
+                    write_calibration(report, staging)
+        print(f"stage 2: {'model' if cfg.full else 'adapter'} written to {final}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run the configured stage(s); returns the result folders."""
+    root = Path(cfg.output_dir)
+    commit = git_commit()
+    # set up the process group (if launched distributed) before anything else touches the disk
+    args = training_arguments(cfg, root, 1, cfg.trainer.lr)
+    with args.main_process_first(local=False, desc="data and model preparation"):
+        masked, instructions = data_paths(cfg, root)
+        if cfg.model.path is not None:
+            base = Path(cfg.model.path)
+        else:
+            base = root / "base"
+            if not (base / "config.json").is_file():
+                init_model(cfg.model.init, instruction_corpus(instructions), base)
+    if args.process_index == 0:
+        write_run_info(cfg, root, commit)
+    results = {}
+    if cfg.stage in ("stage1", "all"):
+        base = results["stage1"] = run_stage1(cfg, root, masked, base, commit)
+    if cfg.stage in ("stage2", "all"):
+        results["stage2"] = run_stage2(cfg, root, instructions, base, commit)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return results

@@ -1,0 +1,170 @@
+"""Stage 1: train the anomaly expert (prompts, adapters, score head) and the look-twice selector.
+
+The vision tower, projector and LLM are frozen and the LLM is never run: the loss is focal + dice on
+the stitched anomaly map (`assistant.maps.image_anomaly_map`, at `data.map_size`²) against the mask,
+plus BCE on the image score. Afterwards the image and pixel thresholds are calibrated (F1-max) on the
+held-out split and stored in the checkpoint's config, with `suspicion_bounds = (t/2, t)` so that the
+"highly suspicious" marker the LLM sees coincides with an anomalous verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from assistant.maps import image_anomaly_map
+
+from .config import LossConfig
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    prob = prob.clamp(1e-6, 1 - 1e-6)
+    pos = -alpha * (1 - prob) ** gamma * target * torch.log(prob)
+    neg = -(1 - alpha) * prob**gamma * (1 - target) * torch.log(1 - prob)
+    return (pos + neg).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft dice per image (an empty mask with an empty map scores 1), averaged."""
+    dims = tuple(range(1, prob.dim()))
+    inter = (prob * target).sum(dims)
+    return (1 - (2 * inter + eps) / (prob.sum(dims) + target.sum(dims) + eps)).mean()
+
+
+def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> torch.Tensor:
+    """Per image, the input-size anomaly map resized (area) to size×size: [B, size, size]."""
+    config = model.config
+    out = []
+    for maps, image_size in zip(crop_maps, image_sizes):
+        full = image_anomaly_map(maps, tuple(int(v) for v in image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+        out.append(F.interpolate(full[None, None], size=(size, size), mode="area")[0, 0])
+    return torch.stack(out)
+
+
+class ExpertObjective(nn.Module):
+    """The stage-1 training module: forward returns the loss (so DDP/DeepSpeed wrap it like any model)."""
+
+    def __init__(self, model, loss: LossConfig, map_size: int):
+        super().__init__()
+        self.model, self.loss, self.map_size = model, loss, map_size
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(("expert.", "selector.")))
+
+    def forward(self, pixel_values, image_sizes, masks, labels):
+        encoding = self.model.encode_images(pixel_values, image_sizes.tolist())
+        maps = small_maps(self.model, encoding.crop_maps, image_sizes.tolist(), self.map_size)
+        masks, labels = masks.to(maps), labels.to(maps)
+        c = self.loss
+        total = (
+            c.focal_weight * focal_loss(maps, masks, c.focal_alpha, c.focal_gamma)
+            + c.dice_weight * dice_loss(maps, masks)
+            + c.score_weight * F.binary_cross_entropy(encoding.scores.float().clamp(1e-6, 1 - 1e-6), labels)
+        )
+        return {"loss": total}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def stage1_trainer_class(base):
+    """`base` (the reliable Trainer) saving and resuming only the trained parts (expert + selector)."""
+
+    class ExpertTrainer(base):
+        def _save(self, output_dir=None, state_dict=None):
+            output_dir = Path(output_dir or self.args.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            objective = self.accelerator.unwrap_model(self.model)
+            if state_dict is not None:  # DeepSpeed hands over the (gathered) state dict
+                keep = set(objective.trainable_state())
+                state = {k.removeprefix("model."): v.contiguous() for k, v in state_dict.items() if k.removeprefix("model.") in keep}
+            else:
+                state = objective.trainable_state()
+            save_file({k: v.cpu() for k, v in state.items()}, str(output_dir / TRAINABLE_FILE))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            objective = self.accelerator.unwrap_model(model or self.model)
+            state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
+            expected = set(objective.trainable_state())
+            if set(state) != expected:
+                raise ValueError(f"{resume_from_checkpoint} does not hold this run's expert parameters")
+            objective.model.load_state_dict(state, strict=False)
+
+    return ExpertTrainer
+
+
+# -- calibration ------------------------------------------------------------------------------------
+def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(best F1, its threshold) for predicting `score >= threshold`; thresholds are the observed scores."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order].astype(np.float64)
+    tp = np.cumsum(labels)
+    fp = np.cumsum(1 - labels)
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the last index of each distinct score
+    tp, fp = tp[last], fp[last]
+    positives = labels.sum()
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / max(positives, 1)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(scores[last][best])
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """P(anomalous score > normal score) + ties / 2."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return float(greater + ties / 2)
+
+
+@torch.no_grad()
+def score_records(model, processor, records, map_size: int):
+    """Image scores, labels, maps and masks (both at map_size²) of `records`."""
+    from .data import load_mask, load_rgb
+
+    was_training = model.training
+    model.eval()
+    scores, labels, maps, masks = [], [], [], []
+    for record in records:
+        image = load_rgb(record.image)
+        pixels = processor.preprocess([image])
+        encoding = model.encode_images(pixels["pixel_values"], pixels["image_sizes"].tolist())
+        size = (image.height, image.width)
+        maps.append(small_maps(model, encoding.crop_maps, [size], map_size)[0].float().cpu().numpy())
+        mask = load_mask(record.mask, size)
+        masks.append(F.interpolate(mask[None, None], size=(map_size, map_size), mode="area")[0, 0].numpy() > 0.5)
+        scores.append(float(encoding.scores[0]))
+        labels.append(int(record.label == 1))
+    model.train(was_training)
+    return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
+
+
+def calibrate(model, processor, records, map_size: int) -> dict:
+    """F1-max image and pixel thresholds on held-out `records`, written into `model.config`. Returns a report."""
+    labels, scores, maps, masks = score_records(model, processor, records, map_size)
+    report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores)}
+    if 0 < labels.sum() < len(labels):
+        report["image_f1_max"], image_threshold = f1_max_threshold(labels, scores)
+        report["pixel_f1_max"], pixel_threshold = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
+        config = model.config
+        config.image_threshold = image_threshold
+        config.pixel_threshold = pixel_threshold
+        config.suspicion_bounds = (0.5 * image_threshold, image_threshold)
+        report.update(image_threshold=image_threshold, pixel_threshold=pixel_threshold)
+    else:
+        report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
+    return report
+
+
+def write_calibration(report: dict, folder: Path) -> None:
+    (folder / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
