@@ -53,7 +53,7 @@ def claim(out: Path, manifest: dict) -> None:
         raise RunFolderError(f"--out '{out}' is a file, not a folder")
     existing = read_manifest(out) if out.is_dir() else None
     if existing is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(not _is_partial(p) for p in out.iterdir()):
             raise RunFolderError(f"--out '{out}' is not empty and holds no eval run; choose a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -63,6 +63,11 @@ def claim(out: Path, manifest: dict) -> None:
             raise RunFolderError(
                 f"--out '{out}' holds another run ({key} {existing.get(key)!r}, not {manifest.get(key)!r}); choose another folder"
             )
+
+
+def _is_partial(path: Path) -> bool:
+    """Another process's manifest being written (torchrun ranks claim the folder at the same time)."""
+    return path.name.startswith(f".{MANIFEST}.") and path.name.endswith(".partial")
 
 
 def _write_atomic(path: Path, text: str) -> None:

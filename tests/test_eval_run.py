@@ -405,3 +405,47 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, m
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_visa_csv_layout_with_defect_id_masks(tmp_path, clip_llama):
+    """VisA root: split_csv/1cls.csv (object,split,label,image,mask); masks hold defect ids, not 255."""
+    root = tmp_path / "VisA_20220922"
+    rows = ["object,split,label,image,mask"]
+    for i in range(4):
+        anomalous = i >= 2
+        image = f"candle/Data/Images/{'Anomaly' if anomalous else 'Normal'}/{i:03d}.JPG"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        random_image(32, 32, seed=i).save(root / image)
+        mask = ""
+        if anomalous:
+            mask = f"candle/Data/Masks/Anomaly/{i:03d}.png"
+            (root / mask).parent.mkdir(parents=True, exist_ok=True)
+            values = np.zeros((32, 32), dtype=np.uint8)
+            values[8:16, 8:16] = i  # defect id
+            Image.fromarray(values).save(root / mask)
+        rows.append(f"candle,test,{'anomaly' if anomalous else 'normal'},{image},{mask}")
+    rows.append("candle,train,normal,candle/Data/Images/Normal/000.JPG,")
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert run("ad", "--data", root / "split_csv" / "1cls.csv", "--model", clip_llama, "--out", out) == 0
+    result = results(out)
+    assert result["n_scored"] == 4 and [r["class"] for r in result["per_class"]] == ["candle"]
+    assert result["summary"]["pixel_AUROC"] is not None and 0.0 <= result["summary"]["pixel_AUPRO"] <= 1.0
+
+
+def test_ad_scoring_without_masks_is_image_level_and_hand_computable():
+    from eval.tasks import Sample
+    from eval.tasks.ad import ADTask
+
+    labels = [0, 0, 1, 1, 0, 1]
+    scores = [0.1, 0.4, 0.35, 0.8, 0.2, 0.9]
+    categories = ["a", "a", "a", "a", "b", "b"]
+    samples = [Sample(f"{c}/{i}.png", i, f"{c}/{i}.png", label, c) for i, (label, c) in enumerate(zip(labels, categories))]
+    predictions = {s.key: {"score": score} for s, score in zip(samples, scores)}
+    scored = ADTask().score(samples, predictions, {"load_map": None})
+    rows = {row["class"]: row for row in scored.rows}
+    # class a: anomalies 0.35, 0.8 vs normals 0.1, 0.4 -> 3 of 4 pairs ordered: AUROC 0.75; class b: 1.0
+    assert rows["a"]["image_AUROC"] == pytest.approx(0.75) and rows["b"]["image_AUROC"] == pytest.approx(1.0)
+    assert scored.summary["image_AUROC"] == pytest.approx(0.875)
+    assert "pixel_AUROC" not in scored.summary and "image-level metrics only" in scored.notes[0]
