@@ -211,7 +211,7 @@ def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Pa
     if layers is None or max(layers) > config.vision_config.num_hidden_layers:
         raise ModelLoadError(f"unexpected expert layout: {levels} feature levels")
     expert_config = ExpertConfig(
-        feature_layers=layers, embedding_dim=embedding_dim, class_dim=class_dim, predictor_dim=predictor_dim
+        feature_layers=layers, embedding_dim=embedding_dim, class_dim=class_dim, predictor_dim=predictor_dim, views="all"
     )
     selector_config = SelectorConfig(mode="pool", grid=2, attention_dim=attention_dim)
     config.expert_config = expert_config.to_dict()

@@ -35,6 +35,13 @@ class ExpertConfig:
     logit_scale: float = 100.0
     #: weight of the few-shot (reference) map when references are given
     reference_weight: float = 0.5
+    #: which crops the expert scores: "base" (the whole image in one view: the detection path runs the
+    #: tower on one crop) or "all" (every anyres tile too, as Anomaly-OV: finer maps on large images)
+    views: str = "base"
+
+    def __post_init__(self):
+        if self.views not in ("base", "all"):
+            raise ValueError(f"expert views must be 'base' or 'all', got {self.views!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ExpertConfig":

@@ -148,7 +148,16 @@ class AnomalyAssistant:
         """The detection-only path: score, map, mask, boxes and location, no text generated."""
         if not self.has_expert:
             raise ValueError(f"the model '{self.name}' has no anomaly expert, so it cannot score images")
-        image, visual, _ = self.encode(image, references)
+        image = load_image(image)
+        references = [load_image(r) for r in references or []]
+        pixels = self.processor.preprocess([image])
+        refs = self.processor.preprocess(references) if references else None
+        with torch.no_grad():
+            crop_maps, scores = self.model.detect(
+                pixels["pixel_values"], pixels["image_sizes"],
+                refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None,
+            )
+        visual = VisualEncoding(image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=crop_maps, scores=scores)
         return AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual))
 
     # -- language ---------------------------------------------------------------------------------

@@ -112,6 +112,11 @@ class AnomalyAssistantModel(PreTrainedModel):
             raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
         if pixel_values.shape[0] != sum(counts):
             raise ValueError(f"got {pixel_values.shape[0]} crops for images that need {sum(counts)}")
+        projector_input, levels = self._tower(pixel_values)
+        return projector_input, levels, counts
+
+    def _tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Crops [N, 3, S, S] → projector-layer features [N, P, H] and the expert's feature levels."""
         pixel_values = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
         hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
         layer = self.config.vision_feature_layer
@@ -120,7 +125,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         else:
             projector_input = self._select(torch.cat([hidden[i] for i in layer], dim=-1))
         levels = [self._select(hidden[i]) for i in self.expert.config.feature_layers] if self.expert is not None else []
-        return projector_input, levels, counts
+        return projector_input, levels
 
     def encode_images(
         self,
@@ -147,7 +152,17 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding = VisualEncoding(image_embeds=image_embeds, image_sizes=image_sizes)
         if self.expert is None:
             return encoding
+        if self.expert.config.views == "base":  # the expert sees each image's first crop, the whole image
+            first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
+            features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
+        tokens, encoding.scores, encoding.crop_maps = self._look_twice(
+            features, levels, counts, reference_pixel_values, reference_image_sizes
+        )
+        encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
+        return encoding
 
+    def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None):
+        """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
         crop_map, crop_significance = self.expert(levels, base)
@@ -159,27 +174,39 @@ class AnomalyAssistantModel(PreTrainedModel):
             reference_map = reference_distance(levels, bank).to(crop_map.dtype)
             crop_map = (1 - weight) * crop_map + weight * reference_map
             crop_significance = crop_map.mean(dim=-1)
-
-        anomaly_embeds, scores, crop_maps = [], [], []
+        tokens, scores, crop_maps = [], [], []
         for feats, maps, significance in zip(per_image, crop_map.split(counts), crop_significance.split(counts)):
-            tokens, weights = self.selector(feats, maps, significance)
-            score = self.expert.score(tokens, weights)
+            chosen, weights = self.selector(feats, maps, significance)
+            score = self.expert.score(chosen, weights)
             if reference_map is not None:
                 score = (1 - weight) * score + weight * maps.max()
-            anomaly_embeds.append(self.multi_modal_projector(tokens))
+            tokens.append(chosen)
             scores.append(score)
             crop_maps.append(maps)
-        encoding.anomaly_embeds = anomaly_embeds
-        encoding.crop_maps = crop_maps
-        encoding.scores = torch.stack(scores)
-        return encoding
+        return tokens, torch.stack(scores), crop_maps
 
     def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None):
-        """The detection-only path: vision tower + expert + selector, no LLM. Returns (crop_maps, scores)."""
+        """The detection-only path: vision tower + expert + selector, no projector, no LLM.
+
+        With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores),
+        the same values `encode_images` gives.
+        """
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        enc = self.encode_images(pixel_values, image_sizes, reference_pixel_values, reference_image_sizes)
-        return enc.crop_maps, enc.scores
+        image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        if self.expert.config.views == "base":
+            counts = self.crops_per_image(image_sizes)
+            if pixel_values.dim() == 5:
+                base = pixel_values[:, 0]
+            else:
+                first = torch.tensor([0] + counts[:-1]).cumsum(0)
+                base = pixel_values[first]
+            features, levels = self._tower(base)
+            counts = [1] * len(image_sizes)
+        else:
+            features, levels, counts = self.vision_features(pixel_values, image_sizes)
+        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes)
+        return crop_maps, scores
 
     # -- language side ----------------------------------------------------------------------------
     def merge_embeddings(self, input_ids: torch.Tensor, visual: VisualEncoding | None) -> torch.Tensor:

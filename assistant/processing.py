@@ -112,6 +112,8 @@ class AssistantProcessor:
     def num_anomaly_tokens(self, image_size: tuple[int, int]) -> int:
         if self.selector is None:
             return 0
+        if self.config.expert_config.get("views", "base") == "base":
+            return self.selector.tokens_per_image(1)
         crops = num_crops(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
         return self.selector.tokens_per_image(crops)
 

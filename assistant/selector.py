@@ -47,6 +47,7 @@ class SelectorConfig:
         return asdict(self)
 
     def tokens_per_image(self, num_crops: int) -> int:
+        """Look-twice tokens for an image whose expert scored `num_crops` crops."""
         return num_crops * self.grid**2 if self.mode == "pool" else self.num_tokens
 
 

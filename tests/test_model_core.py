@@ -76,17 +76,40 @@ def test_expert_map_and_score(request, fixture):
 def test_crop_maps_are_probabilities_per_patch(clip_llama):
     assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
     _, visual, _ = assistant.encode(random_image(50, 90))
-    crops = assistant.model.crops_per_image([(50, 90)])[0]
     patches = assistant.model.config.patches_per_side ** 2
-    assert visual.crop_maps[0].shape == (crops, patches)
+    assert assistant.model.expert.config.views == "base"  # one map for the whole image
+    assert visual.crop_maps[0].shape == (1, patches)
     assert torch.all((visual.crop_maps[0] > 0) & (visual.crop_maps[0] < 1))
 
 
-@pytest.mark.parametrize("mode,expected", [("pool", lambda crops: crops * 4), ("topk", lambda crops: 8)])
-def test_selector_token_count(tmp_path, mode, expected):
+@pytest.mark.parametrize("views", ["base", "all"])
+def test_detection_path_gives_the_chat_paths_verdict(tmp_path, views):
+    from assistant.expert import ExpertConfig
     from assistant.testing import tiny_assistant
 
-    path = tiny_assistant(tmp_path / mode, selector_config={"mode": mode, "grid": 2, "num_tokens": 8, "attention_dim": 16})
+    expert = ExpertConfig(feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, views=views)
+    assistant = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / views, expert_config=expert.to_dict())))
+    for size in [(50, 90), (96, 96)]:
+        image = random_image(*size, seed=7)
+        detected = assistant.detect(image)
+        _, visual, _ = assistant.encode(image)
+        assert detected.pred_score == pytest.approx(float(visual.scores[0]), abs=1e-5)
+        crops = 1 if views == "base" else assistant.model.crops_per_image([size])[0]
+        assert visual.crop_maps[0].shape[0] == crops
+        np.testing.assert_allclose(detected.anomaly_map, assistant._evidence(image, visual)["anomaly_map"], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,views,expected", [("pool", "all", lambda crops: crops * 4), ("pool", "base", lambda crops: 4), ("topk", "all", lambda crops: 8)])
+def test_selector_token_count(tmp_path, mode, views, expected):
+    from assistant.expert import ExpertConfig
+    from assistant.testing import tiny_assistant
+
+    expert = ExpertConfig(feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, views=views)
+    path = tiny_assistant(
+        tmp_path / mode,
+        expert_config=expert.to_dict(),
+        selector_config={"mode": mode, "grid": 2, "num_tokens": 8, "attention_dim": 16},
+    )
     assistant = AnomalyAssistant.from_pretrained(str(path))
     for size in [(32, 32), (50, 90), (120, 40)]:
         _, visual, _ = assistant.encode(random_image(*size))
