@@ -23,7 +23,8 @@ from .limits import MAX_QUESTION_CHARS
 from .localize import boxes_from_mask, location_words
 from .maps import image_anomaly_map
 from .modeling import VisualEncoding
-from .processing import as_chat
+from .processing import as_chat, where_text
+from .sessions import KVCacheStore
 
 DEFAULT_QUESTION = "Is there any anomaly in this image? If so, where is it and what does it look like?"
 
@@ -65,7 +66,17 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 class AnomalyAssistant:
-    def __init__(self, model, processor, generation_config: GenerationConfig, name: str, kind: str, cache_size: int = 4):
+    def __init__(
+        self,
+        model,
+        processor,
+        generation_config: GenerationConfig,
+        name: str,
+        kind: str,
+        cache_size: int = 4,
+        kv_cache_bytes: int = 1 << 30,
+        kv_cache_entries: int = 64,
+    ):
         self.model = model
         self.processor = processor
         self.generation_config = generation_config
@@ -74,12 +85,23 @@ class AnomalyAssistant:
         self._cache: OrderedDict[str, tuple[VisualEncoding, dict]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        #: conversation KV caches reused across chat turns (0 bytes turns reuse off)
+        self.kv_cache = KVCacheStore(max_bytes=kv_cache_bytes, max_entries=kv_cache_entries)
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str = "default", device: str = "cpu", dtype: torch.dtype | None = None, expert: str | None = None
+        cls,
+        path_or_id: str = "default",
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        expert: str | None = None,
+        **options,
     ) -> "AnomalyAssistant":
-        """Load a checkpoint ("default", a folder or a hub id); `expert` adds Anomaly-OV's expert weights."""
+        """Load a checkpoint ("default", a folder or a hub id); `expert` adds Anomaly-OV's expert weights.
+
+        `options`: `cache_size` (encoded images kept), `kv_cache_bytes` and `kv_cache_entries` (conversation
+        caches kept between chat turns).
+        """
         device = _resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -89,7 +111,7 @@ class AnomalyAssistant:
             model.to(device)
             processor = type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
             kind = "assistant"
-        return cls(model, processor, generation, str(path_or_id), kind)
+        return cls(model, processor, generation, str(path_or_id), kind, **options)
 
     @property
     def has_expert(self) -> bool:
@@ -123,6 +145,7 @@ class AnomalyAssistant:
             refs["image_sizes"] if refs else None,
         )
         with self._lock:
+            visual.extras["key"] = key
             self._cache[key] = (visual, pixels)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -167,8 +190,12 @@ class AnomalyAssistant:
             if isinstance(content, str) and len(content) > MAX_QUESTION_CHARS:
                 raise ValueError(f"the question is too long ({len(content)} characters; at most {MAX_QUESTION_CHARS})")
         prompt = self.processor.render(as_chat(messages))
-        level = self.model.config.suspicion_level(float(visual.scores[0])) if visual.scores is not None else None
-        return self.processor(prompt, [image], levels=[level], pixels=pixels)
+        level, where = None, ""
+        if visual.scores is not None:
+            level = self.model.config.suspicion_level(float(visual.scores[0]))
+            if "{where}" in self.model.config.suspicion_marker:  # the expert's location, for an anomalous verdict
+                where = where_text(self._evidence(image, visual)["location"])
+        return self.processor(prompt, [image], levels=[level], pixels=pixels, wheres=[where])
 
     def _generation(self, max_new_tokens: int, **overrides) -> GenerationConfig:
         config = GenerationConfig(**self.generation_config.to_dict())
@@ -182,29 +209,61 @@ class AnomalyAssistant:
             config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for key, value in overrides.items():
             setattr(config, key, value)
+        config.return_dict_in_generate = True  # the cache comes back for the next turn
         return config
 
-    def _generate(self, inputs, visual, generation: GenerationConfig, streamer=None) -> torch.Tensor:
-        return self.model.generate(
-            inputs["input_ids"], visual=visual, attention_mask=inputs["attention_mask"], generation_config=generation, streamer=streamer
+    def _generate(self, inputs, visual, generation: GenerationConfig, streamer=None, session: str | None = None) -> torch.Tensor:
+        """New token ids; reuses and updates the conversation's KV cache when the prompt extends it."""
+        ids = inputs["input_ids"]
+        key = None
+        if "key" in visual.extras and self.kv_cache.max_bytes > 0:
+            key = f"{session or ''}|{visual.extras['key']}"
+        cache, _ = (None, 0)
+        if key is not None:
+            image_positions = (ids[0] == self.model.config.image_token_index).nonzero()
+            min_prefix = int(image_positions[-1]) + 1 if image_positions.numel() else 1
+            cache, _ = self.kv_cache.take(key, ids[0], min_prefix)
+        out = self.model.generate(
+            ids,
+            visual=visual,
+            attention_mask=inputs["attention_mask"],
+            generation_config=generation,
+            streamer=streamer,
+            past_key_values=cache,
         )
+        if key is not None and out.past_key_values is not None:
+            self.kv_cache.put(key, torch.cat([ids[0].cpu(), out.sequences[0].cpu()]), out.past_key_values)
+        return out.sequences
 
-    def chat(self, messages, image, references=None, stream: bool = True, max_new_tokens: int = 256, **generate_kwargs):
-        """Multi-turn chat about one image. Yields text chunks with `stream=True`, else returns the answer."""
+    def chat(
+        self,
+        messages,
+        image,
+        references=None,
+        stream: bool = True,
+        max_new_tokens: int = 256,
+        session: str | None = None,
+        **generate_kwargs,
+    ):
+        """Multi-turn chat about one image. Yields text chunks with `stream=True`, else returns the answer.
+
+        A follow-up reuses the encoded image and the KV cache of the conversation so far, so only its new
+        tokens are prefilled; `session` keeps the caches of different users apart.
+        """
         image, visual, pixels = self.encode(image, references)
         inputs = self._inputs(messages, image, visual, pixels)
         generation = self._generation(max_new_tokens, **generate_kwargs)
         if not stream:
-            return self.processor.decode(self._generate(inputs, visual, generation)[0])
-        return self._stream(inputs, visual, generation)
+            return self.processor.decode(self._generate(inputs, visual, generation, session=session)[0])
+        return self._stream(inputs, visual, generation, session)
 
-    def _stream(self, inputs, visual, generation) -> Iterator[str]:
+    def _stream(self, inputs, visual, generation, session=None) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         failure: list[BaseException] = []
 
         def run():
             try:
-                self._generate(inputs, visual, generation, streamer)
+                self._generate(inputs, visual, generation, streamer, session)
             except BaseException as error:  # surfaced in the consumer's thread below
                 failure.append(error)
                 streamer.end()

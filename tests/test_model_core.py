@@ -180,3 +180,47 @@ def test_visualize_overlays_the_report(clip_llama):
     report = assistant.detect(image)
     picture = assistant.visualize(report)
     assert picture.width == 96 and picture.height >= 64
+
+
+def _conversation(assistant, image, questions, **kwargs):
+    messages, answers = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        answer = assistant.chat(messages, image, stream=False, max_new_tokens=8, **kwargs)
+        messages.append({"role": "assistant", "content": answer})
+        answers.append(answer)
+    return answers
+
+
+@pytest.mark.parametrize("fixture", ["clip_llama", "llava_ov"])
+def test_follow_ups_reuse_the_kv_cache_and_answer_identically(request, fixture):
+    path = str(request.getfixturevalue(fixture))
+    cached = AnomalyAssistant.from_pretrained(path)
+    uncached = AnomalyAssistant.from_pretrained(path, kv_cache_bytes=0)
+    image = random_image(48, 64, seed=5)
+    questions = ["Is there a defect?", "Where is it?", "How severe is it?"]
+    assert _conversation(cached, image, questions) == _conversation(uncached, image, questions)
+    assert cached.kv_cache.hits == 2 and uncached.kv_cache.hits == 0
+    # the store holds this conversation's prompt and answers, not a re-encoded copy per turn
+    assert len(cached.kv_cache) == 1 and cached.kv_cache.nbytes > 0
+
+
+def test_kv_cache_eviction_and_transparent_reencode(clip_llama):
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama), kv_cache_entries=1)
+    reference = AnomalyAssistant.from_pretrained(str(clip_llama), kv_cache_bytes=0)
+    first, second = random_image(40, 40, seed=1), random_image(40, 40, seed=2)
+    questions = ["Any defect?", "Describe it."]
+    a1 = _conversation(assistant, first, questions)
+    a2 = _conversation(assistant, second, questions)  # evicts the first conversation
+    assert assistant.kv_cache.evictions >= 1 and len(assistant.kv_cache) == 1
+    again = _conversation(assistant, first, questions)  # re-encoded, same answers
+    assert a1 == again == _conversation(reference, first, questions)
+    assert a2 == _conversation(reference, second, questions)
+
+
+def test_sessions_keep_conversations_apart(clip_llama):
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    image = random_image(40, 40, seed=3)
+    _conversation(assistant, image, ["Any defect?"], session="alice")
+    _conversation(assistant, image, ["Any defect?"], session="bob")
+    assert len(assistant.kv_cache) == 2
