@@ -5,6 +5,7 @@
     anomaly-assistant ask part.png --model ./my-checkpoint --reference good1.png good2.png --json
     anomaly-assistant inspect ./parts --reference ./good --model ./my-checkpoint --out ./inspection [--recursive]
     anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
+    anomaly-assistant serve --model ./my-checkpoint --api-key-env ANOMALY_KEY    # OpenAI-compatible, http://127.0.0.1:8000/v1
 
 Bad input (unreadable image, bad model path, over-long question, an output file that already exists)
 prints one line on stderr and exits with code 2; nothing the user gave is written over.
@@ -59,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--base", required=True, help="llava-hf LLaVA-OneVision checkpoint folder or hub id")
     convert.add_argument("--expert", required=True, help="pretrained_expert_05b.pth or pretrained_expert_7b.pth")
     convert.add_argument("--out", required=True, help="new folder for the converted checkpoint")
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible chat-completions endpoint (POST /v1/chat/completions)")
+    serve.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
+    serve.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument("--api-key-env", metavar="VAR", default=None, help="require 'Authorization: Bearer <key>', the key read from this environment variable")
+    key.add_argument("--api-key-file", metavar="FILE", default=None, help="the same, the key read from this file")
+    serve.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body, in MiB (413 above)")
+    serve.add_argument("--max-tokens", type=int, default=512, help="cap on generated tokens; larger max_tokens are clamped")
+    serve.add_argument("--max-prompt-chars", type=int, default=16_000, help="cap on the text of all messages together (400 above)")
+    serve.add_argument("--max-images", type=int, default=5, help="cap on images per request: the inspected one plus references")
+    serve.add_argument("--queue-size", type=int, default=8, help="requests waiting or running before new ones get 429")
     return parser
 
 
@@ -171,6 +187,52 @@ def _convert(args) -> int:
     return 0
 
 
+def _api_key(args) -> str | None:
+    if args.api_key_env is not None:
+        key = os.environ.get(args.api_key_env, "").strip()
+        if not key:
+            raise UsageError(f"the environment variable {args.api_key_env} given to --api-key-env is unset or empty")
+        return key
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"cannot read --api-key-file '{args.api_key_file}': {getattr(error, 'strerror', None) or error}") from error
+        if not key:
+            raise UsageError(f"--api-key-file '{args.api_key_file}' is empty")
+        return key
+    return None
+
+
+def _serve(args) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
+    for flag, value in (("--max-tokens", args.max_tokens), ("--max-prompt-chars", args.max_prompt_chars),
+                        ("--max-images", args.max_images), ("--queue-size", args.queue_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1")
+    if not args.max_request_mb > 0:
+        raise UsageError("--max-request-mb must be above 0")
+    key = _api_key(args)
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} with no API key: anyone who can reach it can use it", file=sys.stderr)
+
+    _quiet_libraries()  # inputs are checked above before torch and transformers load (seconds)
+    from .server import ServerSettings, serve
+
+    settings = ServerSettings(
+        api_key=key,
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(256, args.max_tokens),
+        max_prompt_chars=args.max_prompt_chars,
+        max_images=args.max_images,
+        queue_size=args.queue_size,
+    )
+    serve(args.model, args.host, args.port, settings, device=args.device, expert=args.expert)
+    return 0
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging
@@ -192,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = os.environ.get("ANOMALY_ASSISTANT_DEBUG") == "1"
     try:
-        return {"ask": _ask, "inspect": _inspect, "convert-expert": _convert}[args.command](args)
+        return {"ask": _ask, "inspect": _inspect, "convert-expert": _convert, "serve": _serve}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,317 @@
+"""The OpenAI-compatible endpoint, driven by the official `openai` client against a real uvicorn server on loopback."""
+
+import base64
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from conftest import random_image
+
+KEY = "test-key-0123"
+QUESTION = "Is there any anomaly in the image?"
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def user_turn(*urls: str, text: str = QUESTION) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
+
+
+@contextlib.contextmanager
+def running(app):
+    """uvicorn in a thread on a free loopback port; stopped (should_exit) and joined on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def client(port, key=KEY, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120, **options)
+
+
+@pytest.fixture(scope="module")
+def assistant(clip_llama):
+    from assistant.inference import AnomalyAssistant
+
+    return AnomalyAssistant.from_pretrained(str(clip_llama))
+
+
+@pytest.fixture(scope="module")
+def server(assistant):
+    from assistant.server import ServerSettings, build_app
+
+    settings = ServerSettings(api_key=KEY, max_request_bytes=300_000, max_tokens=16, queue_size=32, max_images=3)
+    with running(build_app(assistant, settings)) as port:
+        yield port
+
+
+def test_plain_completion_carries_the_answer_and_this_images_report(server, assistant):
+    image = random_image(48, 64, seed=1)
+    reply = client(server).chat.completions.create(model="anything", messages=[user_turn(png_data_url(image))], max_tokens=8)
+
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.role == "assistant"
+    answer = reply.choices[0].message.content
+    assert isinstance(answer, str) and answer.strip()
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+    report = reply.model_extra["anomaly_report"]
+    expected = assistant.detect(image)
+    assert report["score"] == pytest.approx(expected.pred_score, abs=1e-5)
+    assert report["anomalous"] == expected.pred_label
+    assert report["threshold"] == pytest.approx(expected.threshold)
+    assert report["boxes"] == expected.boxes
+    overlay = Image.open(io.BytesIO(base64.b64decode(report["heatmap_png"])))
+    assert overlay.format == "PNG" and overlay.width == image.width and overlay.height >= image.height  # a title band on top
+    # the same answer the library gives for the same conversation (greedy)
+    assert answer == assistant.chat([{"role": "user", "content": QUESTION}], image, stream=False, max_new_tokens=8)
+
+
+def test_streamed_completion_matches_the_plain_one_and_ends_with_the_report(server):
+    image = random_image(40, 40, seed=2)
+    messages = [{"role": "system", "content": "You inspect parts."}, user_turn(png_data_url(image))]
+    api = client(server)
+    plain = api.chat.completions.create(model="m", messages=messages, max_tokens=10)
+
+    chunks = list(api.chat.completions.create(model="m", messages=messages, max_tokens=10, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == plain.choices[0].message.content
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert last.model_extra["anomaly_report"]["score"] == plain.model_extra["anomaly_report"]["score"]
+    assert all("anomaly_report" not in (c.model_extra or {}) for c in chunks[:-1])
+
+    # on the wire: server-sent events, the report on the last chunk, then [DONE]
+    body = {"model": "m", "messages": messages, "max_tokens": 10, "stream": True}
+    raw = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in raw.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "anomaly_report" in json.loads(events[-2])
+
+
+def test_follow_ups_reuse_the_clients_own_cache_and_clients_stay_apart(server, assistant):
+    image = random_image(32, 32, seed=3)
+    api = client(server)
+    first = [user_turn(png_data_url(image))]
+    answer = api.chat.completions.create(model="m", messages=first, max_tokens=6, user="alice").choices[0].message.content
+    before = len(assistant.kv_cache)
+    api.chat.completions.create(model="m", messages=first, max_tokens=6, user="bob")
+    assert len(assistant.kv_cache) == before + 1  # bob's cache is his own, not alice's
+
+    hits = assistant.kv_cache.hits
+    follow_up = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Where is it?"}]
+    reply = api.chat.completions.create(model="m", messages=follow_up, max_tokens=6, user="alice")
+    assert assistant.kv_cache.hits == hits + 1
+    expected = assistant.chat(
+        [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}, {"role": "user", "content": "Where is it?"}],
+        image, stream=False, max_new_tokens=6, session="fresh-session",
+    )
+    assert reply.choices[0].message.content == expected
+
+
+def _refusal(call):
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    error = caught.value
+    body = error.response.json()["error"]
+    assert body["type"] and body["code"] and body["message"]
+    return error.status_code, body
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
+    api = client(server)
+    good = png_data_url(random_image(32, 32, seed=4))
+    ask = lambda messages, **kw: lambda: api.chat.completions.create(model="m", messages=messages, **kw)  # noqa: E731
+
+    # a URL is never fetched: a listener that the URL points at sees no connection
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.settimeout(0.5)
+        status, body = _refusal(ask([user_turn(f"http://127.0.0.1:{trap.getsockname()[1]}/part.png")]))
+        assert status == 400 and body["code"] == "unsupported_image_url" and "data" in body["message"]
+        with pytest.raises(socket.timeout):
+            trap.accept()
+
+    status, body = _refusal(ask([user_turn("data:image/png;base64,@@not base64@@")]))
+    assert status == 400 and "base64" in body["message"]
+    status, body = _refusal(ask([user_turn("data:image/png;base64," + base64.b64encode(b"hello, not an image").decode())]))
+    assert status == 400 and body["code"] == "invalid_image" and "image" in body["message"]
+    status, body = _refusal(ask([{"role": "user", "content": QUESTION}]))
+    assert status == 400 and body["code"] == "missing_image"
+    status, body = _refusal(ask([user_turn(png_data_url(random_image(400, 400, seed=5)))]))  # ~480 KB > 300 KB
+    assert status == 413 and "limit" in body["message"]
+    status, body = _refusal(ask([user_turn(good, good, good, good)]))
+    assert status == 400 and body["code"] == "too_many_images"
+    status, body = _refusal(ask([user_turn(good, text="x" * 20_000)]))
+    assert status == 400 and body["code"] == "prompt_too_long"
+    status, body = _refusal(ask([user_turn(good)], n=2))
+    assert status == 400 and body["param"] == "n"
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(server, key="wrong-key").chat.completions.create(model="m", messages=[user_turn(good)])
+    assert caught.value.status_code == 401 and "API key" in caught.value.message
+    no_token = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json={"model": "m", "messages": [user_turn(good)]})
+    assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong-key").models.list()
+
+    # still serving; max_tokens above the cap (16) is clamped, not refused
+    reply = api.chat.completions.create(model="m", messages=[user_turn(good)], max_tokens=10_000)
+    assert reply.choices[0].message.content is not None and reply.model_extra["anomaly_report"]["score"] is not None
+    assert [m.id for m in api.models.list()] == ["clip-llama"]
+    assert httpx.get(f"http://127.0.0.1:{server}/health").json() == {"status": "ok"}
+
+
+def _concurrent(port, n=20, max_tokens=6):
+    """n clients at once, each with its own image; returns [(seed, reply or error)]."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def one(i):
+        api = client(port)
+        barrier.wait(timeout=30)
+        try:
+            results[i] = api.chat.completions.create(
+                model="m", messages=[user_turn(png_data_url(random_image(32, 40, seed=100 + i)))], max_tokens=max_tokens, user=f"c{i}"
+            )
+        except openai.APIStatusError as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def _check_own_reports(assistant, results):
+    answered = [(i, r) for i, r in enumerate(results) if not isinstance(r, openai.APIStatusError)]
+    expected = {i: assistant.detect(random_image(32, 40, seed=100 + i)).pred_score for i, _ in answered}
+    assert len({round(s, 5) for s in expected.values()}) > len(expected) // 2  # the scores tell the images apart
+    for i, reply in answered:
+        assert reply.model_extra["anomaly_report"]["score"] == pytest.approx(expected[i], abs=1e-5), f"client {i} got another report"
+    return answered
+
+
+def test_twenty_clients_are_all_answered_each_with_its_own_report(server, assistant):
+    results = _concurrent(server)
+    assert not [r for r in results if isinstance(r, openai.APIStatusError)]
+    assert len(_check_own_reports(assistant, results)) == 20
+
+
+def test_a_full_queue_answers_429_at_once_and_the_rest_are_served(assistant):
+    from assistant.server import ServerSettings, build_app
+
+    app = build_app(assistant, ServerSettings(api_key=KEY, queue_size=2, max_tokens=16, retry_after_s=3))
+    with running(app) as port:
+        results = _concurrent(port, max_tokens=16)
+        refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+        assert refused and all(r.status_code == 429 and r.response.headers["retry-after"] == "3" for r in refused)
+        assert "busy" in refused[0].message
+        assert len(_check_own_reports(assistant, results)) >= 2
+        assert app.state.admission.active == 0
+        # once the rush is over, requests are served again
+        reply = client(port).chat.completions.create(model="m", messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
+        assert reply.choices[0].message.content is not None
+
+
+def test_a_model_without_an_expert_reports_a_null_score(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from assistant.inference import AnomalyAssistant
+    from assistant.server import build_app
+    from assistant.testing import tiny_assistant
+
+    plain = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "plain", expert=False)))
+    with TestClient(build_app(plain)) as http:
+        body = {"model": "m", "messages": [user_turn(png_data_url(random_image(32, 32)))], "max_tokens": 4}
+        reply = http.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        report = reply.json()["anomaly_report"]
+        assert report["score"] is None and report["anomalous"] is None and report["heatmap_png"] is None
+        assert isinstance(reply.json()["choices"][0]["message"]["content"], str)
+        assert http.post("/v1/chat/completions", content=b"{not json").json()["error"]["code"] == "invalid_json"
+        assert http.get("/v1/nothing").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--api-key-env", "ANOMALY_TEST_UNSET_VAR"], "ANOMALY_TEST_UNSET_VAR"),
+        (["--api-key-file", "/nonexistent/key"], "--api-key-file"),
+        (["--port", "70000"], "--port"),
+        (["--queue-size", "0"], "--queue-size"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(argv, message, capsys, monkeypatch):
+    from assistant.cli import main
+
+    monkeypatch.delenv("ANOMALY_TEST_UNSET_VAR", raising=False)
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_serve_command_answers_on_loopback(clip_llama, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    command = [sys.executable, "-m", "assistant", "serve", "--model", str(clip_llama), "--port", str(port), "--api-key-file", str(key_file)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        reply = client(port).chat.completions.create(model="m", messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
+        assert reply.model_extra["anomaly_report"]["score"] is not None
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
