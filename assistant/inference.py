@@ -183,6 +183,35 @@ class AnomalyAssistant:
         visual = VisualEncoding(image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=crop_maps, scores=scores)
         return AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual))
 
+    def detect_batch(self, images, references=None, batch_size: int = 8) -> list[AnomalyReport]:
+        """The detection path over many images, `batch_size` at a time through the tower and the expert.
+
+        `images` are sources `load_image` accepts (load them yourself first to handle unreadable files
+        one by one); the reports equal `detect` on each image.
+        """
+        if not self.has_expert:
+            raise ValueError(f"the model '{self.name}' has no anomaly expert, so it cannot score images")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        loaded = [load_image(im) for im in images]
+        references = [load_image(r) for r in references or []]
+        refs = self.processor.preprocess(references) if references else None
+        reports = []
+        for start in range(0, len(loaded), batch_size):
+            chunk = loaded[start : start + batch_size]
+            pixels = self.processor.preprocess(chunk)
+            with torch.no_grad():
+                crop_maps, scores = self.model.detect(
+                    pixels["pixel_values"], pixels["image_sizes"],
+                    refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None,
+                )
+            for i, image in enumerate(chunk):
+                visual = VisualEncoding(
+                    image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1]
+                )
+                reports.append(AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual)))
+        return reports
+
     # -- language ---------------------------------------------------------------------------------
     def _inputs(self, messages, image: Image.Image, visual: VisualEncoding, pixels: dict):
         for message in messages:

@@ -224,3 +224,14 @@ def test_sessions_keep_conversations_apart(clip_llama):
     _conversation(assistant, image, ["Any defect?"], session="alice")
     _conversation(assistant, image, ["Any defect?"], session="bob")
     assert len(assistant.kv_cache) == 2
+
+
+def test_batched_detection_equals_one_at_a_time(siglip_qwen2):
+    assistant = AnomalyAssistant.from_pretrained(str(siglip_qwen2))
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate([(40, 40), (50, 90), (120, 40), (33, 33), (64, 48)])]
+    batched = assistant.detect_batch(images, batch_size=3)
+    for image, report in zip(images, batched):
+        single = assistant.detect(image)
+        assert report.pred_score == pytest.approx(single.pred_score, abs=1e-5)
+        np.testing.assert_allclose(report.anomaly_map, single.anomaly_map, atol=1e-5)
+        assert report.anomaly_map.shape == (image.height, image.width)

@@ -1,0 +1,99 @@
+"""Detection path throughput: images through the vision tower and the expert in batches vs one at a time.
+
+    python bench/bench_detect.py                         # CPU, SigLIP-so400m/384 tower, 8 images
+    python bench/bench_detect.py --device cuda --images 64 --batch-size 16
+
+The tower has LLaVA-OneVision-0.5B's sizes (SigLIP-so400m-patch14-384) with random weights; the expert
+has Anomaly-OV's sizes and scores the base view (`views="base"`). The LLM plays no part in detection, so
+a tiny one stands in. Prints images/s for both and the ratio, from one run in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2Config
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from assistant.checkpoint import ANOMALY_OV_LAYERS
+from assistant.config import LLAVA_OV_GRID_PINPOINTS, AnomalyAssistantConfig
+from assistant.expert import ExpertConfig
+from assistant.modeling import AnomalyAssistantModel
+from assistant.selector import SelectorConfig
+
+
+def build(device, dtype) -> AnomalyAssistantModel:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_inference import llava_onevision_05b_config
+
+    vision = llava_onevision_05b_config().vision_config
+    text = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    config = AnomalyAssistantConfig(
+        vision_config=vision, text_config=text, image_token_index=999,
+        expert_config=ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, views="base").to_dict(),
+        selector_config=SelectorConfig().to_dict(), image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
+    )
+    torch.manual_seed(0)
+    return AnomalyAssistantModel(config).to(device, dtype).eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(device, dtype)
+    processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 384, "width": 384}, image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    rng = np.random.default_rng(0)
+    h, w = args.image_size
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(args.images)]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def one_at_a_time():
+        scores = []
+        for image in images:
+            px = processor([image], return_tensors="pt")
+            scores.append(model.detect(px["pixel_values"].to(device), px["image_sizes"])[1])
+        return torch.cat(scores)
+
+    def batched():
+        scores = []
+        for start in range(0, len(images), args.batch_size):
+            px = processor(images[start : start + args.batch_size], return_tensors="pt")
+            scores.append(model.detect(px["pixel_values"].to(device), px["image_sizes"])[1])
+        return torch.cat(scores)
+
+    with torch.no_grad():
+        model.detect(*(lambda p: (p["pixel_values"].to(device), p["image_sizes"]))(processor(images[:1], return_tensors="pt")))  # warm-up
+        timings = {}
+        for name, fn in [("one at a time", one_at_a_time), (f"batches of {args.batch_size}", batched)]:
+            sync()
+            start = time.perf_counter()
+            scores = fn()
+            sync()
+            timings[name] = (time.perf_counter() - start, scores)
+    (t1, s1), (t2, s2) = timings.values()
+    print(f"{args.images} images of {h}×{w}, tower SigLIP-so400m/384, device {device}, {dtype}")
+    for name, (seconds, _) in timings.items():
+        print(f"  {name:16s} {args.images / seconds:7.2f} images/s")
+    print(f"batched / one at a time: {t1 / t2:.2f}×   (max |score difference| {float((s1 - s2).abs().max()):.1e})")
+
+
+if __name__ == "__main__":
+    main()
