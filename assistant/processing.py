@@ -52,6 +52,11 @@ def read_chat_template(path: Path) -> str | None:
     return None
 
 
+def where_text(location: str | None) -> str:
+    """What a marker's `{where}` becomes: " in the upper left" for a located defect, "" otherwise."""
+    return f" in the {location}" if location else ""
+
+
 def as_chat(messages, with_image: bool = True) -> list[dict]:
     """Normalise messages (`content` as a string or as parts) and attach the image to the first user turn."""
     out, image_attached = [], not with_image
@@ -117,13 +122,17 @@ class AssistantProcessor:
         crops = num_crops(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
         return self.selector.tokens_per_image(crops)
 
-    def expand_image(self, image_size: tuple[int, int], level: str | None) -> str:
-        """The text one `<image>` becomes: image tokens, then (with `level`) the marker and look-twice tokens."""
+    def expand_image(self, image_size: tuple[int, int], level: str | None, where: str = "") -> str:
+        """The text one `<image>` becomes: image tokens, then (with `level`) the marker and look-twice tokens.
+
+        `where` fills a marker's optional `{where}` slot (see `where_text`); markers without it ignore it.
+        """
         text = self.image_token * self.num_image_tokens(image_size)
         if level is not None:
             if self.selector is None:
                 raise ValueError("this model has no expert, so it has no look-twice tokens")
-            text += self.config.suspicion_marker.format(level=level) + self.image_token * self.num_anomaly_tokens(image_size)
+            marker = self.config.suspicion_marker.format(level=level, where=where)
+            text += marker + self.image_token * self.num_anomaly_tokens(image_size)
         return text
 
     # -- text -------------------------------------------------------------------------------------
@@ -132,22 +141,27 @@ class AssistantProcessor:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def expand(self, prompt: str, image_sizes: list[tuple[int, int]], levels: list[str | None] | None = None) -> str:
+    def expand(
+        self, prompt: str, image_sizes: list[tuple[int, int]], levels: list[str | None] | None = None, wheres: list[str] | None = None
+    ) -> str:
         pieces = prompt.split(self.image_token)
         if len(pieces) - 1 != len(image_sizes):
             raise ValueError(f"the prompt has {len(pieces) - 1} images but {len(image_sizes)} were given")
         levels = levels or [None] * len(image_sizes)
+        wheres = wheres or [""] * len(image_sizes)
         out = [pieces[0]]
-        for size, level, piece in zip(image_sizes, levels, pieces[1:]):
-            out.append(self.expand_image(size, level))
+        for size, level, where, piece in zip(image_sizes, levels, wheres, pieces[1:]):
+            out.append(self.expand_image(size, level, where))
             out.append(piece)
         return "".join(out)
 
-    def __call__(self, prompt: str, images=(), levels: list[str | None] | None = None, pixels: dict | None = None) -> BatchEncoding:
+    def __call__(
+        self, prompt: str, images=(), levels: list[str | None] | None = None, pixels: dict | None = None, wheres: list[str] | None = None
+    ) -> BatchEncoding:
         """Tokenise one rendered prompt holding `<image>` once per image; pixels are computed unless given."""
         images = list(images)
         sizes = self.image_sizes_of(images) if images else []
-        text = self.expand(prompt, sizes, levels) if images else prompt
+        text = self.expand(prompt, sizes, levels, wheres) if images else prompt
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if images:

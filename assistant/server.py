@@ -29,7 +29,8 @@ Request rules (every refusal is ``{"error": {"message", "type", "code", "param"}
 The reply's assistant message is the answer; an extra top-level ``anomaly_report`` holds the evidence
 (``score``, ``anomalous``, ``threshold``, ``boxes``, ``location``, ``heatmap_png`` — the overlay as
 base64 PNG), computed from this request's own image (all ``null`` for a model without an expert). In a
-stream it rides on the last chunk, just before ``data: [DONE]``.
+stream it rides on the last chunk, just before ``data: [DONE]``. A follow-up turn of the same client with
+the same image bytes reuses that client's report instead of running detection again.
 
 Conversation KV caches are reused across turns per *session*, derived from the bearer token and the
 request's ``user`` field, so different clients never share a cache.
@@ -48,6 +49,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -299,11 +301,31 @@ def anomaly_report(assistant, image, references) -> dict:
 
 
 class ModelWorker:
-    """Runs every model call on one thread, one at a time."""
+    """Runs every model call on one thread, one at a time.
 
-    def __init__(self, assistant):
+    Reports are kept for the last few (session, images) pairs, so a follow-up turn does not run detection
+    again; the key includes the session, so one client's cached report never serves another client.
+    """
+
+    def __init__(self, assistant, report_cache_size: int = 16):
         self.assistant = assistant
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomaly-model")
+        self._reports: OrderedDict[str, dict] = OrderedDict()  # touched on the worker thread only
+        self._report_cache_size = report_cache_size
+
+    def report(self, request: ChatRequest, image, references) -> dict:
+        digest = hashlib.sha256(request.session.encode())
+        for data in request.images:
+            digest.update(hashlib.sha256(data).digest())
+        key = digest.hexdigest()
+        if key in self._reports:
+            self._reports.move_to_end(key)
+            return self._reports[key]
+        report = anomaly_report(self.assistant, image, references)
+        self._reports[key] = report
+        while len(self._reports) > self._report_cache_size:
+            self._reports.popitem(last=False)
+        return report
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -320,14 +342,14 @@ class ModelWorker:
         return "length" if tokens >= max_tokens else "stop"
 
     def complete(self, request: ChatRequest, image, references) -> tuple[str, str, dict]:
-        report = anomaly_report(self.assistant, image, references)
+        report = self.report(request, image, references)
         answer = self.assistant.chat(request.messages, image, references, stream=False, **self._options(request))
         return answer, self._finish(answer, request.max_tokens), report
 
     def stream(self, request: ChatRequest, image, references, emit) -> None:
         """Emit ("text", chunk)…, then ("done", (finish_reason, report)). A vanished client only stops emission:
         generation runs to its end so that the next request never overlaps it."""
-        report = anomaly_report(self.assistant, image, references)
+        report = self.report(request, image, references)
         parts = []
         for chunk in self.assistant.chat(request.messages, image, references, stream=True, **self._options(request)):
             parts.append(chunk)

@@ -55,6 +55,11 @@ class ExpertSpec:
     selector_grid: int = 2
     selector_tokens: int = 8
     attention_dim: int = 128
+    #: the model's marker text in front of the look-twice tokens (None: keep the model's); may hold `{where}`
+    suspicion_marker: str | None = None
+    #: calibration sets suspicion_bounds = (moderate_from · t, t); 1.0 leaves no "moderately" band, so the
+    #: two levels stage 2 trains on ("slightly" / "highly") split exactly at the verdict
+    moderate_from: float = 0.5
 
 
 @dataclass
@@ -135,6 +140,7 @@ class TrainConfig:
     quantization: str = "none"  # none | 4bit (QLoRA)
     stage1_steps: int | None = None  # stage "all": stage 1's max_steps (default trainer.max_steps)
     stage1_lr: float | None = None  # stage "all": stage 1's learning rate (default trainer.lr)
+    stage1_train_vision: bool = False  # stage 1 also trains the vision tower (a model built from scratch)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -198,6 +204,11 @@ def _coerce(value, tp, key: str):
             return value
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if base is list and isinstance(value, list):

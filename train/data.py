@@ -149,7 +149,16 @@ def level_for(label: int | None) -> str | None:
     return "highly" if label == ANOMALOUS else "slightly"
 
 
-def encode_conversation(processor, conversations: list[dict], image_size: tuple[int, int], level: str | None) -> tuple[list[int], list[int]]:
+def where_for(record: Record) -> str:
+    """A marker's `{where}` during training: the ground-truth location of an anomalous record, else ""."""
+    from assistant.processing import where_text
+
+    return where_text(record.extra.get("location")) if record.label == ANOMALOUS else ""
+
+
+def encode_conversation(
+    processor, conversations: list[dict], image_size: tuple[int, int], level: str | None, where: str = ""
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation: the chat rendered with the model's template, `<image>`
     expanded into the exact image (and look-twice) token count, labels only on assistant text."""
     tokenizer = processor.tokenizer
@@ -163,7 +172,7 @@ def encode_conversation(processor, conversations: list[dict], image_size: tuple[
     positions = [i for i, t in enumerate(ids) if t == image_id]
     if len(positions) != 1:
         raise ValueError(f"the rendered chat holds {len(positions)} image tokens, expected 1")
-    expansion = tokenizer(processor.expand_image(image_size, level), add_special_tokens=False)["input_ids"]
+    expansion = tokenizer(processor.expand_image(image_size, level, where), add_special_tokens=False)["input_ids"]
     at = positions[0]
     ids = ids[:at] + expansion + ids[at + 1 :]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids[:at], assistant[:at])]
@@ -190,7 +199,8 @@ class Conversations(Dataset):
 
     def _encode(self, record: Record, size):
         level = level_for(record.label) if self.with_levels else None
-        return encode_conversation(self.processor, record.extra["conversations"], size, level)
+        where = where_for(record) if self.with_levels else ""
+        return encode_conversation(self.processor, record.extra["conversations"], size, level, where)
 
     def __len__(self) -> int:
         return len(self.records)

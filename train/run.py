@@ -66,6 +66,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
             add_expert(model, expert, selector, seed=cfg.seed)
         except ValueError as error:
             raise ConfigError(f"model.expert: {error}") from None
+        if cfg.model.expert.suspicion_marker is not None:
+            model.config.suspicion_marker = cfg.model.expert.suspicion_marker
         processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
     records, skipped = read_masked(masked)
     if args.process_index == 0:
@@ -73,7 +75,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)
     if not train_records:
         raise ConfigError(f"no usable training images in {masked}")
-    objective = ExpertObjective(model, cfg.loss, cfg.data.map_size)
+    objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
     trainer = stage1_trainer_class(ReliableTrainer)(
         model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size),
         data_collator=collate_masked, run_config=cfg, commit=commit,
@@ -81,7 +83,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size)
+        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from)
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
         print(f"stage 1: calibration {json.dumps(report)}")
         print(f"stage 1: model written to {final}", flush=True)
@@ -123,6 +125,9 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     else:
         from peft import LoraConfig, get_peft_model
 
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # LoRA's initialisation: the same adapters in every run and on every rank
         pattern = re.compile(cfg.lora.target_modules)
         if not any(pattern.fullmatch(name) for name, _ in model.named_modules()):
             raise ConfigError(f"lora.target_modules {cfg.lora.target_modules!r} matches no module of the model")
@@ -142,7 +147,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
                f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size) if recalibrate and val_records else None
+        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from) if recalibrate and val_records else None
         if report is not None:
             print(f"stage 2: recalibrated {json.dumps(report)}")
         if cfg.full:

@@ -52,21 +52,22 @@ def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> 
 class ExpertObjective(nn.Module):
     """The stage-1 training module: forward returns the loss (so DDP/DeepSpeed wrap it like any model)."""
 
-    def __init__(self, model, loss: LossConfig, map_size: int):
+    def __init__(self, model, loss: LossConfig, map_size: int, train_vision: bool = False):
         super().__init__()
         self.model, self.loss, self.map_size = model, loss, map_size
+        trained = ("expert.", "selector.") + (("vision_tower.",) if train_vision else ())
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith(("expert.", "selector.")))
+            parameter.requires_grad_(name.startswith(trained))
 
     def forward(self, pixel_values, image_sizes, masks, labels):
-        encoding = self.model.encode_images(pixel_values, image_sizes.tolist())
-        maps = small_maps(self.model, encoding.crop_maps, image_sizes.tolist(), self.map_size)
+        crop_maps, scores = self.model.detect(pixel_values, image_sizes.tolist())  # tower + expert only
+        maps = small_maps(self.model, crop_maps, image_sizes.tolist(), self.map_size)
         masks, labels = masks.to(maps), labels.to(maps)
         c = self.loss
         total = (
             c.focal_weight * focal_loss(maps, masks, c.focal_alpha, c.focal_gamma)
             + c.dice_weight * dice_loss(maps, masks)
-            + c.score_weight * F.binary_cross_entropy(encoding.scores.float().clamp(1e-6, 1 - 1e-6), labels)
+            + c.score_weight * F.binary_cross_entropy(scores.float().clamp(1e-6, 1 - 1e-6), labels)
         )
         return {"loss": total}
 
@@ -149,7 +150,7 @@ def score_records(model, processor, records, map_size: int):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def calibrate(model, processor, records, map_size: int) -> dict:
+def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5) -> dict:
     """F1-max image and pixel thresholds on held-out `records`, written into `model.config`. Returns a report."""
     labels, scores, maps, masks = score_records(model, processor, records, map_size)
     report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores)}
@@ -159,7 +160,7 @@ def calibrate(model, processor, records, map_size: int) -> dict:
         config = model.config
         config.image_threshold = image_threshold
         config.pixel_threshold = pixel_threshold
-        config.suspicion_bounds = (0.5 * image_threshold, image_threshold)
+        config.suspicion_bounds = (moderate_from * image_threshold, image_threshold)
         report.update(image_threshold=image_threshold, pixel_threshold=pixel_threshold)
     else:
         report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
