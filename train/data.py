@@ -32,7 +32,8 @@ class Skipped:
     problems: list
     seen: int
 
-    def report(self, what: str, stream=sys.stderr) -> None:
+    def report(self, what: str, stream=None) -> None:
+        stream = stream or sys.stderr
         for problem in self.problems:
             print(f"skipped: {problem}", file=stream)
         if self.problems:

@@ -1,0 +1,149 @@
+"""Training throughput and peak memory: this project's stage-2 path (LoRA and full) vs. stock HF Trainer.
+
+    python bench/bench_train.py [--steps 8] [--seq 256] [--batch 4]
+
+A ~50M-parameter Llama LLM (random weights; speed does not depend on their values). Each configuration
+runs in its own subprocess on the same token batches (seeded random ids, fixed length):
+
+* baseline  — `LlamaForCausalLM` alone, stock `transformers.Trainer`, full fine-tuning;
+* full      — `AnomalyAssistantModel` (tiny vision tower + the same LLM) through `train.trainer.ReliableTrainer`
+              (NaN guard, atomic checkpoints), text-only batches, LLM + projector trained;
+* lora      — the same with peft LoRA r=16 on the LLM's attention (scoped regex) + projector in modules_to_save.
+
+tokens/s counts every input token of the timed steps (after 2 warm-up steps). Peak memory is the
+subprocess's peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), i.e. everything the process
+held: weights, gradients, optimizer state, activations, the Python runtime. Ratios printed:
+throughput vs. baseline (target ≥ 0.95) and LoRA peak RSS vs. full fine-tuning (target ≤ 0.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llm_config(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def batches(vocab: int, n: int, batch: int, seq: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+class TokenData:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i].clone()}
+
+
+def collate(items):
+    import torch
+
+    ids = torch.stack([i["input_ids"] for i in items])
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def worker(kind: str, steps: int, batch: int, seq: int) -> dict:
+    import resource
+
+    import torch
+    from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(0)
+    vocab = 8000
+    rows = torch.cat(batches(vocab, steps + 2, batch, seq))
+    data = TokenData(list(rows))
+    args = TrainingArguments(output_dir=f"/tmp/bench_train_{kind}", max_steps=steps + 2, per_device_train_batch_size=batch,
+                             learning_rate=1e-4, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True, seed=0)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    if kind == "baseline":
+        model = LlamaForCausalLM(llm_config(vocab))
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[clock])
+    else:
+        from transformers import CLIPVisionConfig
+
+        from assistant.config import AnomalyAssistantConfig
+        from assistant.modeling import AnomalyAssistantModel
+        from train.config import TrainConfig
+        from train.trainer import ReliableTrainer
+
+        config = AnomalyAssistantConfig(
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+            text_config=llm_config(vocab), image_token_index=3, vision_feature_select_strategy="default",
+        )
+        model = AnomalyAssistantModel(config)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("language_model", "multi_modal_projector")))
+        if kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj)",
+                                                     modules_to_save=["multi_modal_projector"]))
+        trainer = ReliableTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[clock],
+                                  run_config=TrainConfig(), commit=None)
+    trainer.train()
+    timed = clock.times[2:]
+    seconds = timed[-1] - clock.times[1]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    return {"kind": kind, "tokens_per_s": steps * batch * seq / seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params": total, "trainable": trainable}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.steps, args.batch, args.seq)))
+        return
+    results = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    for kind in ("baseline", "full", "lora"):
+        done = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)],
+                              capture_output=True, text=True, env=env, cwd=ROOT)
+        line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode != 0 or not line:
+            sys.exit(f"{kind} failed:\n{done.stderr[-3000:]}")
+        results[kind] = json.loads(line[0][7:])
+        r = results[kind]
+        print(f"{kind:9s} params {r['params'] / 1e6:6.1f}M  trainable {r['trainable'] / 1e6:6.2f}M  "
+              f"{r['tokens_per_s']:8.0f} tokens/s  peak RSS {r['peak_rss_mib']:7.0f} MiB")
+    base = results["baseline"]
+    print(f"full / baseline throughput: {results['full']['tokens_per_s'] / base['tokens_per_s']:.3f}  (target >= 0.95)")
+    print(f"lora / baseline throughput: {results['lora']['tokens_per_s'] / base['tokens_per_s']:.3f}")
+    print(f"lora / full peak RSS:       {results['lora']['peak_rss_mib'] / results['full']['peak_rss_mib']:.3f}  (target <= 0.6)")
+
+
+if __name__ == "__main__":
+    main()

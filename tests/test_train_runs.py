@@ -1,0 +1,297 @@
+"""Tiny training runs on CPU: stage 1 and 2 learn, checkpoints are complete and resumable, merge is exact,
+the distributed path (torchrun, 2 gloo processes) works, QLoRA steps, bad data is skipped, NaN stops."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs/train/debug_tiny.yaml"
+SMALL_DATA = ["data.synth.n=12", "data.synth.families=[wood]"]
+
+
+def config(tmp, *overrides):
+    from train.config import load_config
+
+    return load_config(RECIPE, [f"output_dir={tmp}", *SMALL_DATA, "trainer.logging_steps=1", *overrides])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step → loss from the newest checkpoint's trainer state."""
+    from train.trainer import last_checkpoint
+
+    state = json.loads((Path(last_checkpoint(run_dir)) / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def falls(values: dict[int, float], k: int = 3) -> tuple[float, float]:
+    series = [values[s] for s in sorted(values)]
+    return float(np.mean(series[:k])), float(np.mean(series[-k:]))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Synthetic data (one image broken, one missing) and a tiny random base model, shared by the runs."""
+    from train.build import init_model, instruction_corpus, synthetic_data
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = config(root)
+    images, instructions = synthetic_data(cfg, root / "data")
+    corpus = instruction_corpus(instructions)
+    good = sorted((images / "wood" / "train" / "good").glob("*.png"))
+    good[0].write_bytes(b"not a png at all")  # broken
+    good[1].unlink()  # missing (the instruction JSON still names it)
+    base = init_model(cfg.model.init, corpus, root / "base")
+    return {"root": root, "images": images, "instructions": instructions, "base": base}
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared, tmp_path_factory):
+    """Stage 1 (60 steps) then stage 2 (LoRA, 16 steps), in process."""
+    from train.run import run
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = config(
+        out, f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
+        "stage1_steps=60", "trainer.max_steps=16", "trainer.lr=0.01", "trainer.save_steps=4", "trainer.save_total_limit=2",
+    )
+    results = run(cfg)
+    return {"out": out, **results, "cfg": cfg}
+
+
+def test_stage1_loss_falls_and_thresholds_are_calibrated(full_run):
+    from assistant.config import AnomalyAssistantConfig
+
+    first, last = falls(losses(full_run["out"] / "stage1"), k=8)
+    assert last < first, (first, last)
+    config = AnomalyAssistantConfig.from_pretrained(full_run["stage1"])
+    report = json.loads((full_run["stage1"] / "calibration.json").read_text())
+    assert config.image_threshold == pytest.approx(report["image_threshold"])
+    assert config.suspicion_bounds == pytest.approx((0.5 * config.image_threshold, config.image_threshold))
+    assert config.suspicion_level(config.image_threshold) == "highly"
+    assert config.suspicion_level(config.image_threshold * 0.99) != "highly"
+
+
+def test_stage1_expert_separates_anomalies_better_than_before_training(full_run, prepared):
+    """On the training family: image AUROC on the images it trained on, pixel AUROC on held-out images."""
+    from train.build import load_model
+    from train.data import read_masked, split_records
+    from train.stage1 import auroc, score_records
+
+    cfg = full_run["cfg"]
+    records, _ = read_masked(prepared["images"])
+    train, val = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)
+    model, processor, _ = load_model(full_run["stage1"])
+    labels, scores, _, _ = score_records(model, processor, train, cfg.data.map_size)
+    _, _, maps, masks = score_records(model, processor, val, cfg.data.map_size)
+    image_auc = auroc(labels, scores)
+    pixel_auc = auroc(masks.reshape(-1).astype(int), maps.reshape(-1))
+    assert image_auc > 0.6, image_auc
+    assert pixel_auc > 0.55, pixel_auc
+
+
+def test_stage2_lora_loss_falls_and_adapter_is_peft_format(full_run, prepared):
+    first, last = falls(losses(full_run["out"] / "stage2"))
+    assert last < first - 0.05, (first, last)
+    adapter = full_run["stage2"]
+    assert (adapter / "adapter_model.safetensors").is_file()
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(settings["base_model_name_or_path"]) == full_run["stage1"].resolve()
+    assert all(m in settings["modules_to_save"] for m in ("multi_modal_projector", "selector"))
+    from safetensors import safe_open
+
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        lora_keys = [k for k in f.keys() if "lora_" in k]
+    assert lora_keys and all("language_model" in k for k in lora_keys)  # never the vision tower
+
+
+def test_checkpoints_are_complete_rotated_and_described(full_run):
+    stage2 = full_run["out"] / "stage2"
+    names = sorted(p.name for p in stage2.iterdir())
+    assert names == ["adapter", "checkpoint-12", "checkpoint-16"], names  # last K=2 kept, no staging leftovers
+    for folder in (stage2 / "checkpoint-16", full_run["stage2"], full_run["stage1"]):
+        saved = (folder / "training_config.yaml").read_text()
+        assert "lora:" in saved and "trainer:" in saved
+        assert (folder / "git_commit.txt").read_text().strip()
+
+
+def test_training_tokens_match_inference_and_labels_cover_only_answers(full_run, prepared):
+    from train.build import load_model
+    from train.data import IGNORE_INDEX, encode_conversation, read_conversations
+
+    from assistant.processing import as_chat
+
+    model, processor, _ = load_model(full_run["stage1"])
+    records, _ = read_conversations(prepared["instructions"])
+    record = next(r for r in records if r.label == 1 and len(r.extra["conversations"]) >= 4)
+    turns = record.extra["conversations"]
+    ids, labels = encode_conversation(processor, turns, (64, 64), "highly")
+    question = turns[0]["value"].replace("<image>", "").strip()
+    prompt = processor.render(as_chat([{"role": "user", "content": question}]))
+    from PIL import Image
+
+    inference = processor(prompt, [Image.new("RGB", (64, 64))], levels=["highly"], pixels={})["input_ids"][0].tolist()
+    assert ids[: len(inference)] == inference  # the model sees at training what it will see when asked
+    answered = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    expected = "".join(t["value"].strip() + "<|im_end|>" for t in turns[1::2])
+    assert processor.tokenizer.decode(answered) == expected
+
+
+def test_merge_answers_exactly_as_base_plus_adapter(full_run, tmp_path):
+    from train.merge import assistant_with_adapter, merge
+
+    from assistant.inference import AnomalyAssistant
+
+    out = merge(full_run["stage2"], tmp_path / "merged")
+    merged = AnomalyAssistant.from_pretrained(str(out))
+    unmerged = assistant_with_adapter(full_run["stage2"])
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for seed in range(2):
+        image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        a, b = merged.analyze(image, max_new_tokens=12), unmerged.analyze(image, max_new_tokens=12)
+        assert a.answer == b.answer and a.answer
+        assert a.pred_score == pytest.approx(b.pred_score, abs=1e-5) and a.pred_label == b.pred_label
+    assert merged.model.config.image_threshold == pytest.approx(unmerged.model.config.image_threshold)
+
+
+def test_bad_images_are_reported_and_skipped(prepared, capsys):
+    from train.data import read_conversations, read_masked
+
+    records, skipped = read_masked(prepared["images"])  # a missing file is simply absent from a folder listing
+    assert len(skipped.problems) == 1 and "000.png" in skipped.problems[0]
+    broken = str(prepared["images"] / "wood" / "train" / "good" / "000.png")
+    assert broken not in {r.image for r in records}
+    conversations, skipped2 = read_conversations(prepared["instructions"])  # the JSON names both
+    assert len(skipped2.problems) == 2 and len(conversations) == skipped2.seen - 2
+    skipped2.report("stage 2 data")
+    assert "skipped 2 of" in capsys.readouterr().err
+
+
+def run_cli(*args, env=None, **kwargs):
+    return subprocess.Popen(
+        [*args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs,
+    )
+
+
+def stage2_args(prepared, out, *extra):
+    return [
+        "stage2", str(RECIPE), f"output_dir={out}", f"model.path={prepared['base']}", f"data.instructions={prepared['instructions']}",
+        "trainer.logging_steps=1", "trainer.lr=0.01", "trainer.batch_size=2", *extra,
+    ]
+
+
+def test_killed_run_resumes_to_the_same_losses(prepared, tmp_path):
+    """SIGKILL after the first checkpoint lands, resume, and compare with a run never interrupted."""
+    steps = ["trainer.max_steps=10", "trainer.save_steps=2", "trainer.save_total_limit=3"]
+    whole = run_cli(sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "whole", *steps))
+    killed = run_cli(sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "killed", *steps))
+    deadline = time.time() + 180
+    while not (tmp_path / "killed" / "stage2" / "checkpoint-2").is_dir() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    assert not (tmp_path / "killed" / "stage2" / "adapter").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "killed", *steps), "--resume"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resume from" in resumed.stdout and "checkpoint-" in resumed.stdout
+    whole.wait(timeout=240)
+    assert whole.returncode == 0, whole.stdout.read()[-2000:]
+    a, b = losses(tmp_path / "whole" / "stage2"), losses(tmp_path / "killed" / "stage2")
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
+
+
+def test_resume_refuses_to_overwrite_without_flag(prepared, tmp_path):
+    (tmp_path / "stage2" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "stage2" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "train", *stage2_args(prepared, tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "pass --resume" in done.stderr.strip().splitlines()[-1]
+
+
+def test_torchrun_two_gloo_processes(prepared, tmp_path):
+    process = run_cli(
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "train",
+        *stage2_args(prepared, tmp_path, "trainer.max_steps=3", "trainer.save_steps=3"),
+    )
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    state = json.loads((tmp_path / "stage2" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert (tmp_path / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "rng_state_1.pth" in os.listdir(tmp_path / "stage2" / "checkpoint-3")  # the second rank ran
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_cpu(prepared, tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+    process = run_cli(
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", "-m", "train",
+        *stage2_args(prepared, tmp_path, "trainer.max_steps=2", "trainer.save_steps=2", f"trainer.deepspeed={ROOT / 'configs/deepspeed/zero2.json'}"),
+        env={"DS_ACCELERATOR": "cpu"},
+    )
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert (tmp_path / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nan_loss_stops_with_the_step_and_saves_nothing(prepared, tmp_path):
+    import torch
+
+    from train.run import run
+    from train.trainer import NonFiniteLoss
+
+    from assistant.modeling import AnomalyAssistantModel
+
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared["base"], broken)
+    model = AnomalyAssistantModel.from_pretrained(broken)
+    with torch.no_grad():
+        model.multi_modal_projector.linear_2.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    cfg = config(tmp_path / "out", "stage=stage2", f"model.path={broken}", f"data.instructions={prepared['instructions']}",
+                 "trainer.max_steps=3", "trainer.save_steps=1")
+    with pytest.raises(NonFiniteLoss, match="step 1"):
+        run(cfg)
+    assert not (tmp_path / "out" / "stage2").exists() or not any(
+        p.name.startswith(("checkpoint", "adapter")) for p in (tmp_path / "out" / "stage2").iterdir()
+    )
+
+
+def test_qlora_step_on_a_4bit_language_model(prepared, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from train.build import init_model, instruction_corpus, load_model
+    from train.config import ConfigError, ModelInit
+    from train.run import run
+
+    base = init_model(ModelInit(text_hidden=64, vocab_size=600), instruction_corpus(prepared["instructions"]), tmp_path / "base64")
+    model, _, _ = load_model(base, quantize=True)
+    quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantised and all(n.startswith("language_model.") for n in quantised)
+    del model
+    cfg = config(tmp_path / "out", "stage=stage2", "quantization=4bit", f"model.path={base}",
+                 f"data.instructions={prepared['instructions']}", "trainer.max_steps=2", "trainer.save_steps=2")
+    result = run(cfg)
+    assert all(np.isfinite(v) for v in losses(tmp_path / "out" / "stage2").values())
+    assert (result["stage2"] / "adapter_model.safetensors").is_file()
+
+    narrow = init_model(ModelInit(text_hidden=32, vocab_size=600), instruction_corpus(None), tmp_path / "base32")
+    with pytest.raises(ConfigError, match="in_features >= 64"):
+        load_model(narrow, quantize=True)
