@@ -6,7 +6,7 @@
     <out>/index.html      the overlays as a gallery, most anomalous first, then the unreadable files
 
 An unreadable file is reported and skipped; it never stops the run. Uses the detection-only path
-(`AnomalyAssistant.detect`), so no text is generated.
+(`AnomalyAssistant.detect_batch`), so no text is generated.
 """
 
 from __future__ import annotations
@@ -48,27 +48,38 @@ def find_images(folder: Path, recursive: bool = False, exclude: Path | None = No
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def inspect_folder(assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=None) -> list[Inspected]:
-    """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`."""
+def inspect_folder(
+    assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=None, batch_size: int = 8
+) -> list[Inspected]:
+    """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`.
+
+    Images go through the tower and the expert `batch_size` at a time (`AnomalyAssistant.detect_batch`).
+    """
     folder, out = Path(folder), Path(out)
     log = log if log is not None else sys.stderr
     images = find_images(folder, recursive, exclude=out)
     (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
+    references = list(references) or None
     results = []
-    for number, path in enumerate(images, start=1):
-        item = Inspected(path.relative_to(folder).as_posix())
-        try:
-            image = load_image(path, name=item.path)
-        except ImageInputError as error:
-            item.error = error.reason
-        else:
-            report = assistant.detect(image, references=list(references) or None)
+    for start in range(0, len(images), batch_size):
+        chunk = list(enumerate(images[start : start + batch_size], start=start + 1))
+        items, loaded = [], []
+        for number, path in chunk:
+            item = Inspected(path.relative_to(folder).as_posix())
+            try:
+                loaded.append((number, path, item, load_image(path, name=item.path)))
+            except ImageInputError as error:
+                item.error = error.reason
+            items.append(item)
+        reports = assistant.detect_batch([image for *_, image in loaded], references=references, batch_size=batch_size) if loaded else []
+        for (number, path, item, _), report in zip(loaded, reports):
             item.score, item.label = report.pred_score, report.pred_label
             item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
             assistant.visualize(report).save(out / item.overlay)
-        results.append(item)
-        state = item.error if item.error else f"score {item.score:.3f}{' ANOMALOUS' if item.label else ''}"
-        print(f"[{number}/{len(images)}] {item.path}: {state}", file=log, flush=True)
+        for (number, _), item in zip(chunk, items):
+            state = item.error if item.error else f"score {item.score:.3f}{' ANOMALOUS' if item.label else ''}"
+            print(f"[{number}/{len(images)}] {item.path}: {state}", file=log, flush=True)
+        results.extend(items)
     write_csv(results, out / "scores.csv")
     write_problems(results, out / "problems.txt")
     (out / "index.html").write_text(gallery(results, folder), encoding="utf-8")

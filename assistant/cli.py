@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
     inspect.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
     inspect.add_argument("--recursive", action="store_true", help="also inspect images in subfolders")
+    inspect.add_argument("--batch-size", type=int, default=8, help="images through the tower and expert at a time")
     inspect.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
 
     convert = sub.add_parser("convert-expert", help="LLaVA-OneVision base + Anomaly-OV expert .pth → a safetensors checkpoint")
@@ -146,6 +147,8 @@ def _inspect(args) -> int:
     from .imageio import ImageInputError, load_image
 
     folder, out = Path(args.folder), Path(args.out)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
     if not folder.is_dir():
         raise UsageError(f"'{args.folder}' is not a folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -171,7 +174,7 @@ def _inspect(args) -> int:
     assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device, expert=args.expert)
     if not assistant.has_expert:
         raise UsageError(f"the model '{args.model}' has no anomaly expert, so it cannot score images; give --expert or another --model")
-    results = inspect_folder(assistant, folder, out, references, recursive=args.recursive)
+    results = inspect_folder(assistant, folder, out, references, recursive=args.recursive, batch_size=args.batch_size)
     failed = sum(item.error is not None for item in results)
     anomalous = sum(bool(item.label) for item in results)
     print(f"{len(results) - failed} images scored, {anomalous} anomalous, {failed} unreadable; see {out / 'index.html'}")
