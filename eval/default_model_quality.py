@@ -1,0 +1,198 @@
+"""Quality of the embedded default model on a held-out synthetic set.
+
+    python -m eval.default_model_quality                          # the shipped model, n=40 per family, seed 1
+    python -m eval.default_model_quality --model runs/default_model/stage2/model --n 40 --seed 1 --out runs/quality.json
+
+The set is drawn fresh from the synthetic generator (`data_prep.synth`) with a seed the training run never
+used (training uses seed 0), half normal and half anomalous (every defect type in turn), for every family;
+families absent from the checkpoint's `training_config.yaml` (`data.synth.families`) are the *unseen*
+families and are reported on their own row. Per row:
+
+- image AUROC on the expert's `pred_score`, pixel AUROC on the `anomaly_map` (`eval.metrics`);
+- verdict accuracy: `pred_label` equals the ground truth;
+- location accuracy on anomalous images: the report's `location` equals `location_words(gt_mask)`
+  (the exact 3×3-cell words; an image judged normal has no location and counts as wrong);
+- on a sample (`--text-n` per row), the answer text to the default question, classified as claiming a
+  defect or not (`answer_claim`): how often it agrees with the verdict, and how often an anomalous
+  verdict's answer names the report's location.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+_NORMAL = re.compile(
+    r"^(no\b|normal\b)|appears normal|\bis a normal\b|no anomaly|free of defects|passes the inspection|"
+    r"everything looks as expected|nothing is wrong"
+)
+_DEFECT = re.compile(
+    r"^yes\b|^anomalous\b|not normal|defect found|does not pass|\bi found\b|there is an anomaly|is defective|"
+    r"\bis visible\b|\bhas (a|an)\b"
+)
+
+
+def answer_claim(answer: str) -> str:
+    """"anomalous", "normal" or "unclear": what the answer text claims about the image."""
+    text = answer.strip().lower()
+    defect, normal = bool(_DEFECT.search(text)), bool(_NORMAL.search(text))
+    if defect != normal:
+        return "anomalous" if defect else "normal"
+    return "unclear"
+
+
+def held_out_samples(families: list[str], n: int, seed: int, size: int):
+    """(family, PIL image, gt mask bool [H, W], label) for `n` images per family: even index normal, odd anomalous."""
+    from data_prep.synth import DEFECT_TYPES, make_sample
+
+    for family in families:
+        for index in range(n):
+            defect = DEFECT_TYPES[(index // 2) % len(DEFECT_TYPES)] if index % 2 else None
+            sample = make_sample(family, index, seed, size, defect)
+            mask = sample.mask.astype(bool) if sample.mask is not None else np.zeros((size, size), dtype=bool)
+            yield family, Image.fromarray(sample.image), mask, int(sample.mask is not None)
+
+
+def training_families(model_path: Path) -> list[str] | None:
+    """The synthetic families the checkpoint was trained on, from its `training_config.yaml` (None if unknown)."""
+    import yaml
+
+    path = model_path / "training_config.yaml"
+    if not path.is_file():
+        return None
+    synth = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("synth") or {}
+    return list(synth.get("families") or []) or None
+
+
+def _rate(values: list[bool]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def row_metrics(items: list[dict]) -> dict:
+    from eval.metrics import image_auroc, pixel_auroc
+
+    labels = np.array([it["label"] for it in items])
+    scores = np.array([it["score"] for it in items])
+    anomalous = [it for it in items if it["label"]]
+    texts = [it for it in items if "claim" in it]
+    located = [it for it in texts if it["pred_label"] and it["location"]]
+    return {
+        "n": len(items),
+        "n_anomalous": int(labels.sum()),
+        "image_AUROC": image_auroc(labels, scores),
+        "pixel_AUROC": pixel_auroc(np.stack([it["mask"] for it in items]), np.stack([it["map"] for it in items])),
+        "verdict_accuracy": _rate([it["pred_label"] == bool(it["label"]) for it in items]),
+        "location_accuracy": _rate([it["location"] == it["gt_location"] for it in anomalous]),
+        "location_accuracy_detected": _rate([it["location"] == it["gt_location"] for it in anomalous if it["pred_label"]]),
+        "text_n": len(texts),
+        "text_agrees_with_verdict": _rate([it["claim"] == ("anomalous" if it["pred_label"] else "normal") for it in texts]),
+        "text_names_location": _rate([it["location"] in it["answer"].lower() for it in located]),
+    }
+
+
+def _fmt(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    columns = [("n", "images"), ("image_AUROC", "image AUROC"), ("pixel_AUROC", "pixel AUROC"),
+               ("verdict_accuracy", "verdict acc."), ("location_accuracy", "location acc."),
+               ("text_agrees_with_verdict", "text = verdict"), ("text_names_location", "text names location"), ("text_n", "texts")]
+    lines = ["| set | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[key]) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: int, size: int, text_n: int) -> dict:
+    from assistant.localize import location_words
+
+    items: list[dict] = []
+    text_budget: dict[tuple[bool, int], int] = {}
+    for family, image, mask, label in held_out_samples(families, n, seed, size):
+        report = assistant.detect(image)
+        item = {
+            "family": family, "label": label, "mask": mask, "map": report.anomaly_map, "score": report.pred_score,
+            "pred_label": bool(report.pred_label), "location": report.location, "gt_location": location_words(mask),
+        }
+        group = (family in unseen, label)
+        if text_budget.get(group, 0) < text_n / 2:  # half normal, half anomalous images per row
+            text_budget[group] = text_budget.get(group, 0) + 1
+            item["answer"] = assistant.analyze(image, max_new_tokens=64).answer
+            item["claim"] = answer_claim(item["answer"])
+        items.append(item)
+    seen_items = [it for it in items if it["family"] not in unseen]
+    unseen_items = [it for it in items if it["family"] in unseen]
+    rows = {}
+    if seen_items:
+        rows["seen families (" + ", ".join(f for f in families if f not in unseen) + "), new seed"] = row_metrics(seen_items)
+    if unseen_items:
+        rows["unseen family (" + ", ".join(unseen) + ")"] = row_metrics(unseen_items)
+    rows["all"] = row_metrics(items)
+    examples = [{k: it[k] for k in ("family", "label", "pred_label", "score", "location", "gt_location", "answer", "claim")}
+                for it in items if "answer" in it]
+    return {"rows": rows, "examples": examples}
+
+
+def sample_conversation(assistant, seed: int, size: int, family: str = "wood") -> list[dict]:
+    """A multi-turn chat about one held-out anomalous image: verdict, then describe / severity / cause."""
+    _, image, _, _ = next(s for s in held_out_samples([family], 2, seed, size) if s[3])
+    messages, turns = [], []
+    for question in ("Is there any anomaly in this image? If so, where is it and what does it look like?",
+                     "Describe the defect.", "How severe is it?", "What is the likely cause?"):
+        messages.append({"role": "user", "content": question})
+        answer = assistant.chat(messages, image, stream=False, max_new_tokens=64).strip()
+        messages.append({"role": "assistant", "content": answer})
+        turns.append({"question": question, "answer": answer})
+    return turns
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.default_model_quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="checkpoint folder or 'default' (the embedded model)")
+    parser.add_argument("--n", type=int, default=40, help="images per family (half anomalous)")
+    parser.add_argument("--seed", type=int, default=1, help="generator seed (training used 0)")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--families", nargs="+", default=None, help="families to draw (default: all)")
+    parser.add_argument("--unseen", nargs="+", default=None, help="families to report as unseen (default: those not in training)")
+    parser.add_argument("--text-n", type=int, default=20, help="answers generated per row (half normal, half anomalous)")
+    parser.add_argument("--out", default=None, help="write the metrics and sample answers as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from assistant import AnomalyAssistant, checkpoint
+    from data_prep.synth import FAMILIES
+
+    torch.manual_seed(0)
+    families = args.families or list(FAMILIES)
+    trained = training_families(checkpoint.resolve(args.model))
+    unseen = args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
+    assistant = AnomalyAssistant.from_pretrained(args.model)
+    result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n)
+    result["conversation"] = sample_conversation(assistant, args.seed, args.size)
+    command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"`{command.strip()}`  (model: {args.model}; location rule: exact words of location_words(gt_mask))\n")
+    print(markdown_table(result["rows"]))
+    print("\nsample answers:")
+    for example in result["examples"][:: max(1, len(result["examples"]) // 6)]:
+        truth = "anomalous" if example["label"] else "normal"
+        print(f"  [{example['family']}, truth {truth}, verdict {'anomalous' if example['pred_label'] else 'normal'}, "
+              f"location {example['location'] or '-'}] {example['answer']}")
+    print("\nsample conversation (held-out wood image):")
+    for turn in result["conversation"]:
+        print(f"  Q: {turn['question']}\n  A: {turn['answer']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"command": command.strip(), **result}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
