@@ -102,6 +102,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="runs per path after one warm-up; the median is reported")
     parser.add_argument("--text-tokens", type=int, default=30, help="prompt text around the image (chat template + question)")
+    parser.add_argument("--expert-views", default="base", choices=["base", "all"],
+                        help="the expert scores the base view only (detection runs the tower on one crop) or every tile")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -112,7 +114,7 @@ def main():
     ours = compose_from_llava(reference)  # shares every module with `reference`: one copy of the weights
     add_expert(
         ours,
-        ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, embedding_dim=512, class_dim=512, predictor_dim=512),
+        ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, embedding_dim=512, class_dim=512, predictor_dim=512, views=args.expert_views),
         SelectorConfig(mode="pool", grid=2, attention_dim=512),
         seed=0,
     )
@@ -130,10 +132,11 @@ def main():
     config = ours.config
     n_image = num_image_tokens((height, width), config.image_grid_pinpoints, 384, config.patches_per_side, config.vision_aspect_ratio)
     crops = num_crops((height, width), config.image_grid_pinpoints, 384)
-    n_anomaly = ours.selector.config.tokens_per_image(crops)
+    n_anomaly = ours.selector.config.tokens_per_image(1 if args.expert_views == "base" else crops)
     plain_ids = prompt_ids(args.text_tokens, n_image).to(device)
     ours_ids = prompt_ids(args.text_tokens, n_image, marker_len=7, n_anomaly=n_anomaly).to(device)
-    print(f"image {height}×{width}: {crops} crops, {n_image} image tokens (+{n_anomaly} look-twice tokens for (ii))")
+    print(f"image {height}×{width}: {crops} crops, {n_image} image tokens (+{n_anomaly} look-twice tokens for (ii)); "
+          f"expert views: {args.expert_views}")
     common = dict(do_sample=False, min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
 
     def run_reference(processors, n):
