@@ -280,20 +280,22 @@ def test_auth_is_required_when_set(assistant, tmp_path):
 
 
 # -- command line and shipped files -------------------------------------------------------------------
-def test_no_model_is_one_line_and_exit_2_before_gradio_loads():
+def test_bad_model_is_one_line_and_exit_2_before_gradio_loads(tmp_path):
+    # with no --model the shipped default model loads and the app serves, so bad models are named explicitly
     code = "import sys; sys.path.insert(0, sys.argv[1]); import app; rc = app.main(sys.argv[2:]); print(rc, 'gradio' in sys.modules)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for argv in ([], ["--model", str(ROOT / "no-such-checkpoint")]):
+    for argv, expected in (([ "--model", str(ROOT / "no-such-checkpoint")], "no-such-checkpoint"), (["--model", str(tmp_path)], "config.json")):
         result = subprocess.run([sys.executable, "-c", code, str(ROOT), *argv], capture_output=True, text=True, timeout=120, env=env)
         assert result.stdout.split() == ["2", "False"], result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and ("default model" in lines[0] or "no-such-checkpoint" in lines[0]), result.stderr
+        assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_settings_default_to_loopback_and_refuse_bad_values():
     app = load_app()
-    _, settings = app.parse_settings([], environ={})
+    args, settings = app.parse_settings([], environ={})
     assert settings.host == "127.0.0.1" and settings.auth is None
+    assert args.model == "default"  # the embedded default model when none is named
     _, settings = app.parse_settings(["--auth", "me:pa:ss", "--max-upload-mb", "2"], environ={})
     assert settings.auth == ("me", "pa:ss") and settings.max_upload_bytes == 2 * 1024 * 1024
     _, settings = app.parse_settings([], environ={app.AUTH_ENV: "env:pw"})
