@@ -185,9 +185,6 @@ def read_anomaly_ov_expert(expert_path: str | Path) -> dict[str, torch.Tensor]:
 
 def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Path) -> AnomalyAssistantModel:
     """Add Anomaly-OV's expert and selector to a LLaVA-OneVision-based model, in place."""
-    from .expert import AnomalyExpert
-    from .selector import LookTwiceSelector
-
     state = read_anomaly_ov_expert(expert_path)
     required = ["expert.positive_embedding", "expert.class_predictor.2.weight", "expert.final_predictor.0.weight",
                 "selector.query_proj.weight", "expert.pooling_layer.0.weight", "expert.patch_adaptors.0.weight"]
@@ -214,12 +211,8 @@ def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Pa
         feature_layers=layers, embedding_dim=embedding_dim, class_dim=class_dim, predictor_dim=predictor_dim, views="all"
     )
     selector_config = SelectorConfig(mode="pool", grid=2, attention_dim=attention_dim)
-    config.expert_config = expert_config.to_dict()
-    config.selector_config = selector_config.to_dict()
+    add_expert(model, expert_config, selector_config)
     config.suspicion_bounds = (0.3, 0.7)
-    dtype = model.image_newline.dtype
-    model.expert = AnomalyExpert(expert_config, vision_hidden, num_patches).to(dtype)
-    model.selector = LookTwiceSelector(selector_config, vision_hidden).to(dtype)
     own = {f"expert.{k}": v for k, v in model.expert.state_dict().items()}
     own.update({f"selector.{k}": v for k, v in model.selector.state_dict().items()})
     missing = sorted(set(own) - set(state))

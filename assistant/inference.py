@@ -6,6 +6,7 @@ suspicion level through the marker in front of the look-twice tokens and explain
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections import OrderedDict
@@ -109,7 +110,6 @@ class AnomalyAssistant:
         if expert is not None:
             checkpoint.attach_anomaly_ov_expert(model, expert)
             model.to(device)
-            processor = type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
             kind = "assistant"
         return cls(model, processor, generation, str(path_or_id), kind, **options)
 
@@ -152,6 +152,12 @@ class AnomalyAssistant:
         return image, visual, pixels
 
     def _evidence(self, image: Image.Image, visual: VisualEncoding) -> dict:
+        """Score, verdict, map, mask, boxes and location; computed once per encoded image, copied per report."""
+        if "evidence" not in visual.extras:
+            visual.extras["evidence"] = self._compute_evidence(image, visual)
+        return copy.deepcopy(visual.extras["evidence"])
+
+    def _compute_evidence(self, image: Image.Image, visual: VisualEncoding) -> dict:
         if visual.scores is None:
             return {"pred_score": None, "pred_label": None, "anomaly_map": None, "pred_mask": None, "boxes": [], "location": "", "threshold": None}
         config = self.model.config
@@ -169,19 +175,7 @@ class AnomalyAssistant:
 
     def detect(self, image, references=None) -> AnomalyReport:
         """The detection-only path: score, map, mask, boxes and location, no text generated."""
-        if not self.has_expert:
-            raise ValueError(f"the model '{self.name}' has no anomaly expert, so it cannot score images")
-        image = load_image(image)
-        references = [load_image(r) for r in references or []]
-        pixels = self.processor.preprocess([image])
-        refs = self.processor.preprocess(references) if references else None
-        with torch.no_grad():
-            crop_maps, scores = self.model.detect(
-                pixels["pixel_values"], pixels["image_sizes"],
-                refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None,
-            )
-        visual = VisualEncoding(image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=crop_maps, scores=scores)
-        return AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual))
+        return self.detect_batch([image], references, batch_size=1)[0]
 
     def detect_batch(self, images, references=None, batch_size: int = 8) -> list[AnomalyReport]:
         """The detection path over many images, `batch_size` at a time through the tower and the expert.

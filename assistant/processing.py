@@ -84,7 +84,11 @@ class AssistantProcessor:
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
         if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) != config.image_token_index:
             raise ValueError(f"the tokenizer has no token for image_token_index {config.image_token_index}")
-        self.selector = SelectorConfig.from_dict(config.selector_config or {}) if config.has_expert else None
+
+    @property
+    def selector(self) -> SelectorConfig | None:
+        """Read from the config each time, so an expert added after loading is counted."""
+        return SelectorConfig.from_dict(self.config.selector_config or {}) if self.config.has_expert else None
 
     # -- persistence ------------------------------------------------------------------------------
     @classmethod
