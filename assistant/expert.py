@@ -11,6 +11,11 @@ Anomaly-OV's look-twice idea, with parameter names that load its released expert
   the anomalous prompt, averaged over levels.
 
 `final_predictor` turns the look-twice tokens chosen by `assistant.selector` into the image score.
+Zero-shot self-reference (`self_weight` > 0; off in Anomaly-OV's weights): each patch's distance to the
+most similar patches of the *same* crop outside its 3×3 neighbourhood (one feature level), turned into
+a probability by a learned scale and bias and blended into the map. Normal texture repeats itself and a
+defect does not, so this cue carries over to families the expert never saw (MuSc's mutual scoring,
+within one image).
 Few-shot (AnomalyGPT's in-context mode): when normal reference images are given, each patch's distance
 to its nearest reference patch (raw multi-level features, cosine) is fused into the map and the score.
 """
@@ -38,10 +43,22 @@ class ExpertConfig:
     #: which crops the expert scores: "base" (the whole image in one view: the detection path runs the
     #: tower on one crop) or "all" (every anyres tile too, as Anomaly-OV: finer maps on large images)
     views: str = "base"
+    #: weight of the self-reference map in the expert's map (0: off, the Anomaly-OV expert)
+    self_weight: float = 0.0
+    #: the feature level (index into `feature_layers`) the self-reference compares, and how many nearest
+    #: patches it averages
+    self_level: int = -1
+    self_k: int = 3
 
     def __post_init__(self):
         if self.views not in ("base", "all"):
             raise ValueError(f"expert views must be 'base' or 'all', got {self.views!r}")
+        if not 0.0 <= self.self_weight <= 1.0:
+            raise ValueError(f"expert self_weight must be in [0, 1], got {self.self_weight}")
+        if not -len(self.feature_layers) <= self.self_level < len(self.feature_layers):
+            raise ValueError(f"expert self_level {self.self_level} does not index the {len(self.feature_layers)} feature layers")
+        if self.self_k < 1:
+            raise ValueError("expert self_k must be ≥ 1")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ExpertConfig":
@@ -73,6 +90,9 @@ class AnomalyExpert(nn.Module):
         self.patch_adaptors = nn.ModuleList(nn.Linear(h, e) for _ in range(levels))
         self.prompt_adaptors = nn.ModuleList(nn.Linear(e + c, e) for _ in range(levels))
         self.final_predictor = nn.Sequential(nn.Linear(h, config.predictor_dim), nn.GELU(), nn.Linear(config.predictor_dim, 1))
+        if config.self_weight > 0:
+            # probability = sigmoid(scale · distance + bias); distances of a trained tower lie around 0.05–0.3
+            self.self_calibration = nn.Parameter(torch.tensor([20.0, -3.0]))
 
     def prompts(self, base_features: torch.Tensor) -> list[torch.Tensor]:
         """First look. base_features [N, P, H] → per level, unit prompts [N, E, 2] (normal, anomalous)."""
@@ -102,6 +122,11 @@ class AnomalyExpert(nn.Module):
             logits = self.config.logit_scale * torch.bmm(patches, prompt)  # [N, P, 2]
             maps.append(logits.softmax(dim=-1)[..., 1])
         anomaly_map = torch.stack(maps).mean(0)
+        if self.config.self_weight > 0:
+            distance = self_distance(multi_level[self.config.self_level], self.config.self_k)
+            scale, bias = self.self_calibration.to(distance.dtype)
+            w = self.config.self_weight
+            anomaly_map = (1 - w) * anomaly_map + w * torch.sigmoid(scale * distance + bias).to(anomaly_map.dtype)
         return anomaly_map, anomaly_map.mean(dim=-1)
 
     def score(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -109,6 +134,27 @@ class AnomalyExpert(nn.Module):
         weights = weights.clamp_min(1e-12)
         pooled = (tokens * weights[:, None]).sum(0) / weights.sum()
         return torch.sigmoid(self.final_predictor(pooled)).squeeze(-1)
+
+
+def self_distance(features: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Per patch, (1 − mean cosine similarity of its k most similar patches outside its 3×3 neighbourhood) / 2.
+
+    features [N, P, H] on a square patch grid; returns [N, P] in [0, 1].
+    """
+    n, p, _ = features.shape
+    side = int(round(p**0.5))
+    if side * side != p:
+        raise ValueError(f"self-reference needs a square patch grid, got {p} patches")
+    unit = F.normalize(features.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)  # [N, P, P]
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    cells = torch.stack([rows.flatten(), cols.flatten()], dim=-1).to(features.device)
+    near = (cells[:, None] - cells[None]).abs().amax(-1) <= 1  # itself and its 8 neighbours
+    similarity = similarity.masked_fill(near, -1.0)
+    k = min(k, p - int(near.sum(-1).max()))
+    if k < 1:  # a grid too small to have patches outside the neighbourhood
+        return torch.zeros(n, p, device=features.device)
+    return (1.0 - similarity.topk(k, dim=-1).values.mean(-1)) / 2.0
 
 
 def reference_distance(multi_level: list[torch.Tensor], bank: list[torch.Tensor]) -> torch.Tensor:

@@ -51,6 +51,11 @@ class ExpertSpec:
     class_dim: int = 128
     predictor_dim: int = 128
     logit_scale: float = 100.0  # Anomaly-OV's; a random tower learns faster with ~10
+    #: zero-shot self-reference map (assistant.expert.self_distance): its weight in the map (0 = off), the
+    #: feature level it compares (index into feature_layers) and how many nearest patches it averages
+    self_weight: float = 0.0
+    self_level: int = -1
+    self_k: int = 3
     selector_mode: str = "pool"
     selector_grid: int = 2
     selector_tokens: int = 8
@@ -88,6 +93,9 @@ class DataConfig:
     synth: SynthData | None = None
     val_fraction: float = 0.25  # held out for threshold calibration
     map_size: int = 64  # stage 1: the map loss is computed at map_size × map_size
+    #: stage 1: keep each decoded, preprocessed image in memory after its first use (fast epochs on small
+    #: images; needs about crops × 3 × tile² × 4 bytes per image, so leave it off for large datasets)
+    cache_images: bool = False
     max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
     split_seed: int = 0
 
