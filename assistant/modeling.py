@@ -8,9 +8,12 @@ embeddings, so decoding, KV cache and streaming are transformers'.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
@@ -18,6 +21,9 @@ from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .projector import Projector, num_crops, pack_image_features
 from .selector import LookTwiceSelector, SelectorConfig
+
+#: generate()'s name for a starting KV cache: transformers 5.24 renamed `past_key_values` to `cache`
+_GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
 
 
 @dataclass
@@ -258,12 +264,19 @@ class AnomalyAssistantModel(PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{self._cache_kwarg(): past_key_values},
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _cache_kwarg(self) -> str:
+        """The language model's name for its KV cache argument (transformers 5.24 renamed `past_key_values` to `cache`)."""
+        if not hasattr(self, "_cache_kwarg_name"):
+            parameters = inspect.signature(self.language_model.forward).parameters
+            self._cache_kwarg_name = "cache" if "cache" in parameters and "past_key_values" not in parameters else "past_key_values"
+        return self._cache_kwarg_name
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs):
@@ -271,6 +284,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         embeds = self.merge_embeddings(input_ids.to(self.get_input_embeddings().weight.device), visual)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if "past_key_values" in generate_kwargs and _GENERATE_CACHE_KWARG != "past_key_values":
+            generate_kwargs[_GENERATE_CACHE_KWARG] = generate_kwargs.pop("past_key_values")
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )
