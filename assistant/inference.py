@@ -170,6 +170,8 @@ class AnomalyAssistant:
         if label and not mask.any():  # anomalous but no pixel passes: mark the peak region
             mask = amap >= amap.max() * 0.9
         boxes = boxes_from_mask(mask, amap, min_area=max(1, int(0.0005 * mask.size))) if label else []
+        if label and not boxes:  # only specks pass: an anomalous verdict still says where its peak is
+            boxes = boxes_from_mask(mask, amap)[:1]
         location = location_words(boxes[0]["box"], image.width, image.height) if boxes else ""
         return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": config.image_threshold}
 

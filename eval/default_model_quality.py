@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`{command.strip()}`  (model: {args.model}; location rule: exact words of location_words(gt_mask))\n")
     print(markdown_table(result["rows"]))
     print("\nsample answers:")
-    for example in result["examples"][:: max(1, len(result["examples"]) // 6)]:
+    shown = [e for e in result["examples"] if not e["label"]][:3] + [e for e in result["examples"] if e["label"]][:3]
+    for example in shown:
         truth = "anomalous" if example["label"] else "normal"
         print(f"  [{example['family']}, truth {truth}, verdict {'anomalous' if example['pred_label'] else 'normal'}, "
               f"location {example['location'] or '-'}] {example['answer']}")

@@ -235,3 +235,23 @@ def test_batched_detection_equals_one_at_a_time(siglip_qwen2):
         assert report.pred_score == pytest.approx(single.pred_score, abs=1e-5)
         np.testing.assert_allclose(report.anomaly_map, single.anomaly_map, atol=1e-5)
         assert report.anomaly_map.shape == (image.height, image.width)
+
+
+def test_an_anomalous_verdict_always_says_where_even_when_only_a_speck_passes(tmp_path, monkeypatch):
+    import assistant.inference as inference
+    from assistant.testing import tiny_assistant
+
+    assistant = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "m")))
+    assistant.model.config.image_threshold = 0.0  # every image is anomalous
+    assistant.model.config.pixel_threshold = 2.0  # no pixel passes: the peak region is used
+
+    def one_hot_peak(maps, size, *args):
+        amap = torch.zeros(size)
+        amap[size[0] - 3, 2] = 1.0  # a single-pixel peak near the lower left, below the boxes' minimum area
+        return amap
+
+    monkeypatch.setattr(inference, "image_anomaly_map", one_hot_peak)
+    report = assistant.detect(random_image(96, 96, seed=3))
+    assert report.pred_label
+    assert report.boxes[0]["box"] == [2, 93, 3, 94]
+    assert report.location == "lower left"
