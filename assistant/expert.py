@@ -94,6 +94,17 @@ class AnomalyExpert(nn.Module):
             # probability = sigmoid(scale · distance + bias); distances of a trained tower lie around 0.05–0.3
             self.self_calibration = nn.Parameter(torch.tensor([20.0, -3.0]))
 
+    def set_self_reference(self, weight: float, scale: float, bias: float, level: int | None = None, k: int | None = None) -> None:
+        """Turn the self-reference on (or re-fit it) after training: blend weight, the fitted scale and bias."""
+        values = {**self.config.to_dict(), "self_weight": float(weight)}
+        if level is not None:
+            values["self_level"] = int(level)
+        if k is not None:
+            values["self_k"] = int(k)
+        self.config = ExpertConfig.from_dict(values)  # validates
+        reference = self.positive_embedding
+        self.self_calibration = nn.Parameter(torch.tensor([float(scale), float(bias)], dtype=reference.dtype, device=reference.device))
+
     def prompts(self, base_features: torch.Tensor) -> list[torch.Tensor]:
         """First look. base_features [N, P, H] → per level, unit prompts [N, E, 2] (normal, anomalous)."""
         pooled = self.pooling_layer(base_features.transpose(1, 2)).squeeze(-1)  # [N, H]

@@ -1,0 +1,76 @@
+"""`python -m train.self_reference`: add the fitted self-reference map to a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_prep.synth import SynthPlan, write_dataset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from assistant.testing import tiny_assistant
+
+    root = tmp_path_factory.mktemp("selfref")
+    data = root / "data"
+    write_dataset(data, SynthPlan(n=60, families=("wood", "metal"), size=64, seed=3, anomaly_ratio=0.5))
+    return tiny_assistant(root / "model"), data
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_fit_raises_held_out_pixel_auroc_and_the_checkpoint_loads(setup, tmp_path):
+    from assistant import AnomalyAssistant
+    from train.self_reference import main
+
+    model, data = setup
+    before = _files(model)
+    out = tmp_path / "final"
+    assert main(["--model", str(model), "--data", str(data), "--out", str(out), "--val-fraction", "0.5", "--weight", "0.8"]) == 0
+    assert _files(model) == before  # the input checkpoint is untouched
+    report = json.loads((out / "self_reference.json").read_text())
+    assert report["scale"] > 0
+    # the tiny model's expert is random, so its map is near chance; the self-reference finds the defects
+    assert report["held_out_after"]["pixel_auroc"] > report["held_out_before"]["pixel_auroc"] + 0.05
+    config = json.loads((out / "config.json").read_text())
+    assert config["expert_config"]["self_weight"] == 0.8
+    assert config["pixel_threshold"] == pytest.approx(report["calibration"]["pixel_threshold"])
+    loaded = AnomalyAssistant.from_pretrained(out)
+    scale, bias = loaded.model.expert.self_calibration.tolist()
+    assert (scale, bias) == pytest.approx((report["scale"], report["bias"]), rel=1e-5)
+    image = next(data.glob("*/test/*/*.png"))
+    plain = AnomalyAssistant.from_pretrained(model).detect(image)
+    assert not np.allclose(loaded.detect(image).anomaly_map, plain.anomaly_map)
+
+
+@pytest.mark.parametrize("case", ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data"])
+def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsys, case):
+    from train.self_reference import main
+
+    model, data = setup
+    out = tmp_path / "out"
+    args = {"--model": str(model), "--data": str(data), "--out": str(out)}
+    if case == "same_folder":
+        args["--out"] = str(model)
+    elif case == "out_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "not_a_checkpoint":
+        args["--model"] = str(tmp_path)
+    elif case == "bad_weight":
+        args["--weight"] = "1.5"
+    elif case == "no_data":
+        args["--data"] = str(tmp_path / "missing")
+    before = _files(model)
+    code = main([item for pair in args.items() for item in pair])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    assert _files(model) == before
+    if case == "out_exists":
+        assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
