@@ -12,18 +12,21 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
+from .loss import fused_loss_applies, linear_cross_entropy
 from .projector import Projector, num_crops, pack_image_features
 from .selector import LookTwiceSelector, SelectorConfig
 
-#: generate()'s name for a starting KV cache: transformers 5.24 renamed `past_key_values` to `cache`
-_GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
+
+def _cache_kwarg(module) -> str:
+    """A transformers module's name for its KV cache argument (5.24 renamed `past_key_values` to `cache`)."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters and "past_key_values" not in parameters else "past_key_values"
 
 
 @dataclass
@@ -55,6 +58,9 @@ class AnomalyAssistantModel(PreTrainedModel):
     _supports_flex_attn = True
     _skip_keys_device_placement = ["past_key_values"]
     _no_split_modules = []
+    #: with labels and gradients on, compute the loss chunk by chunk on supervised positions only (`assistant.loss`;
+    #: `logits` is then None); set False for the stock `lm_head` + cross-entropy path
+    chunked_loss: bool = True
 
     def __init__(self, config: AnomalyAssistantConfig):
         super().__init__(config)
@@ -260,23 +266,35 @@ class AnomalyAssistantModel(PreTrainedModel):
             if visual is None and pixel_values is not None:
                 visual = self.encode_images(pixel_values, image_sizes)
             inputs_embeds = self.merge_embeddings(input_ids, visual)
+        if labels is not None and self.chunked_loss and torch.is_grad_enabled() and fused_loss_applies(self.language_model):
+            return self._chunked_loss_forward(inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **{self._cache_kwarg(): past_key_values},
+            **{_cache_kwarg(self.language_model): past_key_values},
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
 
-    def _cache_kwarg(self) -> str:
-        """The language model's name for its KV cache argument (transformers 5.24 renamed `past_key_values` to `cache`)."""
-        if not hasattr(self, "_cache_kwarg_name"):
-            parameters = inspect.signature(self.language_model.forward).parameters
-            self._cache_kwarg_name = "cache" if "cache" in parameters and "past_key_values" not in parameters else "past_key_values"
-        return self._cache_kwarg_name
+    def _chunked_loss_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs):
+        """Training forward whose loss never materialises the logits (`assistant.loss`); `logits` is None."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        decoder = self.language_model.get_decoder()
+        out = decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{_cache_kwarg(decoder): past_key_values},
+            use_cache=use_cache,
+            **kwargs,
+        )
+        head = self.language_model.get_output_embeddings()
+        loss = linear_cross_entropy(out.last_hidden_state, head, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs):
@@ -284,8 +302,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         embeds = self.merge_embeddings(input_ids.to(self.get_input_embeddings().weight.device), visual)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if "past_key_values" in generate_kwargs and _GENERATE_CACHE_KWARG != "past_key_values":
-            generate_kwargs[_GENERATE_CACHE_KWARG] = generate_kwargs.pop("past_key_values")
+        name = _cache_kwarg(self.language_model)  # generate() takes the starting cache under the forward's name
+        if "past_key_values" in generate_kwargs and name != "past_key_values":
+            generate_kwargs[name] = generate_kwargs.pop("past_key_values")
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )
