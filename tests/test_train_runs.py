@@ -303,3 +303,32 @@ def test_qlora_step_on_a_4bit_language_model(prepared, tmp_path):
     narrow = init_model(ModelInit(text_hidden=32, vocab_size=600), instruction_corpus(None), tmp_path / "base32")
     with pytest.raises(ConfigError, match="in_features >= 64"):
         load_model(narrow, quantize=True)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(prepared, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    from train.run import run
+
+    calls = []  # transformers checkpoints each decoder layer through this module's `checkpoint`
+    original = transformers.modeling_utils.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+
+    def stage2(name, *extra):
+        cfg = config(tmp_path / name, "stage=stage2", f"model.path={prepared['base']}", f"data.instructions={prepared['instructions']}",
+                     "trainer.max_steps=3", "trainer.save_steps=3", *extra)
+        run(cfg)
+        return losses(tmp_path / name / "stage2")
+
+    plain = stage2("plain")
+    assert not calls
+    checkpointed = stage2("gc", "trainer.gradient_checkpointing=true")
+    assert calls  # the decoder layers really were checkpointed
+    assert sorted(plain) == sorted(checkpointed) == [1, 2, 3]
+    for step in plain:
+        assert checkpointed[step] == pytest.approx(plain[step], rel=1e-4), step

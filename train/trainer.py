@@ -24,6 +24,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the message names the step."""
 
 
+_CHECKPOINTING_ARG = (
+    "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+)
+
 def training_arguments(cfg: TrainConfig, run_dir: Path, max_steps: int, lr: float, **overrides) -> TrainingArguments:
     t = cfg.trainer
     cuda = torch.cuda.is_available()
@@ -52,7 +56,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, max_steps: int, lr: floa
         ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         deepspeed=t.deepspeed,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name goes in v6)
+        **{_CHECKPOINTING_ARG: t.gradient_checkpointing},
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
         report_to="none",
