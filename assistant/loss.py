@@ -75,8 +75,8 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Te
     targets = targets[keep]
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     count = float(count.item() if torch.is_tensor(count) else count)
-    if rows.shape[0] == 0:
-        return hidden.sum() * 0.0  # nothing supervised: a zero that keeps the graph
+    # nothing supervised (a rank whose batch is all prompt): zero rows still pass through the head, so it gets a zero
+    # gradient and data-parallel ranks reduce the same parameters
     return _LinearCrossEntropy.apply(rows, head.weight, targets, 1.0 / max(count, 1.0), chunk)
 
 

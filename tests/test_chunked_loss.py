@@ -51,6 +51,8 @@ def test_num_items_in_batch_divides_the_sum_and_empty_supervision_is_zero():
     nothing = linear_cross_entropy(hidden, head, torch.full((2, 8), -100))
     nothing.backward()
     assert nothing.item() == 0.0 and hidden.grad.abs().sum() == 0
+    # the head still gets a (zero) gradient: data-parallel ranks must all reduce the same parameters
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() == 0
 
 
 @pytest.mark.parametrize("text", ["llama", "qwen2"])
