@@ -63,6 +63,31 @@ def claim(out: Path, manifest: dict) -> None:
             raise RunFolderError(
                 f"--out '{out}' holds another run ({key} {existing.get(key)!r}, not {manifest.get(key)!r}); choose another folder"
             )
+    if existing.get("model_fingerprint") and manifest.get("model_fingerprint") and existing["model_fingerprint"] != manifest["model_fingerprint"]:
+        raise RunFolderError(
+            f"the model at {manifest.get('model')!r} changed since --out '{out}' cached its predictions (weights or config differ); "
+            "choose another folder"
+        )
+
+
+def model_fingerprint(folder: Path, chunk: int = 1 << 20) -> str:
+    """A cheap identity for a model folder: config files in full, weight files by size and three 1 MiB samples.
+
+    Training changes nearly every byte of a weight file, so samples from its start, middle and end tell a retrained
+    or re-calibrated checkpoint from the one a cache was made with, without reading gigabytes; a copy keeps it.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        if path.suffix in (".safetensors", ".bin", ".pth", ".pt"):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with open(path, "rb") as handle:
+                for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+                    handle.seek(offset)
+                    digest.update(handle.read(chunk))
+        elif path.name in ("config.json", "calibration.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _is_partial(path: Path) -> bool:

@@ -97,14 +97,22 @@ def check_arguments(args) -> None:
 
 
 def manifest_for(args) -> dict:
+    from . import cache
+
     task = TASKS[args.task]
     model = args.model
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
+    folder = Path(model) if model is not None and Path(model).is_dir() else None
+    if model == "default":
+        from assistant.checkpoint import default_model_path
+
+        folder = default_model_path()
     return {
         "task": args.task,
         "data": str(Path(args.data).resolve()),
         "model": model,
+        "model_fingerprint": cache.model_fingerprint(folder) if folder is not None else None,
         "predictions": str(Path(args.predictions).resolve()) if args.predictions else None,
         "prompt": task.prompt,
         "map_size": args.map_size,

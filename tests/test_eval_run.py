@@ -449,3 +449,21 @@ def test_ad_scoring_without_masks_is_image_level_and_hand_computable():
     assert rows["a"]["image_AUROC"] == pytest.approx(0.75) and rows["b"]["image_AUROC"] == pytest.approx(1.0)
     assert scored.summary["image_AUROC"] == pytest.approx(0.875)
     assert "pixel_AUROC" not in scored.summary and "image-level metrics only" in scored.notes[0]
+
+
+def test_a_changed_model_does_not_mix_with_its_old_cached_predictions(tmp_path, mvtec, clip_llama, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(clip_llama, model)
+    out = tmp_path / "run"
+    assert run("ad", "--data", mvtec, "--model", model, "--out", out, "--limit", "2", "--mode", "infer") == 0
+    cached = (out / "predictions.jsonl").read_bytes()
+    config = json.loads((model / "config.json").read_text())
+    config["image_threshold"] = 0.123  # re-calibrated in place: the same path, other verdicts
+    (model / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run("ad", "--data", mvtec, "--model", model, "--out", out, "--mode", "infer") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "changed" in err and "\n" not in err
+    assert (out / "predictions.jsonl").read_bytes() == cached
