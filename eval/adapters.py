@@ -57,7 +57,7 @@ class ModelAdapter:
     def detect(self, sample) -> dict:
         """The detection-only path: ``{"score", "verdict", "anomaly_map"}``, no text."""
         try:
-            report = self.assistant.detect(sample.image)
+            report = self.assistant.detect(sample.image, references=sample.extra.get("references"))
         except ValueError as error:
             if self.assistant.has_expert:
                 raise

@@ -63,6 +63,11 @@ def claim(out: Path, manifest: dict) -> None:
             raise RunFolderError(
                 f"--out '{out}' holds another run ({key} {existing.get(key)!r}, not {manifest.get(key)!r}); choose another folder"
             )
+    for key, default in (("shots", 0), ("shot_seed", None)):
+        if existing.get(key, default) != manifest.get(key, default):
+            raise RunFolderError(
+                f"--out '{out}' holds a run with {key} {existing.get(key, default)!r}, not {manifest.get(key, default)!r}; choose another folder"
+            )
     if existing.get("model_fingerprint") and manifest.get("model_fingerprint") and existing["model_fingerprint"] != manifest["model_fingerprint"]:
         raise RunFolderError(
             f"the model at {manifest.get('model')!r} changed since --out '{out}' cached its predictions (weights or config differ); "

@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--map-size", type=int, default=256, help="longest side of the anomaly maps kept in the cache")
+    p.add_argument("--shots", type=int, default=0, help="ad: K normal training images per class as references (few-shot)")
+    p.add_argument("--shot-seed", type=int, default=0, help="ad: which K normal images are drawn")
     add_scoring_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
     return p
@@ -94,6 +96,10 @@ def check_arguments(args) -> None:
         raise UsageError("--map-size must be at least 8")
     if args.judge_model is None and args.judge_base_url is not None:
         raise UsageError("--judge-base-url needs --judge-model")
+    if args.shots < 0:
+        raise UsageError("--shots must be 0 or more")
+    if args.shots and args.task != "ad":
+        raise UsageError("--shots is for the ad task (normal references per class)")
 
 
 def manifest_for(args) -> dict:
@@ -113,6 +119,8 @@ def manifest_for(args) -> dict:
         "data": str(Path(args.data).resolve()),
         "model": model,
         "model_fingerprint": cache.model_fingerprint(folder) if folder is not None else None,
+        "shots": args.shots,
+        "shot_seed": args.shot_seed if args.shots else None,
         "predictions": str(Path(args.predictions).resolve()) if args.predictions else None,
         "prompt": task.prompt,
         "map_size": args.map_size,
@@ -171,6 +179,7 @@ def run(args) -> int:
     shard = parse_shard(args.shard)
     task = get_task(args.task)
     cache.claim(out, manifest_for(args))
+    task.shots, task.shot_seed = args.shots, args.shot_seed
     dataset = task.load(Path(args.data), need_images=args.model is not None)
     samples = dataset.samples[: args.limit]
     mine = samples[shard[0] :: shard[1]]

@@ -467,3 +467,29 @@ def test_a_changed_model_does_not_mix_with_its_old_cached_predictions(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "changed" in err and "\n" not in err
     assert (out / "predictions.jsonl").read_bytes() == cached
+
+
+def test_few_shot_ad_uses_normal_training_images_as_references(tmp_path, mvtec, clip_llama, reference_run, monkeypatch, capsys):
+    from assistant import AnomalyAssistant
+
+    seen = []
+    original = AnomalyAssistant.detect
+
+    def spy(self, image, references=None):
+        seen.append(references)
+        return original(self, image, references=references)
+
+    monkeypatch.setattr(AnomalyAssistant, "detect", spy)
+    out = tmp_path / "one_shot"
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shots", "1", "--shot-seed", "3") == 0
+    assert len(seen) == 8 and all(r is not None and len(r) == 1 for r in seen)
+    assert len({r[0] for r in seen}) == 1 and "/train/good/" in seen[0][0]  # one reference for the class, from train/good
+    zero, one = cached_scores(reference_run), cached_scores(out)
+    assert zero.keys() == one.keys() and any(abs(zero[k] - one[k]) > 1e-6 for k in zero)  # the references change the scores
+
+    capsys.readouterr()
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shots", "2") == 2  # not mixed into the 1-shot cache
+    assert "shots" in capsys.readouterr().err
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", tmp_path / "too_many", "--shots", "5") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "only 2 normal training images" in err and "\n" not in err

@@ -27,6 +27,9 @@ class ADTask(Task):
     name = "ad"
     prompt = "(no text: detection-only path)"
     needs_model = True
+    #: few-shot: this many normal training images of each test image's class are its references
+    shots = 0
+    shot_seed = 0
 
     def load(self, data: Path, need_images: bool) -> Dataset:
         from data_prep.check import UnknownFormat, detect_format
@@ -57,7 +60,27 @@ class ADTask(Task):
             )
             for i, r in enumerate(records)
         ]
+        if self.shots:
+            references = self._references([r for r in result.records if r.split == "train" and r.label == 0])
+            for sample in samples:
+                if sample.category not in references:
+                    raise DataError(f"--shots {self.shots}: class '{sample.category}' has no normal training images to draw from")
+                sample.extra["references"] = references[sample.category]
         return Dataset(samples, [str(p) for p in result.problems], len(samples) + len(result.dropped))
+
+    def _references(self, normals) -> dict[str, list[str]]:
+        """Per class, `shots` normal training images drawn with `shot_seed` (the same for every test image)."""
+        import random
+
+        by_class: dict[str, list[str]] = {}
+        for record in normals:
+            by_class.setdefault(record.category, []).append(str(record.image))
+        chosen = {}
+        for category, paths in sorted(by_class.items()):
+            if len(paths) < self.shots:
+                raise DataError(f"--shots {self.shots}: class '{category}' has only {len(paths)} normal training images")
+            chosen[category] = random.Random(f"{self.shot_seed}/{category}").sample(sorted(paths), self.shots)
+        return chosen
 
     def infer(self, adapter, sample: Sample, save_map) -> dict:
         found = adapter.detect(sample)
