@@ -23,7 +23,7 @@ from .imageio import load_image
 from .limits import MAX_QUESTION_CHARS
 from .localize import boxes_from_mask, location_words
 from .maps import image_anomaly_map
-from .modeling import VisualEncoding
+from .modeling import VisualEncoding, output_cache
 from .processing import as_chat, where_text
 from .sessions import KVCacheStore
 
@@ -256,8 +256,8 @@ class AnomalyAssistant:
             streamer=streamer,
             past_key_values=cache,
         )
-        if key is not None and out.past_key_values is not None:
-            self.kv_cache.put(key, torch.cat([ids[0].cpu(), out.sequences[0].cpu()]), out.past_key_values)
+        if key is not None and output_cache(out) is not None:
+            self.kv_cache.put(key, torch.cat([ids[0].cpu(), out.sequences[0].cpu()]), output_cache(out))
         return out.sequences
 
     def chat(

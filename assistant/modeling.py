@@ -29,6 +29,12 @@ def _cache_kwarg(module) -> str:
     return "cache" if "cache" in parameters and "past_key_values" not in parameters else "past_key_values"
 
 
+def output_cache(output):
+    """The KV cache a transformers output carries (`cache` since 5.24, `past_key_values` before), without the BC warning."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+
+
 @dataclass
 class VisualEncoding:
     """Everything the vision side computed for a batch of images, reusable across chat turns."""
@@ -293,8 +299,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         )
         head = self.language_model.get_output_embeddings()
         loss = linear_cross_entropy(out.last_hidden_state, head, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
+                                      **{cache_field: output_cache(out)})
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs):

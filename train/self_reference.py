@@ -94,6 +94,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     except (OSError, ValueError) as error:
         raise SelfReferenceError(f"cannot read masked images from {data}: {error}") from None
     skipped.report(str(data))
+    if not records:
+        raise SelfReferenceError(f"no masked images in {data} (an MVTec-layout folder, the synthetic generator's output or a VisA root)")
     _, held_out = split_records(records, val_fraction, seed)
     if not held_out:
         raise SelfReferenceError(f"no held-out images in {data} (found {len(records)} images)")
