@@ -182,6 +182,8 @@ OPEN_QUESTIONS = (
     "Quality check: is this {noun} OK?",
     "Is the {noun} in this picture free of defects?",
     "Inspect the image and report what you find.",
+    # the question `anomaly-assistant ask` and `AnomalyAssistant.analyze` put when none is given
+    "Is there any anomaly in this image? If so, where is it and what does it look like?",
 )
 
 #: anomalous answers to a yes/no defect question

@@ -111,3 +111,13 @@ def test_mvtec_defect_names_get_matching_descriptions_and_unusable_records_are_r
     assert "scratch" in _answers(records[0])[0] or "scrape" in _answers(records[0])[0]
     assert {p.reason for p in accounting.dropped} == {"empty mask for an anomalous image", "no normal/anomaly label"}
     assert accounting.n_seen == len(records) + len(accounting.dropped)
+
+
+def test_the_assistants_default_question_is_taught_with_verdict_first_answers():
+    from assistant.inference import DEFAULT_QUESTION
+    from data_prep import phrasebook as pb
+
+    assert DEFAULT_QUESTION in pb.OPEN_QUESTIONS  # what `ask` puts when no question is given is in the training data
+    # open questions are answered with the forms that state the verdict first
+    assert all(any(word in a for word in ("Anomalous", "not normal", "Defect found", "does not pass", "I found", "anomaly", "defective"))
+               for a in pb.ANOMALY_PLAIN)
