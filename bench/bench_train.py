@@ -134,7 +134,11 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
                                                      modules_to_save=["multi_modal_projector"]))
         if checkpointing:
             base = model.get_base_model() if kind == "lora" else model
-            base.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm = base.language_model
+            if hasattr(lm, "activation_checkpointing_enable"):  # the transformers 5.24 name
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = ReliableTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[clock],
                                   run_config=TrainConfig(), commit=None)
     trainer.train()

@@ -136,7 +136,11 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
         train_model = get_peft_model(model, lora)
         train_model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
     if cfg.trainer.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = model.language_model  # transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     trainer = ReliableTrainer(
         model=train_model, args=args, train_dataset=dataset, run_config=cfg, commit=commit,
