@@ -8,6 +8,7 @@ embeddings, so decoding, KV cache and streaming are transformers'.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -25,7 +26,12 @@ from .selector import LookTwiceSelector, SelectorConfig
 
 def _cache_kwarg(module) -> str:
     """A transformers module's name for its KV cache argument (5.24 renamed `past_key_values` to `cache`)."""
-    parameters = inspect.signature(module.forward).parameters
+    return _cache_kwarg_of(type(module))
+
+
+@functools.cache  # once per class: it is asked on every forward
+def _cache_kwarg_of(cls) -> str:
+    parameters = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in parameters and "past_key_values" not in parameters else "past_key_values"
 
 

@@ -81,7 +81,7 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
     import torch
     from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    import train.trainer  # noqa: F401
+    import train.trainer
 
     torch.manual_seed(0)
     vocab = 16000
@@ -134,11 +134,7 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
                                                      modules_to_save=["multi_modal_projector"]))
         if checkpointing:
             base = model.get_base_model() if kind == "lora" else model
-            lm = base.language_model
-            if hasattr(lm, "activation_checkpointing_enable"):  # the transformers 5.24 name
-                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            train.trainer.enable_checkpointing(base.language_model)
         trainer = ReliableTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[clock],
                                   run_config=TrainConfig(), commit=None)
     trainer.train()

@@ -113,11 +113,21 @@ def test_mvtec_defect_names_get_matching_descriptions_and_unusable_records_are_r
     assert accounting.n_seen == len(records) + len(accounting.dropped)
 
 
-def test_the_assistants_default_question_is_taught_with_verdict_first_answers():
+def test_the_assistants_default_question_is_taught_and_its_answers_state_the_verdict():
+    import random
+
     from assistant.inference import DEFAULT_QUESTION
     from data_prep import phrasebook as pb
+    from eval.default_model_quality import answer_claim
 
     assert DEFAULT_QUESTION in pb.OPEN_QUESTIONS  # what `ask` puts when no question is given is in the training data
-    # open questions are answered with the forms that state the verdict first
-    assert all(any(word in a for word in ("Anomalous", "not normal", "Defect found", "does not pass", "I found", "anomaly", "defective"))
-               for a in pb.ANOMALY_PLAIN)
+    # every answer an open question can be taught reads as the right verdict to the quality script's classifier
+    rng = random.Random(0)
+    slots = {"noun": "wooden board", "where": "upper left", "size": "small", "normal": "Nothing is wrong.",
+             "normal_lower": "nothing is wrong."}
+    for template in pb.ANOMALY_PLAIN:
+        what = rng.choice(("a scratch", "a stain", "a hole"))
+        answer = template.format(**slots, what=what, What=what.capitalize())
+        assert answer_claim(answer) == "anomalous", answer
+    for template in pb.NORMAL_PLAIN:
+        assert answer_claim(template.format(**slots)) == "normal", template

@@ -63,24 +63,22 @@ def assistant_with_adapter(adapter: str | Path, base: str | Path | None = None):
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
+    from .trainer import atomic_folder
+
     adapter, out = Path(adapter), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"{out} exists and is not empty (use --overwrite)")
     model, processor, generation = load_with_adapter(adapter, base)
     merged = model.merge_and_unload()
-    staging = out.with_name(f".staging-{out.name}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    merged.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    generation.save_pretrained(staging)
-    for name in ("training_config.yaml", "git_commit.txt", "calibration.json"):
-        if (adapter / name).is_file():
-            shutil.copy2(adapter / name, staging / name)
-    (staging / "merged_from.json").write_text(json.dumps({"adapter": str(adapter.resolve()), "base": str(Path(model.peft_config["default"].base_model_name_or_path or base))}, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.replace(out)
+    with atomic_folder(out) as staging:
+        merged.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        generation.save_pretrained(staging)
+        for name in ("training_config.yaml", "git_commit.txt", "calibration.json"):
+            if (adapter / name).is_file():
+                shutil.copy2(adapter / name, staging / name)
+        base_path = str(Path(model.peft_config["default"].base_model_name_or_path or base))
+        (staging / "merged_from.json").write_text(json.dumps({"adapter": str(adapter.resolve()), "base": base_path}, indent=1) + "\n")
     return out
 
 

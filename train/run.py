@@ -23,7 +23,7 @@ from .build import data_paths, expert_configs, init_model, instruction_corpus, l
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import ConversationCollator, Conversations, MaskedImages, collate_masked, read_conversations, read_masked, split_records
 from .stage1 import ExpertObjective, calibrate, stage1_trainer_class, write_calibration
-from .trainer import ReliableTrainer, atomic_folder, last_checkpoint, training_arguments
+from .trainer import ReliableTrainer, atomic_folder, enable_checkpointing, last_checkpoint, training_arguments
 
 
 def _say(args, message: str) -> None:
@@ -136,11 +136,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
         train_model = get_peft_model(model, lora)
         train_model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
     if cfg.trainer.gradient_checkpointing:
-        lm = model.language_model  # transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.language_model)
 
     trainer = ReliableTrainer(
         model=train_model, args=args, train_dataset=dataset, run_config=cfg, commit=commit,

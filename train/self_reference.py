@@ -1,6 +1,6 @@
 """Add the zero-shot self-reference map to a trained checkpoint, fitted on held-out masked images.
 
-    python -m train.self_reference --model runs/default_model/stage2/model --data runs/default_model/data \\
+    python -m train.self_reference --model runs/default_model/stage2/model --data runs/default_model/data/synth \\
         --out runs/default_model/final [--weight 0.5] [--level -1] [--k 3] [--val-fraction 0.1] [--seed 0]
 
 Each patch's distance to the most similar patches of the same image outside its 3×3 neighbourhood
@@ -29,31 +29,25 @@ class SelfReferenceError(ValueError):
     pass
 
 
-def self_distance_maps(model, processor, records, map_size: int, level: int, k: int):
-    """Per record, the self-reference distance map at map_size² and the mask there: (distances [N, S, S], masks)."""
+def self_distance_maps(model, processor, records, map_size: int, level: int, k: int) -> np.ndarray:
+    """Per record, the self-reference distance map resized to map_size² ([N, S, S], the layout of `score_records`' maps)."""
     import torch
-    import torch.nn.functional as F
 
     from assistant.expert import self_distance
 
-    from .data import load_mask, load_rgb
+    from .data import load_rgb
     from .stage1 import small_maps
 
-    distances, masks = [], []
+    distances = []
     with torch.no_grad():
         for record in records:
             image = load_rgb(record.image)
             pixels = processor.preprocess([image])
             size = [(image.height, image.width)]
-            _, levels, counts = model.vision_features(pixels["pixel_values"], size)
-            features = levels[level]
-            if model.expert.config.views == "base":
-                features = features[:1]
-            crop_distance = self_distance(features, k)
-            distances.append(small_maps(model, [crop_distance], size, map_size)[0].float().cpu().numpy())
-            mask = load_mask(record.mask, size[0])
-            masks.append(F.interpolate(mask[None, None], size=(map_size, map_size), mode="area")[0, 0].numpy() > 0.5)
-    return np.stack(distances), np.stack(masks)
+            _, levels, _ = model.vision_features(pixels["pixel_values"], size)
+            features = levels[level][:1] if model.expert.config.views == "base" else levels[level]
+            distances.append(small_maps(model, [self_distance(features, k)], size, map_size)[0].float().cpu().numpy())
+    return np.stack(distances)
 
 
 def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 400_000, seed: int = 0) -> tuple[float, float]:
@@ -77,6 +71,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
 
     from .data import read_masked, split_records
     from .stage1 import auroc, calibrate, score_records
+    from .trainer import atomic_folder
 
     model_path, out = Path(model_path), Path(out)
     if not (model_path / "config.json").is_file():
@@ -109,7 +104,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
 
     labels, scores, maps, masks = score_records(model, processor, held_out, map_size)
     before = {"image_auroc": auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
-    distances, _ = self_distance_maps(model, processor, held_out, map_size, level, k)
+    distances = self_distance_maps(model, processor, held_out, map_size, level, k)
     scale, bias = fit_scale_bias(distances, masks, seed=seed)
     if scale <= 0:
         raise SelfReferenceError(f"on {data} the self-reference distance does not rise on defects (fitted scale {scale:.3g}); not added")
@@ -117,29 +112,23 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     moderate_from = bounds[0] / bounds[1] if bounds and bounds[1] else 0.5
     model.expert.set_self_reference(weight, scale, bias, level, k)
     model.config.expert_config = model.expert.config.to_dict()
-    calibration = calibrate(model, processor, held_out, map_size, moderate_from)
-    labels, scores, maps, masks = score_records(model, processor, held_out, map_size)
-    after = {"image_auroc": auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
+    calibration = calibrate(model, processor, held_out, map_size, moderate_from)  # scores the held-out split again
+    after = {"image_auroc": calibration["image_auroc"], "pixel_auroc": calibration["pixel_auroc"]}
     report = {
         "model": str(model_path), "data": str(data), "held_out": len(held_out), "skipped": len(skipped.problems),
         "weight": weight, "level": level, "k": k, "scale": scale, "bias": bias,
         "held_out_before": before, "held_out_after": after, "calibration": calibration,
     }
 
-    staging = out.with_name(f".staging-{out.name}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    generation.save_pretrained(staging)
-    for name in ("training_config.yaml", "git_commit.txt", "training_summary.json"):
-        if (model_path / name).is_file():
-            shutil.copy2(model_path / name, staging / name)
-    (staging / "calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
-    (staging / "self_reference.json").write_text(json.dumps(report, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.replace(out)
+    with atomic_folder(out) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        generation.save_pretrained(staging)
+        for name in ("training_config.yaml", "git_commit.txt", "training_summary.json"):
+            if (model_path / name).is_file():
+                shutil.copy2(model_path / name, staging / name)
+        (staging / "calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
+        (staging / "self_reference.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

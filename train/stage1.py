@@ -153,7 +153,10 @@ def score_records(model, processor, records, map_size: int):
 def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5) -> dict:
     """F1-max image and pixel thresholds on held-out `records`, written into `model.config`. Returns a report."""
     labels, scores, maps, masks = score_records(model, processor, records, map_size)
-    report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores)}
+    from eval.metrics import pixel_auroc
+
+    report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores),
+              "pixel_auroc": pixel_auroc(masks, maps) if masks.any() and not masks.all() else float("nan")}
     if 0 < labels.sum() < len(labels):
         report["image_f1_max"], image_threshold = f1_max_threshold(labels, scores)
         report["pixel_f1_max"], pixel_threshold = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))

@@ -28,6 +28,15 @@ _CHECKPOINTING_ARG = (
     "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
 )
 
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a transformers model, under either of its names (5.24 renamed it)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def training_arguments(cfg: TrainConfig, run_dir: Path, max_steps: int, lr: float, **overrides) -> TrainingArguments:
     t = cfg.trainer
     cuda = torch.cuda.is_available()
