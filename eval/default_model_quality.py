@@ -1,7 +1,7 @@
 """Quality of the embedded default model on a held-out synthetic set.
 
-    python -m eval.default_model_quality                          # the shipped model, n=40 per family, seed 1
-    python -m eval.default_model_quality --model runs/default_model/stage2/model --n 40 --seed 1 --out runs/quality.json
+    python -m eval.default_model_quality                          # the shipped model, n=100 per family, seed 1
+    python -m eval.default_model_quality --model runs/default_model/stage2/model --n 100 --seed 1 --out runs/quality.json
 
 The set is drawn fresh from the synthetic generator (`data_prep.synth`) with a seed the training run never
 used (training uses seed 0), half normal and half anomalous (every defect type in turn), for every family;
@@ -156,7 +156,7 @@ def sample_conversation(assistant, seed: int, size: int, family: str = "wood") -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.default_model_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="checkpoint folder or 'default' (the embedded model)")
-    parser.add_argument("--n", type=int, default=40, help="images per family (half anomalous)")
+    parser.add_argument("--n", type=int, default=100, help="images per family (half anomalous; at 100 the image AUROC still moves by up to 0.03 between seeds)")
     parser.add_argument("--seed", type=int, default=1, help="generator seed (training used 0)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--families", nargs="+", default=None, help="families to draw (default: all)")
