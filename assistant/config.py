@@ -47,6 +47,10 @@ class AnomalyAssistantConfig(PretrainedConfig):
         suspicion_bounds: score bounds separating the three levels. Anomaly-OV uses fixed bounds
             (0.3, 0.7); this project's checkpoints derive them from the calibrated threshold so that
             "highly" means the verdict is anomalous.
+        image_token_pooling: stride by which each crop's projected patch grid is pooled (bilinear, to
+            ceil(side / stride) per side, as LLaVA-OneVision pools video frames) before the crops are
+            packed into the LLM's image tokens. 1 (LLaVA-OneVision's image path) keeps every patch; 2
+            gives the LLM a quarter of the tokens. The expert always scores the full grid.
     """
 
     model_type = "anomaly_assistant"
@@ -69,6 +73,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         pixel_threshold: float = 0.5,
         suspicion_marker: str = " with {level} suspicious features: ",
         suspicion_bounds: tuple[float, float] = (0.3, 0.7),
+        image_token_pooling: int = 1,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -89,6 +94,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
         self.pixel_threshold = float(pixel_threshold)
         self.suspicion_marker = suspicion_marker
         self.suspicion_bounds = tuple(float(b) for b in suspicion_bounds)
+        if int(image_token_pooling) < 1:
+            raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")
+        self.image_token_pooling = int(image_token_pooling)
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"
@@ -106,6 +114,11 @@ class AnomalyAssistantConfig(PretrainedConfig):
     @property
     def patches_per_side(self) -> int:
         return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def llm_patches_per_side(self) -> int:
+        """Side of each crop's token grid as the LLM reads it (after `image_token_pooling`)."""
+        return -(-self.patches_per_side // self.image_token_pooling)
 
     def suspicion_level(self, score: float) -> str:
         low, high = self.suspicion_bounds

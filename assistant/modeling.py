@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
-from .projector import Projector, num_crops, pack_image_features
+from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
 
@@ -165,8 +165,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         """
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
-        projected = self.multi_modal_projector(features).split(counts)
-        tile, side = self.config.vision_config.image_size, self.config.patches_per_side
+        projected = self.multi_modal_projector(features)
+        projected = pool_crops(projected, self.config.patches_per_side, self.config.image_token_pooling).split(counts)
+        tile, side = self.config.vision_config.image_size, self.config.llm_patches_per_side
         image_embeds = [
             pack_image_features(
                 crops, size, self.image_newline, self.config.image_grid_pinpoints, tile, side, self.config.vision_aspect_ratio

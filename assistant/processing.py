@@ -94,7 +94,8 @@ class AssistantProcessor:
     @classmethod
     def from_pretrained(cls, path: str | Path, config: AnomalyAssistantConfig) -> "AssistantProcessor":
         path = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # the text config tells AutoTokenizer the family; without it, it parses config.json (an unregistered model type) and warns
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config.text_config)
         image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
         return cls(tokenizer, image_processor, config, read_chat_template(path))
 
@@ -115,8 +116,8 @@ class AssistantProcessor:
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         c = self.config
-        # the patch grid excludes CLIP's class token, which the "default" strategy drops
-        return num_image_tokens(image_size, c.image_grid_pinpoints, c.vision_config.image_size, c.patches_per_side, c.vision_aspect_ratio)
+        # the patch grid excludes CLIP's class token, which the "default" strategy drops; pooled as the LLM reads it
+        return num_image_tokens(image_size, c.image_grid_pinpoints, c.vision_config.image_size, c.llm_patches_per_side, c.vision_aspect_ratio)
 
     def num_anomaly_tokens(self, image_size: tuple[int, int]) -> int:
         if self.selector is None:

@@ -29,6 +29,19 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
+def pool_crops(crop_features: torch.Tensor, side: int, stride: int) -> torch.Tensor:
+    """Crops [N, side², D] → [N, ceil(side/stride)², D]: each crop's grid resized bilinearly (LLaVA-OneVision's video pooling)."""
+    if stride == 1:
+        return crop_features
+    n, patches, dim = crop_features.shape
+    if patches != side * side:
+        raise ValueError(f"expected {side * side} patches per crop, got {patches}")
+    grid = crop_features.view(n, side, side, dim).permute(0, 3, 1, 2)
+    pooled = -(-side // stride)
+    grid = nn.functional.interpolate(grid, size=(pooled, pooled), mode="bilinear")
+    return grid.permute(0, 2, 3, 1).reshape(n, pooled * pooled, dim)
+
+
 def grid_shape(image_size: tuple[int, int], grid_pinpoints: list, tile_size: int) -> tuple[int, int]:
     """Tiles (rows, columns) the image processor cuts an image of (height, width) into."""
     height, width = select_best_resolution([int(image_size[0]), int(image_size[1])], grid_pinpoints)

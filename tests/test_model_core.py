@@ -255,3 +255,36 @@ def test_an_anomalous_verdict_always_says_where_even_when_only_a_speck_passes(tm
     assert report.pred_label
     assert report.boxes[0]["box"] == [2, 93, 3, 94]
     assert report.location == "lower left"
+
+
+def test_token_pooling_shortens_what_the_llm_reads_and_leaves_detection_alone(tmp_path):
+    from assistant.testing import tiny_assistant
+
+    full = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "full", seed=3)))
+    pooled = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "pooled", seed=3, image_token_pooling=2)))
+    side = full.model.config.patches_per_side
+    for size in SIZES:
+        image = random_image(*size, seed=5)
+        _, visual_full, _ = full.encode(image)
+        _, visual_pooled, _ = pooled.encode(image)
+        n_full, n_pooled = visual_full.image_embeds[0].shape[0], visual_pooled.image_embeds[0].shape[0]
+        # the processor's placeholder count follows the pooling (a mismatch would fail merge_embeddings in chat)
+        assert n_pooled == pooled.processor.num_image_tokens(size) < n_full == full.processor.num_image_tokens(size)
+        # the expert still scores every patch of the full grid: same map, same score
+        assert torch.equal(visual_pooled.crop_maps[0], visual_full.crop_maps[0])
+        assert float(visual_pooled.scores[0]) == float(visual_full.scores[0])
+        assert isinstance(pooled.chat([{"role": "user", "content": "Is it defective?"}], image, stream=False, max_new_tokens=4), str)
+    # pooled base-view tokens are the bilinear resize of the full grid's (LLaVA-OneVision's video pooling)
+    image = random_image(32, 32, seed=5)
+    _, visual_full, _ = full.encode(image)
+    _, visual_pooled, _ = pooled.encode(image)
+    grid = visual_full.image_embeds[0][: side * side].T.reshape(1, -1, side, side)
+    expected = torch.nn.functional.interpolate(grid, size=(-(-side // 2),) * 2, mode="bilinear").flatten(2)[0].T
+    torch.testing.assert_close(visual_pooled.image_embeds[0][: expected.shape[0]], expected)
+
+
+def test_bad_token_pooling_is_refused():
+    from assistant.config import AnomalyAssistantConfig
+
+    with pytest.raises(ValueError, match="image_token_pooling"):
+        AnomalyAssistantConfig(image_token_pooling=0)

@@ -73,6 +73,9 @@ class ModelConfig:
     init: ModelInit | None = None  # or build one
     expert: ExpertSpec = field(default_factory=ExpertSpec)
     reinit_expert: bool = False  # stage 1: replace an existing expert with a fresh one
+    #: the LLM reads each crop's patch grid pooled by this stride (`AnomalyAssistantConfig.image_token_pooling`;
+    #: 2: a quarter of the image tokens, a shorter and cheaper stage 2); None keeps the model's
+    image_token_pooling: int | None = None
 
 
 @dataclass

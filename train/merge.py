@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def assistant_with_adapter(adapter: str | Path, base: str | Path | None = None):
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
-    from .trainer import atomic_folder
+    from .trainer import atomic_folder, write_model_parts
 
     adapter, out = Path(adapter), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -71,12 +70,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, 
     model, processor, generation = load_with_adapter(adapter, base)
     merged = model.merge_and_unload()
     with atomic_folder(out) as staging:
-        merged.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        generation.save_pretrained(staging)
-        for name in ("training_config.yaml", "git_commit.txt", "calibration.json"):
-            if (adapter / name).is_file():
-                shutil.copy2(adapter / name, staging / name)
+        write_model_parts(staging, merged, processor, generation, adapter, ("training_config.yaml", "git_commit.txt", "calibration.json"))
         base_path = str(Path(model.peft_config["default"].base_model_name_or_path or base))
         (staging / "merged_from.json").write_text(json.dumps({"adapter": str(adapter.resolve()), "base": base_path}, indent=1) + "\n")
     return out

@@ -23,7 +23,7 @@ from .build import data_paths, expert_configs, init_model, instruction_corpus, l
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import ConversationCollator, Conversations, MaskedImages, collate_masked, read_conversations, read_masked, split_records
 from .stage1 import ExpertObjective, calibrate, stage1_trainer_class, write_calibration
-from .trainer import ReliableTrainer, atomic_folder, enable_checkpointing, last_checkpoint, training_arguments
+from .trainer import ReliableTrainer, atomic_folder, enable_checkpointing, last_checkpoint, training_arguments, write_model_parts
 
 
 def _say(args, message: str) -> None:
@@ -41,9 +41,7 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> str | None:
 
 def _save_model_folder(model, processor, generation, folder: Path, cfg: TrainConfig, commit, report: dict | None) -> None:
     with atomic_folder(folder) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        generation.save_pretrained(staging)
+        write_model_parts(staging, model, processor, generation)
         write_run_info(cfg, staging, commit)
         if report is not None:
             write_calibration(report, staging)
@@ -60,6 +58,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         return final
     resume = _resume_point(cfg, run_dir)
     model, processor, generation = load_model(base)
+    set_token_pooling(model, cfg)
     if model.expert is None or cfg.model.reinit_expert:
         expert, selector = expert_configs(cfg.model.expert, model.config.vision_config.num_hidden_layers)
         try:
@@ -96,12 +95,23 @@ def _module_names(model, names: list[str]) -> list[str]:
     return [n for n in names if n in present and getattr(model, n) is not None]
 
 
+def set_token_pooling(model, cfg: TrainConfig) -> None:
+    """Apply `model.image_token_pooling` (when set) to the model's config."""
+    stride = cfg.model.image_token_pooling
+    if stride is None:
+        return
+    if int(stride) < 1:
+        raise ConfigError(f"model.image_token_pooling must be >= 1, got {stride}")
+    model.config.image_token_pooling = int(stride)
+
+
 def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, commit: str | None) -> Path:
     run_dir = root / "stage2"
     final = run_dir / ("model" if cfg.full else "adapter")
     args = training_arguments(cfg, run_dir, cfg.trainer.max_steps, cfg.trainer.lr)
     resume = _resume_point(cfg, run_dir)
     model, processor, generation = load_model(base, quantize=cfg.quantization == "4bit")
+    set_token_pooling(model, cfg)  # the processor shares model.config, so its token count follows
     records, skipped = read_conversations(instructions)
     if args.process_index == 0:
         skipped.report("stage 2 data")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
 
     from .data import read_masked, split_records
     from .stage1 import auroc, calibrate, score_records
-    from .trainer import atomic_folder
+    from .trainer import atomic_folder, write_model_parts
 
     model_path, out = Path(model_path), Path(out)
     if not (model_path / "config.json").is_file():
@@ -121,12 +120,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     }
 
     with atomic_folder(out) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        generation.save_pretrained(staging)
-        for name in ("training_config.yaml", "git_commit.txt", "training_summary.json"):
-            if (model_path / name).is_file():
-                shutil.copy2(model_path / name, staging / name)
+        write_model_parts(staging, model, processor, generation, model_path, ("training_config.yaml", "git_commit.txt", "training_summary.json"))
         (staging / "calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
         (staging / "self_reference.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -175,3 +175,13 @@ def atomic_folder(final: Path):
         os.replace(staging, final)
 
     return manager()
+
+
+def write_model_parts(staging: Path, model, processor, generation, copy_from: Path | None = None, names: tuple[str, ...] = ()) -> None:
+    """Model, processor and generation config into `staging`, plus `names` copied from `copy_from`."""
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    generation.save_pretrained(staging)
+    for name in names:
+        if copy_from is not None and (Path(copy_from) / name).is_file():
+            shutil.copy2(Path(copy_from) / name, staging / name)
