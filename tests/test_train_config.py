@@ -74,3 +74,59 @@ def test_cli_accepts_the_deepspeed_launchers_local_rank():
 
     cfg = parse(["--local_rank=1", "stage1", str(ROOT / "configs/train/debug_tiny.yaml"), "trainer.max_steps=3"])
     assert cfg.stage == "stage1" and cfg.trainer.max_steps == 3
+
+
+def _normalised(rgb, mean, std):
+    return (rgb - mean) / std
+
+
+def test_stage1_flips_move_the_mask_with_the_image():
+    import torch
+
+    from train.data import Augment
+
+    mean = torch.full((3, 1, 1), 0.5)
+    std = torch.full((3, 1, 1), 0.25)
+    mask = torch.zeros(8, 8)
+    mask[0:2, 5:8] = 1  # an off-centre, asymmetric defect
+    rgb = torch.full((2, 3, 16, 16), 0.2)
+    rgb[:, :, 0:4, 10:16] = 0.9  # the same place at twice the resolution, in both crops
+    pixels = _normalised(rgb, mean, std)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(64):
+        out, out_mask = Augment(flips=True)(pixels, mask, mean, std)
+        bright = (out[0, 0] * std[0] + mean[0]) > 0.5
+        # the bright patch, pooled to the mask's resolution, is exactly where the transformed mask says
+        assert torch.equal(bright.float().view(8, 2, 8, 2).amax((1, 3)), out_mask)
+        seen.add(tuple(out_mask.flatten().tolist()))
+    assert len(seen) == 8  # every flip / quarter turn occurs
+
+
+def test_stage1_colour_changes_keep_grey_and_stay_in_range():
+    import torch
+
+    from train.data import Augment, hue_rotation
+
+    mean = torch.tensor([0.48, 0.46, 0.41])[:, None, None]
+    std = torch.tensor([0.27, 0.26, 0.28])[:, None, None]
+    rgb = torch.rand(1, 3, 8, 8)
+    rgb[..., 0, 0] = 0.6  # one grey pixel
+    pixels = _normalised(rgb, mean, std)
+    torch.manual_seed(1)
+    out, _ = Augment(hue=0.5, saturation=0.5)(pixels, torch.zeros(4, 4), mean, std)
+    back = out * std + mean
+    assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6
+    torch.testing.assert_close(back[0, :, 0, 0], torch.full((3,), 0.6))  # grey is unchanged
+    assert (back - rgb).abs().max() > 0.05  # the colours did change
+    red = torch.tensor([1.0, 0.0, 0.0])
+    torch.testing.assert_close(hue_rotation(2 * torch.pi / 3) @ red, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)  # a third of a turn: red → green
+
+
+@pytest.mark.parametrize("override, message", [("data.augment_hue=0.7", "augment_hue"), ("data.augment_saturation=1.5", "augment_saturation")])
+def test_bad_augmentation_is_refused(override, message):
+    from train.run import stage1_augment
+
+    cfg = load_config(ROOT / "configs/train/debug_tiny.yaml", [override])
+    with pytest.raises(ConfigError, match=message):
+        stage1_augment(cfg, model=None)

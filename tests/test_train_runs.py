@@ -332,3 +332,25 @@ def test_gradient_checkpointing_gives_the_same_losses(prepared, tmp_path, monkey
     assert sorted(plain) == sorted(checkpointed) == [1, 2, 3]
     for step in plain:
         assert checkpointed[step] == pytest.approx(plain[step], rel=1e-4), step
+
+
+def test_token_pooling_trains_what_inference_reads(prepared, tmp_path):
+    from assistant import AnomalyAssistant
+    from train.config import ConfigError
+    from train.run import run
+
+    def stage2(name, *extra):
+        return run(config(tmp_path / name, "stage=stage2", f"model.path={prepared['base']}", f"data.instructions={prepared['instructions']}",
+                          "trainer.max_steps=2", "trainer.save_steps=2", "model.image_token_pooling=2", *extra))["stage2"]
+
+    # LoRA keeps the base's layout, so a different pooling would train on one token count and answer on another
+    with pytest.raises(ConfigError, match="image_token_pooling"):
+        stage2("lora")
+    trained = AnomalyAssistant.from_pretrained(str(stage2("full", "full=true")))
+    base = AnomalyAssistant.from_pretrained(str(prepared["base"]))
+    assert trained.model.config.image_token_pooling == 2 and base.model.config.image_token_pooling == 1
+    size = (64, 64)
+    assert trained.processor.num_image_tokens(size) < base.processor.num_image_tokens(size)
+    from PIL import Image
+
+    assert isinstance(trained.chat([{"role": "user", "content": "Is it defective?"}], Image.new("RGB", size), stream=False, max_new_tokens=4), str)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -74,3 +75,19 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsy
     assert _files(model) == before
     if case == "out_exists":
         assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_default_split_is_the_one_training_held_out(setup, tmp_path):
+    import yaml
+
+    from train.data import read_masked, split_records
+    from train.self_reference import add_self_reference
+
+    model, data = setup
+    copy = tmp_path / "trained"
+    shutil.copytree(model, copy)
+    (copy / "training_config.yaml").write_text(yaml.safe_dump({"data": {"val_fraction": 0.3, "split_seed": 5}}))
+    report = add_self_reference(copy, data, tmp_path / "out")
+    records, _ = read_masked(data)
+    assert report["held_out"] == len(split_records(records, 0.3, 5)[1])
+    assert report["held_out"] != len(split_records(records, 0.1, 0)[1])  # not the fallback used without a training config

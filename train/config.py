@@ -100,6 +100,11 @@ class DataConfig:
     #: images; needs about crops × 3 × tile² × 4 bytes per image, so leave it off for large datasets)
     cache_images: bool = False
     max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
+    #: stage 1 augmentation (`train.data.Augment`), drawn afresh per item: the 8 flips / quarter turns of image
+    #: and mask, a hue rotation of up to ± this many turns (0.5: any hue), a saturation factor in [1 − s, 1 + s]
+    augment_flips: bool = False
+    augment_hue: float = 0.0
+    augment_saturation: float = 0.0
     split_seed: int = 0
 
 

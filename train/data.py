@@ -8,6 +8,7 @@ inference see the same token layout; only assistant turns carry labels.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -97,19 +98,29 @@ class MaskedImages(Dataset):
     decode + preprocessing is about 40% of a stage-1 step on 2 CPU cores, so later epochs run faster.
     """
 
-    def __init__(self, records: list[Record], processor, map_size: int = 64, cache: bool = False):
+    def __init__(self, records: list[Record], processor, map_size: int = 64, cache: bool = False, augment: "Augment | None" = None):
         self.records, self.processor, self.map_size = records, processor, map_size
         self._cache: dict[int, dict] | None = {} if cache else None
+        self.augment = augment if augment is not None and augment.active else None
+        if self.augment is not None:
+            image_processor = processor.image_processor
+            self._mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
+            self._std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         if self._cache is None:
-            return self._load(index)
-        if index not in self._cache:
-            self._cache[index] = self._load(index)
-        return self._cache[index]
+            item = self._load(index)
+        else:
+            if index not in self._cache:
+                self._cache[index] = self._load(index)
+            item = self._cache[index]
+        if self.augment is None:
+            return item
+        pixels, mask = self.augment(item["pixel_values"], item["masks"], self._mean, self._std)
+        return {**item, "pixel_values": pixels, "masks": mask}
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
@@ -130,6 +141,53 @@ class MaskedImages(Dataset):
 
         config = self.processor.config
         return num_crops((image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+@dataclass
+class Augment:
+    """Stage-1 augmentation, drawn afresh for every item (torch's RNG, which the trainer checkpoints).
+
+    * `flips`: one of the 8 flips / quarter turns, applied to the crops and the mask together. Only the
+      base view may be trained on (the expert's `views="base"`): a flip of the whole image is a flip of its
+      base crop, not of the anyres tiles' layout.
+    * `hue`: the colours rotate about the grey axis by up to ±`hue` turns (0.5: any hue); `saturation`:
+      the colour's distance from grey is scaled by a factor in [1 − s, 1 + s]. Both act on the whole image,
+      so a defect keeps its contrast with its surroundings while the surface colour stops being a cue.
+    """
+
+    flips: bool = False
+    hue: float = 0.0
+    saturation: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.flips or self.hue > 0 or self.saturation > 0
+
+    def __call__(self, pixels: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [crops, 3, S, S] normalised by (mean, std); mask [M, M]."""
+        if self.flips:
+            turns, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
+            pixels, mask = torch.rot90(pixels, turns, dims=(-2, -1)), torch.rot90(mask, turns, dims=(-2, -1))
+            if flip:
+                pixels, mask = pixels.flip(-1), mask.flip(-1)
+        if self.hue > 0 or self.saturation > 0:
+            rgb = pixels * std + mean  # [crops, 3, S, S] in [0, 1]
+            if self.hue > 0:
+                angle = float(torch.empty(()).uniform_(-self.hue, self.hue)) * 2 * math.pi
+                rgb = torch.einsum("ij,cjhw->cihw", hue_rotation(angle), rgb)
+            if self.saturation > 0:
+                factor = float(torch.empty(()).uniform_(1 - self.saturation, 1 + self.saturation))
+                grey = rgb.mean(dim=1, keepdim=True)
+                rgb = grey + factor * (rgb - grey)
+            pixels = (rgb.clamp(0, 1) - mean) / std
+        return pixels.contiguous(), mask.contiguous()
+
+
+def hue_rotation(angle: float) -> torch.Tensor:
+    """3×3 rotation of RGB about the grey axis (1, 1, 1)/√3 by `angle` radians: grey stays grey."""
+    k = torch.full((3,), 1 / math.sqrt(3))
+    cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return math.cos(angle) * torch.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * torch.outer(k, k)
 
 
 def collate_masked(batch: list[dict]) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from .build import data_paths, expert_configs, init_model, instruction_corpus, load_model
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
-from .data import ConversationCollator, Conversations, MaskedImages, collate_masked, read_conversations, read_masked, split_records
+from .data import Augment, ConversationCollator, Conversations, MaskedImages, collate_masked, read_conversations, read_masked, split_records
 from .stage1 import ExpertObjective, calibrate, stage1_trainer_class, write_calibration
 from .trainer import ReliableTrainer, atomic_folder, enable_checkpointing, last_checkpoint, training_arguments, write_model_parts
 
@@ -74,9 +74,10 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)
     if not train_records:
         raise ConfigError(f"no usable training images in {masked}")
+    augment = stage1_augment(cfg, model)
     objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
     trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images),
+        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment),
         data_collator=collate_masked, run_config=cfg, commit=commit,
     )
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
@@ -95,13 +96,34 @@ def _module_names(model, names: list[str]) -> list[str]:
     return [n for n in names if n in present and getattr(model, n) is not None]
 
 
-def set_token_pooling(model, cfg: TrainConfig) -> None:
-    """Apply `model.image_token_pooling` (when set) to the model's config."""
+def stage1_augment(cfg: TrainConfig, model) -> Augment:
+    data = cfg.data
+    if not 0 <= data.augment_hue <= 0.5:
+        raise ConfigError(f"data.augment_hue must be in [0, 0.5] turns, got {data.augment_hue}")
+    if not 0 <= data.augment_saturation < 1:
+        raise ConfigError(f"data.augment_saturation must be in [0, 1), got {data.augment_saturation}")
+    if data.augment_flips and model.expert.config.views != "base":
+        raise ConfigError("data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image")
+    return Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation)
+
+
+def set_token_pooling(model, cfg: TrainConfig, lora: bool = False) -> None:
+    """Apply `model.image_token_pooling` (when set) to the model's config.
+
+    A LoRA adapter is loaded onto its base's config, so it cannot carry a different pooling: that case is
+    refused (set the pooling in stage 1, or train stage 2 in full).
+    """
     stride = cfg.model.image_token_pooling
     if stride is None:
         return
     if int(stride) < 1:
         raise ConfigError(f"model.image_token_pooling must be >= 1, got {stride}")
+    current = model.config.image_token_pooling
+    if lora and int(stride) != current:
+        raise ConfigError(
+            f"model.image_token_pooling={stride} differs from the base model's ({current}); a LoRA adapter keeps its base's "
+            "token layout, so set it in stage 1 or train stage 2 with full=true"
+        )
     model.config.image_token_pooling = int(stride)
 
 
@@ -111,7 +133,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     args = training_arguments(cfg, run_dir, cfg.trainer.max_steps, cfg.trainer.lr)
     resume = _resume_point(cfg, run_dir)
     model, processor, generation = load_model(base, quantize=cfg.quantization == "4bit")
-    set_token_pooling(model, cfg)  # the processor shares model.config, so its token count follows
+    set_token_pooling(model, cfg, lora=not cfg.full)  # the processor shares model.config, so its token count follows
     records, skipped = read_conversations(instructions)
     if args.process_index == 0:
         skipped.report("stage 2 data")

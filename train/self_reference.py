@@ -1,12 +1,13 @@
 """Add the zero-shot self-reference map to a trained checkpoint, fitted on held-out masked images.
 
     python -m train.self_reference --model runs/default_model/stage2/model --data runs/default_model/data/synth \\
-        --out runs/default_model/final [--weight 0.5] [--level -1] [--k 3] [--val-fraction 0.1] [--seed 0]
+        --out runs/default_model/final [--weight 0.5] [--level -1] [--k 3] [--val-fraction F] [--seed S]
 
 Each patch's distance to the most similar patches of the same image outside its 3×3 neighbourhood
 (`assistant.expert.self_distance`) is turned into a probability by a logistic fit (scikit-learn) on the
-pixels of the held-out split — the same split stage 1 held out for calibration when `--val-fraction` and
-`--seed` match the recipe — and blended into the expert's map with `--weight`. The image and pixel thresholds
+pixels of the held-out split — by default the split the checkpoint's training held out (`data.val_fraction`
+and `data.split_seed` from its `training_config.yaml`), so no image training saw is used — and blended into
+the expert's map with `--weight`. The image and pixel thresholds
 are then re-calibrated (F1-max) on that split. The checkpoint's weights are not trained further, so this takes
 about a minute on CPU and works on any checkpoint with an expert (Anomaly-OV's included).
 
@@ -63,8 +64,23 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
-def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = -1, k: int = 3, val_fraction: float = 0.1,
-                       seed: int = 0, map_size: int = 64, overwrite: bool = False) -> dict:
+def training_split(model_path: Path) -> tuple[float, int] | None:
+    """(data.val_fraction, data.split_seed) from the checkpoint's `training_config.yaml`, or None without one."""
+    import yaml
+
+    path = Path(model_path) / "training_config.yaml"
+    if not path.is_file():
+        return None
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    if "val_fraction" not in data:
+        return None
+    return float(data["val_fraction"]), int(data.get("split_seed", 0))
+
+
+def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = -1, k: int = 3, val_fraction: float | None = None,
+                       seed: int | None = None, map_size: int = 64, overwrite: bool = False) -> dict:
+    """`val_fraction` / `seed` default to the checkpoint's own training split (its `training_config.yaml`), so that
+    the fit and the thresholds see only images training held out; without that file, 0.1 and 0."""
     from assistant import checkpoint
     from eval.metrics import pixel_auroc
 
@@ -81,6 +97,11 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
         raise SelfReferenceError(f"{out} exists and is not empty (use --overwrite)")
     if not 0.0 < weight <= 1.0:
         raise SelfReferenceError(f"--weight must be in (0, 1], got {weight}")
+    recorded = training_split(model_path)
+    if val_fraction is None:
+        val_fraction = recorded[0] if recorded else 0.1
+    if seed is None:
+        seed = recorded[1] if recorded else 0
     if not 0.0 < val_fraction < 1.0:
         raise SelfReferenceError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     try:
@@ -134,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", type=float, default=0.5, help="the self-reference map's share of the expert's map")
     parser.add_argument("--level", type=int, default=-1, help="the expert feature level compared (index into feature_layers)")
     parser.add_argument("--k", type=int, default=3, help="nearest patches averaged")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data (as the recipe's data.val_fraction)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (as the recipe's seed)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="held-out share of --data (default: the model's training split, data.val_fraction in its training_config.yaml, else 0.1)")
+    parser.add_argument("--seed", type=int, default=None, help="split seed (default: the model's data.split_seed, else 0)")
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
