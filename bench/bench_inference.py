@@ -130,7 +130,7 @@ def main():
     pixels = processor([image], return_tensors="pt")
     pixel_values, image_sizes = pixels["pixel_values"].to(device, dtype), pixels["image_sizes"].to(device)
     config = ours.config
-    n_image = num_image_tokens((height, width), config.image_grid_pinpoints, 384, config.patches_per_side, config.vision_aspect_ratio)
+    n_image = num_image_tokens((height, width), config.image_grid_pinpoints, 384, config.llm_patches_per_side, config.vision_aspect_ratio)
     crops = num_crops((height, width), config.image_grid_pinpoints, 384)
     n_anomaly = ours.selector.config.tokens_per_image(1 if args.expert_views == "base" else crops)
     plain_ids = prompt_ids(args.text_tokens, n_image).to(device)
