@@ -180,6 +180,12 @@ class TrainConfig:
             raise ConfigError(f"model.init.text must be llama or qwen2, got {self.model.init.text!r}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be between 0 and 1")
+        if self.model.image_token_pooling is not None and self.model.image_token_pooling < 1:
+            raise ConfigError(f"model.image_token_pooling must be ≥ 1, got {self.model.image_token_pooling}")
+        if not 0.0 <= self.data.augment_hue <= 0.5:
+            raise ConfigError(f"data.augment_hue must be in [0, 0.5] turns, got {self.data.augment_hue}")
+        if not 0.0 <= self.data.augment_saturation < 1.0:
+            raise ConfigError(f"data.augment_saturation must be in [0, 1), got {self.data.augment_saturation}")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
             raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.grad_accum must be ≥ 1")
         if self.trainer.save_total_limit < 1:
