@@ -354,3 +354,42 @@ def test_token_pooling_trains_what_inference_reads(prepared, tmp_path):
     from PIL import Image
 
     assert isinstance(trained.chat([{"role": "user", "content": "Is it defective?"}], Image.new("RGB", size), stream=False, max_new_tokens=4), str)
+
+
+def test_compiled_stage1_matches_eager_and_saves_plain_names(prepared, tmp_path, monkeypatch):
+    """`stage1_compile=true` (torch.compile through the Trainer) trains the same model: same losses, and the saved
+    checkpoint and resumable state use the plain parameter names (no `_orig_mod.` prefix)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from assistant import AnomalyAssistant
+    from train.run import run
+    from train.stage1 import TRAINABLE_FILE
+    from train.trainer import last_checkpoint
+
+    def stage1(name, *extra):
+        cfg = config(tmp_path / name, "stage=stage1", f"model.path={prepared['base']}", f"data.masked={prepared['images']}",
+                     "stage1_steps=4", "trainer.save_steps=4", *extra)
+        return run(cfg)["stage1"]
+
+    compiled_modules = []
+    original = torch.compile
+
+    def counting(model=None, **kwargs):
+        compiled_modules.append(type(model).__name__)
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    eager = stage1("eager")
+    assert not compiled_modules
+    compiled = stage1("compiled", "stage1_compile=true")
+    assert compiled_modules == ["ExpertObjective"]
+    a, b = losses(tmp_path / "eager" / "stage1"), losses(tmp_path / "compiled" / "stage1")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-3), step
+    saved = load_file(str(Path(last_checkpoint(tmp_path / "compiled" / "stage1")) / TRAINABLE_FILE))
+    assert saved and not any("_orig_mod" in key for key in saved)
+    assert set(saved) == set(load_file(str(Path(last_checkpoint(tmp_path / "eager" / "stage1")) / TRAINABLE_FILE)))
+    report = AnomalyAssistant.from_pretrained(str(compiled)).detect(np.zeros((64, 64, 3), dtype=np.uint8))
+    assert 0.0 <= report.pred_score <= 1.0

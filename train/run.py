@@ -52,7 +52,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     from assistant.processing import AssistantProcessor
 
     run_dir, final = root / "stage1", root / "stage1" / "model"
-    args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr)
+    args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr,
+                              torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile)
     if cfg.stage == "all" and cfg.resume and (final / "config.json").is_file():
         _say(args, f"stage 1 already finished: {final}")
         return final

@@ -68,6 +68,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, max_steps: int, lr: floa
         # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name goes in v6)
         **{_CHECKPOINTING_ARG: t.gradient_checkpointing},
         dataloader_num_workers=t.num_workers,
+        torch_compile=t.torch_compile,
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
