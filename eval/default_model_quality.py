@@ -61,13 +61,9 @@ def held_out_samples(families: list[str], n: int, seed: int, size: int):
 
 def training_families(model_path: Path) -> list[str] | None:
     """The synthetic families the checkpoint was trained on, from its `training_config.yaml` (None if unknown)."""
-    import yaml
+    from train.config import config_section, read_run_config
 
-    path = model_path / "training_config.yaml"
-    if not path.is_file():
-        return None
-    synth = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("synth") or {}
-    return list(synth.get("families") or []) or None
+    return list(config_section(read_run_config(model_path), "data", "synth").get("families") or []) or None
 
 
 def _rate(values: list[bool]) -> float:
@@ -172,9 +168,19 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     families = args.families or list(FAMILIES)
-    trained = training_families(checkpoint.resolve(args.model))
+    from train.config import ConfigError
+
+    unknown = sorted(set(families + (args.unseen or [])) - set(FAMILIES))
+    if unknown:
+        print(f"error: unknown families {unknown}; the generator has {list(FAMILIES)}", file=sys.stderr)
+        return 2
+    try:
+        trained = training_families(checkpoint.resolve(args.model))
+        assistant = AnomalyAssistant.from_pretrained(args.model)
+    except (checkpoint.ModelLoadError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     unseen = args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
-    assistant = AnomalyAssistant.from_pretrained(args.model)
     result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n)
     result["conversation"] = sample_conversation(assistant, args.seed, args.size)
     command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)

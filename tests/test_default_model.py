@@ -93,3 +93,15 @@ def test_cli_ask_without_model_prints_json():
     data = json.loads(result.stdout)
     assert data["anomalous"] is True and data["answer"] and data["model"] == "default"
     assert 0.0 <= data["score"] <= 1.0 and data["boxes"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no/such/folder/x"], "no model at"),
+    (["--families", "wood", "rug"], "unknown families ['rug']"),
+])
+def test_quality_script_bad_input_is_one_line(args, message, capsys):
+    from eval.default_model_quality import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

@@ -49,7 +49,7 @@ def test_fit_raises_held_out_pixel_auroc_and_the_checkpoint_loads(setup, tmp_pat
     assert not np.allclose(loaded.detect(image).anomaly_map, plain.anomaly_map)
 
 
-@pytest.mark.parametrize("case", ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data"])
+@pytest.mark.parametrize("case", ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data", "bad_training_config"])
 def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsys, case):
     from train.self_reference import main
 
@@ -67,6 +67,12 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsy
         args["--weight"] = "1.5"
     elif case == "no_data":
         args["--data"] = str(tmp_path / "missing")
+    elif case == "bad_training_config":  # the checkpoint's recorded split cannot be read
+        import shutil
+
+        model = shutil.copytree(model, tmp_path / "copy")
+        (model / "training_config.yaml").write_text("data: [val_fraction\n")
+        args["--model"] = str(model)
     before = _files(model)
     code = main([item for pair in args.items() for item in pair])
     err = capsys.readouterr().err.strip().splitlines()

@@ -337,3 +337,30 @@ def write_run_info(cfg: TrainConfig, folder: str | Path, commit: str | None = No
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (folder / "git_commit.txt").write_text((commit or "unknown") + "\n")
+
+
+def read_run_config(folder: str | Path) -> dict:
+    """The `training_config.yaml` a checkpoint folder holds, as a plain dict ({} when there is none).
+
+    Readers take what they need with defaults, so a file from an older recipe still loads; a file that is not a
+    YAML mapping raises ConfigError naming it.
+    """
+    path = Path(folder) / "training_config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} is not a YAML mapping")
+    return values
+
+
+def config_section(values: dict, *keys: str) -> dict:
+    for key in keys:
+        values = values.get(key) if isinstance(values, dict) else None
+    return values if isinstance(values, dict) else {}
+

@@ -66,12 +66,9 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
 
 def training_split(model_path: Path) -> tuple[float, int] | None:
     """(data.val_fraction, data.split_seed) from the checkpoint's `training_config.yaml`, or None without one."""
-    import yaml
+    from .config import config_section, read_run_config
 
-    path = Path(model_path) / "training_config.yaml"
-    if not path.is_file():
-        return None
-    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    data = config_section(read_run_config(model_path), "data")
     if "val_fraction" not in data:
         return None
     return float(data["val_fraction"]), int(data.get("split_seed", 0))
