@@ -190,7 +190,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
-        crop_map, crop_significance = self.expert(levels, base)
+        crop_map, crop_significance, selection_map = self.expert(levels, base)
         weight = self.expert.config.reference_weight
         reference_map = None
         if reference_pixel_values is not None:
@@ -198,10 +198,12 @@ class AnomalyAssistantModel(PreTrainedModel):
             bank = [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
             reference_map = reference_distance(levels, bank).to(crop_map.dtype)
             crop_map = (1 - weight) * crop_map + weight * reference_map
+            selection_map = crop_map  # few-shot: the references also steer which tokens are looked at twice
             crop_significance = crop_map.mean(dim=-1)
         tokens, scores, crop_maps = [], [], []
-        for feats, maps, significance in zip(per_image, crop_map.split(counts), crop_significance.split(counts)):
-            chosen, weights = self.selector(feats, maps, significance)
+        per_crop = zip(per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts))
+        for feats, maps, selection, significance in per_crop:
+            chosen, weights = self.selector(feats, selection, significance)
             score = self.expert.score(chosen, weights)
             if reference_map is not None:
                 score = (1 - weight) * score + weight * maps.max()

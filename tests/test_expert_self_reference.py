@@ -55,3 +55,5 @@ def test_self_reference_changes_the_map_and_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(first.anomaly_map, again.anomaly_map)
     assert first.pred_score == again.pred_score
     assert not np.allclose(first.anomaly_map, plain.anomaly_map)
+    # the score head reads the learned map it was trained on: adding the self-reference moves the map, not the score
+    assert first.pred_score == pytest.approx(plain.pred_score, abs=1e-6)
