@@ -159,8 +159,8 @@ class TrainConfig:
     quantization: str = "none"  # none | 4bit (QLoRA)
     stage1_steps: int | None = None  # stage "all": stage 1's max_steps (default trainer.max_steps)
     stage1_lr: float | None = None  # stage "all": stage 1's learning rate (default trainer.lr)
-    stage1_train_vision: bool = False
-    stage1_compile: bool = False  # stage 1 runs under torch.compile (as trainer.torch_compile, for stage 1 only)  # stage 1 also trains the vision tower (a model built from scratch)
+    stage1_train_vision: bool = False  # stage 1 also trains the vision tower (a model built from scratch)
+    stage1_compile: bool = False  # stage 1 runs under torch.compile (as trainer.torch_compile, for stage 1 only)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -360,7 +360,7 @@ def read_run_config(folder: str | Path) -> dict:
 
 
 def config_section(values: dict, *keys: str) -> dict:
+    """The mapping at `keys` inside `values` (e.g. "data", "synth"), {} where a level is missing or not a mapping."""
     for key in keys:
         values = values.get(key) if isinstance(values, dict) else None
     return values if isinstance(values, dict) else {}
-
