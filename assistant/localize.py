@@ -24,9 +24,11 @@ def mask_from_map(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
 def boxes_from_mask(mask: np.ndarray, anomaly_map: np.ndarray | None = None, min_area: int = 1) -> list[dict]:
     """One box per connected region of `mask` (8-connectivity), largest score first.
 
-    Each box is ``{"box": [x0, y0, x1, y1], "score": s}`` in pixel coordinates with exclusive
-    x1/y1 (so ``x1 - x0`` is the width); the score is the region's peak map value, or its area
-    fraction when no map is given.
+    Each box is ``{"box": [x0, y0, x1, y1], "score": s, "center": [cx, cy]}`` in pixel coordinates
+    with exclusive x1/y1 (so ``x1 - x0`` is the width); the score is the region's peak map value, or
+    its area fraction when no map is given; the center is the region's centre of mass (pixel i spans
+    [i, i + 1), so a one-pixel region at (2, 3) has center [2.5, 3.5]). The center, not the box's
+    middle, is where `location_words` places a region: it is how a ground-truth mask is placed too.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -45,7 +47,9 @@ def boxes_from_mask(mask: np.ndarray, anomaly_map: np.ndarray | None = None, min
             score = float(np.asarray(anomaly_map)[region][component].max())
         else:
             score = area / mask.size
-        boxes.append({"box": [int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)], "score": score})
+        cy, cx = ndimage.center_of_mass(component)
+        center = [round(float(xs.start + cx + 0.5), 2), round(float(ys.start + cy + 0.5), 2)]
+        boxes.append({"box": [int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)], "score": score, "center": center})
     boxes.sort(key=lambda b: b["score"], reverse=True)
     return boxes
 

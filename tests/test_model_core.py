@@ -257,6 +257,31 @@ def test_an_anomalous_verdict_always_says_where_even_when_only_a_speck_passes(tm
     assert report.location == "lower left"
 
 
+def test_the_location_words_place_the_top_region_by_its_centre_of_mass(tmp_path, monkeypatch):
+    """An irregular region is placed where its pixels are, as a ground-truth mask is, not at its box's middle."""
+    import assistant.inference as inference
+    from assistant.localize import location_words
+    from assistant.testing import tiny_assistant
+
+    assistant = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "m")))
+    assistant.model.config.image_threshold = 0.0  # every image is anomalous
+    assistant.model.config.pixel_threshold = 0.5
+    shape = np.zeros((96, 96), dtype=bool)
+    shape[:30, :30] = True  # a blob in the upper left ...
+    shape[:2, :] = shape[:, :2] = True  # ... with thin arms along two edges: its box is the whole image
+    speck = np.zeros((96, 96), dtype=bool)
+    speck[80:83, 80:83] = True  # a weaker second region in the lower right
+
+    def fake_map(maps, size, *args):
+        return torch.from_numpy(shape * 0.9 + speck * 0.6).float()
+
+    monkeypatch.setattr(inference, "image_anomaly_map", fake_map)
+    report = assistant.detect(random_image(96, 96, seed=3))
+    assert report.boxes[0]["box"] == [0, 0, 96, 96] and len(report.boxes) == 2
+    assert location_words(report.boxes[0]["box"], 96, 96) == "center"  # the box's middle would say this
+    assert report.location == location_words(shape) == "upper left"
+
+
 def test_token_pooling_shortens_what_the_llm_reads_and_leaves_detection_alone(tmp_path):
     from assistant.testing import tiny_assistant
 

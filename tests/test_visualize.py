@@ -100,7 +100,7 @@ def test_contour_closes_along_the_image_border_and_follows_a_resized_mask():
 def test_boxes_are_outlined_at_their_coordinates_with_a_score_label():
     values = hot_square(100, 80, box=(30, 40, 60, 70))
     boxes = boxes_from_mask(mask_from_map(values, 0.5), values)
-    assert boxes == [{"box": [30, 40, 60, 70], "score": 1.0}]
+    assert boxes == [{"box": [30, 40, 60, 70], "score": 1.0, "center": [45.0, 55.0]}]
     result = overlay(grey_image(100, 80), values, boxes=boxes)
     outline = coloured(result, BOX_COLOUR)
     x0, y0, x1, y1 = boxes[0]["box"]
