@@ -393,37 +393,3 @@ def test_compiled_stage1_matches_eager_and_saves_plain_names(prepared, tmp_path,
     assert set(saved) == set(load_file(str(Path(last_checkpoint(tmp_path / "eager" / "stage1")) / TRAINABLE_FILE)))
     report = AnomalyAssistant.from_pretrained(str(compiled)).detect(np.zeros((64, 64, 3), dtype=np.uint8))
     assert 0.0 <= report.pred_score <= 1.0
-
-
-def test_base_only_stage1_items_train_the_same_expert(prepared):
-    """With `views="base"` stage 1 keeps only each image's base crop: the batches are smaller, and the
-    expert's loss (with the same augmentation draws) is the one the full set of crops gives."""
-    import torch
-
-    from assistant import checkpoint
-    from train.build import expert_configs
-    from train.config import LossConfig
-    from train.data import Augment, MaskedImages, collate_masked, read_masked
-    from train.stage1 import ExpertObjective
-
-    model, processor, _, _ = checkpoint.load(str(prepared["base"]))
-    cfg = config(prepared["root"])
-    checkpoint.add_expert(model, *expert_configs(cfg.model.expert, model.config.vision_config.num_hidden_layers), seed=0)
-    assert model.expert.config.views == "base"
-    records, _ = read_masked(prepared["images"])
-    records = [r for r in records if r.mask is not None][:2] + [r for r in records if r.mask is None][:2]
-    augment = Augment(flips=True, hue=0.5, saturation=0.5)
-    batches = {}
-    for base_only in (False, True):
-        data = MaskedImages(records, processor, map_size=16, cache=True, augment=augment, base_only=base_only)
-        torch.manual_seed(3)
-        batches[base_only] = collate_masked([data[i] for i in range(len(data))])
-    full, base = batches[False], batches[True]
-    assert full["pixel_values"].shape[0] > len(records)  # several crops per image, so the saving is real
-    assert base["pixel_values"].shape[:2] == (len(records), 1)
-    torch.testing.assert_close(full["masks"], base["masks"])
-    objective = ExpertObjective(model, LossConfig(), map_size=16).eval()
-    with torch.no_grad():
-        losses = [objective(**batch)["loss"] for batch in (full, base)]
-    assert torch.isfinite(losses[0]) and float(losses[0]) > 0
-    torch.testing.assert_close(losses[0], losses[1])

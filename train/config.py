@@ -97,8 +97,7 @@ class DataConfig:
     val_fraction: float = 0.25  # held out for threshold calibration
     map_size: int = 64  # stage 1: the map loss is computed at map_size × map_size
     #: stage 1: keep each decoded, preprocessed image in memory after its first use (fast epochs on small
-    #: images; needs about crops × 3 × tile² × 4 bytes per image, one crop when the expert scores the base
-    #: view only, so leave it off for large datasets)
+    #: images; needs about crops × 3 × tile² × 4 bytes per image, so leave it off for large datasets)
     cache_images: bool = False
     max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
     #: stage 1 augmentation (`train.data.Augment`), drawn afresh per item: the 8 flips / quarter turns of image

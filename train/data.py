@@ -96,16 +96,10 @@ class MaskedImages(Dataset):
 
     `cache=True` keeps every item after its first decode: on the default model's 128-pixel images the
     decode + preprocessing is about 40% of a stage-1 step on 2 CPU cores, so later epochs run faster.
-
-    `base_only=True` (for an expert that scores the base view only, `views="base"`) keeps just each
-    image's first crop, the whole image: the tiles would be cached, augmented and batched for nothing.
-    Its `pixel_values` are [1, 1, 3, S, S], so a collated batch is [B, 1, 3, S, S], the layout that
-    `AnomalyAssistantModel.detect` reads as one crop per image.
     """
 
-    def __init__(self, records: list[Record], processor, map_size: int = 64, cache: bool = False, augment: "Augment | None" = None,
-                 base_only: bool = False):
-        self.records, self.processor, self.map_size, self.base_only = records, processor, map_size, base_only
+    def __init__(self, records: list[Record], processor, map_size: int = 64, cache: bool = False, augment: "Augment | None" = None):
+        self.records, self.processor, self.map_size = records, processor, map_size
         self._cache: dict[int, dict] | None = {} if cache else None
         self.augment = augment if augment is not None and augment.active else None
         if self.augment is not None:
@@ -123,18 +117,16 @@ class MaskedImages(Dataset):
             if index not in self._cache:
                 self._cache[index] = self._load(index)
             item = self._cache[index]
-        if self.augment is not None:
-            pixels, mask = self.augment(item["pixel_values"], item["masks"], self._mean, self._std)
-            item = {**item, "pixel_values": pixels, "masks": mask}
-        if self.base_only:
-            item = {**item, "pixel_values": item["pixel_values"][None]}
-        return item
+        if self.augment is None:
+            return item
+        pixels, mask = self.augment(item["pixel_values"], item["masks"], self._mean, self._std)
+        return {**item, "pixel_values": pixels, "masks": mask}
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
         image = load_rgb(record.image)
         pixels = self.processor.preprocess([image])
-        n = 1 if self.base_only else self.processor_crops(image)
+        n = self.processor_crops(image)
         mask = load_mask(record.mask, (image.height, image.width))
         small = F.interpolate(mask[None, None], size=(self.map_size, self.map_size), mode="area")[0, 0]
         return {

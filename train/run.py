@@ -78,10 +78,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     augment = stage1_augment(cfg, model)
     objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
     trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=MaskedImages(
-            train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment,
-            base_only=model.expert.config.views == "base",
-        ),
+        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment),
         data_collator=collate_masked, run_config=cfg, commit=commit,
     )
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
