@@ -54,6 +54,30 @@ def test_samples_are_deterministic_from_the_seed():
     assert not np.array_equal(a.image, c.image)
 
 
+def test_a_run_takes_foreign_textures_only_from_its_own_families(tmp_path, monkeypatch):
+    # a held-out family must not enter training as the foreign texture of a defect either
+    import data_prep.synth.generate as generate
+
+    drawn = []
+    real = generate.make_normal
+
+    def recording(family, size, rng):
+        drawn.append(family)
+        return real(family, size, rng)
+
+    monkeypatch.setattr(generate, "make_normal", recording)
+    plan = SynthPlan(n=16, families=("wood", "metal"), size=48, anomaly_ratio=1.0,
+                     defect_types=("foreign_texture", "poisson_patch"))
+    write_dataset(tmp_path / "two", plan)
+    assert set(drawn) == {"wood", "metal"} and len(drawn) > 2 * 16  # donors were drawn, all from the run
+    drawn.clear()
+    write_dataset(tmp_path / "one", SynthPlan(n=6, families=("cap",), size=48, anomaly_ratio=1.0,
+                                              defect_types=("foreign_texture", "poisson_patch")))
+    assert set(drawn) == {"cap"}  # no other family: the defects reuse the image itself
+    result = read_mvtec(tmp_path / "one")
+    assert len(result.records) == 6 and result.problems == []
+
+
 def test_poisson_blend_keeps_source_gradients_inside_and_target_outside():
     rng = np.random.default_rng(0)
     target = rng.random((40, 50, 3)).astype(np.float32) * 80

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,16 @@ def sample_rng(seed: int, family: str, index: int, stream: int = 0) -> np.random
     return np.random.default_rng([seed, zlib.crc32(family.encode()), index, stream])
 
 
-def donor_source(family: str | None, size: int, rng: np.random.Generator):
-    """A callable drawing a foreign texture: a normal image of another procedural family."""
-    others = [name for name in FAMILIES if name != family]
+def donor_source(family: str | None, size: int, rng: np.random.Generator, donors: Sequence[str] | None = None):
+    """A callable drawing a foreign texture: a normal image of another procedural family in `donors`
+    (default: every family), or None when there is no other (defects then reuse the image itself, rotated).
+
+    A training run passes its own families, so a family it holds out never appears in it, not even as the
+    foreign texture of a defect (which would teach the model that the held-out family *is* an anomaly).
+    """
+    others = [name for name in (FAMILIES if donors is None else donors) if name != family and name in FAMILIES]
+    if not others:
+        return None
 
     def donor(side: int) -> np.ndarray:
         """A `side`×`side` foreign texture: at the scale it would have in a `size` image, cropped."""
@@ -50,13 +58,15 @@ def make_sample(
     defect_type: str | None = None,
     normal: np.ndarray | None = None,
     foreground: np.ndarray | None = None,
+    donors: Sequence[str] | None = None,
 ) -> Sample:
-    """Sample `index` of `family`: a procedural normal (or the given `normal`), with `defect_type` applied when set."""
+    """Sample `index` of `family`: a procedural normal (or the given `normal`), with `defect_type` applied when set;
+    foreign textures come from the families in `donors` (default: all of them)."""
     rng = sample_rng(seed, family, index)
     if normal is None:
         normal, foreground = make_normal(family, size, rng)
     if defect_type is None:
         return Sample(family, normal, normal)
-    ctx = DefectContext(foreground=foreground, donor=donor_source(family, normal.shape[0], rng))
+    ctx = DefectContext(foreground=foreground, donor=donor_source(family, normal.shape[0], rng, donors))
     defect = apply_defect(normal, defect_type, rng, ctx)
     return Sample(family, normal, defect.image, defect.mask, defect_type, defect.bbox, defect.area)
