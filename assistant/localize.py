@@ -57,14 +57,15 @@ def boxes_from_mask(mask: np.ndarray, anomaly_map: np.ndarray | None = None, min
 def location_words(mask_or_box, width: int | None = None, height: int | None = None) -> str:
     """Plain-words position of a defect on a 3×3 grid: "upper left", "center", "lower right", ...
 
-    Takes a boolean mask (its centre of mass is used) or a box ``[x0, y0, x1, y1]`` together with the
-    image's `width` and `height`. Returns "" for an empty mask.
+    Takes a boolean mask (its centre of mass is used), or a box ``[x0, y0, x1, y1]`` (its middle) or a point
+    ``[x, y]`` in pixels together with the image's `width` and `height`. Returns "" for an empty mask.
     """
-    if isinstance(mask_or_box, (list, tuple)) and len(mask_or_box) == 4 and np.ndim(mask_or_box) == 1:
+    if isinstance(mask_or_box, (list, tuple)) and len(mask_or_box) in (2, 4) and np.ndim(mask_or_box) == 1:
         if width is None or height is None:
-            raise ValueError("a box needs the image width and height")
-        x0, y0, x1, y1 = (float(v) for v in mask_or_box)
-        cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+            raise ValueError("a box or point needs the image width and height")
+        values = [float(v) for v in mask_or_box]
+        x, y = (values[0], values[1]) if len(values) == 2 else ((values[0] + values[2]) / 2, (values[1] + values[3]) / 2)
+        cx, cy = x / width, y / height
     else:
         mask = np.asarray(mask_or_box, dtype=bool)
         if not mask.any():

@@ -280,6 +280,8 @@ def test_the_location_words_place_the_top_region_by_its_centre_of_mass(tmp_path,
     assert report.boxes[0]["box"] == [0, 0, 96, 96] and len(report.boxes) == 2
     assert location_words(report.boxes[0]["box"], 96, 96) == "center"  # the box's middle would say this
     assert report.location == location_words(shape) == "upper left"
+    assert location_words(report.boxes[0]["center"], 96, 96) == "upper left"  # a point [x, y] in pixels
+    assert location_words([90, 5], 96, 96) == "upper right" and location_words([5, 40], 96, 48) == "lower left"
 
 
 def test_token_pooling_shortens_what_the_llm_reads_and_leaves_detection_alone(tmp_path):
