@@ -5,7 +5,7 @@
 - `defects`: foreign Perlin texture, cut-paste, scratch, crack, stain, hole, Poisson-blended patch
   (`DEFECT_TYPES`), each with an exact mask (outside equal to the normal image, inside different).
   Foreign textures come from the run's other families only, so a held-out family stays unseen.
-- `generate.make_sample`: one sample, reproducible from (seed, family, index).
+- `generate.make_sample`: one sample, reproducible from (seed, family, index) and the families its foreign textures come from.
 - `writer.write_dataset`: the MVTec AD layout plus `metadata.jsonl`.
 """
 

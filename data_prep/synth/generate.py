@@ -1,4 +1,4 @@
-"""One synthetic sample at a time, reproducible from (seed, family, index) alone."""
+"""One synthetic sample at a time, reproducible from (seed, family, index) and its donor families."""
 
 from __future__ import annotations
 

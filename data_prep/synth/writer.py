@@ -77,10 +77,10 @@ def _custom_source(plan: SynthPlan, family: str, index: int, split: str) -> np.n
 
 def generate(plan: SynthPlan, family: str):
     """Yield (split, folder name, Sample) for every image of `family` under `plan`."""
+    # foreign textures only from this run's families: a family left out of the run stays unseen
+    donors = None if plan.normals else plan.families
     for index, (split, defect_type) in enumerate(plan.roles()):
         normal = _custom_source(plan, family, index, split) if plan.normals else None
-        # foreign textures only from this run's families: a family left out of the run stays unseen
-        donors = None if plan.normals else plan.families
         sample = make_sample(family, index, plan.seed, plan.size, defect_type, normal=normal, donors=donors)
         yield split, defect_type or "good", sample
 
