@@ -131,7 +131,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 @torch.no_grad()
 def score_records(model, processor, records, map_size: int):
     """Image scores, labels, maps and masks (both at map_size²) of `records`."""
-    from .data import load_mask, load_rgb
+    from .data import load_mask, load_rgb, mask_at
 
     was_training = model.training
     model.eval()
@@ -143,7 +143,7 @@ def score_records(model, processor, records, map_size: int):
         size = (image.height, image.width)
         maps.append(small_maps(model, encoding.crop_maps, [size], map_size)[0].float().cpu().numpy())
         mask = load_mask(record.mask, size)
-        masks.append(F.interpolate(mask[None, None], size=(map_size, map_size), mode="area")[0, 0].numpy() > 0.5)
+        masks.append(mask_at(mask, map_size).numpy() > 0.5)
         scores.append(float(encoding.scores[0]))
         labels.append(int(record.label == 1))
     model.train(was_training)
