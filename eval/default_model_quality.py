@@ -15,6 +15,9 @@ families and are reported on their own row. Per row:
 - on a sample (`--text-n` per row), the answer text to the default question, classified as claiming a
   defect or not (`answer_claim`): how often it agrees with the verdict, and how often an anomalous
   verdict's answer names the report's location.
+
+A second table counts, per truth (normal or the defect type) and for seen and unseen families apart, the
+verdicts and location words that are right: which kinds of defect the model misses.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def answer_claim(answer: str) -> str:
 
 
 def held_out_samples(families: list[str], n: int, seed: int, size: int):
-    """(family, PIL image, gt mask bool [H, W], label) for `n` images per family: even index normal, odd anomalous."""
+    """(family, PIL image, gt mask bool [H, W], label, defect type or None) for `n` images per family: even index
+    normal, odd anomalous (the defect types in turn)."""
     from data_prep.synth import DEFECT_TYPES, make_sample
 
     for family in families:
@@ -56,7 +60,7 @@ def held_out_samples(families: list[str], n: int, seed: int, size: int):
             defect = DEFECT_TYPES[(index // 2) % len(DEFECT_TYPES)] if index % 2 else None
             sample = make_sample(family, index, seed, size, defect)
             mask = sample.mask.astype(bool) if sample.mask is not None else np.zeros((size, size), dtype=bool)
-            yield family, Image.fromarray(sample.image), mask, int(sample.mask is not None)
+            yield family, Image.fromarray(sample.image), mask, int(sample.mask is not None), defect
 
 
 def training_families(model_path: Path) -> list[str] | None:
@@ -111,10 +115,10 @@ def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: in
 
     items: list[dict] = []
     text_budget: dict[tuple[bool, int], int] = {}
-    for family, image, mask, label in held_out_samples(families, n, seed, size):
+    for family, image, mask, label, defect in held_out_samples(families, n, seed, size):
         report = assistant.detect(image)
         item = {
-            "family": family, "label": label, "mask": mask, "map": report.anomaly_map, "score": report.pred_score,
+            "family": family, "label": label, "defect": defect or "normal", "mask": mask, "map": report.anomaly_map, "score": report.pred_score,
             "pred_label": bool(report.pred_label), "location": report.location, "gt_location": location_words(mask),
         }
         group = (family in unseen, label)
@@ -133,12 +137,38 @@ def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: in
     rows["all"] = row_metrics(items)
     examples = [{k: it[k] for k in ("family", "label", "pred_label", "score", "location", "gt_location", "answer", "claim")}
                 for it in items if "answer" in it]
-    return {"rows": rows, "examples": examples}
+    return {"rows": rows, "by_defect": by_defect(items, unseen), "examples": examples}
+
+
+def by_defect(items: list[dict], unseen: list[str]) -> dict[str, dict[str, dict]]:
+    """Per truth ("normal" or the defect type), seen and unseen families apart: images, verdicts right, and (for
+    defects) location words right — which kinds of defect the model misses."""
+    out: dict[str, dict[str, dict]] = {}
+    for it in items:
+        group = "unseen" if it["family"] in unseen else "seen"
+        cell = out.setdefault(it["defect"], {}).setdefault(group, {"n": 0, "verdict_right": 0, "location_right": 0})
+        cell["n"] += 1
+        cell["verdict_right"] += int(it["pred_label"] == bool(it["label"]))
+        cell["location_right"] += int(bool(it["label"]) and it["location"] == it["gt_location"])
+    return out
+
+
+def defect_table(table: dict[str, dict[str, dict]]) -> str:
+    groups = [g for g in ("seen", "unseen") if any(g in cells for cells in table.values())]
+    lines = ["| truth | " + " | ".join(f"{g}: verdict right | {g}: location right" for g in groups) + " |",
+             "|---" * (1 + 2 * len(groups)) + "|"]
+    for truth, cells in table.items():
+        parts = []
+        for g in groups:
+            c = cells.get(g)
+            parts += ["–", "–"] if c is None else [f"{c['verdict_right']}/{c['n']}", "–" if truth == "normal" else f"{c['location_right']}/{c['n']}"]
+        lines.append(f"| {truth} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
 
 
 def sample_conversation(assistant, seed: int, size: int, family: str = "wood") -> list[dict]:
     """A multi-turn chat about one held-out anomalous image: verdict, then describe / severity / cause."""
-    _, image, _, _ = next(s for s in held_out_samples([family], 2, seed, size) if s[3])
+    _, image, _, _, _ = next(s for s in held_out_samples([family], 2, seed, size) if s[3])
     messages, turns = [], []
     for question in ("Is there any anomaly in this image? If so, where is it and what does it look like?",
                      "Describe the defect.", "How severe is it?", "What is the likely cause?"):
@@ -186,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`{command.strip()}`  (model: {args.model}; location rule: exact words of location_words(gt_mask))\n")
     print(markdown_table(result["rows"]))
+    print("\nby truth (normal, or the defect type):\n")
+    print(defect_table(result["by_defect"]))
     print("\nsample answers:")
     shown = [e for e in result["examples"] if not e["label"]][:3] + [e for e in result["examples"] if e["label"]][:3]
     for example in shown:

@@ -105,3 +105,21 @@ def test_quality_script_bad_input_is_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@needs_model
+def test_quality_breakdown_by_defect_type_accounts_for_every_image(assistant):
+    from data_prep.synth import DEFECT_TYPES
+    from eval.default_model_quality import defect_table, evaluate
+
+    result = evaluate(assistant, ["wood", "carpet"], ["carpet"], n=2 * len(DEFECT_TYPES), seed=3, size=128, text_n=0)
+    table, rows = result["by_defect"], result["rows"]
+    assert set(table) == {"normal", *DEFECT_TYPES}  # every defect type appears, in both families
+    for group, row in (("seen", rows["seen families (wood), new seed"]), ("unseen", rows["unseen family (carpet)"])):
+        cells = [cells[group] for cells in table.values()]
+        assert sum(c["n"] for c in cells) == row["n"] == 2 * len(DEFECT_TYPES)
+        assert sum(c["verdict_right"] for c in cells) == round(row["verdict_accuracy"] * row["n"])
+        assert sum(c["location_right"] for c in cells) == round(row["location_accuracy"] * row["n_anomalous"])
+    assert table["normal"]["seen"]["location_right"] == 0
+    lines = defect_table(table).splitlines()
+    assert len(lines) == 2 + 1 + len(DEFECT_TYPES) and lines[2].startswith("| normal | ")
