@@ -126,16 +126,15 @@ def test_stage1_colour_changes_keep_grey_and_stay_in_range():
     torch.testing.assert_close(hue_rotation(2 * torch.pi / 3) @ red, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)  # a third of a turn: red → green
 
 
-
 def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     """A 1-pixel scratch stays in stage 1's target and in the calibration masks at the map size."""
     import numpy as np
-    import torch
     from PIL import Image
 
     from assistant import checkpoint
     from data_prep.records import Record
-    from train.data import MaskedImages, load_mask, mask_at
+    from train.data import MaskedImages
+    from train.stage1 import score_records
 
     mask = np.zeros((100, 130), dtype=np.uint8)
     mask[50, 10:120] = 255  # horizontal, one pixel wide
@@ -144,11 +143,12 @@ def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     Image.fromarray(np.full((100, 130, 3), 128, np.uint8)).save(tmp_path / "scratch.png")
     Image.fromarray(mask).save(tmp_path / "scratch_mask.png")
     record = Record(image=str(tmp_path / "scratch.png"), label=1, mask=str(tmp_path / "scratch_mask.png"), category="x", split="test", defect_type="scratch")
-    _, processor, _, _ = checkpoint.load(clip_llama)
+    model, processor, _, _ = checkpoint.load(clip_llama)
     target = MaskedImages([record], processor, map_size=64)[0]["masks"]
     assert target.shape == (64, 64)
-    assert target[31:34].sum(1).max() >= 50  # the horizontal line crosses the map (area > 0.5 kept none of it)
+    assert target[31:34].sum(1).max() >= 50  # the horizontal line crosses the map (area > 0.5 kept 2 cells of it)
     diagonal = target[13:50].amax(1)  # every row the diagonal passes through keeps a cell of it
     assert diagonal.min() == 1 and target.sum() <= 2.5 * (110 * 64 / 130 + 60 * 64 / 100)  # thin, not a blob
-    # calibration's masks (`score_records`) use the same rule
-    assert torch.equal(mask_at(load_mask(record.mask, (100, 130)), 64), target)
+    # calibration (thresholds, pixel AUROC, the self-reference fit) scores against the same cells
+    _, _, _, masks = score_records(model, processor, [record], 64)
+    assert np.array_equal(masks[0], target.numpy() > 0.5)
