@@ -99,58 +99,6 @@ def make_carpet(size: int, rng: np.random.Generator):
     return _colorize(shade, colour * 0.35, np.minimum(colour * 1.3 + 20, 255)), None
 
 
-def make_leather(size: int, rng: np.random.Generator):
-    """Leather: a crinkled grain of small irregular cells with soft creases between them, evenly dyed."""
-    y, x = _coords(size)
-    count = int(rng.integers(60, 140))
-    points = rng.uniform(-4, size + 4, (count, 2)).astype(np.float32)
-    distance = np.sqrt((y[..., None] - points[:, 0]) ** 2 + (x[..., None] - points[:, 1]) ** 2)  # [H, W, count]
-    nearest = np.partition(distance, 1, axis=-1)
-    gap = nearest[..., 1] - nearest[..., 0]  # 0 on a cell border
-    crease = 1.0 - np.exp(-gap / rng.uniform(1.0, 2.0))
-    dome = nearest[..., 0] / (nearest[..., 0].max() + 1e-6)
-    shade = 0.3 + 0.45 * crease - 0.12 * dome + 0.15 * value_noise((size, size), (3, 3), rng) + _grain(rng, size, 0.03)
-    colour = _jitter(rng, rng.choice([(120, 70, 40), (60, 45, 40), (170, 130, 90), (130, 40, 35)]), 15)
-    return _colorize(shade, colour * 0.4, np.minimum(colour * 1.2, 255)), None
-
-
-def make_tile(size: int, rng: np.random.Generator):
-    """Ceramic tiles: glazed squares in a grid with grout lines, each tile its own shade, with fine speckles."""
-    y, x = _coords(size)
-    period = rng.uniform(28, 56)
-    grout = rng.uniform(1.5, 3.5)
-    ty, tx = (y + rng.uniform(0, period)) / period, (x + rng.uniform(0, period)) / period
-    cells = int(np.ceil(size / period)) + 2
-    tone = rng.uniform(-0.06, 0.06, (cells, cells)).astype(np.float32)
-    own = tone[np.floor(ty).astype(int) % cells, np.floor(tx).astype(int) % cells]
-    edge = np.minimum(np.minimum(ty % 1, 1 - ty % 1), np.minimum(tx % 1, 1 - tx % 1)) * period  # px to the nearest joint
-    glaze = 0.72 + own + 0.08 * ((ty % 1) - 0.5) + _grain(rng, size, 0.02)
-    speckles = ndimage.binary_dilation(rng.random((size, size)) < 0.01, iterations=int(rng.integers(0, 2)) or 1) & (rng.random((size, size)) < 0.7)
-    glaze = np.where(speckles, glaze - rng.uniform(0.15, 0.3), glaze)
-    shade = np.where(edge < grout / 2, 0.25 + _grain(rng, size, 0.03), glaze)
-    colour = _jitter(rng, rng.choice([(225, 220, 205), (170, 195, 200), (200, 170, 140), (150, 150, 155)]), 15)
-    return _colorize(shade, colour * 0.3, np.minimum(colour * 1.1, 255)), None
-
-
-def make_grid(size: int, rng: np.random.Generator):
-    """Wire grid: a regular mesh of thin round metal wires over a dark backing, slightly turned."""
-    y, x = _coords(size)
-    angle = rng.uniform(-0.25, 0.25)
-    u = x * np.cos(angle) + y * np.sin(angle)
-    v = -x * np.sin(angle) + y * np.cos(angle)
-    period, width = rng.uniform(8, 14), rng.uniform(1.2, 2.2)
-
-    def wires(t):  # 1 on a wire's axis, rounded off to 0 at its edge
-        offset = np.abs(((t + rng.uniform(0, period)) % period) - period / 2) - (period / 2 - width)
-        return np.clip(offset / width, 0, 1) ** 0.5
-
-    mesh = np.maximum(wires(u), wires(v))
-    backing = 0.12 + 0.08 * value_noise((size, size), (2, 2), rng)
-    shade = np.maximum(backing, 0.35 + 0.55 * mesh * (mesh > 0)) + _grain(rng, size, 0.02)
-    tint = _jitter(rng, (180, 180, 185), 20)
-    return _colorize(shade, np.zeros(3, np.float32), tint), None
-
-
 def _background(size: int, rng: np.random.Generator) -> FloatImage:
     level = rng.uniform(15, 60)
     shade = value_noise((size, size), (2, 2), rng) * 12 + _grain(rng, size, 2.0) + level
@@ -201,9 +149,6 @@ FAMILIES: dict[str, Family] = {
         Family("fabric", "woven fabric", "texture", make_fabric),
         Family("metal", "brushed metal plate", "texture", make_metal),
         Family("carpet", "carpet", "texture", make_carpet),
-        Family("leather", "leather hide", "texture", make_leather),
-        Family("tile", "ceramic tile floor", "texture", make_tile),
-        Family("grid", "wire grid", "texture", make_grid),
         Family("pill", "pill", "object", make_pill),
         Family("cap", "bottle cap", "object", make_cap),
     )
