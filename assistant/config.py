@@ -51,6 +51,11 @@ class AnomalyAssistantConfig(PretrainedConfig):
             ceil(side / stride) per side, as LLaVA-OneVision pools video frames) before the crops are
             packed into the LLM's image tokens. 1 (LLaVA-OneVision's image path) keeps every patch; 2
             gives the LLM a quarter of the tokens. The expert always scores the full grid.
+        detection_views: how many of a square crop's 8 flips and quarter turns the expert scores at inference
+            (1, 2, 4 or 8; `assistant.modeling.DETECTION_VIEWS` lists them in order). The anomaly map is the
+            mean of the views' maps turned back, the score the mean of their scores; the LLM's tokens and the
+            look-twice tokens come from the image as given. Thresholds are calibrated for one setting, so
+            re-calibrate after changing it. Training ignores it.
     """
 
     model_type = "anomaly_assistant"
@@ -74,6 +79,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         suspicion_marker: str = " with {level} suspicious features: ",
         suspicion_bounds: tuple[float, float] = (0.3, 0.7),
         image_token_pooling: int = 1,
+        detection_views: int = 1,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -97,6 +103,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")
         self.image_token_pooling = int(image_token_pooling)
+        if int(detection_views) not in (1, 2, 4, 8):
+            raise ValueError(f"detection_views must be 1, 2, 4 or 8, got {detection_views}")
+        self.detection_views = int(detection_views)
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"

@@ -41,6 +41,26 @@ def output_cache(output):
     return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
 
 
+#: the (quarter turns, mirrored) views `config.detection_views` averages, in order: the image, its mirror, the half
+#: turn and its mirror (a vertical flip), then the quarter turns and their mirrors
+DETECTION_VIEWS = [(0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True)]
+
+
+def view_of(crops: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
+    """Crops [N, C, S, S] seen in one of `DETECTION_VIEWS`."""
+    crops = torch.rot90(crops, turns, dims=(-2, -1)) if turns else crops
+    return crops.flip(-1) if mirrored else crops
+
+
+def map_back(maps: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
+    """Per-patch maps [N, P] of a view (`view_of`) on the square patch grid of the crops as given."""
+    side = int(round(maps.shape[-1] ** 0.5))
+    grid = maps.reshape(*maps.shape[:-1], side, side)
+    grid = grid.flip(-1) if mirrored else grid
+    grid = torch.rot90(grid, -turns, dims=(-2, -1)) if turns else grid
+    return grid.reshape(maps.shape)
+
+
 @dataclass
 class VisualEncoding:
     """Everything the vision side computed for a batch of images, reusable across chat turns."""
@@ -130,14 +150,19 @@ class AnomalyAssistantModel(PreTrainedModel):
     def vision_features(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image."""
         counts = self.crops_per_image(image_sizes)
+        projector_input, levels = self._tower(self._flat_crops(pixel_values, counts))
+        return projector_input, levels, counts
+
+    @staticmethod
+    def _flat_crops(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Padded [B, max_crops, 3, S, S] or flat [N, 3, S, S] crops → flat crops, checked against `counts`."""
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)], dim=0)
         elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
         if pixel_values.shape[0] != sum(counts):
             raise ValueError(f"got {pixel_values.shape[0]} crops for images that need {sum(counts)}")
-        projector_input, levels = self._tower(pixel_values)
-        return projector_input, levels, counts
+        return pixel_values
 
     def _tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Crops [N, 3, S, S] → projector-layer features [N, P, H] and the expert's feature levels."""
@@ -177,25 +202,50 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding = VisualEncoding(image_embeds=image_embeds, image_sizes=image_sizes)
         if self.expert is None:
             return encoding
+        crops = self._flat_crops(pixel_values, counts)
         if self.expert.config.views == "base":  # the expert sees each image's first crop, the whole image
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
             features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
+            crops = crops[first.to(crops.device)]
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
-            features, levels, counts, reference_pixel_values, reference_image_sizes
+            features, levels, counts, reference_pixel_values, reference_image_sizes, crops
         )
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
 
-    def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None):
-        """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`."""
+    def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None):
+        """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`.
+
+        In eval mode with `config.detection_views` > 1 and the `crops` [N, 3, S, S] the features came from,
+        the maps and scores are averaged over that many views of the crops (`DETECTION_VIEWS`); the tokens
+        are always those of the crops as given.
+        """
+        bank = None
+        if reference_pixel_values is not None:
+            _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
+            bank = [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
+        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank)
+        views = getattr(self.config, "detection_views", 1)
+        if crops is None or views == 1 or self.training:
+            return tokens, scores, crop_maps
+        crop_maps = [maps.float() for maps in crop_maps]
+        scores = scores.float()
+        for turns, mirrored in DETECTION_VIEWS[1:views]:
+            view_features, view_levels = self._tower(view_of(crops, turns, mirrored))
+            _, view_scores, view_maps = self._look_once(view_features, view_levels, counts, bank)
+            scores = scores + view_scores.float()
+            crop_maps = [total + map_back(maps.float(), turns, mirrored) for total, maps in zip(crop_maps, view_maps)]
+        dtype = view_maps[0].dtype
+        return tokens, (scores / views).to(dtype), [(total / views).to(dtype) for total in crop_maps]
+
+    def _look_once(self, features, levels, counts, bank=None):
+        """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
         weight = self.expert.config.reference_weight
         reference_map = None
-        if reference_pixel_values is not None:
-            _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
-            bank = [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
+        if bank is not None:
             reference_map = reference_distance(levels, bank).to(crop_map.dtype)
             crop_map = (1 - weight) * crop_map + weight * reference_map
             selection_map = crop_map  # few-shot: the references also steer which tokens are looked at twice
@@ -228,11 +278,14 @@ class AnomalyAssistantModel(PreTrainedModel):
             else:
                 first = torch.tensor([0] + counts[:-1]).cumsum(0)
                 base = pixel_values[first]
+            crops = base
             features, levels = self._tower(base)
             counts = [1] * len(image_sizes)
         else:
-            features, levels, counts = self.vision_features(pixel_values, image_sizes)
-        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes)
+            counts = self.crops_per_image(image_sizes)
+            crops = self._flat_crops(pixel_values, counts)
+            features, levels = self._tower(crops)
+        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes, crops)
         return crop_maps, scores
 
     # -- language side ----------------------------------------------------------------------------

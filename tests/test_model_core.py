@@ -315,3 +315,57 @@ def test_bad_token_pooling_is_refused():
 
     with pytest.raises(ValueError, match="image_token_pooling"):
         AnomalyAssistantConfig(image_token_pooling=0)
+
+
+@pytest.mark.parametrize("views", ["base", "all"])
+def test_detection_views_average_the_turned_views_and_make_the_verdict_mirror_proof(tmp_path, views):
+    from assistant.expert import ExpertConfig
+    from assistant.modeling import map_back
+    from assistant.testing import tiny_assistant
+
+    expert = ExpertConfig(feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, views=views).to_dict()
+    one = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "one", seed=4, expert_config=expert)))
+    eight = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "eight", seed=4, expert_config=expert, detection_views=8)))
+    two = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "two", seed=4, expert_config=expert, detection_views=2)))
+    assert AnomalyAssistant.from_pretrained(str(tmp_path / "eight")).model.config.detection_views == 8  # saved with the checkpoint
+    image = random_image(64, 64, seed=9)  # two crops: the "all" path scores the base view and a tile
+    pixels = one.processor.preprocess([image])
+    sizes = pixels["image_sizes"].tolist()
+
+    def detect(assistant, pixel_values):
+        with torch.no_grad():
+            maps, scores = assistant.model.detect(pixel_values, sizes)
+        return maps[0], float(scores[0])
+
+    # two views: the mean of the crops' and the mirrored crops' maps (mirrored back) and scores
+    (plain_map, plain), (mirror_map, mirror) = detect(one, pixels["pixel_values"]), detect(one, pixels["pixel_values"].flip(-1))
+    two_map, two_score = detect(two, pixels["pixel_values"])
+    assert two_score == pytest.approx((plain + mirror) / 2, abs=1e-6)
+    torch.testing.assert_close(two_map, (plain_map + map_back(mirror_map, 0, True)) / 2)
+    assert mirror != pytest.approx(plain, abs=1e-4)  # the views do differ
+
+    # all eight: mirrored or turned crops get the same score and the mirrored / turned map
+    eight_map, eight_score = detect(eight, pixels["pixel_values"])
+    for turns, mirrored in [(0, True), (1, False), (3, True)]:
+        pv = torch.rot90(pixels["pixel_values"], turns, dims=(-2, -1))
+        view_map, view_score = detect(eight, pv.flip(-1) if mirrored else pv)
+        assert view_score == pytest.approx(eight_score, abs=1e-6)
+        torch.testing.assert_close(map_back(view_map, turns, mirrored), eight_map)
+    # for a user: the mirror image gets the same verdict score (to the resampling's rounding), a single view does not
+    assert eight.detect(image.transpose(0)).pred_score == pytest.approx(eight.detect(image).pred_score, abs=1e-3)
+    assert abs(one.detect(image.transpose(0)).pred_score - one.detect(image).pred_score) > 1e-3
+
+    # the chat path reports the same evidence; its look-twice tokens stay those of the image as given
+    _, visual_eight, _ = eight.encode(image)
+    _, visual_one, _ = one.encode(image)
+    assert float(visual_eight.scores[0]) == pytest.approx(eight_score, abs=1e-6)
+    torch.testing.assert_close(visual_eight.anomaly_embeds[0], visual_one.anomaly_embeds[0])
+    eight.model.train()  # training scores the crops as given
+    assert detect(eight, pixels["pixel_values"])[1] == pytest.approx(plain, abs=1e-6)
+
+
+def test_bad_detection_views_are_refused():
+    from assistant.config import AnomalyAssistantConfig
+
+    with pytest.raises(ValueError, match="detection_views"):
+        AnomalyAssistantConfig(detection_views=3)

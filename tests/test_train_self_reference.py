@@ -97,3 +97,27 @@ def test_default_split_is_the_one_training_held_out(setup, tmp_path):
     records, _ = read_masked(data)
     assert report["held_out"] == len(split_records(records, 0.3, 5)[1])
     assert report["held_out"] != len(split_records(records, 0.1, 0)[1])  # not the fallback used without a training config
+
+
+def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup, tmp_path):
+    from assistant import AnomalyAssistant
+    from train.data import read_masked, split_records
+    from train.self_reference import main
+    from train.stage1 import f1_max_threshold
+
+    model, data = setup
+    out = {}
+    for views in (1, 8):
+        out[views] = tmp_path / f"views{views}"
+        args = ["--model", str(model), "--data", str(data), "--out", str(out[views]), "--val-fraction", "0.5"]
+        assert main(args + ["--detection-views", str(views)]) == 0
+    reports = {v: json.loads((folder / "self_reference.json").read_text()) for v, folder in out.items()}
+    assert reports[8]["detection_views"] == 8
+    eight = AnomalyAssistant.from_pretrained(out[8])
+    assert eight.model.config.detection_views == 8
+    # the threshold is the F1-max of what the saved checkpoint itself scores on the held-out split
+    _, held_out = split_records(read_masked(data)[0], 0.5, 0)
+    labels = np.array([int(r.label == 1) for r in held_out])
+    scores = np.array([r.pred_score for r in eight.detect_batch([r.image for r in held_out])])
+    assert eight.model.config.image_threshold == pytest.approx(f1_max_threshold(labels, scores)[1], abs=1e-5)
+    assert reports[8]["calibration"]["image_threshold"] != pytest.approx(reports[1]["calibration"]["image_threshold"], abs=1e-6)

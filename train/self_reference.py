@@ -75,9 +75,12 @@ def training_split(model_path: Path) -> tuple[float, int] | None:
 
 
 def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = -1, k: int = 3, val_fraction: float | None = None,
-                       seed: int | None = None, map_size: int = 64, overwrite: bool = False) -> dict:
+                       seed: int | None = None, map_size: int = 64, overwrite: bool = False, detection_views: int | None = None) -> dict:
     """`val_fraction` / `seed` default to the checkpoint's own training split (its `training_config.yaml`), so that
-    the fit and the thresholds see only images training held out; without that file, 0.1 and 0."""
+    the fit and the thresholds see only images training held out; without that file, 0.1 and 0.
+
+    `detection_views` (1, 2, 4 or 8; None keeps the checkpoint's) sets how many flips and turns of each image the
+    new checkpoint scores (`AnomalyAssistantConfig.detection_views`); its thresholds are calibrated for it."""
     from assistant import checkpoint
     from eval.metrics import pixel_auroc
 
@@ -94,6 +97,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
         raise SelfReferenceError(f"{out} exists and is not empty (use --overwrite)")
     if not 0.0 < weight <= 1.0:
         raise SelfReferenceError(f"--weight must be in (0, 1], got {weight}")
+    if detection_views is not None and detection_views not in (1, 2, 4, 8):
+        raise SelfReferenceError(f"--detection-views must be 1, 2, 4 or 8, got {detection_views}")
     recorded = training_split(model_path)
     if val_fraction is None:
         val_fraction = recorded[0] if recorded else 0.1
@@ -129,11 +134,14 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     moderate_from = bounds[0] / bounds[1] if bounds and bounds[1] else 0.5
     model.expert.set_self_reference(weight, scale, bias, level, k)
     model.config.expert_config = model.expert.config.to_dict()
+    if detection_views is not None:
+        model.config.detection_views = int(detection_views)
     calibration = calibrate(model, processor, held_out, map_size, moderate_from)  # scores the held-out split again
     after = {"image_auroc": calibration["image_auroc"], "pixel_auroc": calibration["pixel_auroc"]}
     report = {
         "model": str(model_path), "data": str(data), "held_out": len(held_out), "skipped": len(skipped.problems),
         "weight": weight, "level": level, "k": k, "scale": scale, "bias": bias,
+        "detection_views": int(getattr(model.config, "detection_views", 1)),
         "held_out_before": before, "held_out_after": after, "calibration": calibration,
     }
 
@@ -156,16 +164,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out share of --data (default: the model's training split, data.val_fraction in its training_config.yaml, else 0.1)")
     parser.add_argument("--seed", type=int, default=None, help="split seed (default: the model's data.split_seed, else 0)")
     parser.add_argument("--map-size", type=int, default=64)
+    parser.add_argument("--detection-views", type=int, default=None, choices=[1, 2, 4, 8],
+                        help="flips and quarter turns of each image the new checkpoint scores and averages (default: the model's setting); the thresholds are calibrated for it")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         report = add_self_reference(args.model, args.data, args.out, args.weight, args.level, args.k, args.val_fraction,
-                                    args.seed, args.map_size, args.overwrite)
+                                    args.seed, args.map_size, args.overwrite, args.detection_views)
     except (SelfReferenceError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     b, a = report["held_out_before"], report["held_out_after"]
-    print(f"self-reference added (scale {report['scale']:.2f}, bias {report['bias']:.2f}, weight {report['weight']}); "
+    views = f", {report['detection_views']} detection views" if report["detection_views"] > 1 else ""
+    print(f"self-reference added (scale {report['scale']:.2f}, bias {report['bias']:.2f}, weight {report['weight']}{views}); "
           f"held-out ({report['held_out']} images) pixel AUROC {b['pixel_auroc']:.3f} → {a['pixel_auroc']:.3f}, "
           f"image AUROC {b['image_auroc']:.3f} → {a['image_auroc']:.3f}; written to {args.out}")
     return 0
