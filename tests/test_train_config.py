@@ -46,6 +46,7 @@ def test_dotted_overrides_are_typed():
         (["novalue"], "key=value"),
         (["data.augment_hue=0.7"], "augment_hue must be in"),
         (["data.augment_saturation=1.5"], "augment_saturation must be in"),
+        (["data.augment_lighting=1.0"], "augment_lighting must be in"),
         (["model.image_token_pooling=0"], "image_token_pooling must be"),
     ],
 )
@@ -124,6 +125,35 @@ def test_stage1_colour_changes_keep_grey_and_stay_in_range():
     assert (back - rgb).abs().max() > 0.05  # the colours did change
     red = torch.tensor([1.0, 0.0, 0.0])
     torch.testing.assert_close(hue_rotation(2 * torch.pi / 3) @ red, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)  # a third of a turn: red → green
+
+
+def test_stage1_uneven_lighting_is_smooth_keeps_colour_and_local_contrast():
+    import torch
+
+    from train.data import Augment
+
+    mean = torch.full((3, 1, 1), 0.5)
+    std = torch.full((3, 1, 1), 0.25)
+    rgb = torch.full((1, 3, 32, 32), 0.5)
+    rgb[:, 0] = 0.6  # a reddish surface
+    rgb[:, :, 14:18, 14:18] = 0.2  # a small dark defect
+    mask = torch.zeros(8, 8)
+    mask[3:5, 3:5] = 1
+    torch.manual_seed(3)
+    fields = []
+    for _ in range(16):
+        out, out_mask = Augment(lighting=0.3)(_normalised(rgb, mean, std), mask, mean, std)
+        gain = (out * std + mean) / rgb  # the per-pixel gain applied
+        assert torch.equal(out_mask, mask)  # the mask does not move
+        torch.testing.assert_close(gain[0, 0], gain[0, 1])  # the same on every channel: the colour is kept
+        assert gain.min() >= 0.7 - 1e-5 and gain.max() <= 1.3 + 1e-5
+        assert (gain[0, 0, :, 1:] - gain[0, 0, :, :-1]).abs().max() < 0.1  # smooth: no step between neighbours
+        fields.append(gain[0, 0])
+        inside, around = (out * std + mean)[0, 0, 15, 15], (out * std + mean)[0, 0, 15, 12]
+        assert inside < around - 0.2  # the defect stays darker than its surroundings
+    spread = torch.stack(fields)
+    assert (spread.amax((1, 2)) - spread.amin((1, 2))).max() > 0.2  # the lighting really is uneven
+    assert (spread[0] - spread[1]).abs().max() > 0.05  # drawn afresh per item
 
 
 def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):

@@ -101,10 +101,12 @@ class DataConfig:
     cache_images: bool = False
     max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
     #: stage 1 augmentation (`train.data.Augment`), drawn afresh per item: the 8 flips / quarter turns of image
-    #: and mask, a hue rotation of up to ± this many turns (0.5: any hue), a saturation factor in [1 − s, 1 + s]
+    #: and mask, a hue rotation of up to ± this many turns (0.5: any hue), a saturation factor in [1 − s, 1 + s],
+    #: uneven lighting (a smooth gain field in [1 − l, 1 + l])
     augment_flips: bool = False
     augment_hue: float = 0.0
     augment_saturation: float = 0.0
+    augment_lighting: float = 0.0
     split_seed: int = 0
 
 
@@ -190,6 +192,8 @@ class TrainConfig:
             raise ConfigError(f"data.augment_hue must be in [0, 0.5] turns, got {self.data.augment_hue}")
         if not 0.0 <= self.data.augment_saturation < 1.0:
             raise ConfigError(f"data.augment_saturation must be in [0, 1), got {self.data.augment_saturation}")
+        if not 0.0 <= self.data.augment_lighting < 1.0:
+            raise ConfigError(f"data.augment_lighting must be in [0, 1), got {self.data.augment_lighting}")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
             raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.grad_accum must be ≥ 1")
         if self.trainer.save_total_limit < 1:

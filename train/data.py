@@ -162,15 +162,19 @@ class Augment:
     * `hue`: the colours rotate about the grey axis by up to ±`hue` turns (0.5: any hue); `saturation`:
       the colour's distance from grey is scaled by a factor in [1 − s, 1 + s]. Both act on the whole image,
       so a defect keeps its contrast with its surroundings while the surface colour stops being a cue.
+    * `lighting`: uneven illumination. Every pixel is multiplied by a smooth random field in [1 − l, 1 + l]
+      (a 2×2 to 4×4 grid of random gains, resized bicubically to the crop; the same field on every crop), so
+      broad bright and dark areas over a whole image are normal while a defect keeps its local contrast.
     """
 
     flips: bool = False
     hue: float = 0.0
     saturation: float = 0.0
+    lighting: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.flips or self.hue > 0 or self.saturation > 0
+        return self.flips or self.hue > 0 or self.saturation > 0 or self.lighting > 0
 
     def __call__(self, pixels: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [crops, 3, S, S] normalised by (mean, std); mask [M, M]."""
@@ -179,7 +183,7 @@ class Augment:
             pixels, mask = torch.rot90(pixels, turns, dims=(-2, -1)), torch.rot90(mask, turns, dims=(-2, -1))
             if flip:
                 pixels, mask = pixels.flip(-1), mask.flip(-1)
-        if self.hue > 0 or self.saturation > 0:
+        if self.hue > 0 or self.saturation > 0 or self.lighting > 0:
             rgb = pixels * std + mean  # [crops, 3, S, S] in [0, 1]
             if self.hue > 0:
                 angle = float(torch.empty(()).uniform_(-self.hue, self.hue)) * 2 * math.pi
@@ -188,6 +192,11 @@ class Augment:
                 factor = float(torch.empty(()).uniform_(1 - self.saturation, 1 + self.saturation))
                 grey = rgb.mean(dim=1, keepdim=True)
                 rgb = grey + factor * (rgb - grey)
+            if self.lighting > 0:
+                cells = int(torch.randint(2, 5, ()))
+                gains = torch.empty(1, 1, cells, cells).uniform_(-1, 1)
+                field = F.interpolate(gains, size=rgb.shape[-2:], mode="bicubic", align_corners=True).clamp(-1, 1)
+                rgb = rgb * (1 + self.lighting * field)
             pixels = (rgb.clamp(0, 1) - mean) / std
         return pixels.contiguous(), mask.contiguous()
 
