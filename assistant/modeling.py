@@ -202,11 +202,11 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding = VisualEncoding(image_embeds=image_embeds, image_sizes=image_sizes)
         if self.expert is None:
             return encoding
-        crops = self._flat_crops(pixel_values, counts)
+        crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None  # only re-read for more views
         if self.expert.config.views == "base":  # the expert sees each image's first crop, the whole image
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
             features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
-            crops = crops[first.to(crops.device)]
+            crops = crops[first.to(crops.device)] if crops is not None else None
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
             features, levels, counts, reference_pixel_values, reference_image_sizes, crops
         )
@@ -225,9 +225,9 @@ class AnomalyAssistantModel(PreTrainedModel):
             _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
             bank = [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
         tokens, scores, crop_maps = self._look_once(features, levels, counts, bank)
-        views = getattr(self.config, "detection_views", 1)
-        if crops is None or views == 1 or self.training:
+        if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
+        views = self.config.detection_views
         crop_maps = [maps.float() for maps in crop_maps]
         scores = scores.float()
         for turns, mirrored in DETECTION_VIEWS[1:views]:
@@ -237,6 +237,10 @@ class AnomalyAssistantModel(PreTrainedModel):
             crop_maps = [total + map_back(maps.float(), turns, mirrored) for total, maps in zip(crop_maps, view_maps)]
         dtype = view_maps[0].dtype
         return tokens, (scores / views).to(dtype), [(total / views).to(dtype) for total in crop_maps]
+
+    def _scores_views(self) -> bool:
+        """Whether the expert averages more views than the crops as given (`config.detection_views`, not in training)."""
+        return self.config.detection_views > 1 and not self.training
 
     def _look_once(self, features, levels, counts, bank=None):
         """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level."""
@@ -278,13 +282,12 @@ class AnomalyAssistantModel(PreTrainedModel):
             else:
                 first = torch.tensor([0] + counts[:-1]).cumsum(0)
                 base = pixel_values[first]
-            crops = base
+            crops = base if self._scores_views() else None
             features, levels = self._tower(base)
             counts = [1] * len(image_sizes)
         else:
-            counts = self.crops_per_image(image_sizes)
-            crops = self._flat_crops(pixel_values, counts)
-            features, levels = self._tower(crops)
+            features, levels, counts = self.vision_features(pixel_values, image_sizes)
+            crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None
         _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes, crops)
         return crop_maps, scores
 
