@@ -12,6 +12,9 @@ families and are reported on their own row. Per row:
 - verdict accuracy: `pred_label` equals the ground truth;
 - location accuracy on anomalous images: the report's `location` equals `location_words(gt_mask)`
   (the exact 3×3-cell words; an image judged normal has no location and counts as wrong);
+- with `--shots K`, every image is scored with K normal images of its family as references (the few-shot
+  mode: `AnomalyAssistant.detect(image, references=...)`), drawn with another seed (`--seed` + 1000) than the
+  test images;
 - on a sample (`--text-n` per row), the answer text to the default question, classified as claiming a
   defect or not (`answer_claim`): how often it agrees with the verdict, and how often an anomalous
   verdict's answer names the report's location.
@@ -110,13 +113,22 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: int, size: int, text_n: int) -> dict:
+def reference_images(family: str, shots: int, seed: int, size: int) -> list[Image.Image]:
+    """`shots` normal images of `family` for the few-shot mode, drawn with `seed` + 1000 (never a test image)."""
+    from data_prep.synth import make_sample
+
+    return [Image.fromarray(make_sample(family, 2 * i, seed + 1000, size, None).image) for i in range(shots)]
+
+
+def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: int, size: int, text_n: int, shots: int = 0) -> dict:
     from assistant.localize import location_words
 
     items: list[dict] = []
     text_budget: dict[tuple[bool, int], int] = {}
+    references = {family: reference_images(family, shots, seed, size) for family in families} if shots else {}
     for family, image, mask, label, defect in held_out_samples(families, n, seed, size):
-        report = assistant.detect(image)
+        refs = references.get(family)
+        report = assistant.detect(image, references=refs)
         item = {
             "family": family, "label": label, "defect": defect or "normal", "mask": mask, "map": report.anomaly_map, "score": report.pred_score,
             "pred_label": bool(report.pred_label), "location": report.location, "gt_location": location_words(mask),
@@ -124,7 +136,7 @@ def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: in
         group = (family in unseen, label)
         if text_budget.get(group, 0) < text_n / 2:  # half normal, half anomalous images per row
             text_budget[group] = text_budget.get(group, 0) + 1
-            item["answer"] = assistant.analyze(image, max_new_tokens=64).answer
+            item["answer"] = assistant.analyze(image, references=refs, max_new_tokens=64).answer
             item["claim"] = answer_claim(item["answer"])
         items.append(item)
     seen_items = [it for it in items if it["family"] not in unseen]
@@ -188,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=None, help="families to draw (default: all)")
     parser.add_argument("--unseen", nargs="+", default=None, help="families to report as unseen (default: those not in training)")
     parser.add_argument("--text-n", type=int, default=20, help="answers generated per row (half normal, half anomalous)")
+    parser.add_argument("--shots", type=int, default=0, help="normal reference images per family (few-shot mode; default 0: zero-shot)")
     parser.add_argument("--out", default=None, help="write the metrics and sample answers as JSON here")
     args = parser.parse_args(argv)
 
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     families = args.families or list(FAMILIES)
     from train.config import ConfigError
 
+    if args.shots < 0:
+        print(f"error: --shots must be ≥ 0, got {args.shots}", file=sys.stderr)
+        return 2
     unknown = sorted(set(families + (args.unseen or [])) - set(FAMILIES))
     if unknown:
         print(f"error: unknown families {unknown}; the generator has {list(FAMILIES)}", file=sys.stderr)
@@ -211,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     unseen = args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
-    result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n)
+    result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n, args.shots)
     result["conversation"] = sample_conversation(assistant, args.seed, args.size)
     command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"`{command.strip()}`  (model: {args.model}; location rule: exact words of location_words(gt_mask))\n")
+    mode = f"{args.shots}-shot: {args.shots} normal references per family" if args.shots else "zero-shot"
+    print(f"`{command.strip()}`  (model: {args.model}; {mode}; location rule: exact words of location_words(gt_mask))\n")
     print(markdown_table(result["rows"]))
     print("\nby truth (normal, or the defect type):\n")
     print(defect_table(result["by_defect"]))

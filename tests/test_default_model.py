@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from assistant.checkpoint import default_model_path
@@ -98,6 +99,7 @@ def test_cli_ask_without_model_prints_json():
 @pytest.mark.parametrize("args, message", [
     (["--model", "no/such/folder/x"], "no model at"),
     (["--families", "wood", "rug"], "unknown families ['rug']"),
+    (["--shots", "-1"], "--shots must be ≥ 0"),
 ])
 def test_quality_script_bad_input_is_one_line(args, message, capsys):
     from eval.default_model_quality import main
@@ -123,3 +125,28 @@ def test_quality_breakdown_by_defect_type_accounts_for_every_image(assistant):
     assert table["normal"]["seen"]["location_right"] == 0
     lines = defect_table(table).splitlines()
     assert len(lines) == 2 + 1 + len(DEFECT_TYPES) and lines[2].startswith("| normal | ")
+
+
+@needs_model
+def test_quality_few_shot_scores_each_image_against_normals_of_its_own_family(assistant, monkeypatch):
+    from eval.default_model_quality import evaluate, held_out_samples
+
+    calls = []
+    detect = assistant.detect
+
+    def spy(image, references=None):
+        calls.append((np.asarray(image), [np.asarray(r) for r in references or []]))
+        return detect(image, references=references)
+
+    monkeypatch.setattr(assistant, "detect", spy)
+    few = evaluate(assistant, ["wood", "carpet"], ["carpet"], n=2, seed=3, size=128, text_n=0, shots=2)
+    tests = [np.asarray(image) for _, image, _, _, _ in held_out_samples(["wood", "carpet"], 2, 3, 128)]
+    assert len(calls) == 4 and all(len(refs) == 2 for _, refs in calls)
+    wood, carpet = calls[0][1], calls[2][1]
+    assert all(np.array_equal(a, b) for a, b in zip(wood, calls[1][1]))  # one reference set per family
+    assert not any(np.array_equal(a, b) for a in wood for b in carpet)
+    assert not any(np.array_equal(ref, test) for _, refs in calls for ref in refs for test in tests)
+    calls.clear()
+    zero = evaluate(assistant, ["wood", "carpet"], ["carpet"], n=2, seed=3, size=128, text_n=0)
+    assert all(refs == [] for _, refs in calls)
+    assert few["rows"]["all"]["pixel_AUROC"] != zero["rows"]["all"]["pixel_AUROC"]  # the references change the maps

@@ -182,3 +182,29 @@ def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     # calibration (thresholds, pixel AUROC, the self-reference fit) scores against the same cells
     _, _, _, masks = score_records(model, processor, [record], 64)
     assert np.array_equal(masks[0], target.numpy() > 0.5)
+
+
+def test_stage1_area_targets_are_each_cells_defective_fraction(clip_llama, tmp_path):
+    """`data.mask_targets=area`: soft targets, a thin scratch kept at its coverage (not 1, not thresholded away), a
+    solid defect at 1, the defect's area preserved; any other value is a config error."""
+    import numpy as np
+    from PIL import Image
+
+    from assistant import checkpoint
+    from data_prep.records import Record
+    from train.data import MaskedImages
+
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[40, 8:120] = 255  # one pixel wide: half of each 2×2 cell it crosses
+    mask[80:96, 32:64] = 255  # solid block on whole cells
+    Image.fromarray(np.full((128, 128, 3), 128, np.uint8)).save(tmp_path / "d.png")
+    Image.fromarray(mask).save(tmp_path / "d_mask.png")
+    record = Record(image=str(tmp_path / "d.png"), label=1, mask=str(tmp_path / "d_mask.png"), category="x", split="test", defect_type="scratch")
+    _, processor, _, _ = checkpoint.load(clip_llama)
+    area = MaskedImages([record], processor, map_size=64, mask_targets="area")[0]["masks"]
+    hard = MaskedImages([record], processor, map_size=64)[0]["masks"]
+    assert area[20, 4:60].tolist() == [0.5] * 56 and hard[20, 4:60].tolist() == [1.0] * 56
+    assert area[40:48, 16:32].min() == 1.0
+    assert float(area.sum()) * 4 == pytest.approx(float((mask > 0).sum()))
+    with pytest.raises(ConfigError, match="mask_targets"):
+        load_config(ROOT / "configs/train/default_model.yaml", ["data.mask_targets=mean"])

@@ -393,3 +393,19 @@ def test_compiled_stage1_matches_eager_and_saves_plain_names(prepared, tmp_path,
     assert set(saved) == set(load_file(str(Path(last_checkpoint(tmp_path / "eager" / "stage1")) / TRAINABLE_FILE)))
     report = AnomalyAssistant.from_pretrained(str(compiled)).detect(np.zeros((64, 64, 3), dtype=np.uint8))
     assert 0.0 <= report.pred_score <= 1.0
+
+
+def test_stage1_batch_size_sets_stage_one_batch_only(prepared, tmp_path):
+    """`stage1_batch_size` is stage 1's batch (the Trainer's recorded batch and the images seen per step); stage 2
+    keeps trainer.batch_size."""
+    from train.run import run
+    from train.trainer import last_checkpoint
+
+    cfg = config(tmp_path, f"model.path={prepared['base']}", f"data.masked={prepared['images']}",
+                 f"data.instructions={prepared['instructions']}", "stage1_steps=2", "trainer.max_steps=2",
+                 "trainer.save_steps=2", "trainer.batch_size=2", "stage1_batch_size=3")
+    run(cfg)
+    states = {stage: json.loads((Path(last_checkpoint(tmp_path / stage)) / "trainer_state.json").read_text())
+              for stage in ("stage1", "stage2")}
+    assert states["stage1"]["train_batch_size"] == 3
+    assert states["stage2"]["train_batch_size"] == 2

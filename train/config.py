@@ -107,6 +107,7 @@ class DataConfig:
     augment_hue: float = 0.0
     augment_saturation: float = 0.0
     augment_lighting: float = 0.0
+    mask_targets: str = "max"  # stage 1's map targets: max (a cell any defect pixel touches is 1) | area (its defective fraction)
     split_seed: int = 0
 
 
@@ -161,6 +162,7 @@ class TrainConfig:
     quantization: str = "none"  # none | 4bit (QLoRA)
     stage1_steps: int | None = None  # stage "all": stage 1's max_steps (default trainer.max_steps)
     stage1_lr: float | None = None  # stage "all": stage 1's learning rate (default trainer.lr)
+    stage1_batch_size: int | None = None  # stage "all": stage 1's per-device batch size (default trainer.batch_size)
     stage1_train_vision: bool = False  # stage 1 also trains the vision tower (a model built from scratch)
     stage1_compile: bool = False  # stage 1 runs under torch.compile (as trainer.torch_compile, for stage 1 only)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,10 +194,14 @@ class TrainConfig:
             raise ConfigError(f"data.augment_hue must be in [0, 0.5] turns, got {self.data.augment_hue}")
         if not 0.0 <= self.data.augment_saturation < 1.0:
             raise ConfigError(f"data.augment_saturation must be in [0, 1), got {self.data.augment_saturation}")
+        if self.data.mask_targets not in ("max", "area"):
+            raise ConfigError(f"data.mask_targets must be max or area, got {self.data.mask_targets!r}")
         if not 0.0 <= self.data.augment_lighting < 1.0:
             raise ConfigError(f"data.augment_lighting must be in [0, 1), got {self.data.augment_lighting}")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
             raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.grad_accum must be ≥ 1")
+        if self.stage1_batch_size is not None and self.stage1_batch_size < 1:
+            raise ConfigError(f"stage1_batch_size must be ≥ 1, got {self.stage1_batch_size}")
         if self.trainer.save_total_limit < 1:
             raise ConfigError("trainer.save_total_limit must be ≥ 1")
         if self.trainer.deepspeed is not None and not Path(self.trainer.deepspeed).is_file():

@@ -53,7 +53,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
 
     run_dir, final = root / "stage1", root / "stage1" / "model"
     args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr,
-                              torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile)
+                              torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
+                              per_device_train_batch_size=cfg.stage1_batch_size or cfg.trainer.batch_size)
     if cfg.stage == "all" and cfg.resume and (final / "config.json").is_file():
         _say(args, f"stage 1 already finished: {final}")
         return final
@@ -78,7 +79,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     augment = stage1_augment(cfg, model)
     objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
     trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment),
+        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment,
+                                  mask_targets=cfg.data.mask_targets),
         data_collator=collate_masked, run_config=cfg, commit=commit,
     )
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
