@@ -56,6 +56,11 @@ class AnomalyAssistantConfig(PretrainedConfig):
             mean of the views' maps turned back, the score the mean of their scores; the LLM's tokens and the
             look-twice tokens come from the image as given. Thresholds are calibrated for one setting, so
             re-calibrate after changing it. Training ignores it.
+        few_shot_thresholds: (image, pixel) thresholds calibrated for the few-shot mode (scores against normal
+            references), or None. When set, few-shot scores and maps are mapped piecewise-linearly so that
+            these thresholds land on `image_threshold` / `pixel_threshold` (0 and 1 stay put; the order of the
+            scores, so every AUROC, is unchanged): one threshold and one suspicion scale serve both modes.
+            Written by `python -m train.self_reference --few-shot K`.
     """
 
     model_type = "anomaly_assistant"
@@ -80,6 +85,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         suspicion_bounds: tuple[float, float] = (0.3, 0.7),
         image_token_pooling: int = 1,
         detection_views: int = 1,
+        few_shot_thresholds: tuple[float, float] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -106,6 +112,11 @@ class AnomalyAssistantConfig(PretrainedConfig):
         if int(detection_views) not in (1, 2, 4, 8):
             raise ValueError(f"detection_views must be 1, 2, 4 or 8, got {detection_views}")
         self.detection_views = int(detection_views)
+        if few_shot_thresholds is not None:
+            few_shot_thresholds = [float(t) for t in few_shot_thresholds]
+            if len(few_shot_thresholds) != 2 or not all(0.0 < t < 1.0 for t in few_shot_thresholds):
+                raise ValueError(f"few_shot_thresholds must be two thresholds in (0, 1), got {few_shot_thresholds}")
+        self.few_shot_thresholds = few_shot_thresholds
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"
@@ -128,6 +139,17 @@ class AnomalyAssistantConfig(PretrainedConfig):
     def llm_patches_per_side(self) -> int:
         """Side of each crop's token grid as the LLM reads it (after `image_token_pooling`)."""
         return -(-self.patches_per_side // self.image_token_pooling)
+
+    def few_shot_rescale(self, values, pixel: bool = False):
+        """Few-shot scores (or maps, `pixel=True`) on the zero-shot scale: the few-shot threshold goes to the
+        zero-shot one, linearly on each side of it. Unchanged without `few_shot_thresholds`. Works on tensors."""
+        if self.few_shot_thresholds is None:
+            return values
+        source = self.few_shot_thresholds[1 if pixel else 0]
+        target = min(max(self.pixel_threshold if pixel else self.image_threshold, 1e-6), 1 - 1e-6)
+        below = values * (target / source)
+        above = target + (values - source) * ((1 - target) / (1 - source))
+        return below.where(values < source, above)
 
     def suspicion_level(self, score: float) -> str:
         low, high = self.suspicion_bounds

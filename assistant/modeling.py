@@ -259,8 +259,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         for feats, maps, selection, significance in per_crop:
             chosen, weights = self.selector(feats, selection, significance)
             score = self.expert.score(chosen, weights)
-            if reference_map is not None:
-                score = (1 - weight) * score + weight * maps.max()
+            if reference_map is not None:  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
+                score = self.config.few_shot_rescale((1 - weight) * score + weight * maps.max())
+                maps = self.config.few_shot_rescale(maps, pixel=True)
             tokens.append(chosen)
             scores.append(score)
             crop_maps.append(maps)

@@ -49,7 +49,7 @@ def test_fit_raises_held_out_pixel_auroc_and_the_checkpoint_loads(setup, tmp_pat
     assert not np.allclose(loaded.detect(image).anomaly_map, plain.anomaly_map)
 
 
-@pytest.mark.parametrize("case", ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data", "bad_training_config"])
+@pytest.mark.parametrize("case", ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data", "bad_training_config", "bad_few_shot"])
 def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsys, case):
     from train.self_reference import main
 
@@ -67,6 +67,8 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsy
         args["--weight"] = "1.5"
     elif case == "no_data":
         args["--data"] = str(tmp_path / "missing")
+    elif case == "bad_few_shot":
+        args["--few-shot"] = "-2"
     elif case == "bad_training_config":  # the checkpoint's recorded split cannot be read
         import shutil
 
@@ -121,3 +123,48 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     scores = np.array([r.pred_score for r in eight.detect_batch([r.image for r in held_out])])
     assert eight.model.config.image_threshold == pytest.approx(f1_max_threshold(labels, scores)[1], abs=1e-5)
     assert reports[8]["calibration"]["image_threshold"] != pytest.approx(reports[1]["calibration"]["image_threshold"], abs=1e-6)
+
+
+def test_few_shot_thresholds_put_the_few_shot_verdict_where_f1_max_put_it(setup, tmp_path):
+    """`--few-shot K`: the few-shot mode gets its own F1-max thresholds on the held-out split, and the saved
+    checkpoint's few-shot scores are mapped so that the zero-shot threshold decides: an image is anomalous with
+    references exactly when its raw few-shot score reaches the few-shot threshold; zero-shot reports do not change."""
+    from assistant import AnomalyAssistant
+    from train.data import read_masked, split_records
+    from train.self_reference import main
+
+    model, data = setup
+    plain, calibrated = tmp_path / "plain", tmp_path / "few"
+    common = ["--model", str(model), "--data", str(data), "--val-fraction", "0.5"]
+    assert main(common + ["--out", str(plain)]) == 0
+    assert main(common + ["--out", str(calibrated), "--few-shot", "3"]) == 0
+    report = json.loads((calibrated / "self_reference.json").read_text())["few_shot"]
+    assert report["shots"] == 3 and report["n"] == 60 and 0 < report["n_anomalous"] < 60
+    few, raw = AnomalyAssistant.from_pretrained(calibrated), AnomalyAssistant.from_pretrained(plain)
+    assert few.model.config.few_shot_thresholds == pytest.approx([report["image_threshold"], report["pixel_threshold"]])
+    assert raw.model.config.few_shot_thresholds is None
+    _, held_out = split_records(read_masked(data)[0], 0.5, 0)
+    references = [r.image for r in held_out if r.label != 1 and r.category == held_out[0].category][:3]
+    images = [r.image for r in held_out if r.category == held_out[0].category]
+    with_refs, raw_refs = few.detect_batch(images, references), raw.detect_batch(images, references)
+    for mapped, unmapped in zip(with_refs, raw_refs):
+        assert mapped.pred_label == (unmapped.pred_score >= report["image_threshold"])
+    order = np.argsort([r.pred_score for r in raw_refs], kind="stable")
+    assert np.all(np.diff(np.array([r.pred_score for r in with_refs])[order]) >= -1e-6)  # the ranking is kept
+    for a, b in zip(few.detect_batch(images[:4]), raw.detect_batch(images[:4])):  # zero-shot: as before
+        assert a.pred_score == pytest.approx(b.pred_score) and a.pred_label == b.pred_label
+
+
+def test_few_shot_rescale_maps_the_few_shot_threshold_onto_the_zero_shot_one():
+    import torch
+
+    from assistant.config import AnomalyAssistantConfig
+
+    config = AnomalyAssistantConfig(image_threshold=0.8, pixel_threshold=0.3, few_shot_thresholds=(0.4, 0.6))
+    values = torch.tensor([0.0, 0.2, 0.4, 0.7, 1.0])
+    assert config.few_shot_rescale(values).tolist() == pytest.approx([0.0, 0.4, 0.8, 0.9, 1.0])
+    assert config.few_shot_rescale(values, pixel=True).tolist() == pytest.approx([0.0, 0.1, 0.2, 0.475, 1.0])
+    assert AnomalyAssistantConfig(image_threshold=0.8).few_shot_rescale(values) is values
+    for bad in ((0.4,), (0.0, 0.5), (0.5, 1.0)):
+        with pytest.raises(ValueError, match="few_shot_thresholds"):
+            AnomalyAssistantConfig(few_shot_thresholds=bad)

@@ -64,6 +64,49 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
+def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0) -> dict:
+    """F1-max image and pixel thresholds of the few-shot mode, set as `model.config.few_shot_thresholds`: each
+    held-out image is scored against `shots` held-out normal images of its own category (never itself)."""
+    import torch
+
+    from .data import load_mask, load_rgb, mask_at
+    from .stage1 import auroc, f1_max_threshold, small_maps
+    from eval.metrics import pixel_auroc
+
+    normals: dict[str, list] = {}
+    for record in records:
+        if record.label != 1:
+            normals.setdefault(record.category, []).append(record)
+    rng = np.random.default_rng(seed)
+    model.config.few_shot_thresholds = None  # score on the raw few-shot scale
+    labels, scores, maps, masks = [], [], [], []
+    with torch.no_grad():
+        for record in records:
+            pool = [n for n in normals.get(record.category, []) if n is not record]
+            if len(pool) < shots:
+                continue
+            references = [load_rgb(pool[i].image) for i in rng.choice(len(pool), shots, replace=False)]
+            image = load_rgb(record.image)
+            pixels, refs = processor.preprocess([image]), processor.preprocess(references)
+            crop_maps, score = model.detect(pixels["pixel_values"], pixels["image_sizes"], refs["pixel_values"], refs["image_sizes"])
+            size = (image.height, image.width)
+            maps.append(small_maps(model, crop_maps, [size], map_size)[0].float().cpu().numpy())
+            masks.append(mask_at(load_mask(record.mask, size), map_size).numpy() > 0.5)
+            scores.append(float(score[0]))
+            labels.append(int(record.label == 1))
+    labels, scores, maps, masks = np.array(labels), np.array(scores), np.stack(maps) if maps else None, np.stack(masks) if masks else None
+    if not 0 < labels.sum() < len(labels) or not masks.any():
+        raise SelfReferenceError(f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
+                                 f"{shots + 1} normal images per category")
+    image_f1, image_threshold = f1_max_threshold(labels, scores)
+    pixel_f1, pixel_threshold = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
+    image_threshold, pixel_threshold = (min(max(t, 1e-4), 1 - 1e-4) for t in (image_threshold, pixel_threshold))
+    model.config.few_shot_thresholds = [image_threshold, pixel_threshold]
+    return {"shots": shots, "n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores),
+            "pixel_auroc": pixel_auroc(masks, maps), "image_f1_max": image_f1, "pixel_f1_max": pixel_f1,
+            "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
+
+
 def training_split(model_path: Path) -> tuple[float, int] | None:
     """(data.val_fraction, data.split_seed) from the checkpoint's `training_config.yaml`, or None without one."""
     from .config import config_section, read_run_config
@@ -75,12 +118,14 @@ def training_split(model_path: Path) -> tuple[float, int] | None:
 
 
 def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = -1, k: int = 3, val_fraction: float | None = None,
-                       seed: int | None = None, map_size: int = 64, overwrite: bool = False, detection_views: int | None = None) -> dict:
+                       seed: int | None = None, map_size: int = 64, overwrite: bool = False, detection_views: int | None = None,
+                       few_shot: int = 0) -> dict:
     """`val_fraction` / `seed` default to the checkpoint's own training split (its `training_config.yaml`), so that
     the fit and the thresholds see only images training held out; without that file, 0.1 and 0.
 
     `detection_views` (1, 2, 4 or 8; None keeps the checkpoint's) sets how many flips and turns of each image the
-    new checkpoint scores (`AnomalyAssistantConfig.detection_views`); its thresholds are calibrated for it."""
+    new checkpoint scores (`AnomalyAssistantConfig.detection_views`); its thresholds are calibrated for it.
+    `few_shot` K > 0 also calibrates the few-shot mode's thresholds (`few_shot_calibration`, K references per image)."""
     from assistant import checkpoint
     from eval.metrics import pixel_auroc
 
@@ -97,6 +142,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
         raise SelfReferenceError(f"{out} exists and is not empty (use --overwrite)")
     if not 0.0 < weight <= 1.0:
         raise SelfReferenceError(f"--weight must be in (0, 1], got {weight}")
+    if few_shot < 0:
+        raise SelfReferenceError(f"--few-shot must be ≥ 0, got {few_shot}")
     if detection_views is not None and detection_views not in (1, 2, 4, 8):
         raise SelfReferenceError(f"--detection-views must be 1, 2, 4 or 8, got {detection_views}")
     recorded = training_split(model_path)
@@ -137,6 +184,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     if detection_views is not None:
         model.config.detection_views = int(detection_views)
     calibration = calibrate(model, processor, held_out, map_size, moderate_from)  # scores the held-out split again
+    few_shot_report = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed) if few_shot else None
     after = {"image_auroc": calibration["image_auroc"], "pixel_auroc": calibration["pixel_auroc"]}
     report = {
         "model": str(model_path), "data": str(data), "held_out": len(held_out), "skipped": len(skipped.problems),
@@ -144,6 +192,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
         "detection_views": int(getattr(model.config, "detection_views", 1)),
         "held_out_before": before, "held_out_after": after, "calibration": calibration,
     }
+    if few_shot_report is not None:
+        report["few_shot"] = few_shot_report
 
     with atomic_folder(out) as staging:
         write_model_parts(staging, model, processor, generation, model_path, ("training_config.yaml", "git_commit.txt", "training_summary.json"))
@@ -166,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--detection-views", type=int, default=None, choices=[1, 2, 4, 8],
                         help="flips and quarter turns of each image the new checkpoint scores and averages (default: the model's setting); the thresholds are calibrated for it")
+    parser.add_argument("--few-shot", type=int, default=0, metavar="K",
+                        help="also calibrate the few-shot mode: each held-out image against K held-out normal images of its category")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         report = add_self_reference(args.model, args.data, args.out, args.weight, args.level, args.k, args.val_fraction,
-                                    args.seed, args.map_size, args.overwrite, args.detection_views)
+                                    args.seed, args.map_size, args.overwrite, args.detection_views, args.few_shot)
     except (SelfReferenceError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -179,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"self-reference added (scale {report['scale']:.2f}, bias {report['bias']:.2f}, weight {report['weight']}{views}); "
           f"held-out ({report['held_out']} images) pixel AUROC {b['pixel_auroc']:.3f} → {a['pixel_auroc']:.3f}, "
           f"image AUROC {b['image_auroc']:.3f} → {a['image_auroc']:.3f}; written to {args.out}")
+    if "few_shot" in report:
+        f = report["few_shot"]
+        print(f"few-shot ({f['shots']} references): held-out image AUROC {f['image_auroc']:.3f}, pixel AUROC {f['pixel_auroc']:.3f}; "
+              f"thresholds {f['image_threshold']:.3f} / {f['pixel_threshold']:.3f}")
     return 0
 
 
