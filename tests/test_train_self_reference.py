@@ -153,6 +153,9 @@ def test_few_shot_thresholds_put_the_few_shot_verdict_where_f1_max_put_it(setup,
     assert np.all(np.diff(np.array([r.pred_score for r in with_refs])[order]) >= -1e-6)  # the ranking is kept
     for a, b in zip(few.detect_batch(images[:4]), raw.detect_batch(images[:4])):  # zero-shot: as before
         assert a.pred_score == pytest.approx(b.pred_score) and a.pred_label == b.pred_label
+    # refitting without --few-shot drops them: they belonged to the map and scale that were replaced
+    assert main(["--model", str(calibrated), "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "again")]) == 0
+    assert AnomalyAssistant.from_pretrained(tmp_path / "again").model.config.few_shot_thresholds is None
 
 
 def test_few_shot_rescale_maps_the_few_shot_threshold_onto_the_zero_shot_one():

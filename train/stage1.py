@@ -164,6 +164,9 @@ def calibrate(model, processor, records, map_size: int, moderate_from: float = 0
         config.image_threshold = image_threshold
         config.pixel_threshold = pixel_threshold
         config.suspicion_bounds = (moderate_from * image_threshold, image_threshold)
+        # few-shot thresholds fitted to the previous expert or self-reference no longer hold: dropped, until
+        # `train.self_reference --few-shot K` fits them again
+        config.few_shot_thresholds = None
         report.update(image_threshold=image_threshold, pixel_threshold=pixel_threshold)
     else:
         report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
