@@ -67,44 +67,30 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
 def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0) -> dict:
     """F1-max image and pixel thresholds of the few-shot mode, set as `model.config.few_shot_thresholds`: each
     held-out image is scored against `shots` held-out normal images of its own category (never itself)."""
-    import torch
+    from data_prep.records import ANOMALOUS
 
-    from .data import load_mask, load_rgb, mask_at
-    from .stage1 import auroc, f1_max_threshold, small_maps
-    from eval.metrics import pixel_auroc
+    from .data import load_rgb
+    from .stage1 import score_records, threshold_report
 
     normals: dict[str, list] = {}
     for record in records:
-        if record.label != 1:
+        if record.label != ANOMALOUS:
             normals.setdefault(record.category, []).append(record)
     rng = np.random.default_rng(seed)
+
+    def references(record):
+        pool = [n for n in normals[record.category] if n is not record]
+        return [load_rgb(pool[i].image) for i in rng.choice(len(pool), shots, replace=False)]
+
+    scored = [r for r in records if len(normals.get(r.category, [])) - (r.label != ANOMALOUS) >= shots]
     model.config.few_shot_thresholds = None  # score on the raw few-shot scale
-    labels, scores, maps, masks = [], [], [], []
-    with torch.no_grad():
-        for record in records:
-            pool = [n for n in normals.get(record.category, []) if n is not record]
-            if len(pool) < shots:
-                continue
-            references = [load_rgb(pool[i].image) for i in rng.choice(len(pool), shots, replace=False)]
-            image = load_rgb(record.image)
-            pixels, refs = processor.preprocess([image]), processor.preprocess(references)
-            crop_maps, score = model.detect(pixels["pixel_values"], pixels["image_sizes"], refs["pixel_values"], refs["image_sizes"])
-            size = (image.height, image.width)
-            maps.append(small_maps(model, crop_maps, [size], map_size)[0].float().cpu().numpy())
-            masks.append(mask_at(load_mask(record.mask, size), map_size).numpy() > 0.5)
-            scores.append(float(score[0]))
-            labels.append(int(record.label == 1))
-    labels, scores, maps, masks = np.array(labels), np.array(scores), np.stack(maps) if maps else None, np.stack(masks) if masks else None
-    if not 0 < labels.sum() < len(labels) or not masks.any():
+    report = threshold_report(*score_records(model, processor, scored, map_size, references)) if scored else {}
+    if "image_threshold" not in report:
         raise SelfReferenceError(f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
                                  f"{shots + 1} normal images per category")
-    image_f1, image_threshold = f1_max_threshold(labels, scores)
-    pixel_f1, pixel_threshold = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
-    image_threshold, pixel_threshold = (min(max(t, 1e-4), 1 - 1e-4) for t in (image_threshold, pixel_threshold))
+    image_threshold, pixel_threshold = (min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold"))
     model.config.few_shot_thresholds = [image_threshold, pixel_threshold]
-    return {"shots": shots, "n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores),
-            "pixel_auroc": pixel_auroc(masks, maps), "image_f1_max": image_f1, "pixel_f1_max": pixel_f1,
-            "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
+    return {"shots": shots, **report, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
 
 
 def training_split(model_path: Path) -> tuple[float, int] | None:

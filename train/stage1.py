@@ -129,8 +129,9 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def score_records(model, processor, records, map_size: int):
-    """Image scores, labels, maps and masks (both at map_size²) of `records`."""
+def score_records(model, processor, records, map_size: int, references=None):
+    """Image scores, labels, maps and masks (both at map_size²) of `records`; `references(record)` (optional) gives
+    the normal images each record is scored against (the few-shot mode)."""
     from .data import load_mask, load_rgb, mask_at
 
     was_training = model.training
@@ -139,7 +140,9 @@ def score_records(model, processor, records, map_size: int):
     for record in records:
         image = load_rgb(record.image)
         pixels = processor.preprocess([image])
-        encoding = model.encode_images(pixels["pixel_values"], pixels["image_sizes"].tolist())
+        refs = processor.preprocess(references(record)) if references is not None else None
+        encoding = model.encode_images(pixels["pixel_values"], pixels["image_sizes"].tolist(),
+                                       refs["pixel_values"] if refs else None, refs["image_sizes"].tolist() if refs else None)
         size = (image.height, image.width)
         maps.append(small_maps(model, encoding.crop_maps, [size], map_size)[0].float().cpu().numpy())
         mask = load_mask(record.mask, size)
@@ -150,24 +153,29 @@ def score_records(model, processor, records, map_size: int):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5) -> dict:
-    """F1-max image and pixel thresholds on held-out `records`, written into `model.config`. Returns a report."""
-    labels, scores, maps, masks = score_records(model, processor, records, map_size)
+def threshold_report(labels, scores, maps, masks) -> dict:
+    """AUROCs and, when both classes are present, F1-max image and pixel thresholds (`image_threshold`,
+    `pixel_threshold`) of scored records (`score_records`)."""
     from eval.metrics import pixel_auroc
 
     report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores),
               "pixel_auroc": pixel_auroc(masks, maps) if masks.any() and not masks.all() else float("nan")}
     if 0 < labels.sum() < len(labels):
-        report["image_f1_max"], image_threshold = f1_max_threshold(labels, scores)
-        report["pixel_f1_max"], pixel_threshold = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
+        report["image_f1_max"], report["image_threshold"] = f1_max_threshold(labels, scores)
+        report["pixel_f1_max"], report["pixel_threshold"] = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
+    return report
+
+
+def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5) -> dict:
+    """F1-max image and pixel thresholds on held-out `records`, written into `model.config`. Returns a report."""
+    report = threshold_report(*score_records(model, processor, records, map_size))
+    if "image_threshold" in report:
         config = model.config
-        config.image_threshold = image_threshold
-        config.pixel_threshold = pixel_threshold
-        config.suspicion_bounds = (moderate_from * image_threshold, image_threshold)
+        config.image_threshold, config.pixel_threshold = report["image_threshold"], report["pixel_threshold"]
+        config.suspicion_bounds = (moderate_from * config.image_threshold, config.image_threshold)
         # few-shot thresholds fitted to the previous expert or self-reference no longer hold: dropped, until
         # `train.self_reference --few-shot K` fits them again
         config.few_shot_thresholds = None
-        report.update(image_threshold=image_threshold, pixel_threshold=pixel_threshold)
     else:
         report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
     return report
