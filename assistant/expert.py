@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+SCORE_INPUTS = ("tokens", "contrast")
+
+
 @dataclass
 class ExpertConfig:
     """Sizes of the anomaly expert. `feature_layers` index the vision tower's `hidden_states`."""
@@ -49,6 +52,10 @@ class ExpertConfig:
     #: patches it averages
     self_level: int = -1
     self_k: int = 3
+    #: what the score head reads: "tokens" (Anomaly-OV: the pooled look-twice tokens) or "contrast" (the
+    #: pooled tokens minus the image's normal-looking context, `normal_context`: the head judges how the
+    #: suspicious region differs from the rest of the same image rather than what the image is)
+    score_input: str = "tokens"
 
     def __post_init__(self):
         if self.views not in ("base", "all"):
@@ -59,6 +66,8 @@ class ExpertConfig:
             raise ValueError(f"expert self_level {self.self_level} does not index the {len(self.feature_layers)} feature layers")
         if self.self_k < 1:
             raise ValueError("expert self_k must be ≥ 1")
+        if self.score_input not in SCORE_INPUTS:
+            raise ValueError(f"expert score_input must be one of {SCORE_INPUTS}, got {self.score_input!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ExpertConfig":
@@ -144,11 +153,26 @@ class AnomalyExpert(nn.Module):
             anomaly_map = (1 - w) * learned + w * torch.sigmoid(scale * distance + bias).to(learned.dtype)
         return anomaly_map, learned.mean(dim=-1), learned
 
-    def score(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Image probability from one image's look-twice tokens [T, H] and their significances [T]."""
+    def score(self, tokens: torch.Tensor, weights: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Image probability from one image's look-twice tokens [T, H] and their significances [T].
+
+        With `score_input="contrast"` the head reads the pooled tokens minus `context` [H], the image's
+        normal-looking features (`normal_context`).
+        """
         weights = weights.clamp_min(1e-12)
         pooled = (tokens * weights[:, None]).sum(0) / weights.sum()
+        if self.config.score_input == "contrast":
+            if context is None:
+                raise ValueError("an expert with score_input='contrast' needs the image's context features")
+            pooled = pooled - context.to(pooled.dtype)
         return torch.sigmoid(self.final_predictor(pooled)).squeeze(-1)
+
+
+def normal_context(features: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+    """One image's normal-looking features: its crops' patch features [N, P, H] averaged with weights
+    1 − anomaly_map [N, P] (the patches the expert finds least suspicious count most). Returns [H]."""
+    weights = (1.0 - anomaly_map).clamp_min(0.0).to(features.dtype)
+    return (features * weights[..., None]).sum((0, 1)) / weights.sum().clamp_min(1e-6)
 
 
 def self_distance(features: torch.Tensor, k: int = 3) -> torch.Tensor:

@@ -409,3 +409,21 @@ def test_stage1_batch_size_sets_stage_one_batch_only(prepared, tmp_path):
               for stage in ("stage1", "stage2")}
     assert states["stage1"]["train_batch_size"] == 3
     assert states["stage2"]["train_batch_size"] == 2
+
+
+def test_stage1_trains_a_contrast_score_head(prepared, tmp_path):
+    """`model.expert.score_input=contrast` reaches the stage-1 model (its config and its scores); a bad value is a
+    config error before any training."""
+    from assistant import AnomalyAssistant
+    from train.config import ConfigError
+    from train.run import run
+
+    common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
+              "stage=stage1", "stage1_steps=2", "trainer.save_steps=2"]
+    with pytest.raises(ConfigError, match="model.expert.score_input must be tokens or contrast"):
+        config(tmp_path / "bad", *common, "model.expert.score_input=difference")
+    results = run(config(tmp_path / "ok", *common, "model.expert.score_input=contrast"))
+    model = AnomalyAssistant.from_pretrained(results["stage1"])
+    assert model.model.expert.config.score_input == "contrast"
+    image = sorted((prepared["images"] / "wood" / "test").rglob("*.png"))[0]
+    assert 0.0 <= model.detect(image).pred_score <= 1.0

@@ -108,7 +108,8 @@ def expert_configs(spec: ExpertSpec, vision_layers: int):
     layers = list(spec.feature_layers) or evenly_spaced_layers(vision_layers)
     try:
         expert = ExpertConfig(feature_layers=layers, embedding_dim=spec.embedding_dim, class_dim=spec.class_dim, predictor_dim=spec.predictor_dim,
-                              logit_scale=spec.logit_scale, self_weight=spec.self_weight, self_level=spec.self_level, self_k=spec.self_k)
+                              logit_scale=spec.logit_scale, self_weight=spec.self_weight, self_level=spec.self_level, self_k=spec.self_k,
+                              score_input=spec.score_input)
         selector = SelectorConfig(mode=spec.selector_mode, grid=spec.selector_grid, num_tokens=spec.selector_tokens, attention_dim=spec.attention_dim)
     except ValueError as error:
         raise ConfigError(f"model.expert: {error}") from None

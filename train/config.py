@@ -56,6 +56,9 @@ class ExpertSpec:
     self_weight: float = 0.0
     self_level: int = -1
     self_k: int = 3
+    #: the score head's input: "tokens" (Anomaly-OV) or "contrast" (the look-twice tokens minus the image's
+    #: normal-looking context; assistant.expert.ExpertConfig.score_input)
+    score_input: str = "tokens"
     selector_mode: str = "pool"
     selector_grid: int = 2
     selector_tokens: int = 8
@@ -194,6 +197,8 @@ class TrainConfig:
             raise ConfigError(f"data.augment_hue must be in [0, 0.5] turns, got {self.data.augment_hue}")
         if not 0.0 <= self.data.augment_saturation < 1.0:
             raise ConfigError(f"data.augment_saturation must be in [0, 1), got {self.data.augment_saturation}")
+        if self.model.expert.score_input not in ("tokens", "contrast"):
+            raise ConfigError(f"model.expert.score_input must be tokens or contrast, got {self.model.expert.score_input!r}")
         if self.data.mask_targets not in ("max", "area"):
             raise ConfigError(f"data.mask_targets must be max or area, got {self.data.mask_targets!r}")
         if not 0.0 <= self.data.augment_lighting < 1.0:
