@@ -105,7 +105,7 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     from assistant import AnomalyAssistant
     from train.data import read_masked, split_records
     from train.self_reference import main
-    from train.stage1 import f1_max_threshold
+    from train.stage1 import balanced_accuracy_threshold
 
     model, data = setup
     out = {}
@@ -117,16 +117,16 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     assert reports[8]["detection_views"] == 8
     eight = AnomalyAssistant.from_pretrained(out[8])
     assert eight.model.config.detection_views == 8
-    # the threshold is the F1-max of what the saved checkpoint itself scores on the held-out split
+    # the threshold is the best balanced accuracy of what the saved checkpoint itself scores on the held-out split
     _, held_out = split_records(read_masked(data)[0], 0.5, 0)
     labels = np.array([int(r.label == 1) for r in held_out])
     scores = np.array([r.pred_score for r in eight.detect_batch([r.image for r in held_out])])
-    assert eight.model.config.image_threshold == pytest.approx(f1_max_threshold(labels, scores)[1], abs=1e-5)
+    assert eight.model.config.image_threshold == pytest.approx(balanced_accuracy_threshold(labels, scores)[1], abs=1e-5)
     assert reports[8]["calibration"]["image_threshold"] != pytest.approx(reports[1]["calibration"]["image_threshold"], abs=1e-6)
 
 
-def test_few_shot_thresholds_put_the_few_shot_verdict_where_f1_max_put_it(setup, tmp_path):
-    """`--few-shot K`: the few-shot mode gets its own F1-max thresholds on the held-out split, and the saved
+def test_few_shot_thresholds_put_the_few_shot_verdict_where_calibration_put_it(setup, tmp_path):
+    """`--few-shot K`: the few-shot mode gets its own thresholds on the held-out split, and the saved
     checkpoint's few-shot scores are mapped so that the zero-shot threshold decides: an image is anomalous with
     references exactly when its raw few-shot score reaches the few-shot threshold; zero-shot reports do not change."""
     from assistant import AnomalyAssistant
@@ -171,3 +171,19 @@ def test_few_shot_rescale_maps_the_few_shot_threshold_onto_the_zero_shot_one():
     for bad in ((0.4,), (0.0, 0.5), (0.5, 1.0)):
         with pytest.raises(ValueError, match="few_shot_thresholds"):
             AnomalyAssistantConfig(few_shot_thresholds=bad)
+
+
+def test_image_threshold_balances_misses_and_false_alarms():
+    """The image verdict's calibration: with mostly defective held-out images, F1-max would flag normal images to
+    catch one more defect; the best balanced accuracy does not, and no other threshold balances better."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from train.stage1 import balanced_accuracy_threshold, f1_max_threshold
+
+    labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.2, 0.5, 0.1])
+    best, threshold = balanced_accuracy_threshold(labels, scores)
+    assert threshold == pytest.approx(0.6)  # the lowest-scored defect is left as a miss
+    assert f1_max_threshold(labels, scores)[1] == pytest.approx(0.2)  # F1 buys it with a false alarm on one of the two normal images
+    candidates = [balanced_accuracy_score(labels, scores >= t) for t in np.unique(scores)]
+    assert best == pytest.approx(max(candidates)) == pytest.approx(balanced_accuracy_score(labels, scores >= threshold))
