@@ -153,18 +153,16 @@ class AnomalyExpert(nn.Module):
             anomaly_map = (1 - w) * learned + w * torch.sigmoid(scale * distance + bias).to(learned.dtype)
         return anomaly_map, learned.mean(dim=-1), learned
 
-    def score(self, tokens: torch.Tensor, weights: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, tokens: torch.Tensor, weights: torch.Tensor, features: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Image probability from one image's look-twice tokens [T, H] and their significances [T].
 
-        With `score_input="contrast"` the head reads the pooled tokens minus `context` [H], the image's
-        normal-looking features (`normal_context`).
+        `features` [N, P, H] and `anomaly_map` [N, P] are the image's crops and the map the tokens were chosen
+        by: with `score_input="contrast"` the head reads the pooled tokens minus their `normal_context`.
         """
         weights = weights.clamp_min(1e-12)
         pooled = (tokens * weights[:, None]).sum(0) / weights.sum()
         if self.config.score_input == "contrast":
-            if context is None:
-                raise ValueError("an expert with score_input='contrast' needs the image's context features")
-            pooled = pooled - context.to(pooled.dtype)
+            pooled = pooled - normal_context(features, anomaly_map).to(pooled.dtype)
         return torch.sigmoid(self.final_predictor(pooled)).squeeze(-1)
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AnomalyAssistantConfig
-from .expert import AnomalyExpert, ExpertConfig, normal_context, reference_distance
+from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
@@ -258,8 +258,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         per_crop = zip(per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts))
         for feats, maps, selection, significance in per_crop:
             chosen, weights = self.selector(feats, selection, significance)
-            context = normal_context(feats, selection) if self.expert.config.score_input == "contrast" else None
-            score = self.expert.score(chosen, weights, context)
+            score = self.expert.score(chosen, weights, feats, selection)
             if reference_map is not None:  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
                 score = self.config.few_shot_rescale((1 - weight) * score + weight * maps.max())
                 maps = self.config.few_shot_rescale(maps, pixel=True)

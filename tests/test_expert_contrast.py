@@ -29,8 +29,7 @@ def _score(model, features, anomaly_map):
     """The image score given the expert's map: look twice, then the head (as `_look_once` does)."""
     with torch.no_grad():
         tokens, weights = model.selector(features, anomaly_map, anomaly_map.mean(-1))
-        context = normal_context(features, anomaly_map) if model.expert.config.score_input == "contrast" else None
-        return model.expert.score(tokens, weights, context)
+        return model.expert.score(tokens, weights, features, anomaly_map)
 
 
 @pytest.mark.parametrize("score_input", ["tokens", "contrast"])

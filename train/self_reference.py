@@ -7,8 +7,8 @@ Each patch's distance to the most similar patches of the same image outside its 
 (`assistant.expert.self_distance`) is turned into a probability by a logistic fit (scikit-learn) on the
 pixels of the held-out split — by default the split the checkpoint's training held out (`data.val_fraction`
 and `data.split_seed` from its `training_config.yaml`), so no image training saw is used — and blended into
-the expert's map with `--weight`. The image and pixel thresholds
-are then re-calibrated (`train.stage1.threshold_report`) on that split. The checkpoint's weights are not trained further, so this takes
+the expert's map with `--weight`. The image and pixel thresholds are then re-calibrated
+(`train.stage1.threshold_report`) on that split. The checkpoint's weights are not trained further, so this takes
 about a minute on CPU and works on any checkpoint with an expert (Anomaly-OV's included).
 
 The new checkpoint is written to `--out` (never over `--model`); `self_reference.json` there records the
@@ -65,8 +65,9 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
 
 
 def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0) -> dict:
-    """Image and pixel thresholds (`train.stage1.threshold_report`) of the few-shot mode, set as `model.config.few_shot_thresholds`: each
-    held-out image is scored against `shots` held-out normal images of its own category (never itself)."""
+    """Image and pixel thresholds (`train.stage1.threshold_report`) of the few-shot mode, set as
+    `model.config.few_shot_thresholds`: each held-out image is scored against `shots` held-out normal images of
+    its own category (never itself)."""
     from data_prep.records import ANOMALOUS
 
     from .data import load_rgb

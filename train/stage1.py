@@ -3,8 +3,8 @@
 The vision tower, projector and LLM are frozen and the LLM is never run: the loss is focal + dice on
 the stitched anomaly map (`assistant.maps.image_anomaly_map`, at `data.map_size`²) against the mask,
 plus BCE on the image score. Afterwards the image threshold (the best balanced accuracy) and the pixel
-threshold (F1-max) are calibrated on the held-out split and stored in the checkpoint's config, with `suspicion_bounds = (t/2, t)` so that the
-"highly suspicious" marker the LLM sees coincides with an anomalous verdict.
+threshold (F1-max) are calibrated on the held-out split and stored in the checkpoint's config, with
+`suspicion_bounds = (t/2, t)` so that the "highly suspicious" marker the LLM sees coincides with an anomalous verdict.
 """
 
 from __future__ import annotations
@@ -127,14 +127,12 @@ def balanced_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple
     0.123, which flagged 35 of 250 normal images of seen families (seed-1 quality set) against 13 at this
     rule's 0.237.
     """
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order].astype(np.float64)
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the last index of each distinct score
-    hit = np.cumsum(labels)[last] / max(labels.sum(), 1)
-    false_alarm = np.cumsum(1 - labels)[last] / max((1 - labels).sum(), 1)
-    balanced = (hit + 1 - false_alarm) / 2
+    from sklearn.metrics import roc_curve
+
+    false_alarm, hit, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    balanced = (hit[1:] + 1 - false_alarm[1:]) / 2  # [0] is the threshold above every score: nothing flagged
     best = int(np.argmax(balanced))
-    return float(balanced[best]), float(scores[last][best])
+    return float(balanced[best]), float(thresholds[1:][best])
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
