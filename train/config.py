@@ -105,11 +105,13 @@ class DataConfig:
     max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
     #: stage 1 augmentation (`train.data.Augment`), drawn afresh per item: the 8 flips / quarter turns of image
     #: and mask, a hue rotation of up to ± this many turns (0.5: any hue), a saturation factor in [1 − s, 1 + s],
-    #: uneven lighting (a smooth gain field in [1 − l, 1 + l])
+    #: uneven lighting (a smooth gain field in [1 − l, 1 + l]), sensor grain (fine luminance noise of a standard
+    #: deviation drawn in [0, g], in [0, 1] intensity units)
     augment_flips: bool = False
     augment_hue: float = 0.0
     augment_saturation: float = 0.0
     augment_lighting: float = 0.0
+    augment_grain: float = 0.0
     mask_targets: str = "max"  # stage 1's map targets: max (a cell any defect pixel touches is 1) | area (its defective fraction)
     split_seed: int = 0
 
@@ -203,6 +205,8 @@ class TrainConfig:
             raise ConfigError(f"data.mask_targets must be max or area, got {self.data.mask_targets!r}")
         if not 0.0 <= self.data.augment_lighting < 1.0:
             raise ConfigError(f"data.augment_lighting must be in [0, 1), got {self.data.augment_lighting}")
+        if not 0.0 <= self.data.augment_grain <= 0.5:
+            raise ConfigError(f"data.augment_grain must be in [0, 0.5], got {self.data.augment_grain}")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
             raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.grad_accum must be ≥ 1")
         if self.stage1_batch_size is not None and self.stage1_batch_size < 1:

@@ -176,16 +176,22 @@ class Augment:
     * `lighting`: uneven illumination. Every pixel is multiplied by a smooth random field in [1 − l, 1 + l]
       (a 2×2 to 4×4 grid of random gains, resized bicubically to the crop; the same field on every crop), so
       broad bright and dark areas over a whole image are normal while a defect keeps its local contrast.
+    * `grain`: sensor grain. Fine noise, the same on the three channels (luminance), of a standard deviation
+      drawn in [0, `grain`] and a correlation length of 0.5–1.2 pixels (white noise blurred by a Gaussian of
+      that σ, rescaled to the drawn deviation), is added to every crop, so a grainy surface is normal while a
+      defect stays a region that differs from its surroundings. Grain is drawn per crop pixel, after the
+      resize to the tower's input, so its scale is the tower's.
     """
 
     flips: bool = False
     hue: float = 0.0
     saturation: float = 0.0
     lighting: float = 0.0
+    grain: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.flips or self.hue > 0 or self.saturation > 0 or self.lighting > 0
+        return self.flips or self.hue > 0 or self.saturation > 0 or self.lighting > 0 or self.grain > 0
 
     def __call__(self, pixels: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [crops, 3, S, S] normalised by (mean, std); mask [M, M]."""
@@ -194,7 +200,7 @@ class Augment:
             pixels, mask = torch.rot90(pixels, turns, dims=(-2, -1)), torch.rot90(mask, turns, dims=(-2, -1))
             if flip:
                 pixels, mask = pixels.flip(-1), mask.flip(-1)
-        if self.hue > 0 or self.saturation > 0 or self.lighting > 0:
+        if self.hue > 0 or self.saturation > 0 or self.lighting > 0 or self.grain > 0:
             rgb = pixels * std + mean  # [crops, 3, S, S] in [0, 1]
             if self.hue > 0:
                 angle = float(torch.empty(()).uniform_(-self.hue, self.hue)) * 2 * math.pi
@@ -208,8 +214,23 @@ class Augment:
                 gains = torch.empty(1, 1, cells, cells).uniform_(-1, 1)
                 field = F.interpolate(gains, size=rgb.shape[-2:], mode="bicubic", align_corners=True).clamp(-1, 1)
                 rgb = rgb * (1 + self.lighting * field)
+            if self.grain > 0:
+                rgb = rgb + grain_field(rgb.shape[0], rgb.shape[-2:], float(torch.empty(()).uniform_(0, self.grain)),
+                                        float(torch.empty(()).uniform_(0.5, 1.2)))
             pixels = (rgb.clamp(0, 1) - mean) / std
         return pixels.contiguous(), mask.contiguous()
+
+
+def grain_field(crops: int, size: tuple[int, int], deviation: float, sigma: float) -> torch.Tensor:
+    """[crops, 1, H, W] luminance grain: white noise blurred by a Gaussian of `sigma` pixels, of standard deviation `deviation`."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = taps / taps.sum()
+    noise = torch.randn(crops, 1, size[0] + 2 * radius, size[1] + 2 * radius)
+    noise = F.conv2d(noise, taps.view(1, 1, 1, -1))
+    noise = F.conv2d(noise, taps.view(1, 1, -1, 1))
+    # the blur shrinks white noise's deviation by the taps' norm (separable: its square)
+    return noise * (deviation / float(taps.square().sum()))
 
 
 def hue_rotation(angle: float) -> torch.Tensor:

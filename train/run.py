@@ -104,7 +104,8 @@ def stage1_augment(cfg: TrainConfig, model) -> Augment:
     data = cfg.data
     if data.augment_flips and model.expert.config.views != "base":
         raise ConfigError("data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image")
-    return Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation, lighting=data.augment_lighting)
+    return Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation, lighting=data.augment_lighting,
+                   grain=data.augment_grain)
 
 
 def set_token_pooling(model, cfg: TrainConfig, lora: bool = False) -> None:
