@@ -47,6 +47,7 @@ def test_dotted_overrides_are_typed():
         (["data.augment_hue=0.7"], "augment_hue must be in"),
         (["data.augment_saturation=1.5"], "augment_saturation must be in"),
         (["data.augment_lighting=1.0"], "augment_lighting must be in"),
+        (["data.augment_grain=-0.1"], "augment_grain must be in"),
         (["model.image_token_pooling=0"], "image_token_pooling must be"),
     ],
 )
@@ -154,6 +155,33 @@ def test_stage1_uneven_lighting_is_smooth_keeps_colour_and_local_contrast():
     spread = torch.stack(fields)
     assert (spread.amax((1, 2)) - spread.amin((1, 2))).max() > 0.2  # the lighting really is uneven
     assert (spread[0] - spread[1]).abs().max() > 0.05  # drawn afresh per item
+
+
+def test_stage1_grain_is_fine_luminance_noise_of_a_bounded_deviation():
+    import torch
+
+    from train.data import Augment
+
+    mean = torch.full((3, 1, 1), 0.5)
+    std = torch.full((3, 1, 1), 0.25)
+    rgb = torch.full((1, 3, 64, 64), 0.5)
+    rgb[:, 0] = 0.6
+    mask = torch.zeros(8, 8)
+    mask[3:5, 3:5] = 1
+    torch.manual_seed(5)
+    deviations = []
+    for _ in range(32):
+        out, out_mask = Augment(grain=0.08)(_normalised(rgb, mean, std), mask, mean, std)
+        noise = out * std + mean - rgb
+        assert torch.equal(out_mask, mask)  # the mask does not move
+        torch.testing.assert_close(noise[0, 0], noise[0, 1])  # the same on every channel: luminance grain
+        deviations.append(float(noise[0, 0].std()))
+        if deviations[-1] > 0.02:
+            near = float((noise[0, 0, :, 1:] * noise[0, 0, :, :-1]).mean() / noise[0, 0].var())
+            far = float((noise[0, 0, :, 8:] * noise[0, 0, :, :-8]).mean() / noise[0, 0].var())
+            assert 0.2 < near < 0.95 and abs(far) < 0.15  # fine: neighbours correlate, pixels 8 apart do not
+    assert max(deviations) < 0.08 * 1.1 and max(deviations) > 0.05  # drawn in [0, 0.08]
+    assert min(deviations) < 0.03  # and afresh per item, light grain too
 
 
 def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
