@@ -1,6 +1,7 @@
 """Command line of the data package.
 
     python -m data_prep synth --out DIR --n N [--normals DIR] [--seed S] [--size 256] [--families a,b] [--anomaly-ratio R]
+        [--workers N]
     python -m data_prep instruct --source DIR --out FILE.json [--seed S]
     python -m data_prep check PATH
 
@@ -11,6 +12,7 @@ Outputs never overwrite user files unless `--overwrite` is given.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defects", help="comma-separated defect types (default: all)")
     synth.add_argument("--anomaly-ratio", type=float, default=0.5, help="fraction of images that are anomalous test images")
     synth.add_argument("--overwrite", action="store_true", help="replace the family folders and metadata in --out")
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes that generate (default: one per core; the output does not depend on it)")
 
     instruct = commands.add_parser("instruct", help="write LLaVA instruction conversations from an (image, mask) source")
     instruct.add_argument("--source", required=True, type=Path, help="MVTec-layout folder (e.g. synth output) or VisA root")
@@ -80,6 +84,8 @@ def run_synth(args) -> int:
         raise UsageError("--size must be between 16 and 4096")
     if not 0.0 <= args.anomaly_ratio <= 1.0:
         raise UsageError("--anomaly-ratio must be between 0 and 1")
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
     defects = _names(args.defects, DEFECT_TYPES, "defect type") or DEFECT_TYPES
     normals: list[Path] = []
     if args.normals is not None:
@@ -100,7 +106,7 @@ def run_synth(args) -> int:
         families = _names(args.families, tuple(FAMILIES), "family") or tuple(FAMILIES)
     plan = SynthPlan(args.n, families, args.size, args.seed, args.anomaly_ratio, defects, normals)
     try:
-        counts = write_dataset(args.out, plan, overwrite=args.overwrite)
+        counts = write_dataset(args.out, plan, overwrite=args.overwrite, workers=args.workers)
     except FileExistsError as error:
         raise UsageError(str(error)) from None
     print(f"wrote {sum(counts.values())} images ({', '.join(f'{k}: {v}' for k, v in counts.items())}) to {args.out}")

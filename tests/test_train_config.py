@@ -236,3 +236,27 @@ def test_stage1_area_targets_are_each_cells_defective_fraction(clip_llama, tmp_p
     assert float(area.sum()) * 4 == pytest.approx(float((mask > 0).sum()))
     with pytest.raises(ConfigError, match="mask_targets"):
         load_config(ROOT / "configs/train/default_model.yaml", ["data.mask_targets=mean"])
+
+
+def test_cache_filled_in_workers_holds_the_lazily_loaded_items(clip_llama, tmp_path):
+    """`data.cache_workers`: the cache filled before training by forked processes holds exactly what `__getitem__`
+    loads on first use, so the option speeds a run up without changing it."""
+    import torch
+
+    from assistant import checkpoint
+    from data_prep.readers import read_mvtec
+    from data_prep.synth import SynthPlan, write_dataset
+    from train.data import MaskedImages
+
+    write_dataset(tmp_path / "d", SynthPlan(n=6, families=("pill",), size=64, seed=2, anomaly_ratio=0.5))
+    records = [r for r in read_mvtec(tmp_path / "d").records if r.label is not None]
+    _, processor, _, _ = checkpoint.load(clip_llama)
+    lazy = MaskedImages(records, processor, map_size=32, cache=True)
+    filled = MaskedImages(records, processor, map_size=32, cache=True)
+    filled.fill_cache(2)
+    assert len(filled._cache) == len(records) == 6
+    for index in range(len(records)):
+        for key, value in lazy[index].items():
+            assert torch.equal(value, filled[index][key]), key
+    with pytest.raises(ConfigError, match="cache_workers"):
+        load_config(ROOT / "configs/train/default_model.yaml", ["data.cache_workers=-1"])

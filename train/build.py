@@ -5,6 +5,7 @@ instruction corpus)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,7 +29,9 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
         if unknown:
             raise ConfigError(f"data.synth.families: unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
         with atomic_folder(images) as staging:
-            write_dataset(staging, SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio), overwrite=True)
+            # one process per core: every sample depends only on (seed, family, index), so the data are the same
+            write_dataset(staging, SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio), overwrite=True,
+                          workers=os.cpu_count() or 1)
     if not instructions.is_file():
         records, _ = build_instructions(read_mvtec(images), data_dir, seed=synth.seed)
         write_instructions(records, instructions, overwrite=True)

@@ -102,6 +102,9 @@ class DataConfig:
     #: stage 1: keep each decoded, preprocessed image in memory after its first use (fast epochs on small
     #: images; needs about crops × 3 × tile² × 4 bytes per image, so leave it off for large datasets)
     cache_images: bool = False
+    #: with cache_images, fill the cache before training in this many forked processes (0: lazily, as items are
+    #: first used); the cached items are the same either way, so the run's results do not change
+    cache_workers: int = 0
     max_length: int = 2048  # stage 2: longer conversations are skipped (and counted)
     #: stage 1 augmentation (`train.data.Augment`), drawn afresh per item: the 8 flips / quarter turns of image
     #: and mask, a hue rotation of up to ± this many turns (0.5: any hue), a saturation factor in [1 − s, 1 + s],
@@ -207,6 +210,8 @@ class TrainConfig:
             raise ConfigError(f"data.augment_lighting must be in [0, 1), got {self.data.augment_lighting}")
         if not 0.0 <= self.data.augment_grain <= 0.5:
             raise ConfigError(f"data.augment_grain must be in [0, 0.5], got {self.data.augment_grain}")
+        if self.data.cache_workers < 0 or self.trainer.num_workers < 0:
+            raise ConfigError("data.cache_workers and trainer.num_workers must be ≥ 0")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
             raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.grad_accum must be ≥ 1")
         if self.stage1_batch_size is not None and self.stage1_batch_size < 1:

@@ -78,9 +78,12 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         raise ConfigError(f"no usable training images in {masked}")
     augment = stage1_augment(cfg, model)
     objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
+    dataset = MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment,
+                           mask_targets=cfg.data.mask_targets)
+    if cfg.data.cache_images and cfg.data.cache_workers > 0:
+        dataset.fill_cache(cfg.data.cache_workers)
     trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment,
-                                  mask_targets=cfg.data.mask_targets),
+        model=objective, args=args, train_dataset=dataset,
         data_collator=collate_masked, run_config=cfg, commit=commit,
     )
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")

@@ -90,11 +90,51 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
-def write_dataset(out: str | Path, plan: SynthPlan, overwrite: bool = False) -> dict[str, int]:
+def _plan_files(plan: SynthPlan, family: str) -> list[tuple[int, str, str | None, str]]:
+    """(index, split, defect type or None, file stem) of every image of `family`: stems count up per (split, folder)."""
+    counters: dict[tuple[str, str], int] = {}
+    files = []
+    for index, (split, defect_type) in enumerate(plan.roles()):
+        key = (split, defect_type or "good")
+        counters[key] = counters.get(key, 0) + 1
+        files.append((index, split, defect_type, f"{counters[key] - 1:03d}"))
+    return files
+
+
+def _write_one(out: Path, plan: SynthPlan, family: str, index: int, split: str, defect_type: str | None, name: str) -> dict:
+    """Generate and save one image (and its mask) as `generate` makes it; returns its metadata line."""
+    normal = _custom_source(plan, family, index, split) if plan.normals else None
+    # foreign textures only from this run's families: a family left out of the run stays unseen
+    donors = None if plan.normals else plan.families
+    sample = make_sample(family, index, plan.seed, plan.size, defect_type, normal=normal, donors=donors)
+    folder = defect_type or "good"
+    image_path = out / family / split / folder / f"{name}.png"
+    _save_png(sample.image, image_path)
+    mask_path = None
+    if sample.mask is not None:
+        mask_path = out / family / "ground_truth" / folder / f"{name}_mask.png"
+        _save_png(sample.mask.astype(np.uint8) * 255, mask_path)
+    return _metadata(out, family, split, image_path, mask_path, sample)
+
+
+_JOB: tuple[Path, SynthPlan] | None = None  # what the forked workers of write_dataset(workers > 1) write
+
+
+def _write_job(item: tuple[str, int, str, str, str]) -> dict:
+    out, plan = _JOB
+    return _write_one(out, plan, *item)
+
+
+def write_dataset(out: str | Path, plan: SynthPlan, overwrite: bool = False, workers: int = 1) -> dict[str, int]:
     """Write every family of `plan` under `out`; returns the number of images per family.
 
     Refuses a non-empty `out` unless `overwrite`, which replaces the family folders and metadata.
+    `workers` > 1 generates in that many forked processes (where the platform can fork); every sample
+    depends only on (seed, family, index), so the files and metadata are the same as with one.
     """
+    import multiprocessing
+
+    global _JOB
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
@@ -104,22 +144,21 @@ def write_dataset(out: str | Path, plan: SynthPlan, overwrite: bool = False) -> 
     for family in plan.families:
         if (out / family).is_dir() and overwrite:
             shutil.rmtree(out / family)
-    counts: dict[str, int] = {}
+    jobs = [(family, *entry) for family in plan.families for entry in _plan_files(plan, family)]
+    counts = {family: sum(1 for job in jobs if job[0] == family) for family in plan.families}
     with open(out / METADATA, "w", encoding="utf-8") as metadata:
-        for family in plan.families:
-            counters: dict[tuple[str, str], int] = {}
-            for split, folder, sample in generate(plan, family):
-                number = counters.get((split, folder), 0)
-                counters[(split, folder)] = number + 1
-                name = f"{number:03d}"
-                image_path = out / family / split / folder / f"{name}.png"
-                _save_png(sample.image, image_path)
-                mask_path = None
-                if sample.mask is not None:
-                    mask_path = out / family / "ground_truth" / folder / f"{name}_mask.png"
-                    _save_png(sample.mask.astype(np.uint8) * 255, mask_path)
-                metadata.write(json.dumps(_metadata(out, family, split, image_path, mask_path, sample)) + "\n")
-            counts[family] = sum(counters.values())
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            _JOB = (out, plan)
+            try:
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    lines = pool.imap(_write_job, jobs, chunksize=32)
+                    for line in lines:
+                        metadata.write(json.dumps(line) + "\n")
+            finally:
+                _JOB = None
+        else:
+            for job in jobs:
+                metadata.write(json.dumps(_write_one(out, plan, *job)) + "\n")
     return counts
 
 
