@@ -427,3 +427,39 @@ def test_stage1_trains_a_contrast_score_head(prepared, tmp_path):
     assert model.model.expert.config.score_input == "contrast"
     image = sorted((prepared["images"] / "wood" / "test").rglob("*.png"))[0]
     assert 0.0 <= model.detect(image).pred_score <= 1.0
+
+
+def test_stage1_weight_average_is_saved_and_survives_a_resume(prepared, tmp_path):
+    """`stage1_ema`: the stage-1 model holds the moving average of the trained weights (not the last ones), each
+    checkpoint carries the average, and a run resumed from a mid-run checkpoint ends with the same average."""
+    from safetensors.torch import load_file
+
+    from train.config import ConfigError
+    from train.run import run
+    from train.stage1 import AVERAGE_FILE, TRAINABLE_FILE
+
+    common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", "stage=stage1", "stage1_steps=8",
+              "trainer.save_steps=4", "trainer.save_total_limit=2", "stage1_ema=0.9", "trainer.lr=0.01"]
+    with pytest.raises(ConfigError, match="stage1_ema"):
+        config(tmp_path / "bad", *common, "stage1_ema=1.0")
+    whole = run(config(tmp_path / "whole", *common))["stage1"]
+    last = tmp_path / "whole" / "stage1" / "checkpoint-8"
+    raw, average = load_file(str(last / TRAINABLE_FILE)), load_file(str(last / AVERAGE_FILE))
+    saved = load_file(str(whole / "model.safetensors"))
+    assert average.pop("__updates__").item() == 8
+    moved = [name for name in raw if not np.allclose(raw[name].numpy(), average[name].numpy())]
+    assert len(moved) > len(raw) // 2  # the average is not the last weights
+    assert set(average) <= set(saved), sorted(set(average) - set(saved))[:3]
+    for name, value in average.items():
+        assert np.array_equal(saved[name].numpy(), value.numpy()), name
+
+    shutil.copytree(tmp_path / "whole" / "stage1" / "checkpoint-4", tmp_path / "resumed" / "stage1" / "checkpoint-4")
+    resumed = run(config(tmp_path / "resumed", *common, "resume=true"))["stage1"]
+    again = load_file(str(resumed / "model.safetensors"))
+    for name, value in average.items():
+        assert np.allclose(again[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6), name
+    (tmp_path / "old" / "stage1").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "stage1" / "checkpoint-4", tmp_path / "old" / "stage1" / "checkpoint-4")
+    (tmp_path / "old" / "stage1" / "checkpoint-4" / AVERAGE_FILE).unlink()
+    with pytest.raises(ValueError, match="no weight average"):
+        run(config(tmp_path / "old", *common, "resume=true"))

@@ -173,6 +173,9 @@ class TrainConfig:
     stage1_batch_size: int | None = None  # stage "all": stage 1's per-device batch size (default trainer.batch_size)
     stage1_train_vision: bool = False  # stage 1 also trains the vision tower (a model built from scratch)
     stage1_compile: bool = False  # stage 1 runs under torch.compile (as trainer.torch_compile, for stage 1 only)
+    #: stage 1 keeps an exponential moving average of the trained weights with this decay (e.g. 0.999) and
+    #: calibrates and saves the average instead of the last weights (`train.stage1.WeightAverage`)
+    stage1_ema: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -210,6 +213,10 @@ class TrainConfig:
             raise ConfigError(f"data.augment_lighting must be in [0, 1), got {self.data.augment_lighting}")
         if not 0.0 <= self.data.augment_grain <= 0.5:
             raise ConfigError(f"data.augment_grain must be in [0, 0.5], got {self.data.augment_grain}")
+        if self.stage1_ema is not None and not 0.0 < self.stage1_ema < 1.0:
+            raise ConfigError(f"stage1_ema must be in (0, 1), got {self.stage1_ema}")
+        if self.stage1_ema is not None and self.trainer.deepspeed is not None:
+            raise ConfigError("stage1_ema does not work with DeepSpeed (its parameters are partitioned); use DDP (torchrun)")
         if self.data.cache_workers < 0 or self.trainer.num_workers < 0:
             raise ConfigError("data.cache_workers and trainer.num_workers must be ≥ 0")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:

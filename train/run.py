@@ -22,7 +22,7 @@ import torch
 from .build import data_paths, expert_configs, init_model, instruction_corpus, load_model
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import Augment, ConversationCollator, Conversations, MaskedImages, collate_masked, read_conversations, read_masked, split_records
-from .stage1 import ExpertObjective, calibrate, stage1_trainer_class, write_calibration
+from .stage1 import ExpertObjective, WeightAverage, calibrate, stage1_trainer_class, write_calibration
 from .trainer import ReliableTrainer, atomic_folder, enable_checkpointing, last_checkpoint, training_arguments, write_model_parts
 
 
@@ -86,8 +86,14 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         model=objective, args=args, train_dataset=dataset,
         data_collator=collate_masked, run_config=cfg, commit=commit,
     )
+    average = None
+    if cfg.stage1_ema is not None:
+        average = WeightAverage(model, cfg.stage1_ema)  # the trained parameters, under their saved names
+        trainer.add_callback(average)
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
+    if average is not None:
+        average.swap_in()
     if trainer.is_world_process_zero():
         report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from)
         _save_model_folder(model, processor, generation, final, cfg, commit, report)

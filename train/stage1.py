@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import TrainerCallback
 
 from assistant.maps import image_anomaly_map
 
 from .config import LossConfig
 
 TRAINABLE_FILE = "trainable.safetensors"
+AVERAGE_FILE = "weight_average.safetensors"
 
 
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -75,6 +77,46 @@ class ExpertObjective(nn.Module):
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
+class WeightAverage(TrainerCallback):
+    """Exponential moving average of the trained parameters, updated after every optimizer step.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so the average does not remember the random start.
+    `swap_in()` copies the average into the model (for calibration and saving). The trainer saves it beside
+    each checkpoint and restores it on resume, so a resumed run ends with the same average.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {name: value.contiguous() for name, value in zip(self.names, self.average)}
+        state["__updates__"] = torch.tensor(self.updates)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.names) | {"__updates__"}:
+            raise ValueError("the checkpoint's weight average does not match this run's trained parameters")
+        self.updates = int(state["__updates__"])
+        with torch.no_grad():
+            for name, value in zip(self.names, self.average):
+                value.copy_(state[name])
+
+    def swap_in(self) -> None:
+        with torch.no_grad():
+            for param, value in zip(self.params, self.average):
+                param.copy_(value)
+
+
 def stage1_trainer_class(base):
     """`base` (the reliable Trainer) saving and resuming only the trained parts (expert + selector)."""
 
@@ -89,6 +131,12 @@ def stage1_trainer_class(base):
             else:
                 state = objective.trainable_state()
             save_file({k: v.cpu() for k, v in state.items()}, str(output_dir / TRAINABLE_FILE))
+            average = self._weight_average()
+            if average is not None:
+                save_file({k: v.cpu() for k, v in average.state_dict().items()}, str(output_dir / AVERAGE_FILE))
+
+        def _weight_average(self):
+            return next((c for c in self.callback_handler.callbacks if isinstance(c, WeightAverage)), None)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             objective = self.accelerator.unwrap_model(model or self.model)
@@ -97,6 +145,12 @@ def stage1_trainer_class(base):
             if set(state) != expected:
                 raise ValueError(f"{resume_from_checkpoint} does not hold this run's expert parameters")
             objective.model.load_state_dict(state, strict=False)
+            average = self._weight_average()
+            if average is not None:
+                path = Path(resume_from_checkpoint) / AVERAGE_FILE
+                if not path.is_file():
+                    raise ValueError(f"{resume_from_checkpoint} holds no weight average (was it trained without stage1_ema?)")
+                average.load_state_dict(load_file(str(path)))
 
     return ExpertTrainer
 
