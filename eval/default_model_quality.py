@@ -77,6 +77,15 @@ def _rate(values: list[bool]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def best_threshold_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The verdict accuracy of the best single threshold on these scores (`score >= t` anomalous), chosen on the
+    set itself: an upper bound that no calibration on other data can beat, so it tells a calibration miss from
+    a ranking miss."""
+    labels = labels.astype(bool)
+    candidates = np.r_[np.unique(scores), np.inf]
+    return float(max(((scores[:, None] >= candidates[None, :]) == labels[:, None]).mean(0)))
+
+
 def row_metrics(items: list[dict]) -> dict:
     from eval.metrics import image_auroc, pixel_auroc
 
@@ -91,6 +100,7 @@ def row_metrics(items: list[dict]) -> dict:
         "image_AUROC": image_auroc(labels, scores),
         "pixel_AUROC": pixel_auroc(np.stack([it["mask"] for it in items]), np.stack([it["map"] for it in items])),
         "verdict_accuracy": _rate([it["pred_label"] == bool(it["label"]) for it in items]),
+        "verdict_accuracy_best_threshold": best_threshold_accuracy(labels, scores) if len(items) else float("nan"),
         "location_accuracy": _rate([it["location"] == it["gt_location"] for it in anomalous]),
         "location_accuracy_detected": _rate([it["location"] == it["gt_location"] for it in anomalous if it["pred_label"]]),
         "text_n": len(texts),
@@ -233,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"{args.shots}-shot: {args.shots} normal references per family" if args.shots else "zero-shot"
     print(f"`{command.strip()}`  (model: {args.model}; {mode}; location rule: exact words of location_words(gt_mask))\n")
     print(markdown_table(result["rows"]))
+    print("\nverdict accuracy at the threshold best on each row itself (an upper bound for any calibration): "
+          + ", ".join(f"{name.split(' (')[0]} {_fmt(row['verdict_accuracy_best_threshold'])}" for name, row in result["rows"].items()))
     print("\nby truth (normal, or the defect type):\n")
     print(defect_table(result["by_defect"]))
     print("\nsample answers:")

@@ -109,6 +109,15 @@ def test_quality_script_bad_input_is_one_line(args, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+def test_best_threshold_accuracy_is_the_best_any_single_threshold_gives():
+    from eval.default_model_quality import best_threshold_accuracy
+
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    assert best_threshold_accuracy(labels, np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])) == pytest.approx(5 / 6)
+    assert best_threshold_accuracy(labels, np.array([0.1, 0.2, 0.7, 0.3, 0.8, 0.9])) == 1.0  # separable
+    assert best_threshold_accuracy(np.array([1, 1, 0]), np.array([0.5, 0.5, 0.5])) == pytest.approx(2 / 3)  # ties
+
+
 @needs_model
 def test_quality_breakdown_by_defect_type_accounts_for_every_image(assistant):
     from data_prep.synth import DEFECT_TYPES
@@ -123,6 +132,8 @@ def test_quality_breakdown_by_defect_type_accounts_for_every_image(assistant):
         assert sum(c["verdict_right"] for c in cells) == round(row["verdict_accuracy"] * row["n"])
         assert sum(c["location_right"] for c in cells) == round(row["location_accuracy"] * row["n_anomalous"])
     assert table["normal"]["seen"]["location_right"] == 0
+    for row in rows.values():  # the set's own best threshold does at least as well as the calibrated one
+        assert row["verdict_accuracy"] <= row["verdict_accuracy_best_threshold"] <= 1.0
     lines = defect_table(table).splitlines()
     assert len(lines) == 2 + 1 + len(DEFECT_TYPES) and lines[2].startswith("| normal | ")
 
