@@ -461,5 +461,5 @@ def test_stage1_weight_average_is_saved_and_survives_a_resume(prepared, tmp_path
     (tmp_path / "old" / "stage1").mkdir(parents=True)
     shutil.copytree(tmp_path / "whole" / "stage1" / "checkpoint-4", tmp_path / "old" / "stage1" / "checkpoint-4")
     (tmp_path / "old" / "stage1" / "checkpoint-4" / AVERAGE_FILE).unlink()
-    with pytest.raises(ValueError, match="no weight average"):
+    with pytest.raises(ConfigError, match="no weight average"):  # the train command: one line, exit 2
         run(config(tmp_path / "old", *common, "resume=true"))

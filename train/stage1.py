@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from assistant.maps import image_anomaly_map
 
-from .config import LossConfig
+from .config import ConfigError, LossConfig
 
 TRAINABLE_FILE = "trainable.safetensors"
 AVERAGE_FILE = "weight_average.safetensors"
@@ -105,7 +105,7 @@ class WeightAverage(TrainerCallback):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.names) | {"__updates__"}:
-            raise ValueError("the checkpoint's weight average does not match this run's trained parameters")
+            raise ConfigError("the checkpoint's weight average does not match this run's trained parameters")
         self.updates = int(state["__updates__"])
         with torch.no_grad():
             for name, value in zip(self.names, self.average):
@@ -143,13 +143,13 @@ def stage1_trainer_class(base):
             state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
             expected = set(objective.trainable_state())
             if set(state) != expected:
-                raise ValueError(f"{resume_from_checkpoint} does not hold this run's expert parameters")
+                raise ConfigError(f"{resume_from_checkpoint} does not hold this run's expert parameters")
             objective.model.load_state_dict(state, strict=False)
             average = self._weight_average()
             if average is not None:
                 path = Path(resume_from_checkpoint) / AVERAGE_FILE
                 if not path.is_file():
-                    raise ValueError(f"{resume_from_checkpoint} holds no weight average (was it trained without stage1_ema?)")
+                    raise ConfigError(f"{resume_from_checkpoint} holds no weight average (was it trained without stage1_ema?)")
                 average.load_state_dict(load_file(str(path)))
 
     return ExpertTrainer
