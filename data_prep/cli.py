@@ -12,9 +12,10 @@ Outputs never overwrite user files unless `--overwrite` is given.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from .parallel import default_workers
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 #: folder names of the MVTec layout itself, which cannot name a class
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defects", help="comma-separated defect types (default: all)")
     synth.add_argument("--anomaly-ratio", type=float, default=0.5, help="fraction of images that are anomalous test images")
     synth.add_argument("--overwrite", action="store_true", help="replace the family folders and metadata in --out")
-    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    synth.add_argument("--workers", type=int, default=default_workers(),
                        help="processes that generate (default: one per core; the output does not depend on it)")
 
     instruct = commands.add_parser("instruct", help="write LLaVA instruction conversations from an (image, mask) source")

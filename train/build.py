@@ -5,7 +5,6 @@ instruction corpus)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from .trainer import atomic_folder
 def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
     """MVTec-layout synthetic images and their instruction JSON under `data_dir` (reused when present)."""
     from data_prep.instruct import build_instructions, write_instructions
+    from data_prep.parallel import default_workers
     from data_prep.readers import read_mvtec
     from data_prep.synth import FAMILIES, SynthPlan, write_dataset
 
@@ -31,7 +31,7 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
         with atomic_folder(images) as staging:
             # one process per core: every sample depends only on (seed, family, index), so the data are the same
             write_dataset(staging, SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio), overwrite=True,
-                          workers=os.cpu_count() or 1)
+                          workers=default_workers())
     if not instructions.is_file():
         records, _ = build_instructions(read_mvtec(images), data_dir, seed=synth.seed)
         write_instructions(records, instructions, overwrite=True)

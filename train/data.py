@@ -146,27 +146,19 @@ class MaskedImages(Dataset):
     def fill_cache(self, workers: int) -> None:
         """Load every item not yet cached, in `workers` forked processes (one where the platform cannot fork).
 
-        The items are the ones `__getitem__` would load; on 2 CPU cores this halves the first epoch's loading
-        (about 170 s of the default model's stage 1), and with many cores it is what lets data-loader workers
-        start from a full cache (each worker otherwise loads every image again for itself).
+        The items are the ones `__getitem__` would load. The first epoch's loading (about 170 s of the default
+        model's stage 1 on 2 CPU cores, by cProfile) is spread over the workers, and data-loader workers then start
+        from a full cache (each would otherwise load every image again for itself).
         """
-        import multiprocessing
+        from data_prep.parallel import ordered_map
 
-        global _FILLING
         if self._cache is None:
             raise ValueError("fill_cache needs cache=True")
         missing = [i for i in range(len(self)) if i not in self._cache]
-        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-            for index in missing:
-                self._cache[index] = self._load(index)
-            return
-        _FILLING = self
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for index, item in zip(missing, pool.imap(_load_as_arrays, missing, chunksize=64)):
-                    self._cache[index] = {key: torch.from_numpy(value) for key, value in item.items()}
-        finally:
-            _FILLING = None
+        # numpy arrays travel back through the pool's pipe; tensors would each hold a shared-memory file open
+        loaded = ordered_map(lambda i: {key: value.numpy() for key, value in self._load(i).items()}, missing, workers, chunksize=64)
+        for index, item in zip(missing, loaded):
+            self._cache[index] = {key: torch.from_numpy(value) for key, value in item.items()}
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
@@ -186,14 +178,6 @@ class MaskedImages(Dataset):
 
         config = self.processor.config
         return num_crops((image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size)
-
-
-_FILLING: "MaskedImages | None" = None  # the dataset whose cache the forked workers of fill_cache load
-
-
-def _load_as_arrays(index: int) -> dict:
-    # numpy arrays travel through the pool's pipe; tensors would each hold a shared-memory file open
-    return {key: value.numpy() for key, value in _FILLING._load(index).items()}
 
 
 @dataclass

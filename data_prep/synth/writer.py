@@ -20,6 +20,7 @@ from PIL import Image
 from assistant.localize import location_words, relative_size
 
 from ..images import is_image_file
+from ..parallel import ordered_map
 from .defects import DEFECT_TYPES
 from .families import FAMILIES
 from .generate import Sample, make_sample, sample_rng
@@ -75,16 +76,6 @@ def _custom_source(plan: SynthPlan, family: str, index: int, split: str) -> np.n
     return load_normal(plan.normals[pool[index % len(pool)]], plan.size)
 
 
-def generate(plan: SynthPlan, family: str):
-    """Yield (split, folder name, Sample) for every image of `family` under `plan`."""
-    # foreign textures only from this run's families: a family left out of the run stays unseen
-    donors = None if plan.normals else plan.families
-    for index, (split, defect_type) in enumerate(plan.roles()):
-        normal = _custom_source(plan, family, index, split) if plan.normals else None
-        sample = make_sample(family, index, plan.seed, plan.size, defect_type, normal=normal, donors=donors)
-        yield split, defect_type or "good", sample
-
-
 def _save_png(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, compress_level=1)
@@ -102,7 +93,7 @@ def _plan_files(plan: SynthPlan, family: str) -> list[tuple[int, str, str | None
 
 
 def _write_one(out: Path, plan: SynthPlan, family: str, index: int, split: str, defect_type: str | None, name: str) -> dict:
-    """Generate and save one image (and its mask) as `generate` makes it; returns its metadata line."""
+    """Generate and save one image (and its mask); returns its metadata line."""
     normal = _custom_source(plan, family, index, split) if plan.normals else None
     # foreign textures only from this run's families: a family left out of the run stays unseen
     donors = None if plan.normals else plan.families
@@ -117,14 +108,6 @@ def _write_one(out: Path, plan: SynthPlan, family: str, index: int, split: str, 
     return _metadata(out, family, split, image_path, mask_path, sample)
 
 
-_JOB: tuple[Path, SynthPlan] | None = None  # what the forked workers of write_dataset(workers > 1) write
-
-
-def _write_job(item: tuple[str, int, str, str, str]) -> dict:
-    out, plan = _JOB
-    return _write_one(out, plan, *item)
-
-
 def write_dataset(out: str | Path, plan: SynthPlan, overwrite: bool = False, workers: int = 1) -> dict[str, int]:
     """Write every family of `plan` under `out`; returns the number of images per family.
 
@@ -132,9 +115,6 @@ def write_dataset(out: str | Path, plan: SynthPlan, overwrite: bool = False, wor
     `workers` > 1 generates in that many forked processes (where the platform can fork); every sample
     depends only on (seed, family, index), so the files and metadata are the same as with one.
     """
-    import multiprocessing
-
-    global _JOB
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
@@ -145,21 +125,10 @@ def write_dataset(out: str | Path, plan: SynthPlan, overwrite: bool = False, wor
         if (out / family).is_dir() and overwrite:
             shutil.rmtree(out / family)
     jobs = [(family, *entry) for family in plan.families for entry in _plan_files(plan, family)]
-    counts = {family: sum(1 for job in jobs if job[0] == family) for family in plan.families}
     with open(out / METADATA, "w", encoding="utf-8") as metadata:
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            _JOB = (out, plan)
-            try:
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
-                    lines = pool.imap(_write_job, jobs, chunksize=32)
-                    for line in lines:
-                        metadata.write(json.dumps(line) + "\n")
-            finally:
-                _JOB = None
-        else:
-            for job in jobs:
-                metadata.write(json.dumps(_write_one(out, plan, *job)) + "\n")
-    return counts
+        for line in ordered_map(lambda job: _write_one(out, plan, *job), jobs, workers):
+            metadata.write(json.dumps(line) + "\n")
+    return {family: len(plan.roles()) for family in plan.families}
 
 
 def _metadata(out: Path, family: str, split: str, image: Path, mask: Path | None, sample: Sample) -> dict:
