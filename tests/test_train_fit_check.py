@@ -39,7 +39,23 @@ def test_report_covers_both_parts_per_truth(setup, tmp_path, capsys):
         assert set(counts) <= types | {"normal"} and "normal" in counts
         right = sum(ok for ok, _ in counts.values())
         assert part["verdict_accuracy"] == pytest.approx(right / n)
-        assert 0.0 <= part["image_auroc"] <= 1.0
+
+
+def test_the_split_is_the_checkpoints_own(setup, tmp_path, capsys):
+    """The held-out part is the one the checkpoint's training run held out (its training_config.yaml)."""
+    import shutil
+
+    from train.fit_check import main
+
+    model, data = setup
+    trained = tmp_path / "model"
+    shutil.copytree(model, trained)
+    (trained / "training_config.yaml").write_text("data:\n  val_fraction: 0.25\n  split_seed: 1\n")
+    out = tmp_path / "fit.json"
+    assert main(["--model", str(trained), "--data", str(data), "--n", "100", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["val_fraction"], report["split_seed"]) == (0.25, 1)
+    assert report["held_out"]["n"] == 20 and report["training_sample"]["n"] == 60  # --n above the 60 training images
 
 
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "no_data", "bad_n", "out_exists"])

@@ -52,6 +52,19 @@ def read_masked(root: str | Path) -> tuple[list[Record], Skipped]:
     return records, Skipped(problems, result.n_seen)
 
 
+def read_masked_or_fail(root: str | Path) -> tuple[list[Record], Skipped]:
+    """`read_masked` for the post-training commands (`train.self_reference`, `train.fit_check`): the skipped images
+    are reported, and an unreadable or empty source is a ValueError with a one-line message."""
+    try:
+        records, skipped = read_masked(root)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read masked images from {root}: {error}") from None
+    skipped.report(str(root))
+    if not records:
+        raise ValueError(f"no masked images in {root} (an MVTec-layout folder, the synthetic generator's output or a VisA root)")
+    return records, skipped
+
+
 def read_conversations(path: str | Path) -> tuple[list[Record], Skipped]:
     """LLaVA-format conversations (`data_prep instruct` output); malformed entries and bad images are skipped."""
     from data_prep.readers import read_llava

@@ -47,7 +47,7 @@ def part_report(model, processor, records, map_size: int) -> dict:
 def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64) -> dict:
     from assistant import checkpoint
 
-    from .data import read_masked, split_records
+    from .data import read_masked_or_fail, split_records
     from .self_reference import training_split
 
     model_path = Path(model_path)
@@ -55,13 +55,7 @@ def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64)
         raise FitCheckError(f"{model_path} is not a checkpoint folder (no config.json)")
     if n < 2:
         raise FitCheckError(f"--n must be at least 2, got {n}")
-    try:
-        records, skipped = read_masked(data)
-    except (OSError, ValueError) as error:
-        raise FitCheckError(f"cannot read masked images from {data}: {error}") from None
-    skipped.report(str(data))
-    if not records:
-        raise FitCheckError(f"no masked images in {data} (an MVTec-layout folder, the synthetic generator's output or a VisA root)")
+    records, _ = read_masked_or_fail(data)
     val_fraction, split_seed = training_split(model_path) or (0.1, 0)
     train, held_out = split_records(records, val_fraction, split_seed)
     if not train or not held_out:

@@ -116,7 +116,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     from assistant import checkpoint
     from eval.metrics import pixel_auroc
 
-    from .data import read_masked, split_records
+    from .data import read_masked_or_fail, split_records
     from .stage1 import auroc, calibrate, score_records
     from .trainer import atomic_folder, write_model_parts
 
@@ -140,13 +140,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
         seed = recorded[1] if recorded else 0
     if not 0.0 < val_fraction < 1.0:
         raise SelfReferenceError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    try:
-        records, skipped = read_masked(data)
-    except (OSError, ValueError) as error:
-        raise SelfReferenceError(f"cannot read masked images from {data}: {error}") from None
-    skipped.report(str(data))
-    if not records:
-        raise SelfReferenceError(f"no masked images in {data} (an MVTec-layout folder, the synthetic generator's output or a VisA root)")
+    records, skipped = read_masked_or_fail(data)
     _, held_out = split_records(records, val_fraction, seed)
     if not held_out:
         raise SelfReferenceError(f"no held-out images in {data} (found {len(records)} images)")
