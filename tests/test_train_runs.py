@@ -463,3 +463,41 @@ def test_stage1_weight_average_is_saved_and_survives_a_resume(prepared, tmp_path
     (tmp_path / "old" / "stage1" / "checkpoint-4" / AVERAGE_FILE).unlink()
     with pytest.raises(ConfigError, match="no weight average"):  # the train command: one line, exit 2
         run(config(tmp_path / "old", *common, "resume=true"))
+
+
+def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepared, tmp_path):
+    """`stage1_polish`: after the main phase, a second phase with its own schedule (its checkpoints in stage1/polish)
+    trains on; the stage-1 model holds the polished weights, and a run killed in the polish resumes there (the
+    main phase is not run again) and ends with the same weights. Bad settings are config errors."""
+    from safetensors.torch import load_file
+
+    from train.config import ConfigError
+    from train.run import run
+    from train.stage1 import TRAINABLE_FILE
+
+    common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", "stage=stage1", "stage1_steps=4",
+              "trainer.save_steps=2", "trainer.save_total_limit=2", "trainer.lr=0.01",
+              "stage1_polish.steps=4", "stage1_polish.lr=0.003", "stage1_polish.warmup_ratio=0"]
+    with pytest.raises(ConfigError, match="stage1_polish needs steps"):
+        config(tmp_path / "bad", *common, "stage1_polish.steps=0")
+    with pytest.raises(ConfigError, match="stage1_polish and stage1_ema"):
+        config(tmp_path / "bad", *common, "stage1_ema=0.9")
+    whole = run(config(tmp_path / "whole", *common))["stage1"]
+    main_end = load_file(str(tmp_path / "whole" / "stage1" / "checkpoint-4" / TRAINABLE_FILE))
+    polish_end = load_file(str(tmp_path / "whole" / "stage1" / "polish" / "checkpoint-4" / TRAINABLE_FILE))
+    saved = load_file(str(whole / "model.safetensors"))
+    moved = [n for n in main_end if not np.allclose(main_end[n].numpy(), polish_end[n].numpy())]
+    assert len(moved) > len(main_end) // 2  # the polish trained on
+    for name, value in polish_end.items():
+        assert np.array_equal(saved[name].numpy(), value.numpy()), name
+    state = json.loads((tmp_path / "whole" / "stage1" / "polish" / "checkpoint-4" / "trainer_state.json").read_text())
+    rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    assert state["max_steps"] == 4 and 0.002 < max(rates) <= 0.003  # its own schedule, not the main phase's 0.01
+
+    for part in ("checkpoint-2", "polish/checkpoint-2"):  # a main-phase checkpoint is left over from mid-run
+        shutil.copytree(tmp_path / "whole" / "stage1" / part, tmp_path / "resumed" / "stage1" / part)
+    resumed = run(config(tmp_path / "resumed", *common, "resume=true"))["stage1"]
+    assert not (tmp_path / "resumed" / "stage1" / "checkpoint-4").exists()  # the main phase did not run again
+    again = load_file(str(resumed / "model.safetensors"))
+    for name, value in polish_end.items():
+        assert np.allclose(again[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6), name

@@ -161,6 +161,22 @@ class TrainerConfig:
 
 
 @dataclass
+class PolishConfig:
+    """Stage 1's polish: a second, short phase after the main one, with its own warmup and cosine schedule and a
+    milder augmentation (the main phase's lighting and grain off). The main phase's strong hue changes keep the
+    tower from fitting the surface itself; the polish lets it fit what the data look like. On the default model
+    (`configs/train/default_model.yaml`), 3,000 such steps after its stage 1 raised the held-out image AUROC
+    from 0.935 to 0.949 (the same 3,000 steps with the main augmentation: 0.935)."""
+
+    steps: int = 3000
+    lr: float = 2e-4
+    warmup_ratio: float = 0.02
+    augment_flips: bool = True
+    augment_hue: float = 0.1
+    augment_saturation: float = 0.2
+
+
+@dataclass
 class TrainConfig:
     stage: str = "all"  # stage1 | stage2 | all (stage 1, then stage 2 on its output)
     output_dir: str = "runs/debug"
@@ -176,6 +192,8 @@ class TrainConfig:
     #: stage 1 keeps an exponential moving average of the trained weights with this decay (e.g. 0.999) and
     #: calibrates and saves the average instead of the last weights (`train.stage1.WeightAverage`)
     stage1_ema: float | None = None
+    #: stage 1 ends with a polish phase (`PolishConfig`; checkpoints in <output_dir>/stage1/polish/)
+    stage1_polish: PolishConfig | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -217,6 +235,14 @@ class TrainConfig:
             raise ConfigError(f"stage1_ema must be in (0, 1), got {self.stage1_ema}")
         if self.stage1_ema is not None and self.trainer.deepspeed is not None:
             raise ConfigError("stage1_ema does not work with DeepSpeed (its parameters are partitioned); use DDP (torchrun)")
+        polish = self.stage1_polish
+        if polish is not None:
+            if polish.steps < 1 or polish.lr <= 0 or not 0.0 <= polish.warmup_ratio < 1.0:
+                raise ConfigError("stage1_polish needs steps ≥ 1, lr > 0 and warmup_ratio in [0, 1)")
+            if not 0.0 <= polish.augment_hue <= 0.5 or not 0.0 <= polish.augment_saturation < 1.0:
+                raise ConfigError("stage1_polish.augment_hue must be in [0, 0.5] turns and augment_saturation in [0, 1)")
+            if self.stage1_ema is not None:
+                raise ConfigError("stage1_polish and stage1_ema cannot be combined (the average would span both phases)")
         if self.data.cache_workers < 0 or self.trainer.num_workers < 0:
             raise ConfigError("data.cache_workers and trainer.num_workers must be ≥ 0")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:

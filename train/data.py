@@ -135,11 +135,14 @@ class MaskedImages(Dataset):
         self.records, self.processor, self.map_size = records, processor, map_size
         self._targets = MASK_TARGETS[mask_targets]
         self._cache: dict[int, dict] | None = {} if cache else None
+        image_processor = processor.image_processor
+        self._mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
+        self.set_augment(augment)
+
+    def set_augment(self, augment: "Augment | None") -> None:
+        """Change the augmentation (stage 1's polish phase); the cached items are the unaugmented ones, so they stay."""
         self.augment = augment if augment is not None and augment.active else None
-        if self.augment is not None:
-            image_processor = processor.image_processor
-            self._mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
-            self._std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
 
     def __len__(self) -> int:
         return len(self.records)

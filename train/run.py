@@ -3,6 +3,7 @@
     <output_dir>/data/                      synthetic data, when the recipe generates it
     <output_dir>/base/                      the model a `model.init` section built
     <output_dir>/stage1/checkpoint-N/       resumable checkpoints (expert + selector, optimizer, RNG)
+    <output_dir>/stage1/polish/checkpoint-N/  the same for stage 1's polish phase (`stage1_polish`)
     <output_dir>/stage1/model/              stage-1 result: a full checkpoint with calibrated thresholds
     <output_dir>/stage2/checkpoint-N/       resumable checkpoints (adapter or full weights)
     <output_dir>/stage2/adapter/            LoRA result in peft's format (+ processor files, calibration.json)
@@ -13,6 +14,7 @@ Every result and checkpoint folder holds `training_config.yaml` (the resolved co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -59,6 +61,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         _say(args, f"stage 1 already finished: {final}")
         return final
     resume = _resume_point(cfg, run_dir)
+    polish_dir = run_dir / "polish"
+    polish_resume = _resume_point(cfg, polish_dir) if cfg.stage1_polish is not None else None
     model, processor, generation = load_model(base)
     set_token_pooling(model, cfg)
     if model.expert is None or cfg.model.reinit_expert:
@@ -91,9 +95,14 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         average = WeightAverage(model, cfg.stage1_ema)  # the trained parameters, under their saved names
         trainer.add_callback(average)
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
-    trainer.train(resume_from_checkpoint=resume)
+    if polish_resume is None:
+        trainer.train(resume_from_checkpoint=resume)
+    else:  # the polish checkpoint holds every trained parameter: the main phase is over
+        _say(args, "stage 1: main phase already finished")
     if average is not None:
         average.swap_in()
+    if cfg.stage1_polish is not None:
+        trainer = run_polish(cfg, objective, dataset, model, polish_dir, polish_resume, commit)
     if trainer.is_world_process_zero():
         report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from)
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
@@ -101,6 +110,25 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         print(f"stage 1: model written to {final}", flush=True)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def run_polish(cfg: TrainConfig, objective, dataset, model, polish_dir: Path, resume: str | None, commit: str | None):
+    """Stage 1's polish phase (`PolishConfig`): the same objective and data, a new schedule and the milder augmentation."""
+    polish = cfg.stage1_polish
+    args = training_arguments(cfg, polish_dir, polish.steps, polish.lr,
+                              torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
+                              per_device_train_batch_size=cfg.stage1_batch_size or cfg.trainer.batch_size,
+                              warmup_steps=int(round(polish.warmup_ratio * polish.steps)))
+    milder = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, augment_flips=polish.augment_flips, augment_hue=polish.augment_hue,
+        augment_saturation=polish.augment_saturation, augment_lighting=0.0, augment_grain=0.0))
+    dataset.set_augment(stage1_augment(milder, model))
+    trainer = stage1_trainer_class(ReliableTrainer)(
+        model=objective, args=args, train_dataset=dataset, data_collator=collate_masked, run_config=cfg, commit=commit,
+    )
+    _say(args, f"stage 1: polish, {polish.steps} steps at lr {polish.lr:g}; resume from {resume or '-'}")
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
 
 
 def _module_names(model, names: list[str]) -> list[str]:
