@@ -454,7 +454,8 @@ def test_stage1_weight_average_is_saved_and_survives_a_resume(prepared, tmp_path
         assert np.array_equal(saved[name].numpy(), value.numpy()), name
 
     shutil.copytree(tmp_path / "whole" / "stage1" / "checkpoint-4", tmp_path / "resumed" / "stage1" / "checkpoint-4")
-    resumed = run(config(tmp_path / "resumed", *common, "resume=true"))["stage1"]
+    resumed = run(config(tmp_path / "resumed", *common, "data.augment_hue=0.5", "data.augment_grain=0.05",
+                         "stage1_polish.augment_hue=0.05", "resume=true"))["stage1"]
     again = load_file(str(resumed / "model.safetensors"))
     for name, value in average.items():
         assert np.allclose(again[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6), name
@@ -465,7 +466,7 @@ def test_stage1_weight_average_is_saved_and_survives_a_resume(prepared, tmp_path
         run(config(tmp_path / "old", *common, "resume=true"))
 
 
-def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepared, tmp_path):
+def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepared, tmp_path, monkeypatch):
     """`stage1_polish`: after the main phase, a second phase with its own schedule (its checkpoints in stage1/polish)
     trains on; the stage-1 model holds the polished weights, and a run killed in the polish resumes there (the
     main phase is not run again) and ends with the same weights. Bad settings are config errors."""
@@ -480,9 +481,18 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
               "stage1_polish.steps=4", "stage1_polish.lr=0.003", "stage1_polish.warmup_ratio=0"]
     with pytest.raises(ConfigError, match="stage1_polish needs steps"):
         config(tmp_path / "bad", *common, "stage1_polish.steps=0")
+    with pytest.raises(ConfigError, match="stage1_polish's augmentation"):
+        config(tmp_path / "bad", *common, "stage1_polish.augment_grain=0.6")
     with pytest.raises(ConfigError, match="stage1_polish and stage1_ema"):
         config(tmp_path / "bad", *common, "stage1_ema=0.9")
-    whole = run(config(tmp_path / "whole", *common))["stage1"]
+    import train.run
+
+    drawn = []  # the augmentation each phase trains with
+    real = train.run.stage1_augment
+    monkeypatch.setattr(train.run, "stage1_augment", lambda cfg, model: drawn.append(real(cfg, model)) or drawn[-1])
+    whole = run(config(tmp_path / "whole", *common, "data.augment_hue=0.5", "data.augment_grain=0.05",
+                       "stage1_polish.augment_hue=0.05"))["stage1"]
+    assert [(a.hue, a.saturation, a.grain, a.flips) for a in drawn] == [(0.5, 0.0, 0.05, False), (0.05, 0.2, 0.0, True)]
     main_end = load_file(str(tmp_path / "whole" / "stage1" / "checkpoint-4" / TRAINABLE_FILE))
     polish_end = load_file(str(tmp_path / "whole" / "stage1" / "polish" / "checkpoint-4" / TRAINABLE_FILE))
     saved = load_file(str(whole / "model.safetensors"))
@@ -496,7 +506,8 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
 
     for part in ("checkpoint-2", "polish/checkpoint-2"):  # a main-phase checkpoint is left over from mid-run
         shutil.copytree(tmp_path / "whole" / "stage1" / part, tmp_path / "resumed" / "stage1" / part)
-    resumed = run(config(tmp_path / "resumed", *common, "resume=true"))["stage1"]
+    resumed = run(config(tmp_path / "resumed", *common, "data.augment_hue=0.5", "data.augment_grain=0.05",
+                         "stage1_polish.augment_hue=0.05", "resume=true"))["stage1"]
     assert not (tmp_path / "resumed" / "stage1" / "checkpoint-4").exists()  # the main phase did not run again
     again = load_file(str(resumed / "model.safetensors"))
     for name, value in polish_end.items():

@@ -121,7 +121,8 @@ def run_polish(cfg: TrainConfig, objective, dataset, model, polish_dir: Path, re
                               warmup_steps=int(round(polish.warmup_ratio * polish.steps)))
     milder = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, augment_flips=polish.augment_flips, augment_hue=polish.augment_hue,
-        augment_saturation=polish.augment_saturation, augment_lighting=0.0, augment_grain=0.0))
+        augment_saturation=polish.augment_saturation, augment_lighting=polish.augment_lighting,
+        augment_grain=polish.augment_grain))
     dataset.set_augment(stage1_augment(milder, model))
     trainer = stage1_trainer_class(ReliableTrainer)(
         model=objective, args=args, train_dataset=dataset, data_collator=collate_masked, run_config=cfg, commit=commit,
