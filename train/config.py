@@ -221,18 +221,11 @@ class TrainConfig:
             raise ConfigError("data.val_fraction must be between 0 and 1")
         if self.model.image_token_pooling is not None and self.model.image_token_pooling < 1:
             raise ConfigError(f"model.image_token_pooling must be ≥ 1, got {self.model.image_token_pooling}")
-        if not 0.0 <= self.data.augment_hue <= 0.5:
-            raise ConfigError(f"data.augment_hue must be in [0, 0.5] turns, got {self.data.augment_hue}")
-        if not 0.0 <= self.data.augment_saturation < 1.0:
-            raise ConfigError(f"data.augment_saturation must be in [0, 1), got {self.data.augment_saturation}")
+        check_augment_ranges("data.", self.data)
         if self.model.expert.score_input not in ("tokens", "contrast"):
             raise ConfigError(f"model.expert.score_input must be tokens or contrast, got {self.model.expert.score_input!r}")
         if self.data.mask_targets not in ("max", "area"):
             raise ConfigError(f"data.mask_targets must be max or area, got {self.data.mask_targets!r}")
-        if not 0.0 <= self.data.augment_lighting < 1.0:
-            raise ConfigError(f"data.augment_lighting must be in [0, 1), got {self.data.augment_lighting}")
-        if not 0.0 <= self.data.augment_grain <= 0.5:
-            raise ConfigError(f"data.augment_grain must be in [0, 0.5], got {self.data.augment_grain}")
         if self.stage1_ema is not None and not 0.0 < self.stage1_ema < 1.0:
             raise ConfigError(f"stage1_ema must be in (0, 1), got {self.stage1_ema}")
         if self.stage1_ema is not None and self.trainer.deepspeed is not None:
@@ -241,10 +234,7 @@ class TrainConfig:
         if polish is not None:
             if polish.steps < 1 or polish.lr <= 0 or not 0.0 <= polish.warmup_ratio < 1.0:
                 raise ConfigError("stage1_polish needs steps ≥ 1, lr > 0 and warmup_ratio in [0, 1)")
-            if not (0.0 <= polish.augment_hue <= 0.5 and 0.0 <= polish.augment_saturation < 1.0
-                    and 0.0 <= polish.augment_lighting < 1.0 and 0.0 <= polish.augment_grain <= 0.5):
-                raise ConfigError("stage1_polish's augmentation must lie in data.augment_*'s ranges: hue [0, 0.5] turns, "
-                                  "saturation and lighting [0, 1), grain [0, 0.5]")
+            check_augment_ranges("stage1_polish.", polish)
             if self.stage1_ema is not None:
                 raise ConfigError("stage1_polish and stage1_ema cannot be combined (the average would span both phases)")
         if self.data.cache_workers < 0 or self.trainer.num_workers < 0:
@@ -258,6 +248,15 @@ class TrainConfig:
         if self.trainer.deepspeed is not None and not Path(self.trainer.deepspeed).is_file():
             raise ConfigError(f"trainer.deepspeed: no file {self.trainer.deepspeed}")
         return self
+
+
+def check_augment_ranges(prefix: str, section) -> None:
+    """The stage-1 augmentation ranges, for `data.` and `stage1_polish.` alike (their `augment_*` fields share names)."""
+    for name, low, high, closed, unit in (("hue", 0.0, 0.5, True, " turns"), ("saturation", 0.0, 1.0, False, ""),
+                                          ("lighting", 0.0, 1.0, False, ""), ("grain", 0.0, 0.5, True, "")):
+        value = getattr(section, f"augment_{name}")
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"{prefix}augment_{name} must be in [{low:g}, {high:g}{']' if closed else ')'}{unit}, got {value}")
 
 
 # -- building dataclasses from plain dicts, strictly ------------------------------------------------
