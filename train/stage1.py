@@ -176,8 +176,8 @@ def balanced_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple
     """(best balanced accuracy, its threshold) for predicting `score >= threshold`; thresholds are the observed scores.
 
     The image verdict's threshold: the mean of the hit rate on defective and on normal images does not depend on
-    how many of each the held-out split holds, and it counts false alarms, which F1 ignores. On the default
-    model's held-out split, zero-shot, both pick the same threshold (0.798); in the 4-shot mode F1-max picked
+    how many of each the held-out split holds, and it counts false alarms, which F1 ignores. On the previous default
+    model's held-out split (trained at c018f4d), zero-shot, both pick the same threshold (0.798); in the 4-shot mode F1-max picked
     0.123, which flagged 35 of 250 normal images of seen families (seed-1 quality set) against 13 at this
     rule's 0.237.
     """
