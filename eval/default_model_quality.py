@@ -26,13 +26,14 @@ verdicts and location words that are right: which kinds of defect the model miss
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from assistant import jsonutil
 
 _NORMAL = re.compile(
     r"^(no\b|normal\b)|appears normal|\bis a normal\b|no anomaly|free of defects|passes the inspection|"
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  Q: {turn['question']}\n  A: {turn['answer']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": command.strip(), **result}, indent=1) + "\n")
+        Path(args.out).write_text(jsonutil.dumps({"command": command.strip(), **result}, indent=1) + "\n")
     return 0
 
 

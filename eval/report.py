@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
+
+from assistant import jsonutil
 
 from . import cache
 from .tasks import get_task
@@ -69,8 +69,8 @@ def evaluate(out: Path, options: dict) -> dict:
         "missing": missing[:MAX_LISTED],
         "worst": write_worst_cases(out, scored, predictions, options.get("worst", 4)),
     }
-    results = _finite(results)
-    _write(out / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    results = jsonutil.finite(results)
+    _write(out / RESULTS, jsonutil.dumps(results, indent=2, ensure_ascii=False) + "\n")
     _write(out / CSV, per_class_csv(scores.rows))
     _write(out / MARKDOWN, markdown(results) + "\n")
     return results
@@ -143,17 +143,6 @@ def _safe(key: str) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-
-
-def _finite(value):
-    """NaN and infinities as null, so results.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,5 +1,6 @@
 """Tiny random checkpoints, written once per test session with the real classes' `save_pretrained`."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +30,13 @@ def llava_ov(tmp_path_factory):
     from assistant.testing import tiny_llava_onevision
 
     return tiny_llava_onevision(tmp_path_factory.mktemp("ckpt") / "llava-ov")
+
+
+def strict_json(text: str):
+    """Parse JSON the way jq or a browser would: NaN and Infinity are not JSON."""
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant} written")
+    return json.loads(text, parse_constant=reject)
 
 
 def random_image(height, width, seed=0, mode="RGB"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from assistant.checkpoint import default_model_path
+from tests.conftest import strict_json
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -51,7 +52,7 @@ def test_checkpoint_is_small_and_self_describing():
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "chat_template.jinja",
                  "training_summary.json"):
         assert (folder / name).is_file(), name
-    summary = json.loads((folder / "training_summary.json").read_text())
+    summary = strict_json((folder / "training_summary.json").read_text())
     assert summary["recipe"] == "configs/train/default_model.yaml"
     assert (ROOT / summary["recipe"]).is_file()
     config = json.loads((folder / "config.json").read_text())
@@ -107,6 +108,18 @@ def test_quality_script_bad_input_is_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@needs_model
+def test_quality_script_writes_undefined_metrics_as_null(tmp_path, capsys):
+    from eval.default_model_quality import main
+
+    out = tmp_path / "quality.json"
+    assert main(["--families", "wood", "--n", "2", "--text-n", "0", "--out", str(out)]) == 0
+    result = strict_json(out.read_text())  # no NaN: jq, browsers and pandas read it
+    row = next(iter(result["rows"].values()))
+    assert row["text_n"] == 0 and row["text_agrees_with_verdict"] is None  # no answers sampled: undefined
+    assert 0.0 <= row["image_AUROC"] <= 1.0
 
 
 def test_best_threshold_accuracy_is_the_best_any_single_threshold_gives():

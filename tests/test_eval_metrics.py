@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -366,3 +367,11 @@ def test_compute_ad_metrics_with_masks():
         compute_ad_metrics(labels, scores, masks)
     with pytest.raises(ValueError, match="shape mismatch"):
         compute_ad_metrics(labels[:-1], scores[:-1], masks, maps)
+
+
+def test_results_json_writes_undefined_numbers_as_null():
+    from assistant import jsonutil
+
+    text = jsonutil.dumps({"auroc": float("nan"), "rows": [np.float32("nan"), np.float64(0.5), (float("inf"), 2)],
+                           "n": np.int64(3)})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"auroc": None, "rows": [None, 0.5, [None, 2]], "n": 3}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from eval import report as eval_report
 from eval import run as eval_run
-from tests.conftest import random_image
+from tests.conftest import random_image, strict_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def run(*argv) -> int:
 
 
 def results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
+    return strict_json((out / "results.json").read_text())
 
 
 def cache_lines(out: Path) -> list[dict]:

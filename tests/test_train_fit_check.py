@@ -7,6 +7,7 @@ import json
 import pytest
 
 from data_prep.synth import SynthPlan, write_dataset
+from tests.conftest import strict_json
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_report_covers_both_parts_per_truth(setup, tmp_path, capsys):
     assert main(["--model", str(model), "--data", str(data), "--n", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("training sample (30 images): image AUROC") and printed[1].startswith("held-out (8 images)")
-    report = json.loads(out.read_text())
+    report = strict_json(out.read_text())
     records, _ = read_masked(data)
     types = {r.defect_type for r in records if r.label == ANOMALOUS}
     for key, n in (("training_sample", 30), ("held_out", 8)):  # no training_config.yaml: a 10% split of 80 images

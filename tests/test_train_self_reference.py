@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_prep.synth import SynthPlan, write_dataset
+from tests.conftest import strict_json
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_fit_raises_held_out_pixel_auroc_and_the_checkpoint_loads(setup, tmp_pat
     out = tmp_path / "final"
     assert main(["--model", str(model), "--data", str(data), "--out", str(out), "--val-fraction", "0.5", "--weight", "0.8"]) == 0
     assert _files(model) == before  # the input checkpoint is untouched
-    report = json.loads((out / "self_reference.json").read_text())
+    report = strict_json((out / "self_reference.json").read_text())
+    strict_json((out / "calibration.json").read_text())
     assert report["scale"] > 0
     # the tiny model's expert is random, so its map is near chance; the self-reference finds the defects
     assert report["held_out_after"]["pixel_auroc"] > report["held_out_before"]["pixel_auroc"] + 0.05

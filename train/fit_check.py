@@ -16,12 +16,13 @@ it was trained on, so more regularisation cannot help, and more capacity, more t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from assistant import jsonutil
 
 
 class FitCheckError(ValueError):
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ({part['n']} images): image AUROC {part['image_auroc']:.3f}, pixel AUROC {part['pixel_auroc']:.3f}, "
               f"verdicts {part['verdict_accuracy']:.1%} at threshold {part['threshold']:.3f}; right per truth: {per_truth}")
     if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.write_text(jsonutil.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -18,11 +18,12 @@ fit and the held-out AUROCs before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from assistant import jsonutil
 
 
 class SelfReferenceError(ValueError):
@@ -178,8 +179,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
 
     with atomic_folder(out) as staging:
         write_model_parts(staging, model, processor, generation, model_path, ("training_config.yaml", "git_commit.txt", "training_summary.json"))
-        (staging / "calibration.json").write_text(json.dumps(calibration, indent=1) + "\n")
-        (staging / "self_reference.json").write_text(json.dumps(report, indent=1) + "\n")
+        (staging / "calibration.json").write_text(jsonutil.dumps(calibration, indent=1) + "\n")
+        (staging / "self_reference.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -9,7 +9,6 @@ threshold (F1-max) are calibrated on the held-out split and stored in the checkp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
+from assistant import jsonutil
 from assistant.maps import image_anomaly_map
 
 from .config import ConfigError, LossConfig
@@ -255,4 +255,4 @@ def calibrate(model, processor, records, map_size: int, moderate_from: float = 0
 
 
 def write_calibration(report: dict, folder: Path) -> None:
-    (folder / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    (folder / "calibration.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
