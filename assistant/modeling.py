@@ -150,8 +150,39 @@ class AnomalyAssistantModel(PreTrainedModel):
     def vision_features(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image."""
         counts = self.crops_per_image(image_sizes)
-        projector_input, levels = self._tower(self._flat_crops(pixel_values, counts))
+        crops = self._flat_crops(pixel_values, counts)
+        read, index = self._distinct_crops(crops, counts)
+        if read is None:
+            projector_input, levels = self._tower(crops)
+        else:  # the same features as reading every crop, and the same gradients (indexing sums them back)
+            projector_input, levels = self._tower(crops[read])
+            projector_input, levels = projector_input[index], [level[index] for level in levels]
         return projector_input, levels, counts
+
+    @staticmethod
+    def _distinct_crops(crops: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The crops the tower has to read, and where each crop's features come from.
+
+        An image that fits one tile (a square one, when the grid allows a single tile) gets a tile that
+        repeats its base view pixel for pixel; the tower reads it once (for the embedded default model's
+        128 px images: half the tower's work in stage 2 and at inference). Returns (None, None) when every
+        crop is distinct, and under torch.compile (data-dependent shapes would break the graph).
+        """
+        if len(crops) == len(counts) or torch.compiler.is_compiling():
+            return None, None
+        read, index, start = [], [], 0
+        for n in counts:
+            base = len(read)
+            read.append(start)
+            index.append(base)
+            for j in range(start + 1, start + n):
+                if not torch.equal(crops[j], crops[start]):
+                    read.append(j)
+                index.append(len(read) - 1 if read[-1] == j else base)
+            start += n
+        if len(read) == len(crops):
+            return None, None
+        return torch.tensor(read, device=crops.device), torch.tensor(index, device=crops.device)
 
     @staticmethod
     def _flat_crops(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -369,3 +369,37 @@ def test_bad_detection_views_are_refused():
 
     with pytest.raises(ValueError, match="detection_views"):
         AnomalyAssistantConfig(detection_views=3)
+
+
+def test_a_tile_that_repeats_the_base_view_is_read_once_with_the_same_features_and_gradients(clip_llama, monkeypatch):
+    from assistant.modeling import AnomalyAssistantModel
+
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    model = assistant.model
+    square, multi = random_image(32, 32, seed=2), random_image(96, 96, seed=2)  # one tile (= the base view); 3x3 tiles
+    inputs = assistant.processor.image_processor([square, multi], return_tensors="pt")
+    sizes = inputs["image_sizes"].tolist()
+    counts = model.crops_per_image(sizes)
+    read = []
+    hook = model.vision_tower.register_forward_pre_hook(lambda module, args, kwargs: read.append(len(args[0])), with_kwargs=True)
+
+    def run():
+        model.zero_grad()
+        features, levels, _ = model.vision_features(inputs["pixel_values"], sizes)
+        (features.square().sum() + sum(level.sum() for level in levels)).backward()
+        grads = {n: p.grad.clone() for n, p in model.vision_tower.named_parameters() if p.grad is not None}
+        return features.detach(), [level.detach() for level in levels], grads
+
+    try:
+        shared = run()
+        monkeypatch.setattr(AnomalyAssistantModel, "_distinct_crops", staticmethod(lambda crops, counts: (None, None)))
+        every = run()
+    finally:
+        hook.remove()
+    assert counts[0] == 2 and read == [sum(counts) - 1, sum(counts)]  # the square image's tile was not read again
+    torch.testing.assert_close(shared[0], every[0])
+    for a, b in zip(shared[1], every[1]):
+        torch.testing.assert_close(a, b)
+    assert shared[2].keys() == every[2].keys() and shared[2]
+    for name in shared[2]:
+        torch.testing.assert_close(shared[2][name], every[2][name], rtol=1e-4, atol=1e-5)
