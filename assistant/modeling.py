@@ -165,20 +165,20 @@ class AnomalyAssistantModel(PreTrainedModel):
 
         An image that fits one tile (a square one, when the grid allows a single tile) gets a tile that
         repeats its base view pixel for pixel; the tower reads it once (for the embedded default model's
-        128 px images: half the tower's work in stage 2 and at inference). Returns (None, None) when every
-        crop is distinct, and under torch.compile (data-dependent shapes would break the graph).
+        128 px images: half the tower's work in stage 2 and at inference). Only images of one tile are
+        compared (a grid of several tiles never repeats the whole image), so larger images pay nothing.
+        Returns (None, None) when every crop is distinct, and under torch.compile (data-dependent shapes
+        would break the graph).
         """
-        if len(crops) == len(counts) or torch.compiler.is_compiling():
+        if 2 not in counts or torch.compiler.is_compiling():
             return None, None
         read, index, start = [], [], 0
         for n in counts:
-            base = len(read)
-            read.append(start)
-            index.append(base)
-            for j in range(start + 1, start + n):
-                if not torch.equal(crops[j], crops[start]):
-                    read.append(j)
-                index.append(len(read) - 1 if read[-1] == j else base)
+            repeated = n == 2 and torch.equal(crops[start], crops[start + 1])
+            index.extend(range(len(read), len(read) + n - repeated))
+            if repeated:
+                index.append(len(read))
+            read.extend(range(start, start + n - repeated))
             start += n
         if len(read) == len(crops):
             return None, None
