@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 _TASK: Callable | None = None  # the function the forked workers of `ordered_map` run (inherited, never pickled)
@@ -20,6 +21,17 @@ def _run(item):
     return _TASK(item)
 
 
+def _one_thread_each() -> None:
+    """Worker start: torch (when the parent imported it) runs single-threaded, as in torch's DataLoader workers.
+
+    The workers share the cores already, and a forked child must not enter the OpenMP thread pool its parent
+    started: torch ops above OpenMP's grain size hung the workers when the parent had run parallel ops first.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def ordered_map(function: Callable, items: Iterable, workers: int, chunksize: int = 32) -> Iterator:
     """`map(function, items)`, in `workers` forked processes when > 1 and the platform can fork, else in this one.
 
@@ -32,7 +44,7 @@ def ordered_map(function: Callable, items: Iterable, workers: int, chunksize: in
         return
     _TASK = function
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread_each) as pool:
             yield from pool.imap(_run, items, chunksize=chunksize)
     finally:
         _TASK = None

@@ -1,6 +1,7 @@
 """The synthetic anomaly generator: exact masks, determinism, the written MVTec layout."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,25 @@ def test_parallel_generation_writes_the_same_dataset(tmp_path):
     assert len(files) == 1 + 24 + 12  # metadata, 24 images, 12 masks
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
+
+
+def test_forked_workers_run_torch_ops_after_the_parent_ran_parallel_ones(tmp_path):
+    """`ordered_map`'s forked workers (stage 1's image cache, the generator) run torch ops large enough for a
+    parallel region after the parent process ran one: they used to hang in the OpenMP pool inherited through
+    the fork, and stage 1 never started."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import torch\n"
+        "from data_prep.parallel import ordered_map\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(1000, 1000)\n"
+        "(x @ x).sum(); torch.ones(10**6).add(1).sum()\n"
+        "print(list(ordered_map(lambda i: float((torch.ones(300000) * i).sum()), range(4), 2, chunksize=1)))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0.0, 300000.0, 600000.0, 900000.0]"

@@ -240,7 +240,8 @@ def test_stage1_area_targets_are_each_cells_defective_fraction(clip_llama, tmp_p
 
 def test_cache_filled_in_workers_holds_the_lazily_loaded_items(clip_llama, tmp_path):
     """`data.cache_workers`: the cache filled before training by forked processes holds exactly what `__getitem__`
-    loads on first use, so the option speeds a run up without changing it."""
+    loads on first use, so the option speeds a run up without changing it. The cache keeps the crops as 8-bit
+    pixels (a quarter of the memory) and gives back the processor's own values."""
     import torch
 
     from assistant import checkpoint
@@ -255,8 +256,11 @@ def test_cache_filled_in_workers_holds_the_lazily_loaded_items(clip_llama, tmp_p
     filled = MaskedImages(records, processor, map_size=32, cache=True)
     filled.fill_cache(2)
     assert len(filled._cache) == len(records) == 6
+    plain = MaskedImages(records, processor, map_size=32)  # no cache: the processor's output as it is
     for index in range(len(records)):
+        assert filled._cache[index]["pixel_values"].dtype == torch.uint8
         for key, value in lazy[index].items():
             assert torch.equal(value, filled[index][key]), key
+            assert torch.allclose(value, plain[index][key], rtol=0, atol=1e-6), key
     with pytest.raises(ConfigError, match="cache_workers"):
         load_config(ROOT / "configs/train/default_model.yaml", ["data.cache_workers=-1"])

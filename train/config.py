@@ -100,7 +100,7 @@ class DataConfig:
     val_fraction: float = 0.25  # held out for threshold calibration
     map_size: int = 64  # stage 1: the map loss is computed at map_size × map_size
     #: stage 1: keep each decoded, preprocessed image in memory after its first use (fast epochs on small
-    #: images; needs about crops × 3 × tile² × 4 bytes per image, so leave it off for large datasets)
+    #: images; needs about crops × 3 × tile² bytes per image, the crops kept as 8-bit pixels, so leave it off for large datasets)
     cache_images: bool = False
     #: with cache_images, fill the cache before training in this many forked processes (0: lazily, as items are
     #: first used); the cached items are the same either way, so the run's results do not change
