@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data_prep.parallel
 from data_prep.readers import read_llava, read_mvtec, read_visa, read_visa_dr_detection, read_visa_dr_reasoning
 
 
@@ -197,3 +198,28 @@ def test_visa_dr_reasoning_accepts_answers_in_either_place(visa_dr):
 def test_core_package_imports_without_datasets():
     code = "import sys; sys.modules['datasets'] = None; import data_prep.readers, data_prep.synth, data_prep.instruct, data_prep.cli, data_prep.check"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_full_check_in_worker_processes_drops_the_same_truncated_files(tmp_path, monkeypatch):
+    """Large sources are fully checked in one process per core (`PARALLEL_CHECK_FROM`): a file whose header is
+    fine but whose pixels are cut off is still dropped with its reason, and the records keep their order."""
+    import data_prep.images
+
+    for i in range(6):
+        _png(tmp_path / "d" / "wood" / "train" / "good" / f"{i:03d}.png", value=20 * i)
+    _png(tmp_path / "d" / "wood" / "test" / "cut" / "000.png")
+    _png(tmp_path / "d" / "wood" / "ground_truth" / "cut" / "000_mask.png", mode="L")
+    truncated = tmp_path / "d" / "wood" / "train" / "good" / "003.png"
+    truncated.write_bytes(truncated.read_bytes()[:-30])  # the header survives: only a full decode sees it
+    assert not read_mvtec(tmp_path / "d").dropped
+    serial = read_mvtec(tmp_path / "d", full_check=True)
+    monkeypatch.setattr(data_prep.images, "PARALLEL_CHECK_FROM", 2)
+    calls = []
+    real = data_prep.parallel.ordered_map
+    monkeypatch.setattr(data_prep.parallel, "ordered_map", lambda f, items, workers, **kw: calls.append(workers) or real(f, items, workers, **kw))
+    parallel = read_mvtec(tmp_path / "d", full_check=True)
+    assert calls and calls[0] == data_prep.parallel.default_workers()
+    assert [p.file for p in parallel.dropped] == [p.file for p in serial.dropped] == [str(truncated)]
+    assert [p.reason for p in parallel.dropped] == [p.reason for p in serial.dropped]
+    assert [r.image for r in parallel.records] == [r.image for r in serial.records]
+    assert len(parallel.records) == 6

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..images import pair_problem
+from ..images import pair_problems
 from ..records import ReadResult, Record, parse_label
 from .jsonfile import entry_id, load_json_list
 
@@ -48,6 +48,7 @@ def read_llava(path: str | Path, image_root: str | Path | None = None, full_chec
     root = Path(image_root) if image_root is not None else path.parent
     result = ReadResult()
     entries = load_json_list(path, result)
+    pending = []  # (image, mask, record id, entry), the files checked together below
     for index, entry in enumerate(entries or []):
         record_id = entry_id(entry, index)
         if not isinstance(entry, dict):
@@ -62,17 +63,18 @@ def read_llava(path: str | Path, image_root: str | Path | None = None, full_chec
             continue
         image = root / entry["image"]
         mask = root / entry["mask"] if isinstance(entry.get("mask"), str) and entry["mask"] else None
-        reason = pair_problem(image, mask, full_check)
+        pending.append((image, mask, record_id, entry))
+    reasons = pair_problems([(image, mask) for image, mask, _, _ in pending], full_check)
+    for (image, mask, record_id, entry), reason in zip(pending, reasons):
         if reason is not None:
             result.drop(str(image), reason, record_id)
             continue
-        label = entry.get("label")
         extra = {"conversations": entry["conversations"]}
         extra.update({key: entry[key] for key in KNOWN_EXTRAS if key in entry})
         result.keep(
             Record(
                 image=str(image),
-                label=parse_label(label),
+                label=parse_label(entry.get("label")),
                 mask=str(mask) if mask is not None else None,
                 category=str(entry.get("category") or entry.get("class") or ""),
                 split=str(entry.get("split") or "train"),

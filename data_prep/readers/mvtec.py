@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..images import is_image_file, pair_problem
+from ..images import is_image_file, pair_problems
 from ..records import ANOMALOUS, NORMAL, ReadResult, Record
 
 GOOD = "good"
@@ -47,13 +47,7 @@ def read_mvtec(root: str | Path, full_check: bool = False) -> ReadResult:
     return result
 
 
-#: a full check of at least this many images decodes them in one process per core (`data_prep.parallel`)
-PARALLEL_CHECK_FROM = 2000
-
-
 def _read_class(class_dir: Path, result: ReadResult, full_check: bool) -> None:
-    from ..parallel import default_workers, ordered_map
-
     category = class_dir.name
     used_masks: set[Path] = set()
     pending = []  # (image, mask, record id, record), checked together below
@@ -83,9 +77,7 @@ def _read_class(class_dir: Path, result: ReadResult, full_check: bool) -> None:
                     split=split,
                     defect_type=None if defect == GOOD else defect,
                 )))
-    # decoding every pixel is most of a full check (the default model's 32,000 images: 34 s in one process on 2 cores)
-    workers = default_workers() if full_check and len(pending) >= PARALLEL_CHECK_FROM else 1
-    reasons = ordered_map(lambda item: pair_problem(item[0], item[1], full_check), pending, workers, chunksize=256)
+    reasons = pair_problems([(path, mask) for path, mask, _, _ in pending], full_check)
     for (path, _, record_id, record), reason in zip(pending, reasons):
         if reason is not None:
             result.drop(str(path), reason, record_id)
