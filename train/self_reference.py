@@ -164,7 +164,9 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     if not -levels <= level < levels:
         raise SelfReferenceError(f"--level {level} does not index the expert's {levels} feature levels")
 
-    prepared = Prepared(processor, map_size)  # each held-out image is preprocessed once for the four passes below
+    # each held-out image is preprocessed once for the four passes below (the default model's 800: 177 MB of pixels;
+    # past 2 GiB the rest are preprocessed again in each pass)
+    prepared = Prepared(processor, map_size, keep_bytes=2 << 30)
     labels, scores, maps, masks = score_records(model, processor, held_out, map_size, prepared=prepared)
     before = {"image_auroc": auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
     distances = self_distance_maps(model, processor, held_out, map_size, level, k, prepared)

@@ -200,23 +200,28 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 class Prepared:
-    """Each record's preprocessed image and its mask at map_size², made once and shared by the scoring passes of
-    one command (`train.self_reference` scores the same held-out images four times, and reference images again)."""
+    """Each record's preprocessed image and its mask at map_size². With `keep_bytes` > 0 they are kept (up to that
+    many bytes of pixels) and shared by the scoring passes of one command (`train.self_reference` scores the same
+    held-out images four times, and reference images again); with 0 nothing is kept, for one pass."""
 
-    def __init__(self, processor, map_size: int):
-        self.processor, self.map_size, self._items = processor, map_size, {}
+    def __init__(self, processor, map_size: int, keep_bytes: int = 0):
+        self.processor, self.map_size, self.keep_bytes, self._items, self._kept = processor, map_size, keep_bytes, {}, 0
 
     def __call__(self, record) -> tuple[torch.Tensor, tuple[int, int], np.ndarray]:
         """(pixel_values [1, crops, 3, S, S], (height, width), mask [map_size, map_size] bool)."""
         from .data import load_mask, load_rgb, mask_at
 
         key = (record.image, record.mask)
-        if key not in self._items:
-            image = load_rgb(record.image)
-            size = (image.height, image.width)
-            mask = mask_at(load_mask(record.mask, size), self.map_size).numpy() > 0.5
-            self._items[key] = (self.processor.preprocess([image])["pixel_values"], size, mask)
-        return self._items[key]
+        if key in self._items:
+            return self._items[key]
+        image = load_rgb(record.image)
+        size = (image.height, image.width)
+        mask = mask_at(load_mask(record.mask, size), self.map_size).numpy() > 0.5
+        item = (self.processor.preprocess([image])["pixel_values"], size, mask)
+        nbytes = item[0].numel() * item[0].element_size()
+        if self._kept + nbytes <= self.keep_bytes:
+            self._items[key], self._kept = item, self._kept + nbytes
+        return item
 
 
 @torch.no_grad()
@@ -225,7 +230,8 @@ def score_records(model, processor, records, map_size: int, references=None, bat
     the values `encode_images` gives). `references(record)` (optional) gives the normal records each record is
     scored against (the few-shot mode; then one record at a time). Zero-shot, records of the same crop layout are
     scored `batch_size` at a time: on the default model's 800 held-out images 3-4x faster than one by one, the
-    same scores within float rounding. `prepared` shares the preprocessing between calls."""
+    same scores within float rounding. `prepared` (a `Prepared` that keeps its items) shares the preprocessing between
+    calls."""
     prepared = prepared or Prepared(processor, map_size)
     was_training = model.training
     model.eval()
