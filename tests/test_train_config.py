@@ -212,6 +212,33 @@ def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     assert np.array_equal(masks[0], target.numpy() > 0.5)
 
 
+def test_batched_scoring_gives_each_image_its_own_scores_and_maps(clip_llama, tmp_path):
+    """Held-out scoring (calibration, the self-reference fit) batches runs of same-layout images: mixed sizes in
+    any order get the scores, maps and self-reference distances that scoring one image at a time gives."""
+    import numpy as np
+    from PIL import Image
+
+    from assistant import checkpoint
+    from data_prep.records import Record
+    from train.self_reference import self_distance_maps
+    from train.stage1 import score_records
+
+    rng = np.random.default_rng(3)
+    records = []
+    for i, (h, w) in enumerate([(64, 64), (64, 64), (90, 160), (64, 64), (90, 160), (90, 160), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        records.append(Record(image=str(tmp_path / f"{i}.png"), label=i % 2, mask=None, category="x", split="test"))
+    model, processor, _, _ = checkpoint.load(clip_llama)
+    one = score_records(model, processor, records, 32, batch_size=1)
+    many = score_records(model, processor, records, 32, batch_size=3)
+    assert np.array_equal(one[0], many[0])
+    assert np.allclose(one[1], many[1], atol=1e-5) and np.allclose(one[2], many[2], atol=1e-5)
+    assert len(set(np.round(one[1], 5))) > 1  # the images do score differently
+    level = -1
+    assert np.allclose(self_distance_maps(model, processor, records, 32, level, 3, batch_size=1),
+                       self_distance_maps(model, processor, records, 32, level, 3, batch_size=3), atol=1e-5)
+
+
 def test_stage1_area_targets_are_each_cells_defective_fraction(clip_llama, tmp_path):
     """`data.mask_targets=area`: soft targets, a thin scratch kept at its coverage (not 1, not thresholded away), a
     solid defect at 1, the defect's area preserved; any other value is a config error."""

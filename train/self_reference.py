@@ -40,15 +40,9 @@ def self_distance_maps(model, processor, records, map_size: int, level: int, k: 
     from .stage1 import Prepared, small_maps
 
     prepared = prepared or Prepared(processor, map_size)
-    distances, start = [], 0
+    distances = []
     with torch.no_grad():
-        while start < len(records):
-            group = [prepared(records[start])]
-            while len(group) < batch_size and start + len(group) < len(records):
-                following = prepared(records[start + len(group)])
-                if following[0].shape != group[0][0].shape:
-                    break
-                group.append(following)
+        for _, group in prepared.batches(records, batch_size):
             sizes = [item[1] for item in group]
             _, levels, counts = model.vision_features(torch.cat([item[0] for item in group]), sizes)
             features = levels[level]
@@ -59,7 +53,6 @@ def self_distance_maps(model, processor, records, map_size: int, level: int, k: 
                 per_image = list(features.split(counts))
             distance = [self_distance(f, k) for f in per_image]
             distances.extend(small_maps(model, distance, sizes, map_size).float().cpu().numpy())
-            start += len(group)
     return np.stack(distances)
 
 
