@@ -144,6 +144,20 @@ def test_training_tokens_match_inference_and_labels_cover_only_answers(full_run,
     expected = "".join(t["value"].strip() + "<|im_end|>" for t in turns[1::2])
     assert processor.tokenizer.decode(answered) == expected
 
+    # the training items (tokenised once, up front) carry each record's own tokens, labels and pixels
+    import torch
+
+    from train.data import Conversations, level_for, load_rgb, where_for
+
+    dataset = Conversations(records[:6], processor, with_levels=True)
+    for index, (one, size, _, _) in enumerate(dataset.records):
+        item = dataset[index]
+        ids, labels = encode_conversation(processor, one.extra["conversations"], size, level_for(one.label), where_for(one))
+        assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+        pixels = processor.image_processor([load_rgb(one.image)], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(item["pixel_values"], pixels[: len(item["pixel_values"])])
+    assert len({tuple(dataset[i]["input_ids"].tolist()) for i in range(len(dataset))}) > 1
+
 
 def test_merge_answers_exactly_as_base_plus_adapter(full_run, tmp_path):
     from train.merge import assistant_with_adapter, merge
