@@ -403,3 +403,31 @@ def test_a_tile_that_repeats_the_base_view_is_read_once_with_the_same_features_a
     assert shared[2].keys() == every[2].keys() and shared[2]
     for name in shared[2]:
         torch.testing.assert_close(shared[2][name], every[2][name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["clip_llama", "siglip_qwen2"])
+def test_preprocessing_gives_the_image_processors_pixels_for_every_layout(request, fixture):
+    assistant = AnomalyAssistant.from_pretrained(str(request.getfixturevalue(fixture)))
+    processor = assistant.processor
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]  # the tile is 32 px: 96x96 is 3x3 tiles
+    images += [random_image(20, 20, seed=7), random_image(20, 20, seed=8, mode="L"), random_image(24, 24, seed=9, mode="RGBA")]
+    one_tile = [im for im in images if processor._one_tile_crops([im]) is not None]
+    assert one_tile == [images[0], images[5]]  # the shortcut is taken (RGB squares of one tile) ...
+    for image in images:  # ... and every image, shortcut or not, gets the processor's pixels exactly
+        ours, theirs = processor.preprocess([image]), processor.image_processor([image], return_tensors="pt")
+        assert torch.equal(ours["pixel_values"], theirs["pixel_values"]) and torch.equal(ours["image_sizes"], theirs["image_sizes"])
+    ours, theirs = processor.preprocess(one_tile), processor.image_processor(one_tile, return_tensors="pt")
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"]) and torch.equal(ours["image_sizes"], theirs["image_sizes"])
+
+
+def test_preprocessing_falls_back_to_the_processor_when_the_shortcut_disagrees(clip_llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from assistant import processing
+
+    processor = AnomalyAssistant.from_pretrained(str(clip_llama)).processor
+    image = random_image(32, 32, seed=4)
+    monkeypatch.setattr(processing, "np", SimpleNamespace(asarray=lambda im: np.asarray(im)[::-1], stack=np.stack))  # upside down
+    ours, theirs = processor.preprocess([image]), processor.image_processor([image], return_tensors="pt")
+    assert processor._one_tile_checked is False and torch.equal(ours["pixel_values"], theirs["pixel_values"])
+    assert processor._one_tile_crops([image]) is None  # it stays off for this processor
