@@ -226,16 +226,15 @@ class Prepared:
     def batches(self, records, size: int):
         """(index of the first record, its items) for runs of consecutive records with the same crop layout, at most
         `size` at a time: the pixels of one run concatenate into one batch."""
-        start = 0
-        while start < len(records):
-            group = [self(records[start])]
-            while len(group) < size and start + len(group) < len(records):
-                following = self(records[start + len(group)])
-                if following[0].shape != group[0][0].shape:
-                    break
-                group.append(following)
+        start, group = 0, []
+        for index, record in enumerate(records):
+            item = self(record)  # each record prepared once, also where it starts the next run
+            if group and (len(group) == size or item[0].shape != group[0][0].shape):
+                yield start, group
+                start, group = index, []
+            group.append(item)
+        if group:
             yield start, group
-            start += len(group)
 
 
 @torch.no_grad()
