@@ -244,17 +244,25 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
 
-    def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None):
+    def reference_bank(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> list[torch.Tensor]:
+        """The few-shot memory of normal images: per expert feature level, their crops' unit patch features [N·P, H].
+
+        Row-wise, so the bank of several references is the concatenation of their banks, level by level: a caller
+        scoring many images against references drawn from one pool computes each reference's bank once.
+        """
+        _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
+        return [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
+
+    def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None,
+                    bank=None):
         """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`.
 
         In eval mode with `config.detection_views` > 1 and the `crops` [N, 3, S, S] the features came from,
         the maps and scores are averaged over that many views of the crops (`DETECTION_VIEWS`); the tokens
-        are always those of the crops as given.
+        are always those of the crops as given. `bank` (`reference_bank`) replaces the reference pixels.
         """
-        bank = None
-        if reference_pixel_values is not None:
-            _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
-            bank = [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
+        if bank is None and reference_pixel_values is not None:
+            bank = self.reference_bank(reference_pixel_values, reference_image_sizes)
         tokens, scores, crop_maps = self._look_once(features, levels, counts, bank)
         if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
@@ -298,11 +306,12 @@ class AnomalyAssistantModel(PreTrainedModel):
             crop_maps.append(maps)
         return tokens, torch.stack(scores), crop_maps
 
-    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None):
+    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None):
         """The detection-only path: vision tower + expert + selector, no projector, no LLM.
 
         With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores),
-        the same values `encode_images` gives.
+        the same values `encode_images` gives. The few-shot references come as pixels or as their
+        `reference_bank`.
         """
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
@@ -320,7 +329,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         else:
             features, levels, counts = self.vision_features(pixel_values, image_sizes)
             crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None
-        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes, crops)
+        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes, crops,
+                                                reference_bank)
         return crop_maps, scores
 
     # -- language side ----------------------------------------------------------------------------

@@ -133,20 +133,13 @@ class AssistantProcessor:
         difference, and for every other layout, the processor itself runs.
         """
         ip = self.image_processor
-        if self._one_tile_checked is False or not images or type(ip) is not LlavaOnevisionImageProcessorPil:
+        side = self._one_tile_side(images)
+        if side is None:
             return None
-        side = ip.size.get("height") if ip.size else None
-        if not (ip.do_resize and side and ip.size.get("width") == side and not getattr(ip, "do_center_crop", None)):
-            return None
-        for image in images:
-            if not isinstance(image, Image.Image) or image.mode != "RGB" or image.width != image.height:
-                return None
-            if tuple(select_best_resolution((image.height, image.width), ip.image_grid_pinpoints)) != (side, side):
-                return None
         size = SizeDict(height=side, width=side)
         views = []
         for image in images:
-            view = ip.resize(image=np.asarray(image).transpose(2, 0, 1), size=size, resample=ip.resample)
+            view = self._resized_view(image, size)
             if ip.do_rescale:
                 view = ip.rescale(view, ip.rescale_factor)
             if ip.do_normalize:
@@ -161,6 +154,45 @@ class AssistantProcessor:
             if not self._one_tile_checked:
                 return None
         return out
+
+    def _resized_view(self, image: Image.Image, size) -> np.ndarray:
+        ip = self.image_processor
+        return ip.resize(image=np.asarray(image).transpose(2, 0, 1), size=size, resample=ip.resample)
+
+    def _one_tile_side(self, images) -> int | None:
+        """The tile side when every image is a square RGB image of one anyres tile and the shortcut is not ruled out."""
+        ip = self.image_processor
+        if self._one_tile_checked is False or not images or type(ip) is not LlavaOnevisionImageProcessorPil:
+            return None
+        side = ip.size.get("height") if ip.size else None
+        if not (ip.do_resize and side and ip.size.get("width") == side and not getattr(ip, "do_center_crop", None)):
+            return None
+        for image in images:
+            if not isinstance(image, Image.Image) or image.mode != "RGB" or image.width != image.height:
+                return None
+            if tuple(select_best_resolution((image.height, image.width), ip.image_grid_pinpoints)) != (side, side):
+                return None
+        return side
+
+    def one_tile_pixels(self, image: Image.Image) -> np.ndarray | None:
+        """The 8-bit base view [3, S, S] of an image `preprocess` makes with one resize (`_one_tile_crops`): each of its
+        crops is this view rescaled by 1/255 and normalised by the processor's mean and std. None for any other image
+        or processor.
+
+        Stage 1's image cache keeps crops as 8 bits (`train.data.MaskedImages`); this gives them without making the
+        float crops and converting them back. The shortcut's check against the processor runs first (on this image)
+        when it has not run yet.
+        """
+        ip = self.image_processor
+        if not (ip.do_rescale and ip.do_normalize and ip.rescale_factor == 1 / 255):
+            return None
+        if self._one_tile_checked is None and self._one_tile_crops([image]) is None:
+            return None
+        side = self._one_tile_side([image])
+        if side is None:
+            return None
+        view = self._resized_view(image, SizeDict(height=side, width=side))
+        return view if view.dtype == np.uint8 else None
 
     def image_sizes_of(self, images) -> list[tuple[int, int]]:
         return [(im.height, im.width) for im in images]

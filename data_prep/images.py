@@ -20,21 +20,26 @@ def image_problem(path: str | Path, full: bool = False) -> str | None:
     The cheap check opens the header (size, mode); ``full=True`` decodes every pixel, which also
     catches truncated files.
     """
+    return _checked(path, full)[0]
+
+
+def _checked(path: str | Path, full: bool) -> tuple[str | None, tuple[int, int] | None]:
+    """(`image_problem`, (width, height) when readable), from one opening of the file."""
     path = Path(path)
     if not path.exists():
-        return "file not found"
+        return "file not found", None
     if not path.is_file():
-        return "not a file"
+        return "not a file", None
     try:
         with Image.open(path) as image:
             if full:
                 image.load()
             width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return f"unreadable image ({type(error).__name__}: {error})".rstrip()
+        return f"unreadable image ({type(error).__name__}: {error})".rstrip(), None
     if width == 0 or height == 0:
-        return "empty image"
-    return None
+        return "empty image", (width, height)
+    return None, (width, height)
 
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
@@ -48,16 +53,16 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
 
 def pair_problem(image: str | Path, mask: str | Path | None, full: bool = False) -> str | None:
     """Why an (image, mask) pair is unusable: either file unreadable, or sizes that differ."""
-    reason = image_problem(image, full)
+    reason, size = _checked(image, full)  # each file opened once (the header check of 32,000 pairs: half the time)
     if reason is not None:
         return f"image {Path(image).name}: {reason}"
     if mask is None:
         return None
-    reason = image_problem(mask, full)
+    reason, mask_size = _checked(mask, full)
     if reason is not None:
         return f"mask {Path(mask).name}: {reason}"
-    if image_size(image) != image_size(mask):
-        return f"mask size {image_size(mask)} differs from image size {image_size(image)}"
+    if size != mask_size:
+        return f"mask size {mask_size} differs from image size {size}"
     return None
 
 

@@ -289,5 +289,40 @@ def test_cache_filled_in_workers_holds_the_lazily_loaded_items(clip_llama, tmp_p
         for key, value in lazy[index].items():
             assert torch.equal(value, filled[index][key]), key
             assert torch.allclose(value, plain[index][key], rtol=0, atol=1e-6), key
+
+
+def test_cache_of_images_the_processor_tiles_holds_every_crop(clip_llama, tmp_path):
+    """A square image of one anyres tile is cached straight from the processor's 8-bit resize: one view and its crop
+    count, the bytes its float crops converted back would give. Wide, tall and larger images (several crops) are
+    cached as all their 8-bit crops. Both come back as the processor's values."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from assistant import checkpoint
+    from data_prep.records import Record
+    from train.data import MaskedImages
+
+    rng = np.random.default_rng(0)
+    records = []
+    sizes = {"wide": (40, 130), "tall": (150, 50), "large": (300, 300), "square": (32, 32), "tiled": (64, 64), "small": (20, 20)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        records.append(Record(image=str(tmp_path / f"{name}.png"), label=0, mask=None, category="x", split="test"))
+    _, processor, _, _ = checkpoint.load(clip_llama)
+    cached = MaskedImages(records, processor, map_size=32, cache=True)
+    cached.fill_cache(2)
+    plain = MaskedImages(records, processor, map_size=32)
+    for index, record in enumerate(records):
+        item, reference = cached[index], plain[index]
+        assert item["pixel_values"].shape == reference["pixel_values"].shape
+        assert torch.allclose(item["pixel_values"], reference["pixel_values"], rtol=0, atol=1e-6), record.image
+        one_view = record.image.endswith(("square.png", "small.png"))  # the tile is 32 px
+        kept, converted = cached._cache[index], cached._compact(cached._load(index))
+        assert ("crops" in kept) == one_view and kept["pixel_values"].dtype == torch.uint8, record.image
+        crops = converted["pixel_values"].shape[0]
+        assert torch.equal(kept["pixel_values"].expand(crops, -1, -1, -1), converted["pixel_values"])
+        assert crops == (2 if one_view else len(reference["pixel_values"])) and "crops" not in item
+    assert plain[2]["pixel_values"].shape[0] > 2  # the large image really is tiled
     with pytest.raises(ConfigError, match="cache_workers"):
         load_config(ROOT / "configs/train/default_model.yaml", ["data.cache_workers=-1"])

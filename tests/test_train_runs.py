@@ -157,6 +157,13 @@ def test_training_tokens_match_inference_and_labels_cover_only_answers(full_run,
         pixels = processor.image_processor([load_rgb(one.image)], return_tensors="pt")["pixel_values"][0]
         assert torch.equal(item["pixel_values"], pixels[: len(item["pixel_values"])])
     assert len({tuple(dataset[i]["input_ids"].tolist()) for i in range(len(dataset))}) > 1
+    # large sets are tokenised in forked workers (expansions reused within each): the same records, ids and labels
+    forked = Conversations(records[:12], processor, with_levels=True, workers=2)
+    alone = Conversations(records[:12], processor, with_levels=True, workers=1)
+    assert len(forked) == len(alone) == len(records[:12]) > 6
+    for (r1, s1, i1, l1), (r2, s2, i2, l2) in zip(forked.records, alone.records):
+        assert r1 is r2 and s1 == s2 and i1.tolist() == i2.tolist() and l1.tolist() == l2.tolist()
+        assert i1.tolist() == encode_conversation(processor, r1.extra["conversations"], s1, level_for(r1.label), where_for(r1))[0]
 
 
 def test_merge_answers_exactly_as_base_plus_adapter(full_run, tmp_path):
@@ -528,3 +535,36 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
     again = load_file(str(resumed / "model.safetensors"))
     for name, value in polish_end.items():
         assert np.allclose(again[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("workers", [2, 0], ids=["cache-fill-decodes", "decoded-up-front"])
+def test_images_that_do_not_decode_are_skipped_and_the_held_out_split_is_the_one_later_commands_use(
+        prepared, tmp_path, capsys, workers):
+    """Stage 1 draws its split from the header-checked images and decodes each part once (the cache fill decodes the
+    training part); a truncated image (a readable header, pixels cut off) is reported and left out wherever it falls.
+    `train.self_reference` decodes only the held-out part and gets exactly the images stage 1 calibrated on."""
+    import shutil
+
+    from train.data import read_held_out, read_masked, split_records
+    from train.run import run
+
+    images = tmp_path / "images"
+    shutil.copytree(prepared["images"], images)
+    cfg = config(tmp_path / "run", f"model.path={prepared['base']}", f"data.masked={images}", "stage=stage1",
+                 "stage1_steps=2", "trainer.save_steps=2", "data.cache_images=true", f"data.cache_workers={workers}")
+    records, _ = read_masked(images, full_check=False)
+    train, held_out = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)
+    truncated = [held_out[0].image, train[3].image]
+    for path in truncated:
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    model = run(cfg)["stage1"]
+    err = capsys.readouterr().err
+    for path in truncated:
+        assert f"skipped: {path}: image {Path(path).name}: unreadable image" in err
+    assert "000.png" in err  # the broken header, reported as before
+    calibrated = json.loads((model / "calibration.json").read_text())["n"]
+    kept, skipped, found = read_held_out(images, cfg.data.val_fraction, cfg.data.split_seed)
+    assert calibrated == len(kept) == len(held_out) - 1 and held_out[0].image not in {r.image for r in kept}
+    assert found == len(records) and any(held_out[0].image in p for p in skipped.problems)

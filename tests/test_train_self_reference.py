@@ -189,3 +189,38 @@ def test_image_threshold_balances_misses_and_false_alarms():
     assert f1_max_threshold(labels, scores)[1] == pytest.approx(0.2)  # F1 buys it with a false alarm on one of the two normal images
     candidates = [balanced_accuracy_score(labels, scores >= t) for t in np.unique(scores)]
     assert best == pytest.approx(max(candidates)) == pytest.approx(balanced_accuracy_score(labels, scores >= threshold))
+
+
+def test_few_shot_scoring_with_kept_reference_features_gives_the_reference_pixels_scores(setup, monkeypatch):
+    """Few-shot scoring computes each reference's features once (`reference_bank`) and reuses them for every image it
+    is drawn for: the scores and maps are those of scoring each image with its references' pixels, also when the
+    references outgrow the memory kept for them."""
+    import torch
+
+    from assistant import checkpoint
+    from train import scoring
+    from train.data import read_masked
+
+    path, data = setup
+    model, processor, _, _ = checkpoint.load(path)
+    model.eval()
+    records = [r for r in read_masked(data)[0] if r.category == "wood"][:8]
+    normals = [r for r in records if r.label != 1]
+    references = lambda record: [n for n in normals if n is not record][:2]  # noqa: E731 - shared by several images
+    prepared = scoring.Prepared(processor, 32, keep_bytes=1 << 30)
+    calls = []
+    bank = model.reference_bank
+    monkeypatch.setattr(model, "reference_bank", lambda *a: calls.append(1) or bank(*a))
+    labels, scores, maps, _ = scoring.score_records(model, processor, records, 32, references, prepared=prepared)
+    assert len(calls) == len({n.image for r in records for n in references(r)}) < 2 * len(records)
+    for index, record in enumerate(records):
+        pixels, size, _ = prepared(record)
+        refs = [prepared(n) for n in references(record)]
+        with torch.no_grad():
+            crop_maps, score = model.detect(pixels, [size], torch.cat([r[0][0] for r in refs]), [r[1] for r in refs])
+        assert scores[index] == pytest.approx(float(score[0]), abs=1e-5)
+        assert np.allclose(maps[index], scoring.small_maps(model, crop_maps, [size], 32)[0].numpy(), atol=1e-5)
+    monkeypatch.setattr(scoring, "REFERENCE_BANK_BYTES", 0)  # nothing kept: each image computes its references again
+    calls.clear()
+    again = scoring.score_records(model, processor, records, 32, references, prepared=prepared)
+    assert len(calls) == 2 * len(records) and np.allclose(again[1], scores, atol=1e-6)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ExpertSpec, ModelInit, TrainConfig
-from .trainer import atomic_folder
+from .folders import atomic_folder
 
 
 # -- data -------------------------------------------------------------------------------------------

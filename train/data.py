@@ -41,22 +41,50 @@ class Skipped:
             print(f"{what}: skipped {len(self.problems)} of {self.seen} entries (listed above)", file=stream)
 
 
-def read_masked(root: str | Path) -> tuple[list[Record], Skipped]:
-    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root."""
+def read_masked(root: str | Path, full_check: bool = True) -> tuple[list[Record], Skipped]:
+    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root.
+
+    `full_check=False` opens only the headers (missing, unreadable or empty files, mask sizes); `decode_checked`
+    then decodes the records that are used. Held-out splits are drawn from this list (`split_records`), so the split
+    of a source does not depend on which of its images decode: a command that needs only the held-out part decodes
+    only that part, and gets the part training held out."""
     from data_prep.readers import read_mvtec, read_visa
 
     root = Path(root)
-    result: ReadResult = read_visa(root, full_check=True) if (root / "split_csv").is_dir() else read_mvtec(root, full_check=True)
+    reader = read_visa if (root / "split_csv").is_dir() else read_mvtec
+    result: ReadResult = reader(root, full_check=full_check)
     records = [r for r in result.records if r.label is not None]
     problems = [str(p) for p in result.dropped] + [f"{r.image}: no label" for r in result.records if r.label is None]
     return records, Skipped(problems, result.n_seen)
 
 
-def read_masked_or_fail(root: str | Path) -> tuple[list[Record], Skipped]:
-    """`read_masked` for the post-training commands (`train.self_reference`, `train.fit_check`): the skipped images
-    are reported, and an unreadable or empty source is a ValueError with a one-line message."""
+def decode_checked(records: list[Record]) -> tuple[list[Record], list[str]]:
+    """The records whose image and mask decode completely (in one process per core from `PARALLEL_CHECK_FROM`), and a
+    problem line for each of the others."""
+    from data_prep.images import pair_problems
+
+    reasons = pair_problems([(r.image, r.mask) for r in records], full=True)
+    kept = [r for r, reason in zip(records, reasons) if reason is None]
+    return kept, [f"{r.image}: {reason}" for r, reason in zip(records, reasons) if reason is not None]
+
+
+def read_held_out(root: str | Path, val_fraction: float, seed: int) -> tuple[list[Record], Skipped, int]:
+    """The held-out split of a masked-image source as stage 1 draws it (`split_records` of the header-checked records,
+    then only the ones that decode), for `train.self_reference`: only that split is decoded (the default model's 800
+    of 32,000 images). Returns (held-out records, skipped, records found); the skipped images are reported, and an
+    unreadable or empty source is a ValueError with a one-line message (`read_masked_or_fail`)."""
+    records, skipped = read_masked_or_fail(root, full_check=False)
+    _, held_out = split_records(records, val_fraction, seed)
+    held_out, problems = decode_checked(held_out)
+    Skipped(problems, len(held_out) + len(problems)).report(f"{root} (held-out part, decoded)")
+    return held_out, Skipped(skipped.problems + problems, skipped.seen), len(records)
+
+
+def read_masked_or_fail(root: str | Path, full_check: bool = True) -> tuple[list[Record], Skipped]:
+    """`read_masked` for the post-training commands (`train.fit_check`): the skipped images are reported, and an
+    unreadable or empty source is a ValueError with a one-line message."""
     try:
-        records, skipped = read_masked(root)
+        records, skipped = read_masked(root, full_check)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read masked images from {root}: {error}") from None
     skipped.report(str(root))
@@ -155,21 +183,25 @@ class MaskedImages(Dataset):
             item = self._load(index)
         else:
             if index not in self._cache:
-                self._cache[index] = self._compact(self._load(index))
+                self._cache[index] = self._load_compact(index)
             item = self._cache[index]
             if item["pixel_values"].dtype == torch.uint8:
-                item = {**item, "pixel_values": (item["pixel_values"].float() / 255 - self._mean) / self._std}
+                pixels = (item["pixel_values"].float() / 255 - self._mean) / self._std
+                item = {key: value for key, value in item.items() if key != "crops"}
+                item["pixel_values"] = pixels.expand(int(self._cache[index].get("crops", len(pixels))), -1, -1, -1)
         if self.augment is None:
             return item
         pixels, mask = self.augment(item["pixel_values"], item["masks"], self._mean, self._std)
         return {**item, "pixel_values": pixels, "masks": mask}
 
-    def fill_cache(self, workers: int) -> None:
+    def fill_cache(self, workers: int) -> list[str]:
         """Load every item not yet cached, in `workers` forked processes (one where the platform cannot fork).
 
         The items are the ones `__getitem__` would load. The first epoch's loading (about 170 s of the default
         model's stage 1 on 2 CPU cores, by cProfile) is spread over the workers, and data-loader workers then start
-        from a full cache (each would otherwise load every image again for itself).
+        from a full cache (each would otherwise load every image again for itself). The loading decodes every image
+        and mask, so it is also the full check: records that do not decode are dropped from the dataset, and a
+        problem line is returned for each (stage 1 reads its records with the header check alone when it fills).
         """
         from data_prep.parallel import ordered_map
 
@@ -177,10 +209,31 @@ class MaskedImages(Dataset):
             raise ValueError("fill_cache needs cache=True")
         missing = [i for i in range(len(self)) if i not in self._cache]
         # numpy arrays travel back through the pool's pipe; tensors would each hold a shared-memory file open
-        loaded = ordered_map(lambda i: {key: value.numpy() for key, value in self._compact(self._load(i)).items()}, missing, workers,
-                             chunksize=64)
+        loaded = ordered_map(self._load_for_cache, missing, workers, chunksize=64)
+        failed = {}
         for index, item in zip(missing, loaded):
-            self._cache[index] = {key: torch.from_numpy(value) for key, value in item.items()}
+            if isinstance(item, str):
+                failed[index] = item
+            else:
+                self._cache[index] = {key: torch.from_numpy(value) for key, value in item.items()}
+        problems = [f"{self.records[i].image}: {reason}" for i, reason in failed.items()]
+        if failed:  # dropped, as the reader's full check would have dropped them
+            keep = [i for i in range(len(self.records)) if i not in failed]
+            self._cache = {new: self._cache[old] for new, old in enumerate(keep) if old in self._cache}
+            self.records = [self.records[i] for i in keep]
+        return problems
+
+    def _load_for_cache(self, index: int):
+        """A cache item as numpy arrays, or why its image or mask does not decode (the reader's full-check message)."""
+        from PIL import UnidentifiedImageError
+
+        from data_prep.images import pair_problem
+
+        try:
+            return {key: value.numpy() for key, value in self._load_compact(index).items()}
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            record = self.records[index]
+            return pair_problem(record.image, record.mask, full=True) or f"unreadable ({type(error).__name__}: {error})"
 
     def _compact(self, item: dict) -> dict:
         """`item` with its crops as uint8 RGB when the processor's output is 8-bit pixels normalised (the PIL resize
@@ -192,18 +245,33 @@ class MaskedImages(Dataset):
             return item
         return {**item, "pixel_values": levels.to(torch.uint8)}
 
-    def _load(self, index: int) -> dict:
+    def _load_compact(self, index: int) -> dict:
+        """`_compact(_load(index))`, the same bytes; a one-tile image's 8-bit view comes straight from the processor's
+        resize (`AssistantProcessor.one_tile_pixels`), kept once with its crop count ("crops"; `__getitem__` repeats
+        it). 8,000 of the default model's 128 px images, two workers: 11.1-11.4 s against 18.3-22.4 s (the float
+        crops made and converted back were much of it), and 352 MB of cache against 574 MB."""
         record = self.records[index]
         image = load_rgb(record.image)
-        pixels = self.processor.preprocess([image])
-        n = self.processor_crops(image)
+        view = self.processor.one_tile_pixels(image)
+        if view is None:
+            return self._compact(self._item(record, image))
+        return {**self._item(record, image, pixels=False), "pixel_values": torch.from_numpy(view[None]),
+                "crops": torch.tensor(self.processor_crops(image))}
+
+    def _load(self, index: int) -> dict:
+        record = self.records[index]
+        return self._item(record, load_rgb(record.image))
+
+    def _item(self, record: Record, image: Image.Image, pixels: bool = True) -> dict:
         mask = load_mask(record.mask, (image.height, image.width))
-        return {
-            "pixel_values": pixels["pixel_values"][0, :n],
+        item = {
             "image_sizes": torch.tensor([image.height, image.width]),
             "masks": self._targets(mask, self.map_size),
             "labels": torch.tensor(float(record.label == ANOMALOUS)),
         }
+        if pixels:
+            item["pixel_values"] = self.processor.preprocess([image])["pixel_values"][0, :self.processor_crops(image)]
+        return item
 
     def processor_crops(self, image) -> int:
         from assistant.projector import num_crops
@@ -327,10 +395,13 @@ def where_for(record: Record) -> str:
 
 
 def encode_conversation(
-    processor, conversations: list[dict], image_size: tuple[int, int], level: str | None, where: str = ""
+    processor, conversations: list[dict], image_size: tuple[int, int], level: str | None, where: str = "",
+    expansions: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation: the chat rendered with the model's template, `<image>`
-    expanded into the exact image (and look-twice) token count, labels only on assistant text."""
+    expanded into the exact image (and look-twice) token count, labels only on assistant text.
+
+    `expansions`, when given, keeps each (image size, level, where)'s expansion ids for the next conversations."""
     tokenizer = processor.tokenizer
     messages = chat_messages(conversations)
     encoded = tokenizer.apply_chat_template(
@@ -342,7 +413,12 @@ def encode_conversation(
     positions = [i for i, t in enumerate(ids) if t == image_id]
     if len(positions) != 1:
         raise ValueError(f"the rendered chat holds {len(positions)} image tokens, expected 1")
-    expansion = tokenizer(processor.expand_image(image_size, level, where), add_special_tokens=False)["input_ids"]
+    key = (tuple(image_size), level, where)
+    expansion = expansions.get(key) if expansions is not None else None
+    if expansion is None:
+        expansion = tokenizer(processor.expand_image(image_size, level, where), add_special_tokens=False)["input_ids"]
+        if expansions is not None:
+            expansions[key] = expansion
     at = positions[0]
     ids = ids[:at] + expansion + ids[at + 1 :]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids[:at], assistant[:at])]
@@ -351,31 +427,44 @@ def encode_conversation(
     return ids, labels
 
 
+#: conversations from which `Conversations` tokenises in one forked process per core
+PARALLEL_ENCODE_FROM = 2000
+
+
 class Conversations(Dataset):
     """Tokenised conversations with their image pixels; records longer than `max_length` are dropped up front.
 
     Each conversation is tokenised once, here (its length decides whether it is kept), and the token ids and
     labels are kept as int32 arrays (the default model's 32,000 conversations: about 50 MB), so an item costs
-    only its image's decode and preprocessing.
+    only its image's decode and preprocessing. From `PARALLEL_ENCODE_FROM` conversations the tokenising runs in one
+    forked process per core, and each (image size, level, location)'s `<image>` expansion is tokenised once.
     """
 
-    def __init__(self, records: list[Record], processor, with_levels: bool, max_length: int = 2048):
+    def __init__(self, records: list[Record], processor, with_levels: bool, max_length: int = 2048, workers: int | None = None):
+        from data_prep.parallel import default_workers, ordered_map
+
         self.processor, self.with_levels = processor, with_levels
+        self._expansions: dict = {}
+        if workers is None:  # forked workers pay from a few thousand (8,000 of the default model's: 4.0-4.2 s against 11.2 s)
+            workers = default_workers() if len(records) >= PARALLEL_ENCODE_FROM else 1
         self.records, problems = [], []
-        for record in records:
-            with Image.open(record.image) as image:
-                size = (image.height, image.width)
-            ids, labels = self._encode(record, size)
+        for record, (size, ids, labels) in zip(records, ordered_map(self._encode_record, records, workers, chunksize=256)):
             if len(ids) > max_length:
                 problems.append(f"{record.image}: {len(ids)} tokens > data.max_length {max_length}")
                 continue
-            self.records.append((record, size, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
+            self.records.append((record, size, ids, labels))
         self.skipped = Skipped(problems, len(records))
+
+    def _encode_record(self, record: Record) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+        with Image.open(record.image) as image:
+            size = (image.height, image.width)
+        ids, labels = self._encode(record, size)
+        return size, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
 
     def _encode(self, record: Record, size):
         level = level_for(record.label) if self.with_levels else None
         where = where_for(record) if self.with_levels else ""
-        return encode_conversation(self.processor, record.extra["conversations"], size, level, where)
+        return encode_conversation(self.processor, record.extra["conversations"], size, level, where, self._expansions)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -5,7 +5,7 @@ its held-out split.
 
 The split is the checkpoint's own (`data.val_fraction` and `data.split_seed` from its `training_config.yaml`, as
 `train.self_reference` reads them; without that file, 0.1 and 0). For each part it prints the image and pixel AUROC
-(`train.stage1.threshold_report`), the verdicts right at the checkpoint's own image threshold, and per truth
+(`train.scoring.threshold_report`), the verdicts right at the checkpoint's own image threshold, and per truth
 (normal or the defect type) how many verdicts are right.
 
 How to read it: a training figure far above the held-out one means the model overfits (more data or augmentation is
@@ -31,7 +31,7 @@ class FitCheckError(ValueError):
 
 def part_report(model, processor, records, map_size: int) -> dict:
     """`threshold_report`'s AUROCs, plus the verdicts at the checkpoint's image threshold, overall and per truth."""
-    from .stage1 import score_records, threshold_report
+    from .scoring import score_records, threshold_report
 
     labels, scores, maps, masks = score_records(model, processor, records, map_size)
     report = {key: value for key, value in threshold_report(labels, scores, maps, masks).items()
@@ -48,7 +48,7 @@ def part_report(model, processor, records, map_size: int) -> dict:
 def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64) -> dict:
     from assistant import checkpoint
 
-    from .data import read_masked_or_fail, split_records
+    from .data import Skipped, decode_checked, read_masked_or_fail, split_records
     from .self_reference import training_split
 
     model_path = Path(model_path)
@@ -56,13 +56,15 @@ def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64)
         raise FitCheckError(f"{model_path} is not a checkpoint folder (no config.json)")
     if n < 2:
         raise FitCheckError(f"--n must be at least 2, got {n}")
-    records, _ = read_masked_or_fail(data)
+    records, skipped = read_masked_or_fail(data, full_check=False)  # the split as stage 1 draws it; the parts used decoded below
     val_fraction, split_seed = training_split(model_path) or (0.1, 0)
     train, held_out = split_records(records, val_fraction, split_seed)
     if not train or not held_out:
         raise FitCheckError(f"{data} has too few images for a training and a held-out part (found {len(records)})")
     rng = np.random.default_rng(seed)
-    sample = [train[i] for i in sorted(rng.choice(len(train), min(n, len(train)), replace=False))]
+    sample, bad = decode_checked([train[i] for i in sorted(rng.choice(len(train), min(n, len(train)), replace=False))])
+    held_out, more = decode_checked(held_out)
+    Skipped(bad + more, len(sample) + len(held_out) + len(bad) + len(more)).report(f"{data} (decoded)")
     model, processor, _, _ = checkpoint.load(model_path)
     model.eval()
     if model.expert is None:

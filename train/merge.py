@@ -62,7 +62,7 @@ def assistant_with_adapter(adapter: str | Path, base: str | Path | None = None):
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
-    from .trainer import atomic_folder, write_model_parts
+    from .folders import atomic_folder, write_model_parts
 
     adapter, out = Path(adapter), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -8,7 +8,7 @@ Each patch's distance to the most similar patches of the same image outside its 
 pixels of the held-out split — by default the split the checkpoint's training held out (`data.val_fraction`
 and `data.split_seed` from its `training_config.yaml`), so no image training saw is used — and blended into
 the expert's map with `--weight`. The image and pixel thresholds are then re-calibrated
-(`train.stage1.threshold_report`) on that split. The checkpoint's weights are not trained further, so this takes
+(`train.scoring.threshold_report`) on that split. The checkpoint's weights are not trained further, so this takes
 about a minute on CPU and works on any checkpoint with an expert (Anomaly-OV's included).
 
 The new checkpoint is written to `--out` (never over `--model`); `self_reference.json` there records the
@@ -37,7 +37,7 @@ def self_distance_maps(model, processor, records, map_size: int, level: int, k: 
 
     from assistant.expert import self_distance
 
-    from .stage1 import Prepared, small_maps
+    from .scoring import Prepared, small_maps
 
     prepared = prepared or Prepared(processor, map_size)
     distances = []
@@ -71,12 +71,12 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
 
 
 def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None) -> dict:
-    """Image and pixel thresholds (`train.stage1.threshold_report`) of the few-shot mode, set as
+    """Image and pixel thresholds (`train.scoring.threshold_report`) of the few-shot mode, set as
     `model.config.few_shot_thresholds`: each held-out image is scored against `shots` held-out normal images of
     its own category (never itself)."""
     from data_prep.records import ANOMALOUS
 
-    from .stage1 import score_records, threshold_report
+    from .scoring import score_records, threshold_report
 
     normals: dict[str, list] = {}
     for record in records:
@@ -121,9 +121,9 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     from assistant import checkpoint
     from eval.metrics import pixel_auroc
 
-    from .data import read_masked_or_fail, split_records
-    from .stage1 import Prepared, auroc, calibrate, score_records
-    from .trainer import atomic_folder, write_model_parts
+    from .data import read_held_out
+    from .scoring import Prepared, auroc, calibrate, score_records
+    from .folders import atomic_folder, write_model_parts
 
     model_path, out = Path(model_path), Path(out)
     if not (model_path / "config.json").is_file():
@@ -145,10 +145,9 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
         seed = recorded[1] if recorded else 0
     if not 0.0 < val_fraction < 1.0:
         raise SelfReferenceError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    records, skipped = read_masked_or_fail(data)
-    _, held_out = split_records(records, val_fraction, seed)
+    held_out, skipped, found = read_held_out(data, val_fraction, seed)  # only the held-out part is decoded
     if not held_out:
-        raise SelfReferenceError(f"no held-out images in {data} (found {len(records)} images)")
+        raise SelfReferenceError(f"no held-out images in {data} (found {found} images)")
     model, processor, generation, _ = checkpoint.load(model_path)
     model.eval()
     if model.expert is None:

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import TrainConfig, write_run_info
+from .folders import atomic_folder, write_model_parts  # noqa: F401 - where they were first
 
 
 class NonFiniteLoss(RuntimeError):
@@ -154,35 +155,3 @@ def last_checkpoint(run_dir: Path) -> str | None:
         and (p / "trainer_state.json").is_file()
     ]
     return str(max(found)[1]) if found else None
-
-
-def atomic_folder(final: Path):
-    """A context giving a staging folder that replaces `final` when the block succeeds."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def manager():
-        staging = final.with_name(f".staging-{final.name}")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        try:
-            yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-
-    return manager()
-
-
-def write_model_parts(staging: Path, model, processor, generation, copy_from: Path | None = None, names: tuple[str, ...] = ()) -> None:
-    """Model, processor and generation config into `staging`, plus `names` copied from `copy_from`."""
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    generation.save_pretrained(staging)
-    for name in names:
-        if copy_from is not None and (Path(copy_from) / name).is_file():
-            shutil.copy2(Path(copy_from) / name, staging / name)
