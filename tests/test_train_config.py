@@ -291,6 +291,36 @@ def test_cache_filled_in_workers_holds_the_lazily_loaded_items(clip_llama, tmp_p
             assert torch.allclose(value, plain[index][key], rtol=0, atol=1e-6), key
 
 
+def test_cache_fill_drops_broken_files_and_raises_other_errors(clip_llama, tmp_path, monkeypatch):
+    """The cache fill is stage 1's full check: a truncated image is dropped with the reader's message, the others stay
+    in order; an error that is not a broken file (here a failing preprocessing) stops the fill instead of turning
+    every image into a "skipped" line."""
+    import numpy as np
+    import pytest as _pytest
+    from PIL import Image
+
+    from assistant import checkpoint
+    from data_prep.records import Record
+    from train.data import MaskedImages
+
+    records = []
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        records.append(Record(image=str(tmp_path / f"{i}.png"), label=0, mask=None, category="x", split="test"))
+    data = (tmp_path / "1.png").read_bytes()
+    (tmp_path / "1.png").write_bytes(data[: len(data) // 2])
+    _, processor, _, _ = checkpoint.load(clip_llama)
+    dataset = MaskedImages(records, processor, map_size=16, cache=True)
+    problems = dataset.fill_cache(1)
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / '1.png'}: image 1.png: unreadable image")
+    assert [r.image for r in dataset.records] == [records[0].image, records[2].image] and sorted(dataset._cache) == [0, 1]
+    assert int(dataset[1]["pixel_values"].mean() > dataset[0]["pixel_values"].mean())  # the third image, now second
+    failing = MaskedImages(records[:1], processor, map_size=16, cache=True)
+    monkeypatch.setattr(processor, "one_tile_pixels", lambda image: (_ for _ in ()).throw(ValueError("a bug")))
+    with _pytest.raises(ValueError, match="a bug"):
+        failing.fill_cache(1)
+
+
 def test_cache_of_images_the_processor_tiles_holds_every_crop(clip_llama, tmp_path):
     """A square image of one anyres tile is cached straight from the processor's 8-bit resize: one view and its crop
     count, the bytes its float crops converted back would give. Wide, tall and larger images (several crops) are

@@ -224,16 +224,20 @@ class MaskedImages(Dataset):
         return problems
 
     def _load_for_cache(self, index: int):
-        """A cache item as numpy arrays, or why its image or mask does not decode (the reader's full-check message)."""
+        """A cache item as numpy arrays, or why its image or mask does not decode (the reader's full-check message).
+        An error the full check does not confirm is raised: it is not a broken file."""
         from PIL import UnidentifiedImageError
 
         from data_prep.images import pair_problem
 
         try:
             return {key: value.numpy() for key, value in self._load_compact(index).items()}
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             record = self.records[index]
-            return pair_problem(record.image, record.mask, full=True) or f"unreadable ({type(error).__name__}: {error})"
+            reason = pair_problem(record.image, record.mask, full=True)
+            if reason is None:
+                raise
+            return reason
 
     def _compact(self, item: dict) -> dict:
         """`item` with its crops as uint8 RGB when the processor's output is 8-bit pixels normalised (the PIL resize
