@@ -42,15 +42,6 @@ def _checked(path: str | Path, full: bool) -> tuple[str | None, tuple[int, int] 
     return None, (width, height)
 
 
-def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(width, height) of a readable image, None otherwise."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None
-
-
 def pair_problem(image: str | Path, mask: str | Path | None, full: bool = False) -> str | None:
     """Why an (image, mask) pair is unusable: either file unreadable, or sizes that differ."""
     reason, size = _checked(image, full)  # each file opened once (the header check of 32,000 pairs: half the time)

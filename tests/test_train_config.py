@@ -192,7 +192,7 @@ def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     from assistant import checkpoint
     from data_prep.records import Record
     from train.data import MaskedImages
-    from train.stage1 import score_records
+    from train.scoring import score_records
 
     mask = np.zeros((100, 130), dtype=np.uint8)
     mask[50, 10:120] = 255  # horizontal, one pixel wide
@@ -221,7 +221,7 @@ def test_batched_scoring_gives_each_image_its_own_scores_and_maps(clip_llama, tm
     from assistant import checkpoint
     from data_prep.records import Record
     from train.self_reference import self_distance_maps
-    from train.stage1 import score_records
+    from train.scoring import score_records
 
     rng = np.random.default_rng(3)
     records = []
@@ -296,7 +296,6 @@ def test_cache_fill_drops_broken_files_and_raises_other_errors(clip_llama, tmp_p
     in order; an error that is not a broken file (here a failing preprocessing) stops the fill instead of turning
     every image into a "skipped" line."""
     import numpy as np
-    import pytest as _pytest
     from PIL import Image
 
     from assistant import checkpoint
@@ -314,10 +313,10 @@ def test_cache_fill_drops_broken_files_and_raises_other_errors(clip_llama, tmp_p
     problems = dataset.fill_cache(1)
     assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / '1.png'}: image 1.png: unreadable image")
     assert [r.image for r in dataset.records] == [records[0].image, records[2].image] and sorted(dataset._cache) == [0, 1]
-    assert int(dataset[1]["pixel_values"].mean() > dataset[0]["pixel_values"].mean())  # the third image, now second
+    assert dataset[1]["pixel_values"].mean() > dataset[0]["pixel_values"].mean()  # the third (brighter) image, now second
     failing = MaskedImages(records[:1], processor, map_size=16, cache=True)
     monkeypatch.setattr(processor, "one_tile_pixels", lambda image: (_ for _ in ()).throw(ValueError("a bug")))
-    with _pytest.raises(ValueError, match="a bug"):
+    with pytest.raises(ValueError, match="a bug"):
         failing.fill_cache(1)
 
 

@@ -84,7 +84,7 @@ def test_stage1_expert_separates_anomalies_better_than_before_training(full_run,
     """On the training family: image AUROC on the images it trained on, pixel AUROC on held-out images."""
     from train.build import load_model
     from train.data import read_masked, split_records
-    from train.stage1 import auroc, score_records
+    from train.scoring import auroc, score_records
 
     cfg = full_run["cfg"]
     records, _ = read_masked(prepared["images"])

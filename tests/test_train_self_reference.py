@@ -107,7 +107,7 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     from assistant import AnomalyAssistant
     from train.data import read_masked, split_records
     from train.self_reference import main
-    from train.stage1 import balanced_accuracy_threshold
+    from train.scoring import balanced_accuracy_threshold
 
     model, data = setup
     out = {}
@@ -180,7 +180,7 @@ def test_image_threshold_balances_misses_and_false_alarms():
     catch one more defect; the best balanced accuracy does not, and no other threshold balances better."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from train.stage1 import balanced_accuracy_threshold, f1_max_threshold
+    from train.scoring import balanced_accuracy_threshold, f1_max_threshold
 
     labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
     scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.2, 0.5, 0.1])

@@ -184,11 +184,11 @@ class MaskedImages(Dataset):
         else:
             if index not in self._cache:
                 self._cache[index] = self._load_compact(index)
-            item = self._cache[index]
+            item = dict(self._cache[index])
+            crops = int(item.pop("crops", len(item["pixel_values"])))  # a one-tile image's view is kept once
             if item["pixel_values"].dtype == torch.uint8:
                 pixels = (item["pixel_values"].float() / 255 - self._mean) / self._std
-                item = {key: value for key, value in item.items() if key != "crops"}
-                item["pixel_values"] = pixels.expand(int(self._cache[index].get("crops", len(pixels))), -1, -1, -1)
+                item["pixel_values"] = pixels.expand(crops, -1, -1, -1)
         if self.augment is None:
             return item
         pixels, mask = self.augment(item["pixel_values"], item["masks"], self._mean, self._std)

@@ -27,7 +27,8 @@ from .data import (Augment, ConversationCollator, Conversations, MaskedImages, S
                    read_conversations, read_masked, split_records)
 from .scoring import calibrate, write_calibration
 from .stage1 import ExpertObjective, WeightAverage, stage1_trainer_class
-from .trainer import ReliableTrainer, atomic_folder, enable_checkpointing, last_checkpoint, training_arguments, write_model_parts
+from .folders import atomic_folder, write_model_parts
+from .trainer import ReliableTrainer, enable_checkpointing, last_checkpoint, training_arguments
 
 
 def _say(args, message: str) -> None:
@@ -78,8 +79,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
-    # default model's 32,000 images: 12.4 s of header check + 0.9 s decoding the held-out part, against a 24.5 s full
-    # check before the fill decoded them all again (runs t33 and tl1, the same day)
+    # default model's 32,000 images: a header check of about 9 s + 0.9 s decoding the held-out part, against a 24.5 s
+    # full check before the fill decoded them all again
     fill = cfg.data.cache_images and cfg.data.cache_workers > 0
     records, skipped = read_masked(masked, full_check=False)
     train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)

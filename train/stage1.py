@@ -17,11 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-
 from .config import ConfigError, LossConfig
-from .scoring import (  # noqa: F401 - scoring held-out images, here first; re-exported for callers of stage1
-    REFERENCE_BANK_BYTES, Prepared, auroc, balanced_accuracy_threshold, calibrate, f1_max_threshold, score_records, small_maps,
-    threshold_report, write_calibration)
+from .scoring import small_maps  # held-out scoring and calibration live in train.scoring
 
 TRAINABLE_FILE = "trainable.safetensors"
 AVERAGE_FILE = "weight_average.safetensors"
@@ -143,6 +140,3 @@ def stage1_trainer_class(base):
                 average.load_state_dict(load_file(str(path)))
 
     return ExpertTrainer
-
-
-# -- calibration ------------------------------------------------------------------------------------

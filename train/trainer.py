@@ -18,7 +18,6 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import TrainConfig, write_run_info
-from .folders import atomic_folder, write_model_parts  # noqa: F401 - where they were first
 
 
 class NonFiniteLoss(RuntimeError):
