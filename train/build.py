@@ -81,7 +81,7 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
     vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[init.vision]
     vision = vision_cls(
         hidden_size=init.vision_hidden, intermediate_size=init.vision_hidden * 4, num_hidden_layers=init.vision_layers,
-        num_attention_heads=max(1, init.vision_hidden // 16), image_size=init.tile, patch_size=init.patch,
+        num_attention_heads=init.vision_heads or max(1, init.vision_hidden // 16), image_size=init.tile, patch_size=init.patch,
     )
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[init.text]
     text = text_cls(

@@ -31,6 +31,9 @@ class ModelInit:
     vision: str = "clip"  # clip | siglip
     vision_hidden: int = 32
     vision_layers: int = 4
+    #: the tower's attention heads (None: one per 16 channels). Fewer, wider heads run faster on CPU (the same
+    #: weights' shapes; bench/bench_heads.py)
+    vision_heads: int | None = None
     tile: int = 32  # vision image size
     patch: int = 8
     max_tiles_side: int = 3
@@ -215,6 +218,10 @@ class TrainConfig:
             raise ConfigError("give model.path (a checkpoint folder) or a model.init section")
         if self.model.init is not None and self.model.init.vision not in ("clip", "siglip"):
             raise ConfigError(f"model.init.vision must be clip or siglip, got {self.model.init.vision!r}")
+        heads = None if self.model.init is None else self.model.init.vision_heads
+        if heads is not None and (heads < 1 or self.model.init.vision_hidden % heads):
+            raise ConfigError(f"model.init.vision_heads must divide model.init.vision_hidden "
+                              f"({self.model.init.vision_hidden}), got {heads!r}")
         if self.model.init is not None and self.model.init.text not in ("llama", "qwen2"):
             raise ConfigError(f"model.init.text must be llama or qwen2, got {self.model.init.text!r}")
         if not 0.0 < self.data.val_fraction < 1.0:
