@@ -49,11 +49,24 @@ def test_dotted_overrides_are_typed():
         (["data.augment_lighting=1.0"], "augment_lighting must be in"),
         (["data.augment_grain=-0.1"], "augment_grain must be in"),
         (["model.image_token_pooling=0"], "image_token_pooling must be"),
+        (["model.init.vision_heads=3"], "vision_heads must divide"),
+        (["model.init.vision_heads=0"], "vision_heads must divide"),
     ],
 )
 def test_bad_overrides_name_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs/train/debug_tiny.yaml", overrides)
+
+
+def test_a_built_tower_has_the_recipes_head_count(tmp_path):
+    from assistant.config import AnomalyAssistantConfig
+    from train.build import init_model
+    from train.config import ModelInit
+
+    corpus = ["USER: <image> Is it anomalous? ASSISTANT: No."] * 4
+    for heads, expected in ((None, 2), (1, 1)):  # default: one head per 16 of the 32 channels
+        out = init_model(ModelInit(vision_heads=heads, vocab_size=300), corpus, tmp_path / f"heads{heads}")
+        assert AnomalyAssistantConfig.from_pretrained(out).vision_config.num_attention_heads == expected
 
 
 def test_unknown_key_in_a_recipe_file(tmp_path):
