@@ -31,8 +31,8 @@ class ModelInit:
     vision: str = "clip"  # clip | siglip
     vision_hidden: int = 32
     vision_layers: int = 4
-    #: the tower's attention heads (None: one per 16 channels). Fewer, wider heads run faster on CPU (the same
-    #: weights' shapes; bench/bench_heads.py)
+    #: the tower's attention heads (None: one per 16 channels). Fewer, wider heads step faster on CPU
+    #: (bench/bench_heads.py), but the default model's 2 x 64 tower learned less in its steps (history, run h2)
     vision_heads: int | None = None
     tile: int = 32  # vision image size
     patch: int = 8
