@@ -56,7 +56,7 @@ def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64)
         raise FitCheckError(f"{model_path} is not a checkpoint folder (no config.json)")
     if n < 2:
         raise FitCheckError(f"--n must be at least 2, got {n}")
-    records, skipped = read_masked_or_fail(data, full_check=False)  # the split as stage 1 draws it; the parts used decoded below
+    records, _ = read_masked_or_fail(data, full_check=False)  # the split as stage 1 draws it; the parts used decoded below
     val_fraction, split_seed = training_split(model_path) or (0.1, 0)
     train, held_out = split_records(records, val_fraction, split_seed)
     if not train or not held_out:

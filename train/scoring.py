@@ -1,7 +1,7 @@
 """Scoring held-out masked images with a model's detection path, and the thresholds and AUROCs calibrated on them.
 
-Shared by stage 1 (its calibration), `train.self_reference` and `train.fit_check`. Apart from `train.stage1`, whose
-Trainer callback imports transformers' trainer utilities and with them peft and bitsandbytes (7.6 s of
+Shared by stage 1 (its calibration), `train.self_reference` and `train.fit_check`. It lives apart from `train.stage1`,
+whose Trainer callback imports transformers' trainer utilities and with them peft and bitsandbytes (7.6 s of
 `python -X importtime -c "import train.stage1"` on 2 CPU cores), so that the commands that only score do not pay for them.
 """
 
@@ -61,13 +61,12 @@ def balanced_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """P(anomalous score > normal score) + ties / 2."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """`eval.metrics.image_auroc` (scikit-learn's), NaN when the labels hold one class only."""
+    from eval.metrics import image_auroc
+
+    if len(np.unique(labels)) < 2:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).mean()
-    ties = (pos[:, None] == neg[None, :]).mean()
-    return float(greater + ties / 2)
+    return image_auroc(labels, scores)
 
 
 class Prepared:
