@@ -180,13 +180,14 @@ def test_image_threshold_balances_misses_and_false_alarms():
     catch one more defect; the best balanced accuracy does not, and no other threshold balances better."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from train.scoring import balanced_accuracy_threshold, f1_max_threshold
+    from eval.metrics import f1_max
+    from train.scoring import balanced_accuracy_threshold
 
     labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
     scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.2, 0.5, 0.1])
     best, threshold = balanced_accuracy_threshold(labels, scores)
     assert threshold == pytest.approx(0.6)  # the lowest-scored defect is left as a miss
-    assert f1_max_threshold(labels, scores)[1] == pytest.approx(0.2)  # F1 buys it with a false alarm on one of the two normal images
+    assert f1_max(labels, scores)[1] == pytest.approx(0.2)  # F1 buys it with a false alarm on one of the two normal images
     candidates = [balanced_accuracy_score(labels, scores >= t) for t in np.unique(scores)]
     assert best == pytest.approx(max(candidates)) == pytest.approx(balanced_accuracy_score(labels, scores >= threshold))
 

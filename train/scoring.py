@@ -27,22 +27,6 @@ def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> 
     return torch.stack(out)
 
 
-def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(best F1, its threshold) for predicting `score >= threshold`; thresholds are the observed scores."""
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order].astype(np.float64)
-    tp = np.cumsum(labels)
-    fp = np.cumsum(1 - labels)
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the last index of each distinct score
-    tp, fp = tp[last], fp[last]
-    positives = labels.sum()
-    precision = tp / np.maximum(tp + fp, 1)
-    recall = tp / max(positives, 1)
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(scores[last][best])
-
-
 def balanced_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """(best balanced accuracy, its threshold) for predicting `score >= threshold`; thresholds are the observed scores.
 
@@ -156,15 +140,19 @@ def score_records(model, processor, records, map_size: int, references=None, bat
 def threshold_report(labels, scores, maps, masks) -> dict:
     """AUROCs and, when both classes are present, the image threshold of best balanced accuracy and the F1-max
     pixel threshold (`image_threshold`, `pixel_threshold`) of scored records (`score_records`); the image F1-max
-    is reported too."""
-    from eval.metrics import pixel_auroc
+    is reported too. F1-max is `eval.metrics.f1_max` (scikit-learn's PR curve; ties go to the highest threshold)."""
+    from eval.metrics import f1_max, pixel_auroc
 
+    both_pixels = bool(masks.any() and not masks.all())
     report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores),
-              "pixel_auroc": pixel_auroc(masks, maps) if masks.any() and not masks.all() else float("nan")}
+              "pixel_auroc": pixel_auroc(masks, maps) if both_pixels else float("nan")}
     if 0 < labels.sum() < len(labels):
-        report["image_f1_max"] = f1_max_threshold(labels, scores)[0]
+        report["image_f1_max"] = f1_max(labels, scores)[0]
         report["image_balanced_accuracy"], report["image_threshold"] = balanced_accuracy_threshold(labels, scores)
-        report["pixel_f1_max"], report["pixel_threshold"] = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
+        if both_pixels:
+            report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1).astype(np.uint8), maps.reshape(-1))
+        else:  # no mask marks a defect (or all do): nothing to fit; the threshold flags only the highest-scored pixels
+            report["pixel_f1_max"], report["pixel_threshold"] = float("nan"), float(maps.max())
     return report
 
 
