@@ -225,3 +225,18 @@ def test_few_shot_scoring_with_kept_reference_features_gives_the_reference_pixel
     calls.clear()
     again = scoring.score_records(model, processor, records, 32, references, prepared=prepared)
     assert len(calls) == 2 * len(records) and np.allclose(again[1], scores, atol=1e-6)
+
+
+def test_threshold_report_without_defect_pixels_still_gives_thresholds():
+    """Held-out defects with image labels only (empty masks): the image threshold is fitted, and the pixel threshold
+    falls back to the highest map value instead of failing the calibration."""
+    from train.scoring import threshold_report
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.7, 0.9])
+    maps = rng.random((4, 8, 8)).astype(np.float32)
+    report = threshold_report(labels, scores, maps, np.zeros((4, 8, 8), dtype=bool))
+    assert report["image_threshold"] == pytest.approx(0.7)
+    assert report["pixel_threshold"] == pytest.approx(float(maps.max()))
+    assert np.isnan(report["pixel_f1_max"]) and np.isnan(report["pixel_auroc"])
