@@ -4,7 +4,7 @@ The conversations teach the assistant's behaviour: the verdict first; then where
 location vocabulary of `assistant.localize`) and what; and multi-turn follow-ups on the defect's
 appearance, severity and likely cause. Normal images are answered as normal. Each record also keeps
 machine-readable fields (`label`, `defect_type`, `location`, `size`, `mask`, `category`) for training
-and evaluation. Everything is deterministic from the seed.
+and evaluation. Everything is deterministic from the seed and the images' paths relative to `image_base`.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def build_instructions(source: ReadResult, image_base: str | Path, seed: int = 0
     accounting = ReadResult(problems=list(source.problems))
     out: list[dict] = []
     for index, record in enumerate(source.records):
-        rng = random.Random(f"{seed}:{index}:{record.image}")
+        # seeded by the path as written (relative to image_base), so the same data gives the same conversations
+        # wherever it lives
+        rng = random.Random(f"{seed}:{index}:{_relative(record.image, base)}")
         record_id = f"{record.category}/{record.split}/{record.defect_type or 'good'}/{Path(record.image).stem}"
         if record.label not in (NORMAL, ANOMALOUS):
             accounting.drop(record.image, "no normal/anomaly label", record_id)

@@ -84,6 +84,17 @@ def test_deterministic_from_the_seed(synth_dir):
     assert json.dumps(same_a) != json.dumps(other)
 
 
+def test_the_same_data_elsewhere_gives_the_same_conversations(synth_dir, tmp_path):
+    """A copy of the data in another folder (another run's output_dir) gets the same conversations, not new draws."""
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "synth"
+    shutil.copytree(synth_dir, copy)
+    here, _ = build_instructions(read_mvtec(synth_dir), synth_dir, seed=3)
+    there, _ = build_instructions(read_mvtec(copy), copy, seed=3)
+    assert json.dumps(here) == json.dumps(there)
+
+
 def test_written_file_reads_back_as_llava_and_is_never_overwritten(conversations, synth_dir, tmp_path):
     out = synth_dir / "instruct.json"
     write_instructions(conversations, out)
