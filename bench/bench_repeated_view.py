@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     from data_prep.readers.mvtec import read_mvtec
     from data_prep.synth import SynthPlan, write_dataset
     from train.data import ConversationCollator, Conversations, read_conversations
+    from train.run import train_in_full
 
     torch.manual_seed(0)
     model, processor, _, _ = checkpoint.load("assistant/default_model")
@@ -75,11 +76,9 @@ def main(argv=None) -> None:
     for batch in batches:
         batch["keep"] = cut(batch)
 
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.split(".")[0] in ("language_model", "multi_modal_projector") or name == "image_newline")
+    train_in_full(model)  # what the recipe's stage 2 trains
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    model.config.use_cache = False
     model.train()
 
     def step(batch, short: bool) -> None:

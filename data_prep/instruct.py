@@ -128,7 +128,8 @@ def build_instructions(source: ReadResult, image_base: str | Path, seed: int = 0
     for index, record in enumerate(source.records):
         # seeded by the path as written (relative to image_base), so the same data gives the same conversations
         # wherever it lives
-        rng = random.Random(f"{seed}:{index}:{_relative(record.image, base)}")
+        image = _relative(record.image, base)
+        rng = random.Random(f"{seed}:{index}:{image}")
         record_id = f"{record.category}/{record.split}/{record.defect_type or 'good'}/{Path(record.image).stem}"
         if record.label not in (NORMAL, ANOMALOUS):
             accounting.drop(record.image, "no normal/anomaly label", record_id)
@@ -146,7 +147,7 @@ def build_instructions(source: ReadResult, image_base: str | Path, seed: int = 0
         accounting.n_seen += 1
         out.append({
             "id": record_id,
-            "image": _relative(record.image, base),
+            "image": image,
             "conversations": turns,
             **fields,
             "mask": _relative(record.mask, base),

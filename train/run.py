@@ -182,6 +182,15 @@ def set_token_pooling(model, cfg: TrainConfig, lora: bool = False) -> None:
     model.config.image_token_pooling = int(stride)
 
 
+def train_in_full(model, also: list[str] = ()) -> None:
+    """Stage 2 without LoRA: the LLM, the projector, the image newline and the top-level modules `also` train; the
+    tower, expert and selector stay frozen."""
+    trained = {"language_model", "multi_modal_projector", *also}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.split(".")[0] in trained or name == "image_newline")
+    model.config.use_cache = False
+
+
 def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, commit: str | None) -> Path:
     run_dir = root / "stage2"
     final = run_dir / ("model" if cfg.full else "adapter")
@@ -204,10 +213,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if cfg.full:
-        trained = ["language_model", "multi_modal_projector", *to_save]
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.split(".")[0] in trained or name == "image_newline")
-        model.config.use_cache = False
+        train_in_full(model, to_save)
         train_model = model
     else:
         from peft import LoraConfig, get_peft_model

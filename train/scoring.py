@@ -150,7 +150,7 @@ def threshold_report(labels, scores, maps, masks) -> dict:
         report["image_f1_max"] = f1_max(labels, scores)[0]
         report["image_balanced_accuracy"], report["image_threshold"] = balanced_accuracy_threshold(labels, scores)
         if both_pixels:
-            report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1).astype(np.uint8), maps.reshape(-1))
+            report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1), maps.reshape(-1))
         else:  # no mask marks a defect (or all do): nothing to fit; the threshold flags only the highest-scored pixels
             report["pixel_f1_max"], report["pixel_threshold"] = float("nan"), float(maps.max())
     return report
