@@ -31,3 +31,166 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: scoring modes whose scores sit on their own scale and get their own thresholds, mapped onto the zero-shot scale
+MODES = ("few_shot", "batch")
+
+
+@dataclass
+class Calibration:
+    """Every threshold a checkpoint decides with, read from and written to its config (`config.json`).
+
+    `image_threshold` / `pixel_threshold` decide on the zero-shot scale; `modes` holds, for the few-shot and the
+    folder (batch) modes, their own (image, pixel) thresholds on their raw scales, which `rescale` maps
+    piecewise-linearly onto the zero-shot ones (0 and 1 stay put, order and so every AUROC unchanged), so one
+    threshold and one suspicion scale serve every mode. `moderate_from` sets the suspicion bounds
+    (moderate_from · t, t); None keeps fixed bounds (Anomaly-OV's 0.3 / 0.7).
+    """
+
+    image_threshold: float = 0.5
+    pixel_threshold: float = 0.5
+    moderate_from: float | None = None
+    suspicion_bounds: tuple[float, float] = (0.3, 0.7)
+    modes: dict = None
+
+    def __post_init__(self):
+        self.modes = {mode: [float(t) for t in pair] for mode, pair in (self.modes or {}).items() if pair is not None}
+        for mode, pair in self.modes.items():
+            if mode not in MODES:
+                raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
+            if len(pair) != 2 or not all(0.0 < t < 1.0 for t in pair):
+                raise ValueError(f"{mode}_thresholds must be two thresholds in (0, 1), got {pair}")
+        if self.moderate_from is not None:
+            CalibrationConfig(moderate_from=self.moderate_from)  # validates
+            self.suspicion_bounds = (self.moderate_from * self.image_threshold, self.image_threshold)
+        self.suspicion_bounds = tuple(float(b) for b in self.suspicion_bounds)
+
+    # -- the config is the storage --------------------------------------------------------------
+    @classmethod
+    def of(cls, config) -> "Calibration":
+        """The calibration a model config holds."""
+        modes = {mode: getattr(config, f"{mode}_thresholds", None) for mode in MODES}
+        return cls(config.image_threshold, config.pixel_threshold, getattr(config, "moderate_from", None),
+                   tuple(config.suspicion_bounds), modes)
+
+    def write(self, config) -> None:
+        """The one place that writes thresholds into a model config."""
+        config.image_threshold, config.pixel_threshold = float(self.image_threshold), float(self.pixel_threshold)
+        config.moderate_from = self.moderate_from
+        config.suspicion_bounds = tuple(self.suspicion_bounds)
+        for mode in MODES:
+            setattr(config, f"{mode}_thresholds", self.modes.get(mode))
+
+    # -- fitting ----------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, labels, scores, maps, masks, settings: CalibrationConfig | None = None) -> tuple["Calibration | None", dict]:
+        """Zero-shot thresholds fitted on held-out scores (`fit_report`): (calibration, report); the calibration is None
+        when the split lacks normal or anomalous images. Mode thresholds fitted to an earlier model are dropped: they
+        no longer hold for the new scores (`with_mode` fits them again)."""
+        settings = settings or CalibrationConfig()
+        report = fit_report(labels, scores, maps, masks)
+        if "image_threshold" not in report:
+            report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
+            return None, report
+        return cls(report["image_threshold"], report["pixel_threshold"], settings.moderate_from), report
+
+    def with_mode(self, mode: str, labels, scores, maps, masks) -> tuple["Calibration", dict]:
+        """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores."""
+        if mode not in MODES:
+            raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
+        report = fit_report(labels, scores, maps, masks)
+        if "image_threshold" not in report:
+            raise ValueError(f"{mode} calibration needs normal and anomalous held-out images")
+        pair = [min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold")]
+        report["image_threshold"], report["pixel_threshold"] = pair
+        modes = {**self.modes, mode: pair}
+        return Calibration(self.image_threshold, self.pixel_threshold, self.moderate_from, self.suspicion_bounds, modes), report
+
+    def without_modes(self) -> "Calibration":
+        return Calibration(self.image_threshold, self.pixel_threshold, self.moderate_from, self.suspicion_bounds, {})
+
+    # -- applying ---------------------------------------------------------------------------------
+    def rescale(self, values, mode: str, pixel: bool = False):
+        """A mode's scores (or maps, `pixel=True`) on the zero-shot scale: the mode's threshold goes to the zero-shot
+        one, linearly on each side of it. Unchanged when the mode is not calibrated. Works on tensors and arrays."""
+        pair = self.modes.get(mode)
+        if pair is None:
+            return values
+        source = pair[1 if pixel else 0]
+        target = min(max(self.pixel_threshold if pixel else self.image_threshold, 1e-6), 1 - 1e-6)
+        below = values * (target / source)
+        above = target + (values - source) * ((1 - target) / (1 - source))
+        if hasattr(values, "where"):
+            return below.where(values < source, above)
+        import numpy as np
+
+        return np.where(np.asarray(values) < source, below, above)
+
+    def is_anomalous(self, score: float) -> bool:
+        return float(score) >= self.image_threshold
+
+    def suspicion_level(self, score: float) -> str:
+        low, high = self.suspicion_bounds
+        return "slightly" if score < low else "moderately" if score < high else "highly"
+
+
+def fit_report(labels, scores, maps, masks) -> dict:
+    """AUROCs and, when both classes are present, the image threshold of best balanced accuracy (the mean hit rate on
+    defective and normal images: it does not depend on the split's share of defects and it counts false alarms,
+    which F1 ignores) and the F1-max pixel threshold; the image F1-max is reported too."""
+    import numpy as np
+
+    from .metrics import f1_max, image_auroc, pixel_auroc
+
+    labels, scores, maps, masks = (np.asarray(v) for v in (labels, scores, maps, masks))
+    both_pixels = bool(masks.any() and not masks.all())
+    both_images = 0 < labels.sum() < len(labels)
+    report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()),
+              "image_auroc": image_auroc(labels, scores) if both_images else float("nan"),
+              "pixel_auroc": pixel_auroc(masks, maps) if both_pixels else float("nan")}
+    if both_images:
+        report["image_f1_max"] = f1_max(labels, scores)[0]
+        report["image_balanced_accuracy"], report["image_threshold"] = balanced_accuracy_threshold(labels, scores)
+        if both_pixels:
+            report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1), maps.reshape(-1))
+        else:  # no mask marks a defect (or all do): nothing to fit; the threshold flags only the highest-scored pixels
+            report["pixel_f1_max"], report["pixel_threshold"] = float("nan"), float(maps.max())
+    return report
+
+
+REPORT = "calibration.json"
+
+
+def write_report(report: dict, folder, calibration: Calibration | None = None) -> None:
+    """The fit's figures beside the checkpoint (`calibration.json`), with the calibration itself when given: an
+    adapter folder carries it this way, and `read_calibration` gives it back (merging applies it to the base)."""
+    from pathlib import Path
+
+    from . import jsonutil
+
+    values = {**report, "calibration": asdict(calibration)} if calibration is not None else report
+    (Path(folder) / REPORT).write_text(jsonutil.dumps(values, indent=1) + "\n")
+
+
+def read_calibration(folder) -> Calibration | None:
+    """The calibration `write_report` stored in `folder`, or None when it holds none."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / REPORT
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text()).get("calibration")
+    return Calibration(**stored) if stored else None
+
+
+def balanced_accuracy_threshold(labels, scores) -> tuple[float, float]:
+    """(best balanced accuracy, its threshold) for predicting `score >= threshold`; thresholds are the observed scores."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    false_alarm, hit, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    balanced = (hit[1:] + 1 - false_alarm[1:]) / 2  # [0] is the threshold above every score: nothing flagged
+    best = int(np.argmax(balanced))
+    return float(balanced[best]), float(thresholds[1:][best])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from .calibration import Calibration
 from .config import AnomalyAssistantConfig
 from .expert import ExpertConfig
 from .modeling import AnomalyAssistantModel
@@ -212,7 +213,8 @@ def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Pa
     )
     selector_config = SelectorConfig(mode="pool", grid=2, attention_dim=attention_dim)
     add_expert(model, expert_config, selector_config)
-    config.suspicion_bounds = (0.3, 0.7)
+    calibration = Calibration.of(config)
+    Calibration(calibration.image_threshold, calibration.pixel_threshold, None, (0.3, 0.7)).write(config)  # Anomaly-OV's bounds
     own = {f"expert.{k}": v for k, v in model.expert.state_dict().items()}
     own.update({f"selector.{k}": v for k, v in model.selector.state_dict().items()})
     missing = sorted(set(own) - set(state))

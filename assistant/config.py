@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .calibration import Calibration
+
 #: bumped whenever the checkpoint layout changes incompatibly
 FORMAT_VERSION = 1
 
@@ -61,6 +63,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
             these thresholds land on `image_threshold` / `pixel_threshold` (0 and 1 stay put; the order of the
             scores, so every AUROC, is unchanged): one threshold and one suspicion scale serve both modes.
             Written by `python -m train.self_reference --few-shot K`.
+        batch_thresholds: the same for the folder mode (each image's patches scored against the other images').
+        moderate_from: suspicion_bounds = (moderate_from · image_threshold, image_threshold) when set; None keeps
+            the given bounds. All thresholds are fitted and written by `assistant.calibration`.
     """
 
     model_type = "anomaly_assistant"
@@ -86,6 +91,8 @@ class AnomalyAssistantConfig(PretrainedConfig):
         image_token_pooling: int = 1,
         detection_views: int = 1,
         few_shot_thresholds: tuple[float, float] | None = None,
+        batch_thresholds: tuple[float, float] | None = None,
+        moderate_from: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -102,21 +109,16 @@ class AnomalyAssistantConfig(PretrainedConfig):
         self.image_grid_pinpoints = image_grid_pinpoints if image_grid_pinpoints is not None else LLAVA_OV_GRID_PINPOINTS
         self.projector_hidden_act = projector_hidden_act
         self.multimodal_projector_bias = multimodal_projector_bias
-        self.image_threshold = float(image_threshold)
-        self.pixel_threshold = float(pixel_threshold)
         self.suspicion_marker = suspicion_marker
-        self.suspicion_bounds = tuple(float(b) for b in suspicion_bounds)
+        # thresholds are stored here and owned by assistant.calibration: it validates them and is the only writer
+        Calibration(image_threshold, pixel_threshold, moderate_from, suspicion_bounds,
+                    {"few_shot": few_shot_thresholds, "batch": batch_thresholds}).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")
         self.image_token_pooling = int(image_token_pooling)
         if int(detection_views) not in (1, 2, 4, 8):
             raise ValueError(f"detection_views must be 1, 2, 4 or 8, got {detection_views}")
         self.detection_views = int(detection_views)
-        if few_shot_thresholds is not None:
-            few_shot_thresholds = [float(t) for t in few_shot_thresholds]
-            if len(few_shot_thresholds) != 2 or not all(0.0 < t < 1.0 for t in few_shot_thresholds):
-                raise ValueError(f"few_shot_thresholds must be two thresholds in (0, 1), got {few_shot_thresholds}")
-        self.few_shot_thresholds = few_shot_thresholds
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"
@@ -140,17 +142,14 @@ class AnomalyAssistantConfig(PretrainedConfig):
         """Side of each crop's token grid as the LLM reads it (after `image_token_pooling`)."""
         return -(-self.patches_per_side // self.image_token_pooling)
 
+    @property
+    def calibration(self) -> Calibration:
+        """The thresholds this config holds (`assistant.calibration.Calibration`, their one owner)."""
+        return Calibration.of(self)
+
     def few_shot_rescale(self, values, pixel: bool = False):
-        """Few-shot scores (or maps, `pixel=True`) on the zero-shot scale: the few-shot threshold goes to the
-        zero-shot one, linearly on each side of it. Unchanged without `few_shot_thresholds`. Works on tensors."""
-        if self.few_shot_thresholds is None:
-            return values
-        source = self.few_shot_thresholds[1 if pixel else 0]
-        target = min(max(self.pixel_threshold if pixel else self.image_threshold, 1e-6), 1 - 1e-6)
-        below = values * (target / source)
-        above = target + (values - source) * ((1 - target) / (1 - source))
-        return below.where(values < source, above)
+        """Few-shot scores (or maps) on the zero-shot scale (`Calibration.rescale`)."""
+        return self.calibration.rescale(values, "few_shot", pixel)
 
     def suspicion_level(self, score: float) -> str:
-        low, high = self.suspicion_bounds
-        return "slightly" if score < low else "moderately" if score < high else "highly"
+        return self.calibration.suspicion_level(score)

@@ -161,21 +161,21 @@ class AnomalyAssistant:
         if visual.scores is None:
             return {"pred_score": None, "pred_label": None, "anomaly_map": None, "pred_mask": None, "boxes": [], "location": "", "threshold": None}
         config = self.model.config
+        calibration = config.calibration
         score = float(visual.scores[0])
-        label = score >= config.image_threshold
+        label = calibration.is_anomalous(score)
         amap = image_anomaly_map(
             visual.crop_maps[0], (image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size
         ).cpu().numpy().astype(np.float32)
-        mask = (amap >= config.pixel_threshold) if label else np.zeros(amap.shape, dtype=bool)
+        mask = (amap >= calibration.pixel_threshold) if label else np.zeros(amap.shape, dtype=bool)
         if label and not mask.any():  # anomalous but no pixel passes: mark the peak region
             mask = amap >= amap.max() * 0.9
         boxes = boxes_from_mask(mask, amap, min_area=max(1, int(0.0005 * mask.size))) if label else []
         if label and not boxes:  # only specks pass: an anomalous verdict still says where its peak is
             boxes = boxes_from_mask(mask, amap)[:1]
-        # the top region's centre of mass, placed as a ground-truth mask is (its box's middle strays for irregular
-        # regions; measured in commit 9b0a8c5)
+        # the top region's centre of mass, placed as a ground-truth mask is (a box's middle strays for irregular regions)
         location = location_words(boxes[0]["center"], image.width, image.height) if boxes else ""
-        return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": config.image_threshold}
+        return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": calibration.image_threshold}
 
     def detect(self, image, references=None) -> AnomalyReport:
         """The detection-only path: score, map, mask, boxes and location, no text generated."""

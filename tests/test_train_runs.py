@@ -62,6 +62,7 @@ def full_run(prepared, tmp_path_factory):
     cfg = config(
         out, f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
         "stage1_steps=60", "trainer.max_steps=16", "trainer.lr=0.01", "trainer.save_steps=4", "trainer.save_total_limit=2",
+        "model.expert.moderate_from=0.7",  # not the old hard-coded 0.5: merging must keep the recipe's bounds
     )
     results = run(cfg)
     return {"out": out, **results, "cfg": cfg}
@@ -75,7 +76,7 @@ def test_stage1_loss_falls_and_thresholds_are_calibrated(full_run):
     config = AnomalyAssistantConfig.from_pretrained(full_run["stage1"])
     report = json.loads((full_run["stage1"] / "calibration.json").read_text())
     assert config.image_threshold == pytest.approx(report["image_threshold"])
-    assert config.suspicion_bounds == pytest.approx((0.5 * config.image_threshold, config.image_threshold))
+    assert config.suspicion_bounds == pytest.approx((0.7 * config.image_threshold, config.image_threshold))  # the recipe's moderate_from
     assert config.suspicion_level(config.image_threshold) == "highly"
     assert config.suspicion_level(config.image_threshold * 0.99) != "highly"
 
@@ -191,6 +192,19 @@ def test_merge_answers_exactly_as_base_plus_adapter(full_run, tmp_path):
         assert len(ids) == 12 and ids == greedy_ids(unmerged, image)
         assert a.pred_score == pytest.approx(b.pred_score, abs=1e-5) and a.pred_label == b.pred_label
     assert merged.model.config.image_threshold == pytest.approx(unmerged.model.config.image_threshold)
+
+
+def test_merged_model_has_exactly_the_calibration_stage2_fitted(full_run, tmp_path):
+    from assistant.calibration import Calibration, read_calibration
+    from assistant.config import AnomalyAssistantConfig
+    from train.merge import merge
+
+    fitted = read_calibration(full_run["stage2"])  # stage 2 recalibrated (the selector is trained)
+    assert fitted is not None and fitted.moderate_from == 0.7
+    merged = Calibration.of(AnomalyAssistantConfig.from_pretrained(merge(full_run["stage2"], tmp_path / "merged")))
+    assert merged == fitted
+    assert merged.suspicion_bounds == pytest.approx((0.7 * merged.image_threshold, merged.image_threshold))
+    assert merged.suspicion_level(0.75 * merged.image_threshold) == "moderately"
 
 
 def test_bad_images_are_reported_and_skipped(prepared, capsys):

@@ -107,7 +107,7 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     from assistant import AnomalyAssistant
     from train.data import read_masked, split_records
     from train.self_reference import main
-    from train.scoring import balanced_accuracy_threshold
+    from assistant.calibration import balanced_accuracy_threshold
 
     model, data = setup
     out = {}
@@ -181,7 +181,7 @@ def test_image_threshold_balances_misses_and_false_alarms():
     from sklearn.metrics import balanced_accuracy_score
 
     from eval.metrics import f1_max
-    from train.scoring import balanced_accuracy_threshold
+    from assistant.calibration import balanced_accuracy_threshold
 
     labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
     scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.2, 0.5, 0.1])
@@ -230,7 +230,7 @@ def test_few_shot_scoring_with_kept_reference_features_gives_the_reference_pixel
 def test_threshold_report_without_defect_pixels_still_gives_thresholds():
     """Held-out defects with image labels only (empty masks): the image threshold is fitted, and the pixel threshold
     falls back to the highest map value instead of failing the calibration."""
-    from train.scoring import threshold_report
+    from assistant.calibration import fit_report as threshold_report
 
     rng = np.random.default_rng(0)
     labels = np.array([0, 0, 1, 1])

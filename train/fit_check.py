@@ -5,7 +5,7 @@ its held-out split.
 
 The split is the checkpoint's own (`data.val_fraction` and `data.split_seed` from its `training_config.yaml`, as
 `train.self_reference` reads them; without that file, 0.1 and 0). For each part it prints the image and pixel AUROC
-(`train.scoring.threshold_report`), the verdicts right at the checkpoint's own image threshold, and per truth
+(`assistant.calibration.fit_report`), the verdicts right at the checkpoint's own image threshold, and per truth
 (normal or the defect type) how many verdicts are right.
 
 How to read it: a training figure far above the held-out one means the model overfits (more data or augmentation is
@@ -30,14 +30,17 @@ class FitCheckError(ValueError):
 
 
 def part_report(model, processor, records, map_size: int) -> dict:
-    """`threshold_report`'s AUROCs, plus the verdicts at the checkpoint's image threshold, overall and per truth."""
-    from .scoring import score_records, threshold_report
+    """`fit_report`'s AUROCs, plus the verdicts at the checkpoint's image threshold, overall and per truth."""
+    from assistant.calibration import fit_report
+
+    from .scoring import score_records
 
     labels, scores, maps, masks = score_records(model, processor, records, map_size)
-    report = {key: value for key, value in threshold_report(labels, scores, maps, masks).items()
+    report = {key: value for key, value in fit_report(labels, scores, maps, masks).items()
               if key in ("n", "n_anomalous", "image_auroc", "pixel_auroc")}
-    threshold = float(model.config.image_threshold)
-    right = (scores > threshold) == (labels == 1)
+    calibration = model.config.calibration
+    threshold = calibration.image_threshold
+    right = np.array([calibration.is_anomalous(s) for s in scores]) == (labels == 1)
     truths = [r.defect_type or "anomalous" if r.label == 1 else "normal" for r in records]
     total, found = Counter(truths), Counter(t for t, ok in zip(truths, right) if ok)
     report.update(threshold=threshold, verdict_accuracy=float(right.mean()),

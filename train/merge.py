@@ -4,7 +4,7 @@
 
 The adapter folder is peft's format (`adapter_config.json` + `adapter_model.safetensors`, the base
 model's path in `base_model_name_or_path`) plus the processor files and, when stage 2 recalibrated
-the expert, `calibration.json`. The merged folder loads with `AnomalyAssistant.from_pretrained(out)`
+the expert, `calibration.json` (the fitted `assistant.calibration.Calibration`, applied to the merged model). The merged folder loads with `AnomalyAssistant.from_pretrained(out)`
 and answers as base + adapter does. A QLoRA adapter is merged into the full-precision base.
 """
 
@@ -32,6 +32,7 @@ def load_with_adapter(adapter: str | Path, base: str | Path | None = None):
     from peft import PeftModel
 
     from assistant import checkpoint
+    from assistant.calibration import read_calibration
     from assistant.processing import AssistantProcessor
 
     adapter = Path(adapter)
@@ -41,13 +42,9 @@ def load_with_adapter(adapter: str | Path, base: str | Path | None = None):
     model, processor, generation, _ = checkpoint.load(base)
     model = PeftModel.from_pretrained(model, adapter).eval()
     inner = model.get_base_model()
-    calibration = adapter / "calibration.json"
-    if calibration.is_file():
-        report = json.loads(calibration.read_text())
-        if "image_threshold" in report:
-            inner.config.image_threshold = report["image_threshold"]
-            inner.config.pixel_threshold = report["pixel_threshold"]
-            inner.config.suspicion_bounds = (0.5 * report["image_threshold"], report["image_threshold"])
+    calibration = read_calibration(adapter)  # what stage 2 fitted, recipe bounds and mode thresholds included
+    if calibration is not None:
+        calibration.write(inner.config)
     if (adapter / "tokenizer_config.json").is_file():
         processor = AssistantProcessor.from_pretrained(adapter, inner.config)
     return model, processor, generation

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 from .build import data_paths, expert_configs, init_model, instruction_corpus, load_model
+from assistant.calibration import Calibration, CalibrationConfig, write_report
+
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import (Augment, ConversationCollator, Conversations, MaskedImages, Skipped, collate_masked, decode_checked,
                    read_conversations, read_masked, split_records)
-from .scoring import calibrate, write_calibration
+from .scoring import calibrate
 from .stage1 import ExpertObjective, WeightAverage, stage1_trainer_class
 from .folders import atomic_folder, write_model_parts
 from .trainer import ReliableTrainer, enable_checkpointing, last_checkpoint, training_arguments
@@ -49,7 +51,7 @@ def _save_model_folder(model, processor, generation, folder: Path, cfg: TrainCon
         write_model_parts(staging, model, processor, generation)
         write_run_info(cfg, staging, commit)
         if report is not None:
-            write_calibration(report, staging)
+            write_report(report, staging, Calibration.of(model.config))
 
 
 def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: str | None) -> Path:
@@ -118,7 +120,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     if cfg.stage1_polish is not None:
         trainer = run_polish(cfg, objective, dataset, model, polish_dir, polish_resume, commit)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from)
+        report = calibrate(model, processor, val_records, cfg.data.map_size, CalibrationConfig(cfg.model.expert.moderate_from))
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
         print(f"stage 1: calibration {json.dumps(report)}")
         print(f"stage 1: model written to {final}", flush=True)
@@ -240,7 +242,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
                f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from) if recalibrate and val_records else None
+        report = calibrate(model, processor, val_records, cfg.data.map_size, CalibrationConfig(cfg.model.expert.moderate_from)) if recalibrate and val_records else None
         if report is not None:
             print(f"stage 2: recalibrated {json.dumps(report)}")
         if cfg.full:
@@ -252,7 +254,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
                 generation.save_pretrained(staging)
                 write_run_info(cfg, staging, commit)
                 if report is not None:
-                    write_calibration(report, staging)
+                    write_report(report, staging, Calibration.of(model.config))
         print(f"stage 2: {'model' if cfg.full else 'adapter'} written to {final}", flush=True)
     trainer.accelerator.wait_for_everyone()
     return final

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from assistant import jsonutil
+from assistant.calibration import Calibration, CalibrationConfig
 from assistant.maps import image_anomaly_map
 
 
@@ -27,26 +27,9 @@ def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> 
     return torch.stack(out)
 
 
-def balanced_accuracy_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(best balanced accuracy, its threshold) for predicting `score >= threshold`; thresholds are the observed scores.
-
-    The image verdict's threshold: the mean of the hit rate on defective and on normal images does not depend on
-    how many of each the held-out split holds, and it counts false alarms, which F1 ignores. On the previous default
-    model's held-out split (trained at c018f4d), zero-shot, both pick the same threshold (0.798); in the 4-shot mode F1-max picked
-    0.123, which flagged 35 of 250 normal images of seen families (seed-1 quality set) against 13 at this
-    rule's 0.237.
-    """
-    from sklearn.metrics import roc_curve
-
-    false_alarm, hit, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    balanced = (hit[1:] + 1 - false_alarm[1:]) / 2  # [0] is the threshold above every score: nothing flagged
-    best = int(np.argmax(balanced))
-    return float(balanced[best]), float(thresholds[1:][best])
-
-
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """`eval.metrics.image_auroc` (scikit-learn's), NaN when the labels hold one class only."""
-    from eval.metrics import image_auroc
+    """Image AUROC (`assistant.metrics`, scikit-learn's), NaN when the labels hold one class only."""
+    from assistant.metrics import image_auroc
 
     if len(np.unique(labels)) < 2:
         return float("nan")
@@ -137,39 +120,13 @@ def score_records(model, processor, records, map_size: int, references=None, bat
     return labels, np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def threshold_report(labels, scores, maps, masks) -> dict:
-    """AUROCs and, when both classes are present, the image threshold of best balanced accuracy and the F1-max
-    pixel threshold (`image_threshold`, `pixel_threshold`) of scored records (`score_records`); the image F1-max
-    is reported too. F1-max is `eval.metrics.f1_max` (scikit-learn's PR curve; ties go to the highest threshold)."""
-    from eval.metrics import f1_max, pixel_auroc
-
-    both_pixels = bool(masks.any() and not masks.all())
-    report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()), "image_auroc": auroc(labels, scores),
-              "pixel_auroc": pixel_auroc(masks, maps) if both_pixels else float("nan")}
-    if 0 < labels.sum() < len(labels):
-        report["image_f1_max"] = f1_max(labels, scores)[0]
-        report["image_balanced_accuracy"], report["image_threshold"] = balanced_accuracy_threshold(labels, scores)
-        if both_pixels:
-            report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1), maps.reshape(-1))
-        else:  # no mask marks a defect (or all do): nothing to fit; the threshold flags only the highest-scored pixels
-            report["pixel_f1_max"], report["pixel_threshold"] = float("nan"), float(maps.max())
+def calibrate(model, processor, records, map_size: int, settings: CalibrationConfig | None = None,
+              prepared: Prepared | None = None) -> dict:
+    """Score held-out `records` and fit the zero-shot thresholds (`Calibration.fit`) into `model.config`. Returns the
+    fit's report. `settings` default to the model's own `moderate_from` (a refit keeps the checkpoint's suspicion rule)."""
+    if settings is None:
+        settings = CalibrationConfig(model.config.moderate_from or CalibrationConfig.moderate_from)
+    calibration, report = Calibration.fit(*score_records(model, processor, records, map_size, prepared=prepared), settings)
+    if calibration is not None:
+        calibration.write(model.config)
     return report
-
-
-def calibrate(model, processor, records, map_size: int, moderate_from: float = 0.5, prepared: Prepared | None = None) -> dict:
-    """Image and pixel thresholds (`threshold_report`) on held-out `records`, written into `model.config`. Returns a report."""
-    report = threshold_report(*score_records(model, processor, records, map_size, prepared=prepared))
-    if "image_threshold" in report:
-        config = model.config
-        config.image_threshold, config.pixel_threshold = report["image_threshold"], report["pixel_threshold"]
-        config.suspicion_bounds = (moderate_from * config.image_threshold, config.image_threshold)
-        # few-shot thresholds fitted to the previous expert or self-reference no longer hold: dropped, until
-        # `train.self_reference --few-shot K` fits them again
-        config.few_shot_thresholds = None
-    else:
-        report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
-    return report
-
-
-def write_calibration(report: dict, folder: Path) -> None:
-    (folder / "calibration.json").write_text(jsonutil.dumps(report, indent=1) + "\n")

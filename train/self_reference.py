@@ -8,7 +8,7 @@ Each patch's distance to the most similar patches of the same image outside its 
 pixels of the held-out split — by default the split the checkpoint's training held out (`data.val_fraction`
 and `data.split_seed` from its `training_config.yaml`), so no image training saw is used — and blended into
 the expert's map with `--weight`. The image and pixel thresholds are then re-calibrated
-(`train.scoring.threshold_report`) on that split. The checkpoint's weights are not trained further, so this takes
+(`assistant.calibration`) on that split. The checkpoint's weights are not trained further, so this takes
 about a minute on CPU and works on any checkpoint with an expert (Anomaly-OV's included).
 
 The new checkpoint is written to `--out` (never over `--model`); `self_reference.json` there records the
@@ -71,12 +71,13 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
 
 
 def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None) -> dict:
-    """Image and pixel thresholds (`train.scoring.threshold_report`) of the few-shot mode, set as
-    `model.config.few_shot_thresholds`: each held-out image is scored against `shots` held-out normal images of
-    its own category (never itself)."""
+    """The few-shot mode's thresholds (`Calibration.with_mode`), written into `model.config`: each held-out image is
+    scored against `shots` held-out normal images of its own category (never itself)."""
     from data_prep.records import ANOMALOUS
 
-    from .scoring import score_records, threshold_report
+    from assistant.calibration import Calibration
+
+    from .scoring import score_records
 
     normals: dict[str, list] = {}
     for record in records:
@@ -89,14 +90,19 @@ def few_shot_calibration(model, processor, records, map_size: int, shots: int, s
         return [pool[i] for i in rng.choice(len(pool), shots, replace=False)]
 
     scored = [r for r in records if len(normals.get(r.category, [])) - (r.label != ANOMALOUS) >= shots]
-    model.config.few_shot_thresholds = None  # score on the raw few-shot scale
-    report = threshold_report(*score_records(model, processor, scored, map_size, references, prepared=prepared)) if scored else {}
-    if "image_threshold" not in report:
+    calibration = Calibration.of(model.config)
+    calibration.without_modes().write(model.config)  # score on the raw few-shot scale
+    if scored:
+        scores = score_records(model, processor, scored, map_size, references, prepared=prepared)
+        try:
+            calibration, report = calibration.with_mode("few_shot", *scores)
+        except ValueError:
+            scored = []
+    if not scored:
         raise SelfReferenceError(f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
                                  f"{shots + 1} normal images per category")
-    image_threshold, pixel_threshold = (min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold"))
-    model.config.few_shot_thresholds = [image_threshold, pixel_threshold]
-    return {"shots": shots, **report, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
+    calibration.write(model.config)
+    return {"shots": shots, **report}
 
 
 def training_split(model_path: Path) -> tuple[float, int] | None:
@@ -119,7 +125,8 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     new checkpoint scores (`AnomalyAssistantConfig.detection_views`); its thresholds are calibrated for it.
     `few_shot` K > 0 also calibrates the few-shot mode's thresholds (`few_shot_calibration`, K references per image)."""
     from assistant import checkpoint
-    from eval.metrics import pixel_auroc
+    from assistant.calibration import write_report
+    from assistant.metrics import pixel_auroc
 
     from .data import read_held_out
     from .scoring import Prepared, auroc, calibrate, score_records
@@ -165,13 +172,11 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     scale, bias = fit_scale_bias(distances, masks, seed=seed)
     if scale <= 0:
         raise SelfReferenceError(f"on {data} the self-reference distance does not rise on defects (fitted scale {scale:.3g}); not added")
-    bounds = getattr(model.config, "suspicion_bounds", None)
-    moderate_from = bounds[0] / bounds[1] if bounds and bounds[1] else 0.5
     model.expert.set_self_reference(weight, scale, bias, level, k)
     model.config.expert_config = model.expert.config.to_dict()
     if detection_views is not None:
         model.config.detection_views = int(detection_views)
-    calibration = calibrate(model, processor, held_out, map_size, moderate_from, prepared)  # scores the held-out split again
+    calibration = calibrate(model, processor, held_out, map_size, prepared=prepared)  # scores the held-out split again
     few_shot_report = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared) if few_shot else None
     after = {"image_auroc": calibration["image_auroc"], "pixel_auroc": calibration["pixel_auroc"]}
     report = {
@@ -185,7 +190,7 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
 
     with atomic_folder(out) as staging:
         write_model_parts(staging, model, processor, generation, model_path, ("training_config.yaml", "git_commit.txt", "training_summary.json"))
-        (staging / "calibration.json").write_text(jsonutil.dumps(calibration, indent=1) + "\n")
+        write_report(calibration, staging)
         (staging / "self_reference.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
     return report
 
