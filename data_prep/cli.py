@@ -75,6 +75,7 @@ def _names(text: str | None, known, what: str) -> tuple[str, ...] | None:
 def run_synth(args) -> int:
     """`synth`: write the dataset and print a one-line summary."""
     from .synth import DEFECT_TYPES, FAMILIES, SynthPlan, write_dataset
+    from .synth.families import all_families
     from .synth.writer import list_normals
 
     if args.seed < 0:
@@ -104,7 +105,7 @@ def run_synth(args) -> int:
                 raise UsageError(f"--name {name!r} is not usable as a class folder name")
         families = (name,)
     else:
-        families = _names(args.families, tuple(FAMILIES), "family") or tuple(FAMILIES)
+        families = _names(args.families, tuple(all_families()), "family") or tuple(FAMILIES)
     plan = SynthPlan(args.n, families, args.size, args.seed, args.anomaly_ratio, defects, normals)
     try:
         counts = write_dataset(args.out, plan, overwrite=args.overwrite, workers=args.workers)

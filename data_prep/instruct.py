@@ -21,7 +21,7 @@ from assistant.localize import location_words, relative_size
 
 from . import phrasebook as pb
 from .records import ANOMALOUS, NORMAL, ReadResult, Record
-from .synth.families import FAMILIES
+from .synth.families import all_families
 
 IMAGE_TOKEN = "<image>"
 MAX_FOLLOW_UPS = 3
@@ -29,8 +29,9 @@ MAX_FOLLOW_UPS = 3
 
 def object_noun(category: str) -> str:
     """How answers name the object: a family's noun, or the category with underscores as spaces."""
-    if category in FAMILIES:
-        return FAMILIES[category].noun
+    known = all_families()
+    if category in known:
+        return known[category].noun
     noun = category.replace("_", " ").strip()
     return noun or "object"
 

@@ -20,14 +20,15 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
     from data_prep.parallel import default_workers
     from data_prep.readers import read_mvtec
     from data_prep.synth import FAMILIES, SynthPlan, write_dataset
+    from data_prep.synth.families import all_families
 
     synth = cfg.data.synth
     images, instructions = data_dir / "synth", data_dir / "instructions.json"
     if not (images / "metadata.jsonl").is_file():
         families = tuple(synth.families) or tuple(FAMILIES)
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in all_families()]
         if unknown:
-            raise ConfigError(f"data.synth.families: unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+            raise ConfigError(f"data.synth.families: unknown family {unknown[0]!r}; choose from {', '.join(all_families())}")
         with atomic_folder(images) as staging:
             # one process per core: every sample depends only on (seed, family, index), so the data are the same
             write_dataset(staging, SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio), overwrite=True,

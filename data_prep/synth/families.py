@@ -155,9 +155,23 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def make_normal(family: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-    """A normal uint8 image of `family` and its foreground mask (None for textures)."""
-    if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    image, foreground = FAMILIES[family].make(size, rng)
+def all_families() -> dict:
+    """Every family a run can name: the procedural ones (`FAMILIES`) and the photographed surfaces
+    (`data_prep.synth.photos.PHOTOS`)."""
+    from .photos import PHOTOS
+
+    return {**FAMILIES, **PHOTOS}
+
+
+def family(name: str):
+    """The family called `name` (procedural or photographed); KeyError naming the choices otherwise."""
+    known = all_families()
+    if name not in known:
+        raise KeyError(f"unknown family {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+def make_normal(name: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """A normal uint8 image of family `name` and its foreground mask (None for textures)."""
+    image, foreground = family(name).make(size, rng)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), foreground

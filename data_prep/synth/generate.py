@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .defects import DefectContext, apply_defect
-from .families import FAMILIES, make_normal
+from .families import FAMILIES, all_families, make_normal
 
 
 @dataclass
@@ -38,7 +38,8 @@ def donor_source(family: str | None, size: int, rng: np.random.Generator, donors
     A training run passes its own families, so a family it holds out never appears in it, not even as the
     foreign texture of a defect (which would teach the model that the held-out family *is* an anomaly).
     """
-    others = [name for name in (FAMILIES if donors is None else donors) if name != family and name in FAMILIES]
+    known = all_families()
+    others = [name for name in (FAMILIES if donors is None else donors) if name != family and name in known]
     if not others:
         return None
 

@@ -1,0 +1,87 @@
+"""Nearest-neighbour patch scoring against other images: the few-shot memory bank and the folder (batch) mode.
+
+* Few-shot (PatchCore): the normal references' patch features form a memory bank; a large bank is cut to a greedy
+  coreset (each new member the patch farthest from those already kept, on a random projection), which keeps the
+  nearest-neighbour distances of the whole bank within a small error at a fraction of the search.
+* Folder zero-shot (MuSc): with no normal reference, each image's patches are scored against the other images of the
+  same run. A patch's distance to image j is its distance to j's nearest patch; its score is the mean of its lowest
+  `lowest` fraction of those distances over the other images. Defects are rare and differ from image to image, so a
+  defective patch finds no close match in most images, while a normal one finds one in nearly every image; the low
+  interval ignores the few images that share a defect or lack the normal part. Cost: N² · P² · H multiply-adds for
+  N images of P patches of H channels (all pairs of images), done in blocks so memory stays O(P · N · P).
+
+Distances are (1 − cosine similarity) / 2, in [0, 1] like the expert's map, averaged over feature levels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: the default share of the other images whose distances a patch's folder score averages (the lowest ones)
+LOWEST = 0.2
+#: a reference bank above this many patches is cut to a coreset of this size
+MAX_BANK = 16384
+
+
+def unit(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=-1)
+
+
+def greedy_coreset(bank: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of `size` rows of `bank` [M, H] chosen greedily (k-center): each new row is the one farthest from
+    those chosen, measured on a random Gaussian projection to `projection_dim` channels (PatchCore's approximation)."""
+    m = bank.shape[0]
+    if size >= m:
+        return torch.arange(m)
+    generator = torch.Generator().manual_seed(seed)
+    x = bank.float()
+    if x.shape[1] > projection_dim:
+        x = x @ torch.randn(x.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
+    norms = (x * x).sum(-1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(m, (1,), generator=generator))
+    nearest = torch.full((m,), float("inf"))
+    for i in range(size):
+        if i:
+            chosen[i] = torch.argmax(nearest)
+        centre = x[chosen[i]]
+        nearest = torch.minimum(nearest, norms - 2 * (x @ centre) + norms[chosen[i]])  # squared distances
+    return chosen
+
+
+def reduce_bank(bank: list[torch.Tensor], max_size: int = MAX_BANK) -> list[torch.Tensor]:
+    """A multi-level reference bank (per level [M, H], rows aligned across levels) cut to at most `max_size` rows by
+    `greedy_coreset` on the levels concatenated; unchanged when it is small enough."""
+    if bank[0].shape[0] <= max_size:
+        return bank
+    keep = greedy_coreset(torch.cat([unit(level) for level in bank], dim=-1), max_size)
+    return [level[keep] for level in bank]
+
+
+def mutual_distance(levels: list[torch.Tensor], lowest: float = LOWEST, block: int = 8) -> torch.Tensor:
+    """Folder zero-shot map: levels are L tensors [N, P, H] (one row per image); returns [N, P] in [0, 1].
+
+    For each image, each patch's distance to every other image's nearest patch, averaged over its lowest
+    `lowest` share of the other images (at least one), then over levels. Needs N ≥ 2.
+    """
+    n = levels[0].shape[0]
+    if n < 2:
+        raise ValueError("mutual scoring needs at least two images")
+    if not 0.0 < lowest <= 1.0:
+        raise ValueError(f"lowest must be in (0, 1], got {lowest}")
+    k = max(1, round(lowest * (n - 1)))
+    out = torch.zeros(n, levels[0].shape[1])
+    for features in levels:
+        x = unit(features)  # [N, P, H]
+        for start in range(0, n, block):
+            query = x[start : start + block]  # [b, P, H]
+            # [b, N, P]: for each query patch, its best similarity within each image
+            best = torch.einsum("bph,nqh->bnpq", query, x).amax(-1)
+            distance = (1.0 - best) / 2.0
+            own = torch.arange(start, start + query.shape[0])
+            distance[torch.arange(query.shape[0]), own] = float("inf")  # never compare an image with itself
+            out[start : start + query.shape[0]] += distance.topk(k, dim=1, largest=False).values.mean(1)
+    return (out / len(levels)).clamp(0.0, 1.0)
