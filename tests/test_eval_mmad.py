@@ -223,6 +223,10 @@ def test_predictions_scored_both_ways_and_aggregated(tmp_path, capsys):
     assert "structured_overall" in table and "| DS-MVTec | bottle | 2 | 6 |" in table
     assert "structured_overall" in capsys.readouterr().out
 
+    # scoring the cache again (no model, no predictions file) gives the same numbers
+    assert run("mmad", "--data", data, "--out", out, "--mode", "eval") == 0
+    assert results(out)["structured"] == result["structured"]
+
     # the run's own answers file re-scores to the same numbers
     again = tmp_path / "again"
     assert run("mmad", "--data", data / "mmad.json", "--predictions", out / "answers.jsonl", "--out", again) == 0
@@ -355,3 +359,17 @@ def test_model_gets_the_template_as_reference_and_scores_its_verdict(tmp_path, c
         == 0
     )
     assert {tuple(refs) for _, refs, _ in calls} == {(template_of(ENTRIES[0][0], "similar"),)}
+
+
+def test_plain_llava_onevision_answers_without_template_or_verdict(tmp_path, llava_ov):
+    data = write_mmad(tmp_path / "MMAD")
+    out = tmp_path / "run"
+    assert run("mmad", "--data", data, "--model", llava_ov, "--out", out, "--limit", "2", "--max-new-tokens", "2") == 0
+    result = results(out)
+    assert result["n_scored"] == 2 and "verdict" not in result and "verdict_AD" not in result["summary"]
+    assert any("no template reached the model" in note for note in result["notes"])
+    cache = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(
+        line["templates"] == [] and line["verdict"] is None and len(line["responses"]) == len(line["questions"])
+        for line in cache
+    )
