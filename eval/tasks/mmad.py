@@ -77,7 +77,11 @@ def build_prompt(question: str, options: dict[str, str], n_templates: int) -> st
             f"{n_templates} {plural} of normal sample given to the anomaly expert as a template "
             "to compare the image being queried."
         )
-    parts += ["The image shown is the query image.", "Following is the question list: ", question_text(question, options)]
+    parts += [
+        "The image shown is the query image.",
+        "Following is the question list: ",
+        question_text(question, options),
+    ]
     return "\n".join(parts)
 
 
@@ -349,10 +353,9 @@ class MMADTask(Task):
                 for rule, choose in (("structured", structured_choice), ("published", published_choice)):
                     choice = choose(response, q["options"])
                     unparsed[rule] += choice is None
-                    correct = (
-                        (choice == q["answer"]) if choice is not None else (False if rule == "structured" else None)
-                    )
-                    records[rule].append({**base, "correct": correct})
+                    # unparsable: wrong for the structured rule, dropped (None) by the published one
+                    dropped = None if rule == "published" else False
+                    records[rule].append({**base, "correct": choice == q["answer"] if choice is not None else dropped})
                 if q["type"] == "Anomaly Detection":
                     choice = verdict_choice(prediction.get("verdict"), q["options"])
                     verdict_missing += choice is None
@@ -388,8 +391,8 @@ class MMADTask(Task):
                 f"verdict_AD: Anomaly Detection answered by the expert's calibrated verdict "
                 f"({verdict_missing} without one, counted wrong)"
             )
-        if not any(predictions[s.key].get("templates") for s in samples) and any(s.extra["templates"] for s in samples):
-            notes.append("no template reached the model (a predictions file, or a model without an anomaly expert)")
+        if not any(predictions[s.key].get("templates") for s in samples):
+            notes.append("no template reached the model (--shots 0, a predictions file, or a model without an expert)")
         rows = _rows(records, verdicts if with_verdict else None, samples)
         return Scores(
             summary, rows, notes, sections=sections, files={ANSWERS_FILE: "".join(line + "\n" for line in lines)}
