@@ -5,9 +5,10 @@
 - `PredictionsAdapter`: answers made elsewhere, read from a file; no model is loaded. Two formats:
   the JSON list of response strings the published VisA-D&R detection script writes (one per entry,
   in the benchmark file's order), or JSONL with one ``{"image": ..., "response": ...}`` per line
-  (``response`` may be a list: one answer per question, for the reasoning task).
+  (``response`` may be a list: one answer per question, for the reasoning task), or one
+  ``{"image": ..., "question": INDEX, "response": ...}`` per question (MMAD; what an MMAD run writes).
 
-Every adapter answers through the same three calls; one that cannot (a predictions file asked for
+Every adapter answers through the same calls; one that cannot (a predictions file asked for
 anomaly maps, a model without an expert asked to ``detect``) raises `AdapterError`.
 """
 
@@ -19,6 +20,10 @@ from pathlib import Path
 
 class AdapterError(ValueError):
     """The adapter cannot do what the task asks (bad predictions file, no expert, ...)."""
+
+
+class MissingResponse(AdapterError):
+    """A predictions file holds nothing for this sample (a task may record that and go on)."""
 
 
 class ModelAdapter:
@@ -42,6 +47,28 @@ class ModelAdapter:
         """One question: ``{"response", "verdict", "score", "anomaly_map"}`` (verdict/score None without an expert)."""
         report = self.assistant.analyze(sample.image, question, max_new_tokens=self.max_new_tokens)
         return {"response": report.answer, "verdict": report.pred_label, "score": report.pred_score, "anomaly_map": report.anomaly_map}
+
+    @property
+    def has_expert(self) -> bool:
+        """Whether references reach the model (its anomaly expert) and answers carry a verdict."""
+        return self.assistant.has_expert
+
+    def ask_each(self, sample, prompts: list[str]) -> list[dict]:
+        """Each prompt asked on its own (no history), the sample's references given to the expert; as `ask`."""
+        answers = []
+        for prompt in prompts:
+            report = self.assistant.analyze(
+                sample.image, prompt, references=sample.extra.get("references"), max_new_tokens=self.max_new_tokens
+            )
+            answers.append(
+                {
+                    "response": report.answer,
+                    "verdict": report.pred_label,
+                    "score": report.pred_score,
+                    "anomaly_map": report.anomaly_map,
+                }
+            )
+        return answers
 
     def converse(self, sample, questions: list[str]) -> list[str]:
         """Each question asked with the earlier questions and the model's own answers as history."""
@@ -81,7 +108,7 @@ class PredictionsAdapter:
         for key in (sample.key, sample.image):
             if key in self._by_image:
                 return self._by_image[key]
-        raise AdapterError(f"'{self.path}' has no response for image '{sample.key}'")
+        raise MissingResponse(f"'{self.path}' has no response for image '{sample.key}'")
 
     def check_count(self, n_entries: int) -> None:
         """A JSON list must hold exactly one response per benchmark entry."""
@@ -93,6 +120,23 @@ class PredictionsAdapter:
         if not isinstance(response, str):
             raise AdapterError(f"'{self.path}': the response for '{sample.key}' must be a string")
         return {"response": response, "verdict": None, "score": None, "anomaly_map": None}
+
+    has_expert = False  # a file holds answers only: no verdict, no reference reaches a model
+
+    def ask_each(self, sample, prompts: list[str]) -> list[dict]:
+        """The answers to the sample's questions (``sample.extra["questions"]``, each with its benchmark ``index``)."""
+        response = self._response(sample)
+        numbers = [q["index"] for q in sample.extra["questions"]]
+        if isinstance(response, list):
+            response = dict(enumerate(response))
+        if not isinstance(response, dict):
+            raise AdapterError(f"'{self.path}': '{sample.key}' needs one response per question (\"question\": INDEX)")
+        answers = []
+        for number in numbers:
+            if not isinstance(response.get(number), str):
+                raise AdapterError(f"'{self.path}' has no response for question {number} of '{sample.key}'")
+            answers.append({"response": response[number], "verdict": None, "score": None, "anomaly_map": None})
+        return answers
 
     def converse(self, sample, questions: list[str]) -> list[str]:
         response = self._response(sample)
@@ -133,6 +177,16 @@ def _read_predictions_file(path: Path) -> tuple[list | None, dict | None]:
             raise AdapterError(f"'{path}' line {number}: bad JSON ({error.msg})") from error
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or "response" not in obj:
             raise AdapterError(f"'{path}' line {number}: expected {{\"image\": ..., \"response\": ...}}")
+        if "question" in obj:  # one line per question: gathered by image, keyed by question index
+            question = obj["question"]
+            if not isinstance(question, int) or isinstance(question, bool) or question < 0:
+                raise AdapterError(f"'{path}' line {number}: \"question\" must be a question index (0, 1, ...)")
+            answers = by_image.setdefault(obj["image"], {})
+            if not isinstance(answers, dict) or question in answers:
+                image = obj["image"]
+                raise AdapterError(f"'{path}' line {number}: a second response for question {question} of '{image}'")
+            answers[question] = obj["response"]
+            continue
         if obj["image"] in by_image:
             raise AdapterError(f"'{path}' line {number}: a second response for '{obj['image']}'")
         by_image[obj["image"]] = obj["response"]

@@ -3,10 +3,11 @@
     python -m eval.report runs/mvtec
     python -m eval.report runs/dr-reason --judge-model gpt-4o --judge-base-url http://localhost:8000/v1
 
-Writes into the run folder: ``results.json`` (summary, per-class rows, notes, counts, problems),
-``per_class.csv``, ``results.md`` (a Markdown table) and ``worst/`` (overlays of the highest-scored
-normal images and the lowest-scored anomalous ones, when the predictions carry scores). Samples
-not yet inferred are counted as missing (``complete`` is false), never guessed.
+Writes into the run folder: ``results.json`` (summary, per-class rows, notes, counts, problems, and
+any task-specific sections), ``per_class.csv``, ``results.md`` (a Markdown table), any file the task
+adds (MMAD: ``answers.jsonl``) and ``worst/`` (overlays of the highest-scored normal images and the
+lowest-scored anomalous ones, when the predictions carry scores). Samples not yet inferred are
+counted as missing (``complete`` is false), never guessed.
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ def evaluate(out: Path, options: dict) -> dict:
         "n_problems": len(dataset.problems),
         "missing": missing[:MAX_LISTED],
         "worst": write_worst_cases(out, scored, predictions, options.get("worst", 4)),
+        **scores.sections,
     }
     results = jsonutil.finite(results)
     _write(out / RESULTS, jsonutil.dumps(results, indent=2, ensure_ascii=False) + "\n")
     _write(out / CSV, per_class_csv(scores.rows))
     _write(out / MARKDOWN, markdown(results) + "\n")
+    for name, text in scores.files.items():
+        _write(out / name, text)
     return results
 
 

@@ -4,6 +4,8 @@
     python -m eval.run visa-dr-detection --data /data/VisA/test_data.json --predictions detection_results_7b.json --out runs/pub
     python -m eval.run visa-dr-reasoning --data /data --model ./ckpt --out runs/dr-reason [--judge-model gpt-4o --judge-base-url URL]
     python -m eval.run ad --data ./mvtec_ad --model ./ckpt --out runs/mvtec [--limit 50]
+    python -m eval.run mmad --data /data/MMAD --model ./ckpt --out runs/mmad [--shots 1] [--similar-template]
+    python -m eval.run mmad --data /data/MMAD --predictions runs/mmad/answers.jsonl --out runs/mmad-rescored
 
     # split the work: one process per shard (or torchrun: RANK/WORLD_SIZE pick the shard), then merge and score
     python -m eval.run ad --data ./mvtec_ad --model ./ckpt --out runs/mvtec --shard 0/2 &
@@ -48,8 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--map-size", type=int, default=256, help="longest side of the anomaly maps kept in the cache")
-    p.add_argument("--shots", type=int, default=0, help="ad: K normal training images per class as references (few-shot)")
+    p.add_argument(
+        "--shots", type=int, default=None,
+        help="ad: K normal training images per class as references (default 0); mmad: templates per query (default 1)",
+    )
     p.add_argument("--shot-seed", type=int, default=0, help="ad: which K normal images are drawn")
+    p.add_argument("--similar-template", action="store_true", help="mmad: the similar templates, not the random ones")
     add_scoring_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
     return p
@@ -96,10 +102,16 @@ def check_arguments(args) -> None:
         raise UsageError("--map-size must be at least 8")
     if args.judge_model is None and args.judge_base_url is not None:
         raise UsageError("--judge-base-url needs --judge-model")
+    default_shots = TASKS[args.task].shots  # None: the task takes no normal references
+    if args.shots is not None and default_shots is None:
+        takers = ", ".join(sorted(name for name, task in TASKS.items() if task.shots is not None))
+        raise UsageError(f"--shots is for the tasks that take normal references ({takers})")
+    if args.shots is None:
+        args.shots = default_shots or 0
     if args.shots < 0:
         raise UsageError("--shots must be 0 or more")
-    if args.shots and args.task != "ad":
-        raise UsageError("--shots is for the ad task (normal references per class)")
+    if args.similar_template and args.task != "mmad":
+        raise UsageError("--similar-template is for the mmad task")
 
 
 def manifest_for(args) -> dict:
@@ -121,6 +133,7 @@ def manifest_for(args) -> dict:
         "model_fingerprint": cache.model_fingerprint(folder) if folder is not None else None,
         "shots": args.shots,
         "shot_seed": args.shot_seed if args.shots else None,
+        "templates": ("similar" if args.similar_template else "random") if args.task == "mmad" else None,
         "predictions": str(Path(args.predictions).resolve()) if args.predictions else None,
         "prompt": task.prompt,
         "map_size": args.map_size,
@@ -179,7 +192,7 @@ def run(args) -> int:
     shard = parse_shard(args.shard)
     task = get_task(args.task)
     cache.claim(out, manifest_for(args))
-    task.shots, task.shot_seed = args.shots, args.shot_seed
+    task.shots, task.shot_seed, task.similar_template = args.shots, args.shot_seed, args.similar_template
     dataset = task.load(Path(args.data), need_images=args.model is not None)
     samples = dataset.samples[: args.limit]
     mine = samples[shard[0] :: shard[1]]

@@ -42,12 +42,15 @@ class Scores:
     summary: dict  # the headline numbers (macro means, counts)
     rows: list[dict]  # one per class, for the CSV and the Markdown table
     notes: list[str] = field(default_factory=list)  # what the numbers leave out, in words
+    sections: dict = field(default_factory=dict)  # task-specific blocks written at the top level of results.json
+    files: dict[str, str] = field(default_factory=dict)  # more files for the run folder, name -> text
 
 
 class Task:
     name = ""
     prompt = ""
     needs_model = False  # True when a predictions file cannot answer (anomaly maps are needed)
+    shots: int | None = None  # normal references per query by default; None: the task takes no --shots
 
     def load(self, data: Path, need_images: bool) -> Dataset:
         raise NotImplementedError
