@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .backbones import register as _register_backbones
+
 #: bumped whenever the checkpoint layout changes incompatibly
 FORMAT_VERSION = 1
 
@@ -154,3 +156,6 @@ class AnomalyAssistantConfig(PretrainedConfig):
     def suspicion_level(self, score: float) -> str:
         low, high = self.suspicion_bounds
         return "slightly" if score < low else "moderately" if score < high else "highly"
+
+
+_register_backbones()  # the pretrained-backbone towers' configs parse inside ours (AutoConfig); no weights read
