@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .backbones import register as _register_backbones
 from .calibration import Calibration
 
 #: bumped whenever the checkpoint layout changes incompatibly
@@ -153,3 +154,6 @@ class AnomalyAssistantConfig(PretrainedConfig):
 
     def suspicion_level(self, score: float) -> str:
         return self.calibration.suspicion_level(score)
+
+
+_register_backbones()  # the pretrained-backbone towers' configs parse inside ours (AutoConfig); no weights read
