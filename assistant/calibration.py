@@ -17,10 +17,15 @@ class CalibrationConfig:
     #: suspicion bounds = (moderate_from · t, t) for the image threshold t; 1.0 leaves no "moderately" band, so the
     #: two levels stage 2 trains on ("slightly" / "highly") split exactly at the verdict
     moderate_from: float = 0.5
+    #: the out-of-domain threshold is this many times the 99th percentile of the held-out images' distances to the
+    #: training images (`Calibration.with_domain`): an image that far from everything trained on is flagged
+    domain_margin: float = 3.0
 
     def __post_init__(self):
         if not 0.0 < self.moderate_from <= 1.0:
             raise ValueError(f"calibration moderate_from must be in (0, 1], got {self.moderate_from}")
+        if self.domain_margin < 1.0:
+            raise ValueError(f"calibration domain_margin must be ≥ 1, got {self.domain_margin}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "CalibrationConfig":
@@ -53,6 +58,8 @@ class Calibration:
     moderate_from: float | None = None
     suspicion_bounds: tuple[float, float] = (0.3, 0.7)
     modes: dict = None
+    #: an image whose `domain_distance` exceeds this is out of domain (None: no check)
+    domain_threshold: float | None = None
 
     def __post_init__(self):
         self.modes = {mode: [float(t) for t in pair] for mode, pair in (self.modes or {}).items() if pair is not None}
@@ -61,6 +68,8 @@ class Calibration:
                 raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
             if len(pair) != 2 or not all(0.0 < t < 1.0 for t in pair):
                 raise ValueError(f"{mode}_thresholds must be two thresholds in (0, 1), got {pair}")
+        if self.domain_threshold is not None:
+            self.domain_threshold = float(self.domain_threshold)
         if self.moderate_from is not None:
             CalibrationConfig(moderate_from=self.moderate_from)  # validates
             self.suspicion_bounds = (self.moderate_from * self.image_threshold, self.image_threshold)
@@ -72,7 +81,7 @@ class Calibration:
         """The calibration a model config holds."""
         modes = {mode: getattr(config, f"{mode}_thresholds", None) for mode in MODES}
         return cls(config.image_threshold, config.pixel_threshold, getattr(config, "moderate_from", None),
-                   tuple(config.suspicion_bounds), modes)
+                   tuple(config.suspicion_bounds), modes, getattr(config, "domain_threshold", None))
 
     def write(self, config) -> None:
         """The one place that writes thresholds into a model config."""
@@ -81,19 +90,28 @@ class Calibration:
         config.suspicion_bounds = tuple(self.suspicion_bounds)
         for mode in MODES:
             setattr(config, f"{mode}_thresholds", self.modes.get(mode))
+        config.domain_threshold = self.domain_threshold
 
     # -- fitting ----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, labels, scores, maps, masks, settings: CalibrationConfig | None = None) -> tuple["Calibration | None", dict]:
+    def fit(cls, labels, scores, maps, masks, settings: CalibrationConfig | None = None,
+            previous: "Calibration | None" = None) -> tuple["Calibration | None", dict]:
         """Zero-shot thresholds fitted on held-out scores (`fit_report`): (calibration, report); the calibration is None
         when the split lacks normal or anomalous images. Mode thresholds fitted to an earlier model are dropped: they
-        no longer hold for the new scores (`with_mode` fits them again)."""
+        no longer hold for the new scores (`with_mode` fits them again); the `previous` domain threshold is kept (it
+        reads the vision tower's features, not the expert's scores)."""
         settings = settings or CalibrationConfig()
         report = fit_report(labels, scores, maps, masks)
         if "image_threshold" not in report:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
-        return cls(report["image_threshold"], report["pixel_threshold"], settings.moderate_from), report
+        domain = previous.domain_threshold if previous is not None else None
+        return cls(report["image_threshold"], report["pixel_threshold"], settings.moderate_from, domain_threshold=domain), report
+
+    def replace(self, **changes) -> "Calibration":
+        values = {**asdict(self), **changes}
+        values["modes"] = changes.get("modes", dict(self.modes))
+        return Calibration(**values)
 
     def with_mode(self, mode: str, labels, scores, maps, masks) -> tuple["Calibration", dict]:
         """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores."""
@@ -104,11 +122,31 @@ class Calibration:
             raise ValueError(f"{mode} calibration needs normal and anomalous held-out images")
         pair = [min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold")]
         report["image_threshold"], report["pixel_threshold"] = pair
-        modes = {**self.modes, mode: pair}
-        return Calibration(self.image_threshold, self.pixel_threshold, self.moderate_from, self.suspicion_bounds, modes), report
+        return self.replace(modes={**self.modes, mode: pair}), report
 
     def without_modes(self) -> "Calibration":
-        return Calibration(self.image_threshold, self.pixel_threshold, self.moderate_from, self.suspicion_bounds, {})
+        return self.replace(modes={})
+
+    def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple["Calibration", dict]:
+        """The out-of-domain threshold from held-out in-domain images' distances to the training images:
+        `settings.domain_margin` times their 99th percentile (no out-of-domain examples are needed to fit it)."""
+        import numpy as np
+
+        settings = settings or CalibrationConfig()
+        distances = np.asarray(held_out_distances, dtype=np.float64)
+        if distances.size == 0:
+            raise ValueError("the domain threshold needs held-out images")
+        q99 = float(np.quantile(distances, 0.99))
+        threshold = min(settings.domain_margin * q99, 1.0)
+        report = {"n": int(distances.size), "held_out_q99": q99, "held_out_max": float(distances.max()),
+                  "margin": settings.domain_margin, "domain_threshold": threshold}
+        return self.replace(domain_threshold=threshold), report
+
+    def is_out_of_domain(self, distance) -> bool | None:
+        """Whether an image's domain distance is past the threshold; None when there is no check."""
+        if self.domain_threshold is None or distance is None:
+            return None
+        return float(distance) > self.domain_threshold
 
     # -- applying ---------------------------------------------------------------------------------
     def rescale(self, values, mode: str, pixel: bool = False):

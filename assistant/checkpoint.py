@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from .calibration import Calibration
 from .config import AnomalyAssistantConfig
+from .domain import load_bank
 from .expert import ExpertConfig
 from .modeling import AnomalyAssistantModel
 from .processing import AssistantProcessor, read_chat_template
@@ -86,6 +87,7 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str |
         else:
             raise ModelLoadError(f"'{path}' holds a '{model_type}' model; expected anomaly_assistant or llava_onevision")
         processor = AssistantProcessor.from_pretrained(path, model.config)
+        load_bank(model, path)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:

@@ -66,7 +66,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
             Written by `python -m train.self_reference --few-shot K`.
         batch_thresholds: the same for the folder mode (each image's patches scored against the other images').
         moderate_from: suspicion_bounds = (moderate_from · image_threshold, image_threshold) when set; None keeps
-            the given bounds. All thresholds are fitted and written by `assistant.calibration`.
+            the given bounds.
+        domain_threshold: an image farther than this from the training images (`AnomalyAssistantModel.domain_distance`)
+            is out of domain; None: no check. All thresholds are fitted and written by `assistant.calibration`.
     """
 
     model_type = "anomaly_assistant"
@@ -94,6 +96,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         few_shot_thresholds: tuple[float, float] | None = None,
         batch_thresholds: tuple[float, float] | None = None,
         moderate_from: float | None = None,
+        domain_threshold: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -113,7 +116,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         self.suspicion_marker = suspicion_marker
         # thresholds are stored here and owned by assistant.calibration: it validates them and is the only writer
         Calibration(image_threshold, pixel_threshold, moderate_from, suspicion_bounds,
-                    {"few_shot": few_shot_thresholds, "batch": batch_thresholds}).write(self)
+                    {"few_shot": few_shot_thresholds, "batch": batch_thresholds}, domain_threshold).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")
         self.image_token_pooling = int(image_token_pooling)

@@ -27,6 +27,11 @@ from .modeling import VisualEncoding, output_cache
 from .processing import as_chat, where_text
 from .sessions import KVCacheStore
 
+#: how images are scored without normal references: each on its own, or each against the other images given with it
+ZERO_SHOT_MODES = ("single", "batch")
+#: a folder of at least this many images is scored in the batch mode by default (`anomaly-assistant inspect`)
+BATCH_MODE_MIN_IMAGES = 8
+
 DEFAULT_QUESTION = "Is there any anomaly in this image? If so, where is it and what does it look like?"
 
 
@@ -42,6 +47,9 @@ class AnomalyReport:
     boxes: list[dict] = field(default_factory=list)  # [{"box": [x0, y0, x1, y1], "score": s}], input pixels
     location: str = ""
     threshold: float | None = None
+    #: the image is far from everything the model was trained on (`assistant.domain`); None: the model has no check
+    out_of_domain: bool | None = None
+    domain_distance: float | None = None
     model: str = ""
     image: Image.Image | None = field(default=None, repr=False)
 
@@ -52,9 +60,21 @@ class AnomalyReport:
             "score": None if self.pred_score is None else round(float(self.pred_score), 6),
             "boxes": self.boxes,
             "location": self.location or None,
+            "out_of_domain": self.out_of_domain,
             "heatmap": heatmap,
             "model": self.model,
         }
+
+
+def out_of_domain_answer(evidence: dict) -> str:
+    """What the assistant says about an image far from everything it was trained on: that the verdict cannot be
+    trusted, with the score, the threshold and where the map peaks in the report's own words; no object is named."""
+    where = f" The map is highest in the {evidence['location']}." if evidence.get("location") else ""
+    side = "above" if evidence["pred_label"] else "below"
+    return (f"This image does not look like the surfaces and parts I was trained to inspect, so I cannot judge it "
+            f"reliably. Its anomaly score is {evidence['pred_score']:.2f}, {side} the threshold of "
+            f"{evidence['threshold']:.2f}.{where} Please check it yourself, or give me a few normal images of the "
+            f"same kind as references.")
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -159,10 +179,12 @@ class AnomalyAssistant:
 
     def _compute_evidence(self, image: Image.Image, visual: VisualEncoding) -> dict:
         if visual.scores is None:
-            return {"pred_score": None, "pred_label": None, "anomaly_map": None, "pred_mask": None, "boxes": [], "location": "", "threshold": None}
+            return {"pred_score": None, "pred_label": None, "anomaly_map": None, "pred_mask": None, "boxes": [], "location": "",
+                    "threshold": None, "out_of_domain": None, "domain_distance": None}
         config = self.model.config
         calibration = config.calibration
         score = float(visual.scores[0])
+        distance = float(visual.domain_distances[0]) if visual.domain_distances is not None else None
         label = calibration.is_anomalous(score)
         amap = image_anomaly_map(
             visual.crop_maps[0], (image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size
@@ -175,40 +197,64 @@ class AnomalyAssistant:
             boxes = boxes_from_mask(mask, amap)[:1]
         # the top region's centre of mass, placed as a ground-truth mask is (a box's middle strays for irregular regions)
         location = location_words(boxes[0]["center"], image.width, image.height) if boxes else ""
-        return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": calibration.image_threshold}
+        return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": calibration.image_threshold,
+                "out_of_domain": calibration.is_out_of_domain(distance), "domain_distance": distance}
 
     def detect(self, image, references=None) -> AnomalyReport:
         """The detection-only path: score, map, mask, boxes and location, no text generated."""
         return self.detect_batch([image], references, batch_size=1)[0]
 
-    def detect_batch(self, images, references=None, batch_size: int = 8) -> list[AnomalyReport]:
+    def detect_batch(self, images, references=None, batch_size: int = 8, zero_shot: str = "single") -> list[AnomalyReport]:
         """The detection path over many images, `batch_size` at a time through the tower and the expert.
 
         `images` are sources `load_image` accepts (load them yourself first to handle unreadable files
-        one by one); the reports equal `detect` on each image.
+        one by one). With `zero_shot="single"` (or with references) the reports equal `detect` on each image;
+        with `zero_shot="batch"` and no references each image is scored against the others
+        (`AnomalyAssistantModel.detect_folder`, at least 2 images).
         """
+        if zero_shot not in ZERO_SHOT_MODES:
+            raise ValueError(f"zero_shot must be one of {ZERO_SHOT_MODES}, got {zero_shot!r}")
         if not self.has_expert:
             raise ValueError(f"the model '{self.name}' has no anomaly expert, so it cannot score images")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         loaded = [load_image(im) for im in images]
         references = [load_image(r) for r in references or []]
+        if zero_shot == "batch" and not references:
+            return self._detect_folder(loaded, batch_size)
         refs = self.processor.preprocess(references) if references else None
         reports = []
         for start in range(0, len(loaded), batch_size):
             chunk = loaded[start : start + batch_size]
             pixels = self.processor.preprocess(chunk)
             with torch.no_grad():
-                crop_maps, scores = self.model.detect(
+                crop_maps, scores, distances = self.model.detect(
                     pixels["pixel_values"], pixels["image_sizes"],
-                    refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None,
+                    refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None, with_domain=True,
                 )
-            for i, image in enumerate(chunk):
-                visual = VisualEncoding(
-                    image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1]
-                )
-                reports.append(AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual)))
+            reports.extend(self._reports(chunk, crop_maps, scores, distances))
         return reports
+
+    def _reports(self, images, crop_maps, scores, distances) -> list[AnomalyReport]:
+        reports = []
+        for i, image in enumerate(images):
+            visual = VisualEncoding(
+                image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1],
+                domain_distances=distances[i : i + 1] if distances is not None else None,
+            )
+            reports.append(AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual)))
+        return reports
+
+    def _detect_folder(self, images, batch_size: int) -> list[AnomalyReport]:
+        """Folder zero-shot: every image's patches against the other images' (one preprocessing pass, one scoring)."""
+        if len(images) < 2:
+            raise ValueError("folder zero-shot scoring needs at least 2 images")
+        pixels = [self.processor.preprocess([image]) for image in images]
+        base = torch.cat([p["pixel_values"][:, 0] for p in pixels])
+        sizes = [p["image_sizes"][0] for p in pixels]
+        with torch.no_grad():
+            crop_maps, scores, distances = self.model.detect_folder(base, sizes, batch_size=batch_size)
+        return self._reports(images, crop_maps, scores, distances)
 
     # -- language ---------------------------------------------------------------------------------
     def _inputs(self, messages, image: Image.Image, visual: VisualEncoding, pixels: dict):
@@ -278,6 +324,9 @@ class AnomalyAssistant:
         tokens are prefilled; `session` keeps the caches of different users apart.
         """
         image, visual, pixels = self.encode(image, references)
+        if visual.scores is not None and self._evidence(image, visual)["out_of_domain"]:
+            answer = out_of_domain_answer(self._evidence(image, visual))  # the LLM only knows the training images' objects
+            return iter([answer]) if stream else answer
         inputs = self._inputs(messages, image, visual, pixels)
         generation = self._generation(max_new_tokens, **generate_kwargs)
         if not stream:

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
+from .patch_memory import LOWEST, mutual_distance, reduce_bank
 from .loss import fused_loss_applies, linear_cross_entropy
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
@@ -70,6 +71,7 @@ class VisualEncoding:
     anomaly_embeds: list[torch.Tensor] | None = None  # per image [M_i, D]: look-twice tokens
     crop_maps: list[torch.Tensor] | None = None  # per image [crops, P]: anomaly probability per patch
     scores: torch.Tensor | None = None  # [B] image anomaly probability
+    domain_distances: torch.Tensor | None = None  # [B] distance to the training images (`domain_distance`), or None
     extras: dict = field(default_factory=dict)
 
     def placeholder_embeds(self, look_twice: bool) -> torch.Tensor:
@@ -114,7 +116,17 @@ class AnomalyAssistantModel(PreTrainedModel):
         else:
             self.expert = None
             self.selector = None
+        #: unit image embeddings of training images (`domain_embedding`), read from `domain_bank.safetensors` by
+        #: `assistant.checkpoint.load`; None: no out-of-domain check
+        self.domain_bank: torch.Tensor | None = None
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus the domain bank (`assistant.domain`) when the model has one."""
+        from .domain import save_bank
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        save_bank(self, save_directory)
 
     # -- embeddings -------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -234,8 +246,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert is None:
             return encoding
         crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None  # only re-read for more views
+        first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
+        encoding.domain_distances = self.domain_distance(features[first])
         if self.expert.config.views == "base":  # the expert sees each image's first crop, the whole image
-            first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
             features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
             crops = crops[first.to(crops.device)] if crops is not None else None
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
@@ -251,7 +264,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         scoring many images against references drawn from one pool computes each reference's bank once.
         """
         _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
-        return [nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels]
+        return reduce_bank([nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels])
 
     def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None,
                     bank=None):
@@ -263,6 +276,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         """
         if bank is None and reference_pixel_values is not None:
             bank = self.reference_bank(reference_pixel_values, reference_image_sizes)
+        elif bank is not None:
+            bank = reduce_bank(bank)
         tokens, scores, crop_maps = self._look_once(features, levels, counts, bank)
         if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
@@ -306,15 +321,9 @@ class AnomalyAssistantModel(PreTrainedModel):
             crop_maps.append(maps)
         return tokens, torch.stack(scores), crop_maps
 
-    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None):
-        """The detection-only path: vision tower + expert + selector, no projector, no LLM.
-
-        With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores),
-        the same values `encode_images` gives. The few-shot references come as pixels or as their
-        `reference_bank`.
-        """
-        if self.expert is None:
-            raise ValueError("this model has no anomaly expert, so it cannot score images")
+    def _detection_features(self, pixel_values, image_sizes):
+        """(projector-layer features, expert levels, crop counts, crops for more views or None) of the crops the
+        expert scores: each image's base crop with `views="base"`, every crop otherwise."""
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         if self.expert.config.views == "base":
             counts = self.crops_per_image(image_sizes)
@@ -323,15 +332,57 @@ class AnomalyAssistantModel(PreTrainedModel):
             else:
                 first = torch.tensor([0] + counts[:-1]).cumsum(0)
                 base = pixel_values[first]
-            crops = base if self._scores_views() else None
             features, levels = self._tower(base)
-            counts = [1] * len(image_sizes)
-        else:
-            features, levels, counts = self.vision_features(pixel_values, image_sizes)
-            crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None
+            return features, levels, [1] * len(image_sizes), base if self._scores_views() else None
+        features, levels, counts = self.vision_features(pixel_values, image_sizes)
+        return features, levels, counts, self._flat_crops(pixel_values, counts) if self._scores_views() else None
+
+    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None,
+               with_domain: bool = False):
+        """The detection-only path: vision tower + expert + selector, no projector, no LLM.
+
+        With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores), the same
+        values `encode_images` gives, and with `with_domain` also each image's `domain_distance` (None without a
+        domain bank). The few-shot references come as pixels or as their `reference_bank`.
+        """
+        if self.expert is None:
+            raise ValueError("this model has no anomaly expert, so it cannot score images")
+        features, levels, counts, crops = self._detection_features(pixel_values, image_sizes)
         _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes, crops,
                                                 reference_bank)
-        return crop_maps, scores
+        if not with_domain:
+            return crop_maps, scores
+        first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
+        return crop_maps, scores, self.domain_distance(features[first])
+
+    def detect_folder(self, pixel_values, image_sizes, lowest: float = LOWEST, batch_size: int = 16):
+        """Folder zero-shot (`assistant.patch_memory.mutual_distance`): each image's base-crop patches scored against
+        the other images' (MuSc). Needs ≥ 2 images. Returns (crop_maps, scores, domain distances) like `detect`; the
+        map is the mutual distance and the score its maximum, on the zero-shot scale when the "batch" mode is
+        calibrated (`Calibration.rescale`)."""
+        if self.expert is None:
+            raise ValueError("this model has no anomaly expert, so it cannot score images")
+        counts = self.crops_per_image([tuple(int(v) for v in size) for size in image_sizes])
+        base = pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values[torch.tensor([0] + counts[:-1]).cumsum(0)]
+        parts = [self._tower(base[i : i + batch_size]) for i in range(0, len(base), batch_size)]  # the tower in chunks
+        features = torch.cat([p[0] for p in parts])
+        levels = [torch.cat(level) for level in zip(*[p[1] for p in parts])]
+        maps = mutual_distance(levels, lowest).to(features.device)
+        calibration = self.config.calibration
+        scores = calibration.rescale(maps.amax(-1), "batch")
+        maps = calibration.rescale(maps, "batch", pixel=True)
+        return [m[None] for m in maps], scores, self.domain_distance(features)
+
+    def domain_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """One unit vector per crop [N, P, H] → [N, H]: its patch features averaged, what the domain check compares."""
+        return nn.functional.normalize(features.float().mean(dim=1), dim=-1)
+
+    def domain_distance(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Per crop [N, P, H], (1 − cosine similarity to the nearest training image in `domain_bank`) / 2, or None."""
+        if self.domain_bank is None:
+            return None
+        bank = self.domain_bank.to(features.device, torch.float32)
+        return (1.0 - (self.domain_embedding(features) @ bank.T).amax(-1)) / 2.0
 
     # -- language side ----------------------------------------------------------------------------
     def merge_embeddings(self, input_ids: torch.Tensor, visual: VisualEncoding | None) -> torch.Tensor:

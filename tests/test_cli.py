@@ -14,7 +14,7 @@ from PIL import Image
 
 from assistant.cli import main
 
-KEYS = {"answer", "anomalous", "score", "boxes", "location", "heatmap", "model"}
+KEYS = {"answer", "anomalous", "score", "boxes", "location", "heatmap", "model", "out_of_domain"}
 
 
 def run(argv, capsys):

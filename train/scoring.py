@@ -126,7 +126,36 @@ def calibrate(model, processor, records, map_size: int, settings: CalibrationCon
     fit's report. `settings` default to the model's own `moderate_from` (a refit keeps the checkpoint's suspicion rule)."""
     if settings is None:
         settings = CalibrationConfig(model.config.moderate_from or CalibrationConfig.moderate_from)
-    calibration, report = Calibration.fit(*score_records(model, processor, records, map_size, prepared=prepared), settings)
+    scored = score_records(model, processor, records, map_size, prepared=prepared)
+    calibration, report = Calibration.fit(*scored, settings, previous=Calibration.of(model.config))
     if calibration is not None:
         calibration.write(model.config)
     return report
+
+
+@torch.no_grad()
+def fit_domain(model, processor, train_records, held_out_records, settings: CalibrationConfig | None = None,
+               max_train: int = 4000, batch_size: int = 16, seed: int = 0) -> dict:
+    """The out-of-domain check (`assistant.domain`): a coreset of up to `max_train` training images' embeddings becomes
+    `model.domain_bank`, and the held-out images' distances to it set `domain_threshold` (`Calibration.with_domain`)."""
+    from assistant.domain import build_bank, embeddings
+
+    settings = settings or CalibrationConfig()
+    if len(train_records) > max_train:
+        keep = np.random.default_rng(seed).choice(len(train_records), max_train, replace=False)
+        train_records = [train_records[i] for i in sorted(keep)]
+    was_training = model.training
+    model.eval()
+
+    def embed(records):
+        prepared, out = Prepared(processor, 8), []
+        for _, group in prepared.batches(records, batch_size):
+            out.append(embeddings(model, torch.cat([item[0] for item in group]), [item[1] for item in group]))
+        return torch.cat(out)
+
+    model.domain_bank = build_bank(embed(train_records))
+    distances = model.domain_distance(embed(held_out_records)[:, None, :])  # each embedding as a one-patch crop
+    calibration, report = Calibration.of(model.config).with_domain(distances.cpu().numpy(), settings)
+    calibration.write(model.config)
+    model.train(was_training)
+    return {"bank": int(model.domain_bank.shape[0]), **report}
