@@ -57,7 +57,7 @@ def data_paths(cfg: TrainConfig, run_root: Path) -> tuple[Path | None, Path | No
 
 
 def instruction_corpus(instructions: Path | None) -> list[str]:
-    from assistant.testing import DEFAULT_CORPUS
+    from assistant.scratch import DEFAULT_CORPUS
 
     corpus = list(DEFAULT_CORPUS) + [" with slightly suspicious features: ", " with moderately suspicious features: ",
                                      " with highly suspicious features: "]
@@ -75,7 +75,7 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
     from assistant.config import AnomalyAssistantConfig
     from assistant.modeling import AnomalyAssistantModel
     from assistant.processing import AssistantProcessor
-    from assistant.testing import image_processor, train_tokenizer
+    from assistant.scratch import image_processor, train_tokenizer
 
     tokenizer = train_tokenizer(corpus, init.vocab_size)
     vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[init.vision]

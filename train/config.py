@@ -17,11 +17,10 @@ from pathlib import Path
 
 import yaml
 
+# the library reads a checkpoint's run config (evaluation must not import train/); re-exported for train's modules
+from assistant.run_config import RUN_CONFIG_FILE, ConfigError, config_section, read_run_config  # noqa: F401
+
 STAGES = ("stage1", "stage2", "all")
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override; reported as one line on stderr with exit code 2."""
 
 
 @dataclass
@@ -402,32 +401,5 @@ def write_run_info(cfg: TrainConfig, folder: str | Path, commit: str | None = No
     """`training_config.yaml` (the resolved config) and `git_commit.txt` into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (folder / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (folder / "git_commit.txt").write_text((commit or "unknown") + "\n")
-
-
-def read_run_config(folder: str | Path) -> dict:
-    """The `training_config.yaml` a checkpoint folder holds, as a plain dict ({} when there is none).
-
-    Readers take what they need with defaults, so a file from an older recipe still loads; a file that is not a
-    YAML mapping raises ConfigError naming it.
-    """
-    path = Path(folder) / "training_config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} is not a YAML mapping")
-    return values
-
-
-def config_section(values: dict, *keys: str) -> dict:
-    """The mapping at `keys` inside `values` (e.g. "data", "synth"), {} where a level is missing or not a mapping."""
-    for key in keys:
-        values = values.get(key) if isinstance(values, dict) else None
-    return values if isinstance(values, dict) else {}
