@@ -444,7 +444,7 @@ def test_stage1_trains_a_contrast_score_head(prepared, tmp_path):
 
     common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
               "stage=stage1", "stage1_steps=2", "trainer.save_steps=2"]
-    with pytest.raises(ConfigError, match="model.expert.score_input must be tokens or contrast"):
+    with pytest.raises(ConfigError, match="model.expert: expert score_input must be one of"):
         config(tmp_path / "bad", *common, "model.expert.score_input=difference")
     results = run(config(tmp_path / "ok", *common, "model.expert.score_input=contrast"))
     model = AnomalyAssistant.from_pretrained(results["stage1"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ExpertSpec, ModelInit, TrainConfig
+from .config import ConfigError, ModelInit, TrainConfig
 from .folders import atomic_folder
 
 
@@ -102,21 +102,6 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
         model.save_pretrained(staging)
         AssistantProcessor(tokenizer, processor, config).save_pretrained(staging)
     return out
-
-
-def expert_configs(spec: ExpertSpec, vision_layers: int):
-    from assistant.expert import ExpertConfig, evenly_spaced_layers
-    from assistant.selector import SelectorConfig
-
-    layers = list(spec.feature_layers) or evenly_spaced_layers(vision_layers)
-    try:
-        expert = ExpertConfig(feature_layers=layers, embedding_dim=spec.embedding_dim, class_dim=spec.class_dim, predictor_dim=spec.predictor_dim,
-                              logit_scale=spec.logit_scale, self_weight=spec.self_weight, self_level=spec.self_level, self_k=spec.self_k,
-                              score_input=spec.score_input)
-        selector = SelectorConfig(mode=spec.selector_mode, grid=spec.selector_grid, num_tokens=spec.selector_tokens, attention_dim=spec.attention_dim)
-    except ValueError as error:
-        raise ConfigError(f"model.expert: {error}") from None
-    return expert, selector
 
 
 def quantization_config(model_path: Path):

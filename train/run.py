@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .build import data_paths, expert_configs, init_model, instruction_corpus, load_model
+from .build import data_paths, init_model, instruction_corpus, load_model
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import (Augment, ConversationCollator, Conversations, MaskedImages, Skipped, collate_masked, decode_checked,
                    read_conversations, read_masked, split_records)
@@ -69,13 +69,12 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     model, processor, generation = load_model(base)
     set_token_pooling(model, cfg)
     if model.expert is None or cfg.model.reinit_expert:
-        expert, selector = expert_configs(cfg.model.expert, model.config.vision_config.num_hidden_layers)
-        try:
-            add_expert(model, expert, selector, seed=cfg.seed)
+        try:  # the recipe's expert and selector sections are the library's configs, validated when the recipe loaded
+            add_expert(model, cfg.model.expert, cfg.model.selector, seed=cfg.seed)
         except ValueError as error:
             raise ConfigError(f"model.expert: {error}") from None
-        if cfg.model.expert.suspicion_marker is not None:
-            model.config.suspicion_marker = cfg.model.expert.suspicion_marker
+        if cfg.model.suspicion_marker is not None:
+            model.config.suspicion_marker = cfg.model.suspicion_marker
         processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
@@ -118,7 +117,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     if cfg.stage1_polish is not None:
         trainer = run_polish(cfg, objective, dataset, model, polish_dir, polish_resume, commit)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from)
+        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration.moderate_from)
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
         print(f"stage 1: calibration {json.dumps(report)}")
         print(f"stage 1: model written to {final}", flush=True)
@@ -240,7 +239,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
                f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.model.expert.moderate_from) if recalibrate and val_records else None
+        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration.moderate_from) if recalibrate and val_records else None
         if report is not None:
             print(f"stage 2: recalibrated {json.dumps(report)}")
         if cfg.full:
