@@ -221,12 +221,14 @@ def stage2_args(prepared, out, *extra):
 
 
 def test_killed_run_resumes_to_the_same_losses(prepared, tmp_path):
-    """SIGKILL after the first checkpoint lands, resume, and compare with a run never interrupted."""
+    """SIGKILL after the first checkpoint is complete (its run info, written last, is there), resume, and compare with a
+    run never interrupted."""
     steps = ["trainer.max_steps=10", "trainer.save_steps=2", "trainer.save_total_limit=3"]
     whole = run_cli(sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "whole", *steps))
     killed = run_cli(sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "killed", *steps))
     deadline = time.time() + 180
-    while not (tmp_path / "killed" / "stage2" / "checkpoint-2").is_dir() and killed.poll() is None and time.time() < deadline:
+    mark = tmp_path / "killed" / "stage2" / "checkpoint-2" / "training_config.yaml"
+    while not mark.is_file() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait()

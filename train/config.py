@@ -10,6 +10,7 @@ Every key of a recipe or an override must name a field of the schema; anything e
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import typing
 from dataclasses import dataclass, field
@@ -398,8 +399,11 @@ def git_commit() -> str | None:
 
 
 def write_run_info(cfg: TrainConfig, folder: str | Path, commit: str | None = None) -> None:
-    """`training_config.yaml` (the resolved config) and `git_commit.txt` into `folder`."""
+    """`git_commit.txt` and `training_config.yaml` (the resolved config) into `folder`; the config last, and whole
+    (renamed into place), since a checkpoint counts as complete once it holds it (`train.trainer.is_complete`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (folder / "git_commit.txt").write_text((commit or "unknown") + "\n")
+    staging = folder / f".{RUN_CONFIG_FILE}.partial"
+    staging.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(staging, folder / RUN_CONFIG_FILE)
