@@ -109,3 +109,26 @@ def test_checkpoints_hold_only_the_part_count_once_complete_and_resume(tmp_path)
     fresh._load_from_checkpoint(str(tmp_path / "whole" / "checkpoint-6"))
     torch.testing.assert_close(fresh.model.trained.weight, whole.model.trained.weight)
     assert torch.equal(fresh.model.frozen.weight, before)
+
+
+def test_a_checkpoint_about_to_be_written_again_stops_counting_as_complete(tmp_path):
+    """Saving into a folder that already holds a complete checkpoint (a run resumed from an earlier one): its mark goes
+    first, so a run killed halfway through the rewrite does not leave a mix of two saves that counts as complete."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from train.config import TrainConfig, write_run_info
+    from train.trainer import CompleteCheckpoints, is_complete, last_checkpoint
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    write_run_info(TrainConfig(), folder, "test")
+    assert is_complete(folder) and last_checkpoint(tmp_path) == str(folder)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState()
+    state.global_step = 4
+    callback = CompleteCheckpoints(TrainConfig(), "test", keep=2)
+    callback.on_step_end(args, state, TrainerControl(should_save=False))
+    assert is_complete(folder)  # no save at this step: untouched
+    callback.on_step_end(args, state, TrainerControl(should_save=True))
+    assert not is_complete(folder) and last_checkpoint(tmp_path) is None

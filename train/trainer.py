@@ -99,7 +99,8 @@ def is_complete(folder: Path) -> bool:
 
 class CompleteCheckpoints(TrainerCallback):
     """Marks each checkpoint complete (the run info, written once every process has saved its part) and keeps the last
-    `keep`; a checkpoint a killed run left incomplete is removed when training starts again."""
+    `keep`; a checkpoint a killed run left incomplete is removed when training starts again. Runs after the Trainer's
+    own flow callback, which decides in `on_step_end` whether this step saves."""
 
     def __init__(self, run_config: TrainConfig, commit: str | None, keep: int):
         self.run_config, self.commit, self.keep = run_config, commit, keep
@@ -110,6 +111,10 @@ class CompleteCheckpoints(TrainerCallback):
                 if not is_complete(folder):
                     shutil.rmtree(folder, ignore_errors=True)
         PartialState().wait_for_everyone()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and args.should_save:  # a folder about to be written again is not complete meanwhile
+            (checkpoint_folder(args, state) / RUN_CONFIG_FILE).unlink(missing_ok=True)
 
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()  # every rank's files (shards, RNG states) are in place
