@@ -69,7 +69,7 @@ def held_out_samples(families: list[str], n: int, seed: int, size: int):
 
 def training_families(model_path: Path) -> list[str] | None:
     """The synthetic families the checkpoint was trained on, from its `training_config.yaml` (None if unknown)."""
-    from train.config import config_section, read_run_config
+    from assistant.run_config import config_section, read_run_config
 
     return list(config_section(read_run_config(model_path), "data", "synth").get("families") or []) or None
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     families = args.families or list(FAMILIES)
-    from train.config import ConfigError
+    from assistant.run_config import ConfigError
 
     if args.shots < 0:
         print(f"error: --shots must be ≥ 0, got {args.shots}", file=sys.stderr)

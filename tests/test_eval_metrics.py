@@ -11,16 +11,10 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from eval.metrics import (
-    AUPIMOUndefinedError,
-    aupimo,
-    aupro,
-    compute_ad_metrics,
-    f1_max,
-    image_ap,
-    image_auroc,
-    pixel_auroc,
-)
+import assistant.metrics
+import eval.metrics
+from assistant.metrics import balanced_accuracy_threshold, f1_max, image_ap, image_auroc, pixel_auroc
+from eval.metrics import AUPIMOUndefinedError, aupimo, aupro, compute_ad_metrics
 
 # The classic four-image example:
 #   labels 0    0    1     1
@@ -59,6 +53,25 @@ def test_f1_max_ties_keep_the_highest_threshold():
     f1, threshold = f1_max([1, 0, 1, 0], [0.9, 0.5, 0.2, 0.2])
     assert f1 == pytest.approx(2 / 3)
     assert threshold == pytest.approx(0.9)
+
+
+def test_balanced_accuracy_threshold_hand_computed():
+    # score >= 0.35 flags 0.4 (false alarm), 0.35, 0.8: hits 2/2, normals right 1/2 -> 0.75;
+    # >= 0.8: hits 1/2, normals right 2/2 -> 0.75 too, and the tie goes to the higher threshold; >= 0.4: 0.5
+    assert balanced_accuracy_threshold(LABELS, SCORES) == (pytest.approx(0.75), 0.8)
+    best, threshold = balanced_accuracy_threshold([0, 0, 0, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.7])
+    flagged = np.array([0.1, 0.2, 0.6, 0.5, 0.7]) >= threshold
+    truth = np.array([0, 0, 0, 1, 1], dtype=bool)
+    assert best == pytest.approx(((flagged & truth).sum() / 2 + (~flagged & ~truth).sum() / 3) / 2)
+    assert (threshold, best) == (0.5, pytest.approx((1 + 2 / 3) / 2))
+    with pytest.raises(ValueError, match="both normal"):
+        balanced_accuracy_threshold([1, 1], [0.2, 0.3])
+
+
+def test_evaluation_reuses_the_librarys_metrics():
+    """One implementation: evaluation's image and pixel metrics are the library's own functions."""
+    for name in ("image_auroc", "image_ap", "f1_max", "pixel_auroc"):
+        assert getattr(eval.metrics, name) is getattr(assistant.metrics, name), name
 
 
 def test_image_metrics_match_sklearn_and_brute_force_on_random_data():

@@ -58,6 +58,36 @@ def test_bad_overrides_name_the_problem(overrides, message):
         load_config(ROOT / "configs/train/debug_tiny.yaml", overrides)
 
 
+def test_the_recipes_model_sections_are_the_librarys_configs():
+    """One config per part: the recipe's expert, selector and calibration sections are the library's own classes (their
+    names, defaults and checks); overrides reach them typed, and their checks fail as one-line config errors."""
+    from assistant.calibration import CalibrationConfig
+    from assistant.expert import ExpertConfig
+    from assistant.selector import SelectorConfig
+
+    cfg = load_config(ROOT / "configs/train/debug_tiny.yaml",
+                      ["model.expert.feature_layers=2,4", "model.expert.self_level=0", "model.selector.mode=topk",
+                       "calibration.moderate_from=1", "model.suspicion_marker=' with {level} marks: '"])
+    assert isinstance(cfg.model.expert, ExpertConfig) and isinstance(cfg.model.selector, SelectorConfig)
+    assert isinstance(cfg.calibration, CalibrationConfig)
+    assert cfg.model.expert.feature_layers == [2, 4] and cfg.model.selector.mode == "topk"
+    assert cfg.calibration.moderate_from == 1.0 and cfg.model.suspicion_marker == " with {level} marks: "
+    # a field the recipe leaves out takes the library's default
+    assert cfg.model.expert.reference_weight == ExpertConfig().reference_weight
+    assert cfg.model.selector.num_tokens == SelectorConfig().num_tokens
+    for overrides, message in (
+        (["model.expert.views=tiles"], "model.expert: expert views must be 'base' or 'all'"),
+        (["model.expert.self_level=4"], "model.expert: expert self_level 4 does not index the 4 feature layers"),
+        (["model.selector.mode=best"], "model.selector: selector mode must be 'pool' or 'topk'"),
+        (["calibration.moderate_from=0"], r"calibration: calibration moderate_from must be in \(0, 1\]"),
+        (["model.expert.feature_layers=[1,x]"], r"model.expert.feature_layers\[1\] expects int"),
+        (["model.expert.selector_mode=pool"], "Unknown config key: model.expert.selector_mode"),
+        (["model.expert.moderate_from=0.5"], "Unknown config key: model.expert.moderate_from"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs/train/debug_tiny.yaml", overrides)
+
+
 def test_a_built_tower_has_the_recipes_head_count(tmp_path):
     from assistant.config import AnomalyAssistantConfig
     from train.build import init_model

@@ -62,7 +62,7 @@ def full_run(prepared, tmp_path_factory):
     cfg = config(
         out, f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
         "stage1_steps=60", "trainer.max_steps=16", "trainer.lr=0.01", "trainer.save_steps=4", "trainer.save_total_limit=2",
-        "model.expert.moderate_from=0.7",  # not the old hard-coded 0.5: merging must keep the recipe's bounds
+        "calibration.moderate_from=0.7",  # not the old hard-coded 0.5: merging must keep the recipe's bounds
     )
     results = run(cfg)
     return {"out": out, **results, "cfg": cfg}
@@ -235,12 +235,14 @@ def stage2_args(prepared, out, *extra):
 
 
 def test_killed_run_resumes_to_the_same_losses(prepared, tmp_path):
-    """SIGKILL after the first checkpoint lands, resume, and compare with a run never interrupted."""
+    """SIGKILL after the first checkpoint is complete (its run info, written last, is there), resume, and compare with a
+    run never interrupted."""
     steps = ["trainer.max_steps=10", "trainer.save_steps=2", "trainer.save_total_limit=3"]
     whole = run_cli(sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "whole", *steps))
     killed = run_cli(sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "killed", *steps))
     deadline = time.time() + 180
-    while not (tmp_path / "killed" / "stage2" / "checkpoint-2").is_dir() and killed.poll() is None and time.time() < deadline:
+    mark = tmp_path / "killed" / "stage2" / "checkpoint-2" / "training_config.yaml"
+    while not mark.is_file() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -458,7 +460,7 @@ def test_stage1_trains_a_contrast_score_head(prepared, tmp_path):
 
     common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
               "stage=stage1", "stage1_steps=2", "trainer.save_steps=2"]
-    with pytest.raises(ConfigError, match="model.expert.score_input must be tokens or contrast"):
+    with pytest.raises(ConfigError, match="model.expert: expert score_input must be one of"):
         config(tmp_path / "bad", *common, "model.expert.score_input=difference")
     results = run(config(tmp_path / "ok", *common, "model.expert.score_input=contrast"))
     model = AnomalyAssistant.from_pretrained(results["stage1"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ExpertSpec, ModelInit, TrainConfig
+from .config import ConfigError, ModelInit, TrainConfig
 from .folders import atomic_folder
 
 
@@ -58,7 +58,7 @@ def data_paths(cfg: TrainConfig, run_root: Path) -> tuple[Path | None, Path | No
 
 
 def instruction_corpus(instructions: Path | None) -> list[str]:
-    from assistant.testing import DEFAULT_CORPUS
+    from assistant.scratch import DEFAULT_CORPUS
 
     corpus = list(DEFAULT_CORPUS) + [" with slightly suspicious features: ", " with moderately suspicious features: ",
                                      " with highly suspicious features: "]
@@ -76,7 +76,7 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
     from assistant.config import AnomalyAssistantConfig
     from assistant.modeling import AnomalyAssistantModel
     from assistant.processing import AssistantProcessor
-    from assistant.testing import image_processor, train_tokenizer
+    from assistant.scratch import image_processor, train_tokenizer
 
     tokenizer = train_tokenizer(corpus, init.vocab_size)
     vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[init.vision]
@@ -103,21 +103,6 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
         model.save_pretrained(staging)
         AssistantProcessor(tokenizer, processor, config).save_pretrained(staging)
     return out
-
-
-def expert_configs(spec: ExpertSpec, vision_layers: int):
-    from assistant.expert import ExpertConfig, evenly_spaced_layers
-    from assistant.selector import SelectorConfig
-
-    layers = list(spec.feature_layers) or evenly_spaced_layers(vision_layers)
-    try:
-        expert = ExpertConfig(feature_layers=layers, embedding_dim=spec.embedding_dim, class_dim=spec.class_dim, predictor_dim=spec.predictor_dim,
-                              logit_scale=spec.logit_scale, self_weight=spec.self_weight, self_level=spec.self_level, self_k=spec.self_k,
-                              score_input=spec.score_input)
-        selector = SelectorConfig(mode=spec.selector_mode, grid=spec.selector_grid, num_tokens=spec.selector_tokens, attention_dim=spec.attention_dim)
-    except ValueError as error:
-        raise ConfigError(f"model.expert: {error}") from None
-    return expert, selector
 
 
 def quantization_config(model_path: Path):

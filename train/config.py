@@ -10,6 +10,7 @@ Every key of a recipe or an override must name a field of the schema; anything e
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import yaml
 
+# the library reads a checkpoint's run config (evaluation must not import train/); re-exported for train's modules
+from assistant.calibration import CalibrationConfig
+from assistant.expert import ExpertConfig
+from assistant.run_config import RUN_CONFIG_FILE, ConfigError, config_section, read_run_config  # noqa: F401
+from assistant.selector import SelectorConfig
+
 STAGES = ("stage1", "stage2", "all")
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override; reported as one line on stderr with exit code 2."""
 
 
 @dataclass
@@ -46,39 +49,17 @@ class ModelInit:
 
 
 @dataclass
-class ExpertSpec:
-    """The anomaly expert given to a model without one (stage 1). `feature_layers` empty: 4 evenly spaced layers."""
-
-    feature_layers: list = field(default_factory=list)
-    embedding_dim: int = 128
-    class_dim: int = 128
-    predictor_dim: int = 128
-    logit_scale: float = 100.0  # Anomaly-OV's; a random tower learns faster with ~10
-    #: zero-shot self-reference map (assistant.expert.self_distance): its weight in the map (0 = off), the
-    #: feature level it compares (index into feature_layers) and how many nearest patches it averages
-    self_weight: float = 0.0
-    self_level: int = -1
-    self_k: int = 3
-    #: the score head's input: "tokens" (Anomaly-OV) or "contrast" (the look-twice tokens minus the image's
-    #: normal-looking context; assistant.expert.ExpertConfig.score_input)
-    score_input: str = "tokens"
-    selector_mode: str = "pool"
-    selector_grid: int = 2
-    selector_tokens: int = 8
-    attention_dim: int = 128
-    #: the model's marker text in front of the look-twice tokens (None: keep the model's); may hold `{where}`
-    suspicion_marker: str | None = None
-    #: calibration sets suspicion_bounds = (moderate_from · t, t); 1.0 leaves no "moderately" band, so the
-    #: two levels stage 2 trains on ("slightly" / "highly") split exactly at the verdict
-    moderate_from: float = 0.5
-
-
-@dataclass
 class ModelConfig:
     path: str | None = None  # a checkpoint folder (this project's or llava-hf LLaVA-OneVision)
     init: ModelInit | None = None  # or build one
-    expert: ExpertSpec = field(default_factory=ExpertSpec)
+    #: the expert and look-twice selector stage 1 gives a model without one: the library's own configs, their names
+    #: and defaults (`assistant.expert.ExpertConfig`, `assistant.selector.SelectorConfig`)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     reinit_expert: bool = False  # stage 1: replace an existing expert with a fresh one
+    #: the model's marker text in front of the look-twice tokens, set when stage 1 gives the model its expert (None:
+    #: keep the model's); may hold `{where}` (`AnomalyAssistantConfig.suspicion_marker`)
+    suspicion_marker: str | None = None
     #: the LLM reads each crop's patch grid pooled by this stride (`AnomalyAssistantConfig.image_token_pooling`;
     #: 2: a quarter of the image tokens, a shorter and cheaper stage 2); None keeps the model's
     image_token_pooling: int | None = None
@@ -204,6 +185,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    #: how stage 1 and stage 2 fit thresholds (`assistant.calibration.CalibrationConfig`)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self) -> "TrainConfig":
         if self.stage not in STAGES:
@@ -229,8 +212,6 @@ class TrainConfig:
         if self.model.image_token_pooling is not None and self.model.image_token_pooling < 1:
             raise ConfigError(f"model.image_token_pooling must be ≥ 1, got {self.model.image_token_pooling}")
         check_augment_ranges("data.", self.data)
-        if self.model.expert.score_input not in ("tokens", "contrast"):
-            raise ConfigError(f"model.expert.score_input must be tokens or contrast, got {self.model.expert.score_input!r}")
         if self.data.mask_targets not in ("max", "area"):
             raise ConfigError(f"data.mask_targets must be max or area, got {self.data.mask_targets!r}")
         if self.stage1_ema is not None and not 0.0 < self.stage1_ema < 1.0:
@@ -281,6 +262,16 @@ def _is_dataclass_type(tp) -> type | None:
     return None
 
 
+def _scalar(value):
+    """A list item as YAML reads it ("3" from `feature_layers=1,3` is a number); other values as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def _coerce(value, tp, key: str):
     allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else (tp,)
     if value is None:
@@ -304,16 +295,20 @@ def _coerce(value, tp, key: str):
                 pass
         if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        if base is list and isinstance(value, list):
-            return list(value)
-        if base is list and isinstance(value, str):  # "a,b" from the command line
-            return [v.strip() for v in value.split(",") if v.strip()]
+        if base is list and isinstance(value, (list, str)):
+            if isinstance(value, str):  # "a,b" from the command line
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            element = (typing.get_args(option) or (None,))[0]
+            if element in (None, str):
+                return list(value)
+            return [_coerce(_scalar(v), element, f"{key}[{i}]") for i, v in enumerate(value)]
     names = " or ".join(getattr(o, "__name__", str(o)) for o in allowed)
     raise ConfigError(f"config key {key} expects {names}, got {value!r}")
 
 
 def from_dict(cls, values: dict, prefix: str = ""):
-    """Build dataclass `cls` from `values`; unknown keys and wrong types raise `ConfigError`."""
+    """Build dataclass `cls` from `values`; unknown keys and wrong types raise `ConfigError`. A library config (one with
+    its own `from_dict`: the expert's, the selector's, calibration's) is built and validated by that method."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {values!r}")
     hints = _hints(cls)
@@ -331,6 +326,11 @@ def from_dict(cls, values: dict, prefix: str = ""):
                 kwargs[key] = from_dict(sub, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    if hasattr(cls, "from_dict"):
+        try:
+            return cls.from_dict(kwargs)
+        except ValueError as error:
+            raise ConfigError(f"{prefix.rstrip('.')}: {error}") from None
     return cls(**kwargs)
 
 
@@ -399,35 +399,11 @@ def git_commit() -> str | None:
 
 
 def write_run_info(cfg: TrainConfig, folder: str | Path, commit: str | None = None) -> None:
-    """`training_config.yaml` (the resolved config) and `git_commit.txt` into `folder`."""
+    """`git_commit.txt` and `training_config.yaml` (the resolved config) into `folder`; the config last, and whole
+    (renamed into place), since a checkpoint counts as complete once it holds it (`train.trainer.is_complete`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "training_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (folder / "git_commit.txt").write_text((commit or "unknown") + "\n")
-
-
-def read_run_config(folder: str | Path) -> dict:
-    """The `training_config.yaml` a checkpoint folder holds, as a plain dict ({} when there is none).
-
-    Readers take what they need with defaults, so a file from an older recipe still loads; a file that is not a
-    YAML mapping raises ConfigError naming it.
-    """
-    path = Path(folder) / "training_config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} is not a YAML mapping")
-    return values
-
-
-def config_section(values: dict, *keys: str) -> dict:
-    """The mapping at `keys` inside `values` (e.g. "data", "synth"), {} where a level is missing or not a mapping."""
-    for key in keys:
-        values = values.get(key) if isinstance(values, dict) else None
-    return values if isinstance(values, dict) else {}
+    staging = folder / f".{RUN_CONFIG_FILE}.partial"
+    staging.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(staging, folder / RUN_CONFIG_FILE)

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .build import data_paths, expert_configs, init_model, instruction_corpus, load_model
-from assistant.calibration import Calibration, CalibrationConfig, write_report
+from assistant.calibration import Calibration, write_report
 
+from .build import data_paths, init_model, instruction_corpus, load_model
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import (Augment, ConversationCollator, Conversations, MaskedImages, Skipped, collate_masked, decode_checked,
                    read_conversations, read_masked, split_records)
 from .scoring import calibrate
 from .stage1 import ExpertObjective, WeightAverage, stage1_trainer_class
 from .folders import atomic_folder, write_model_parts
-from .trainer import ReliableTrainer, enable_checkpointing, last_checkpoint, training_arguments
+from .trainer import ReliableTrainer, checkpoint_folders, enable_checkpointing, last_checkpoint, training_arguments
 
 
 def _say(args, message: str) -> None:
@@ -40,8 +40,9 @@ def _say(args, message: str) -> None:
 
 def _resume_point(cfg: TrainConfig, run_dir: Path) -> str | None:
     found = last_checkpoint(run_dir)
+    started = bool(checkpoint_folders(run_dir))  # complete or not: a killed run's leftovers are not overwritten unasked
     finished = any((run_dir / name).is_dir() for name in ("model", "adapter"))
-    if (found or finished) and not cfg.resume:
+    if (started or finished) and not cfg.resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume (resume=true) or choose a new output_dir")
     return found
 
@@ -71,13 +72,12 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     model, processor, generation = load_model(base)
     set_token_pooling(model, cfg)
     if model.expert is None or cfg.model.reinit_expert:
-        expert, selector = expert_configs(cfg.model.expert, model.config.vision_config.num_hidden_layers)
-        try:
-            add_expert(model, expert, selector, seed=cfg.seed)
+        try:  # the recipe's expert and selector sections are the library's configs, validated when the recipe loaded
+            add_expert(model, cfg.model.expert, cfg.model.selector, seed=cfg.seed)
         except ValueError as error:
             raise ConfigError(f"model.expert: {error}") from None
-        if cfg.model.expert.suspicion_marker is not None:
-            model.config.suspicion_marker = cfg.model.expert.suspicion_marker
+        if cfg.model.suspicion_marker is not None:
+            model.config.suspicion_marker = cfg.model.suspicion_marker
         processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
@@ -102,14 +102,15 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     train_records = dataset.records
     if not train_records:
         raise ConfigError(f"no usable training images in {masked}")
-    trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=dataset,
-        data_collator=collate_masked, run_config=cfg, commit=commit,
-    )
     average = None
     if cfg.stage1_ema is not None:
         average = WeightAverage(model, cfg.stage1_ema)  # the trained parameters, under their saved names
-        trainer.add_callback(average)
+        if resume is not None:
+            average.load(resume)
+    trainer = stage1_trainer_class(ReliableTrainer)(
+        model=objective, args=args, train_dataset=dataset, data_collator=collate_masked, run_config=cfg, commit=commit,
+        callbacks=[average] if average is not None else None,  # it saves into each checkpoint before the run info
+    )
     _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
     if polish_resume is None:
         trainer.train(resume_from_checkpoint=resume)
@@ -118,9 +119,9 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     if average is not None:
         average.swap_in()
     if cfg.stage1_polish is not None:
-        trainer = run_polish(cfg, objective, dataset, model, polish_dir, polish_resume, commit)
+        trainer = run_polish(cfg, dataset, model, polish_dir, polish_resume, commit)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, CalibrationConfig(cfg.model.expert.moderate_from))
+        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration)
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
         print(f"stage 1: calibration {json.dumps(report)}")
         print(f"stage 1: model written to {final}", flush=True)
@@ -128,8 +129,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     return final
 
 
-def run_polish(cfg: TrainConfig, objective, dataset, model, polish_dir: Path, resume: str | None, commit: str | None):
-    """Stage 1's polish phase (`PolishConfig`): the same objective and data, a new schedule and the milder augmentation."""
+def run_polish(cfg: TrainConfig, dataset, model, polish_dir: Path, resume: str | None, commit: str | None):
+    """Stage 1's polish phase (`PolishConfig`): the same loss and data, a new schedule and the milder augmentation."""
     polish = cfg.stage1_polish
     args = training_arguments(cfg, polish_dir, polish.steps, polish.lr,
                               torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
@@ -140,10 +141,9 @@ def run_polish(cfg: TrainConfig, objective, dataset, model, polish_dir: Path, re
         augment_saturation=polish.augment_saturation, augment_lighting=polish.augment_lighting,
         augment_grain=polish.augment_grain))
     dataset.set_augment(stage1_augment(milder, model))
-    # accelerate marks the module it prepared, and torch.compile's wrapper passes the mark on to `objective` itself,
-    # so the polish's Trainer would get it back unprepared: with stage1_compile, uncompiled (eager; the default
-    # model's polish ran 20-25% slower per step than its main phase). Cleared, the polish is compiled too.
-    objective.__dict__.pop("_is_accelerate_prepared", None)
+    # a new objective module around the same model: accelerate marks the module it prepared (and with stage1_compile
+    # the mark reaches the main phase's objective), so reusing that one would leave the polish unprepared, eager
+    objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
     trainer = stage1_trainer_class(ReliableTrainer)(
         model=objective, args=args, train_dataset=dataset, data_collator=collate_masked, run_config=cfg, commit=commit,
     )
@@ -242,7 +242,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
                f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, CalibrationConfig(cfg.model.expert.moderate_from)) if recalibrate and val_records else None
+        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration) if recalibrate and val_records else None
         if report is not None:
             print(f"stage 2: recalibrated {json.dumps(report)}")
         if cfg.full:

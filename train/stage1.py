@@ -18,7 +18,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .config import ConfigError, LossConfig
+from .hf_compat import PartialCheckpoints
 from .scoring import small_maps  # held-out scoring and calibration live in train.scoring
+from .trainer import checkpoint_folder
 
 TRAINABLE_FILE = "trainable.safetensors"
 AVERAGE_FILE = "weight_average.safetensors"
@@ -68,8 +70,8 @@ class WeightAverage(TrainerCallback):
     """Exponential moving average of the trained parameters, updated after every optimizer step.
 
     The decay ramps up as min(decay, (1 + t) / (10 + t)) so the average does not remember the random start.
-    `swap_in()` copies the average into the model (for calibration and saving). The trainer saves it beside
-    each checkpoint and restores it on resume, so a resumed run ends with the same average.
+    `swap_in()` copies the average into the model (for calibration and saving). It saves itself into each checkpoint
+    (`on_save`) and `load(checkpoint)` restores it on resume, so a resumed run ends with the same average.
     """
 
     def __init__(self, module: nn.Module, decay: float):
@@ -84,6 +86,16 @@ class WeightAverage(TrainerCallback):
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
             torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(checkpoint_folder(args, state) / AVERAGE_FILE))
+
+    def load(self, checkpoint: str | Path) -> None:
+        path = Path(checkpoint) / AVERAGE_FILE
+        if not path.is_file():
+            raise ConfigError(f"{checkpoint} holds no weight average (was it trained without stage1_ema?)")
+        self.load_state_dict(load_file(str(path)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {name: value.contiguous() for name, value in zip(self.names, self.average)}
@@ -105,38 +117,26 @@ class WeightAverage(TrainerCallback):
 
 
 def stage1_trainer_class(base):
-    """`base` (the reliable Trainer) saving and resuming only the trained parts (expert + selector)."""
+    """`base` (the reliable Trainer) saving and resuming only the trained parts (expert + selector, and the tower when
+    it trains), in `TRAINABLE_FILE` instead of the whole model's weights."""
 
-    class ExpertTrainer(base):
-        def _save(self, output_dir=None, state_dict=None):
-            output_dir = Path(output_dir or self.args.output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
+    class ExpertTrainer(PartialCheckpoints, base):
+        def save_part(self, folder, state_dict=None):
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
             objective = self.accelerator.unwrap_model(self.model)
             if state_dict is not None:  # DeepSpeed hands over the (gathered) state dict
                 keep = set(objective.trainable_state())
                 state = {k.removeprefix("model."): v.contiguous() for k, v in state_dict.items() if k.removeprefix("model.") in keep}
             else:
                 state = objective.trainable_state()
-            save_file({k: v.cpu() for k, v in state.items()}, str(output_dir / TRAINABLE_FILE))
-            average = self._weight_average()
-            if average is not None:
-                save_file({k: v.cpu() for k, v in average.state_dict().items()}, str(output_dir / AVERAGE_FILE))
+            save_file({k: v.cpu() for k, v in state.items()}, str(folder / TRAINABLE_FILE))
 
-        def _weight_average(self):
-            return next((c for c in self.callback_handler.callbacks if isinstance(c, WeightAverage)), None)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            objective = self.accelerator.unwrap_model(model or self.model)
-            state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
-            expected = set(objective.trainable_state())
-            if set(state) != expected:
-                raise ConfigError(f"{resume_from_checkpoint} does not hold this run's expert parameters")
+        def load_part(self, folder, model):
+            objective = self.accelerator.unwrap_model(model)
+            state = load_file(str(Path(folder) / TRAINABLE_FILE))
+            if set(state) != set(objective.trainable_state()):
+                raise ConfigError(f"{folder} does not hold this run's expert parameters")
             objective.model.load_state_dict(state, strict=False)
-            average = self._weight_average()
-            if average is not None:
-                path = Path(resume_from_checkpoint) / AVERAGE_FILE
-                if not path.is_file():
-                    raise ConfigError(f"{resume_from_checkpoint} holds no weight average (was it trained without stage1_ema?)")
-                average.load_state_dict(load_file(str(path)))
 
     return ExpertTrainer

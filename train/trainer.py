@@ -1,7 +1,8 @@
-"""HF Trainer with this project's reliability rules, shared by both stages.
+"""HF Trainer with this project's reliability rules, shared by both stages, through public hooks only.
 
-* checkpoints are written into a staging folder and renamed into place (`checkpoint-N` exists only
-  complete), the last K kept (`save_total_limit`); each holds the resolved config and the git commit;
+* a checkpoint counts once complete: after every process has written its part, the run info (the resolved config and
+  the git commit) goes in last, and only folders holding it are resumed from (`last_checkpoint`); the last K complete
+  ones are kept (`save_total_limit`), and the incomplete leftovers of a killed run are removed when training starts;
 * a NaN/inf loss stops the run before the optimizer step, naming the step; nothing is saved after it;
 * `TrainingArguments` from the typed config: bf16 on CUDA where supported, fp32 on CPU; gloo DDP on CPU;
   DeepSpeed from a JSON file.
@@ -14,10 +15,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from accelerate import PartialState
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import TrainConfig, write_run_info
+from .config import RUN_CONFIG_FILE, TrainConfig, write_run_info
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,7 +57,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, max_steps: int, lr: floa
         max_grad_norm=t.max_grad_norm,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # `CompleteCheckpoints` keeps the last t.save_total_limit complete ones
         logging_steps=t.logging_steps,
         logging_first_step=True,
         seed=cfg.seed,
@@ -77,14 +79,63 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, max_steps: int, lr: floa
     return TrainingArguments(**values)
 
 
+def checkpoint_folder(args: TrainingArguments, state) -> Path:
+    """The folder the Trainer has just saved the checkpoint of `state.global_step` into (in `on_save`)."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` folder in `run_dir`, complete or not, by step."""
+    if not run_dir.is_dir():
+        return []
+    return sorted((int(p.name.split("-")[-1]), p) for p in run_dir.iterdir()
+                  if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit())
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint every process finished writing: its run info, written last, is there."""
+    return (folder / "trainer_state.json").is_file() and (folder / RUN_CONFIG_FILE).is_file()
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete (the run info, written once every process has saved its part) and keeps the last
+    `keep`; a checkpoint a killed run left incomplete is removed when training starts again. Runs after the Trainer's
+    own flow callback, which decides in `on_step_end` whether this step saves."""
+
+    def __init__(self, run_config: TrainConfig, commit: str | None, keep: int):
+        self.run_config, self.commit, self.keep = run_config, commit, keep
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            for _, folder in checkpoint_folders(Path(args.output_dir)):
+                if not is_complete(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+        PartialState().wait_for_everyone()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and args.should_save:  # a folder about to be written again is not complete meanwhile
+            (checkpoint_folder(args, state) / RUN_CONFIG_FILE).unlink(missing_ok=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # every rank's files (shards, RNG states) are in place
+        if args.should_save:
+            write_run_info(self.run_config, checkpoint_folder(args, state), self.commit)
+            complete = [folder for _, folder in checkpoint_folders(Path(args.output_dir)) if is_complete(folder)]
+            for folder in complete[: -self.keep]:
+                shutil.rmtree(folder, ignore_errors=True)
+        PartialState().wait_for_everyone()
+
+
 class ReliableTrainer(Trainer):
-    """`Trainer` with atomic checkpoints, run info in every checkpoint and a NaN/inf guard."""
+    """`Trainer` with checkpoints that count only complete, run info in every checkpoint and a NaN/inf guard.
+
+    Callbacks that write into a checkpoint folder in `on_save` go in `callbacks=`: they then run before the mark that
+    completes it.
+    """
 
     def __init__(self, *args, run_config: TrainConfig, commit: str | None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.run_config = run_config
-        self.commit = commit
-        self._staging: str | None = None
+        self.add_callback(CompleteCheckpoints(run_config, commit, run_config.trainer.save_total_limit))
 
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -102,55 +153,8 @@ class ReliableTrainer(Trainer):
                 f"non-finite loss at step {self.state.global_step + 1}; stopping (the last checkpoint, if any, is intact)"
             )
 
-    # -- checkpoints ---------------------------------------------------------------------------------
-    def _get_output_dir(self, trial):
-        return self._staging if self._staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, f".staging-{name}")
-        if self.args.should_save and os.path.isdir(staging):
-            shutil.rmtree(staging)
-        self.args.save_total_limit, limit = None, self.args.save_total_limit  # rotate in the real folder only
-        self._staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = None
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            write_run_info(self.run_config, os.path.join(staging, name), self.commit)
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            self._rotate(run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _rotate(self, run_dir: str) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        found = sorted(
-            (int(p.name.split("-")[-1]), p)
-            for p in Path(run_dir).iterdir()
-            if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit()
-        )
-        for _, path in found[:-limit]:
-            shutil.rmtree(path, ignore_errors=True)
-
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint folder (staging folders are never complete ones)."""
-    if not run_dir.is_dir():
-        return None
-    found = [
-        (int(p.name.split("-")[-1]), p)
-        for p in run_dir.iterdir()
-        if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit()
-        and (p / "trainer_state.json").is_file()
-    ]
-    return str(max(found)[1]) if found else None
+    """The newest complete checkpoint folder (`is_complete`), or None."""
+    complete = [folder for _, folder in checkpoint_folders(Path(run_dir)) if is_complete(folder)]
+    return str(complete[-1]) if complete else None
