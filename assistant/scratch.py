@@ -46,13 +46,15 @@ def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     return fast
 
 
-def image_processor(tile: int, clip_normalisation: bool = False, max_tiles_side: int = 3):
+def image_processor(tile: int, clip_normalisation: bool = False, max_tiles_side: int = 3, mean_std=None):
     """LLaVA-OneVision's PIL image processor for `tile`-pixel crops, anyres up to `max_tiles_side` tiles a side;
-    CLIP's normalisation or SigLIP's (mean and std 0.5)."""
+    CLIP's normalisation, SigLIP's (mean and std 0.5) or the given `mean_std` (a pretrained backbone's)."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     pinpoints = [[tile * i, tile * j] for i in range(1, max_tiles_side + 1) for j in range(1, max_tiles_side + 1)]
     kwargs = {"size": {"height": tile, "width": tile}, "image_grid_pinpoints": pinpoints}
-    if not clip_normalisation:  # SigLIP's
+    if mean_std is not None:
+        kwargs.update(image_mean=list(mean_std[0]), image_std=list(mean_std[1]))
+    elif not clip_normalisation:  # SigLIP's
         kwargs.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     return LlavaOnevisionImageProcessorPil(**kwargs)

