@@ -7,9 +7,9 @@
     anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
     anomaly-assistant serve --model ./my-checkpoint --api-key-env ANOMALY_KEY    # OpenAI-compatible, http://127.0.0.1:8000/v1
 
-Bad input (unreadable image, bad model path, a blank or over-long question, an output file that already
-exists without --overwrite) prints one line on stderr and exits with code 2 (`assistant.errors.run_main`);
-nothing the user gave is written over. A question left out is the default question; a blank one is refused.
+Bad input (unreadable image, bad model path, an over-long question, an output file that already exists
+without --overwrite) prints one line on stderr and exits with code 2 (`assistant.errors.run_main`); nothing
+the user gave is written over. A question left out or blank asks the default question, as in the app.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UsageError, question_problem, run_main
+from .errors import UsageError, checked_question, run_main
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question about one image, with score, heatmap and boxes")
     ask.add_argument("image", help="the image to inspect")
-    ask.add_argument("-q", "--question", default=None, help="question (default: is there an anomaly, where, what)")
+    ask.add_argument("-q", "--question", default=None, help="question (left out or blank: is there an anomaly, where, what)")
     ask.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
     ask.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
     ask.add_argument("--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal")
@@ -94,9 +94,7 @@ def _ask(args) -> int:
     from .imageio import load_image
     from .limits import MAX_QUESTION_CHARS
 
-    problem = None if args.question is None else question_problem(args.question, MAX_QUESTION_CHARS)
-    if problem is not None:
-        raise UsageError(problem)
+    question = checked_question(args.question, MAX_QUESTION_CHARS)  # left out or blank: the default question
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     heatmap = _check_output(args.heatmap, args.overwrite)
@@ -113,7 +111,7 @@ def _ask(args) -> int:
 
         torch.manual_seed(args.seed)
         generate = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    report = assistant.analyze(image, args.question, references=references, max_new_tokens=args.max_new_tokens, **generate)
+    report = assistant.analyze(image, question, references=references, max_new_tokens=args.max_new_tokens, **generate)
 
     written = None
     if heatmap is not None:

@@ -63,14 +63,15 @@ def run_main(
         return EXIT_BAD_INPUT if is_bad_input(error, bad_input) else EXIT_FAILURE
 
 
-def question_problem(question: str, max_chars: int) -> str | None:
-    """Why a question the user typed cannot be asked (blank, or over `max_chars`), or None.
+def checked_question(question: str | None, max_chars: int) -> str | None:
+    """The question to ask, by the rule every surface (CLI, app) shares; None means the default question.
 
-    The rule every surface shares: a question given must have text; only a question not given at all
-    (the CLI without ``-q``, the app's API with none) becomes the default question.
+    A question left out or blank (only spaces) asks the default question; one over `max_chars` is a
+    `UsageError`. Anything else is asked as typed, without its surrounding whitespace.
     """
-    if not question.strip():
-        return "the question is empty; type a question, or leave it out to ask the default one"
+    if question is None or not question.strip():
+        return None
+    question = question.strip()
     if len(question) > max_chars:
-        return f"the question is too long ({len(question)} characters; at most {max_chars})"
-    return None
+        raise UsageError(f"the question is too long ({len(question)} characters; at most {max_chars})")
+    return question

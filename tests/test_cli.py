@@ -128,7 +128,6 @@ def test_bad_model_path_question_and_outputs(image_file, tmp_path, clip_llama, c
         (["--model", str(tmp_path)], "no config.json"),
         (["--model", "someone/not-cached"], "cannot fetch"),
         (["--model", str(clip_llama), "-q", "x" * 5000], "too long"),
-        (["--model", str(clip_llama), "-q", "   "], "empty"),
         (["--model", str(clip_llama), "--heatmap", str(image_file)], "already exists"),
         (["--model", str(clip_llama), "--heatmap", str(tmp_path / "out.txt")], "must end in"),
         (["--model", str(clip_llama), "--reference", str(tmp_path / "gone.png")], "gone.png"),
@@ -138,6 +137,14 @@ def test_bad_model_path_question_and_outputs(image_file, tmp_path, clip_llama, c
         code, _, err = run(["ask", str(image_file), *extra], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
     assert image_file.read_bytes() == original
+
+
+def test_a_blank_question_asks_the_default_one_as_the_app_does(clip_llama, image_file, capsys):
+    base = ["ask", str(image_file), "--model", str(clip_llama), "--json", "--max-new-tokens", "5"]
+    code, default, err = run(base, capsys)
+    assert code == 0, err
+    code, blank, err = run([*base, "-q", "  "], capsys)
+    assert code == 0 and json.loads(blank)["answer"] == json.loads(default)["answer"], err
 
 
 def test_model_folder_with_broken_config(image_file, tmp_path, capsys):
