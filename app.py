@@ -380,7 +380,8 @@ def _main(argv: list[str] | None) -> int:
     logging.disable_progress_bar()
     from assistant.inference import AnomalyAssistant
 
-    assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device)  # a bad model: exit 2 before gradio loads
+    # a bad model is a ModelLoadError: one line and exit 2, before gradio loads
+    assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device)
     if not _is_loopback(settings.host) and settings.auth is None:
         print(f"warning: serving on {settings.host} with no login; pass --auth USER:PASS", file=sys.stderr)
     private_cache = None

@@ -19,7 +19,11 @@ class RefuseFileURLs:
     async def __call__(self, scope, receive, send):
         headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
         # every POST but file uploads, whatever content type the client claims
-        if scope["type"] != "http" or scope["method"] != "POST" or headers.get(b"content-type", b"").startswith(b"multipart/"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or headers.get(b"content-type", b"").startswith(b"multipart/")
+        ):
             return await self.app(scope, receive, send)
         body, more = b"", True
         while more:

@@ -29,13 +29,17 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question about one image, with score, heatmap and boxes")
     ask.add_argument("image", help="the image to inspect")
-    ask.add_argument("-q", "--question", default=None, help="question (left out or blank: is there an anomaly, where, what)")
+    ask.add_argument(
+        "-q", "--question", default=None, help="question (left out or blank: is there an anomaly, where, what)"
+    )
     ask.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
     ask.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
     ask.add_argument("--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal")
     ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ask.add_argument("--heatmap", default=None, metavar="OUT.png", help="write the overlay (heatmap, contours, boxes) here")
-    ask.add_argument("--overwrite", action="store_true", help="let --heatmap replace an existing file (its folder is created)")
+    ask.add_argument(
+        "--overwrite", action="store_true", help="let --heatmap replace an existing file (its folder is created)"
+    )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ask.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

@@ -96,9 +96,12 @@ def reference_warnings(image: Image.Image, references) -> list[str]:
         if overlap < REFERENCE_MIN_COLOUR_OVERLAP:
             why.append(f"its colours overlap the image's by {overlap:.0%} (under {REFERENCE_MIN_COLOUR_OVERLAP:.0%})")
         if ratio > REFERENCE_SIZE_RATIO:
-            why.append(f"its size {reference.width}×{reference.height} is far from the image's {image.width}×{image.height}")
+            size = f"{reference.width}×{reference.height}"
+            why.append(f"its size {size} is far from the image's {image.width}×{image.height}")
         if why:
-            found.append(f"reference {number} may show another kind of part: {' and '.join(why)}; the score compares against it")
+            found.append(
+                f"reference {number} may show another kind of part: {' and '.join(why)}; the score compares against it"
+            )
     return found
 
 
@@ -253,7 +256,8 @@ class AnomalyAssistant:
                     image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1]
                 )
                 warnings = reference_warnings(image, references)
-                reports.append(AnomalyReport(answer="", model=self.name, image=image, warnings=warnings, **self._evidence(image, visual)))
+                evidence = self._evidence(image, visual)
+                reports.append(AnomalyReport(answer="", model=self.name, image=image, warnings=warnings, **evidence))
         return reports
 
     # -- language ---------------------------------------------------------------------------------
@@ -358,7 +362,8 @@ class AnomalyAssistant:
             [{"role": "user", "content": question}], image, references, stream=False, max_new_tokens=max_new_tokens, **generate_kwargs
         )
         warnings = reference_warnings(image, [load_image(r) for r in references or []]) if self.has_expert else []
-        return AnomalyReport(answer=answer.strip(), model=self.name, image=image, warnings=warnings, **self._evidence(image, visual))
+        evidence = self._evidence(image, visual)
+        return AnomalyReport(answer=answer.strip(), model=self.name, image=image, warnings=warnings, **evidence)
 
     def visualize(self, report: AnomalyReport, image=None) -> Image.Image:
         """The input with the heatmap, the mask contours and the boxes drawn over it."""

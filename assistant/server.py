@@ -31,7 +31,8 @@ Request rules (every refusal is ``{"error": {"message", "type", "code", "param"}
 
 The reply's assistant message is the answer and ``usage`` counts its tokens (the prompt's include the
 image tokens); an extra top-level ``anomaly_report`` holds the evidence (``AnomalyReport.evidence``, the
-same fields as ``anomaly-assistant ask --json``, plus ``heatmap_png``, the overlay as base64 PNG), computed from this request's own image (all ``null`` for a model without an expert). In a
+same fields as ``anomaly-assistant ask --json``, plus ``heatmap_png``, the overlay as base64 PNG),
+computed from this request's own image (all ``null`` for a model without an expert). In a
 stream both ride on the last chunk, just before ``data: [DONE]``. A follow-up turn of the same client with
 the same image bytes reuses that client's report instead of running detection again.
 

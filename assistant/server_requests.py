@@ -22,7 +22,16 @@ if TYPE_CHECKING:
     from .server import ServerSettings
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "response_format", "stop")
+_UNSUPPORTED = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "stop",
+)
 
 
 class APIError(Exception):
@@ -66,10 +75,14 @@ def _image_bytes(url, param: str, max_bytes: int) -> bytes:
         )
     header, comma, payload = url.partition(",")
     if not comma or not header.lower().endswith(";base64"):
-        raise APIError(400, "the image data URL must be base64-encoded (data:image/png;base64,...)", "invalid_image_url", param)
+        raise APIError(
+            400, "the image data URL must be base64-encoded (data:image/png;base64,...)", "invalid_image_url", param
+        )
     media = header[5:-7].strip().lower()
     if media and not media.startswith("image/"):
-        raise APIError(400, f"the data URL's media type must be image/*, not '{media[:40]}'", "invalid_image_url", param)
+        raise APIError(
+            400, f"the data URL's media type must be image/*, not '{media[:40]}'", "invalid_image_url", param
+        )
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
         raise APIError(413, f"an image is over the limit of {max_bytes:,} bytes", "image_too_large", param)
     try:
@@ -88,7 +101,12 @@ def _text_of(content, index: int, role: str, max_bytes: int, images: list | None
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise APIError(400, f"messages[{index}].content must be a string or a list of parts", "invalid_content", f"messages[{index}].content")
+        raise APIError(
+            400,
+            f"messages[{index}].content must be a string or a list of parts",
+            "invalid_content",
+            f"messages[{index}].content",
+        )
     texts = []
     for j, part in enumerate(content):
         param = f"messages[{index}].content[{j}]"
@@ -100,12 +118,19 @@ def _text_of(content, index: int, role: str, max_bytes: int, images: list | None
         elif kind == "image_url":
             if images is None:
                 where = "the first user message" if role == "user" else "a user message"
-                raise APIError(400, f"images must all be in {where} (the first is inspected, the others are normal references)", "misplaced_image", param)
+                raise APIError(
+                    400,
+                    f"images must all be in {where} (the first is inspected, the others are normal references)",
+                    "misplaced_image",
+                    param,
+                )
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else image_url
             images.append(_image_bytes(url, param, max_bytes))
         else:
-            raise APIError(400, f"unsupported content part type {kind!r}; use 'text' or 'image_url'", "invalid_content", param)
+            raise APIError(
+                400, f"unsupported content part type {kind!r}; use 'text' or 'image_url'", "invalid_content", param
+            )
     return "\n".join(texts)
 
 
@@ -141,39 +166,71 @@ def parse_request(body, settings: ServerSettings, token: str | None) -> ChatRequ
     plain, images, seen_user, chars = [], [], False, 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            raise APIError(400, f"messages[{i}] needs a role of system, developer, user or assistant", "invalid_messages", f"messages[{i}]")
+            raise APIError(
+                400,
+                f"messages[{i}] needs a role of system, developer, user or assistant",
+                "invalid_messages",
+                f"messages[{i}]",
+            )
         role = _ROLES[message["role"]]
         first_user = role == "user" and not seen_user
         seen_user = seen_user or role == "user"
         text = _text_of(message.get("content"), i, role, settings.max_request_bytes, images if first_user else None)
         if len(text) > MAX_QUESTION_CHARS:
-            raise APIError(400, f"messages[{i}] is too long ({len(text)} characters; at most {MAX_QUESTION_CHARS})", "prompt_too_long", f"messages[{i}]")
+            raise APIError(
+                400,
+                f"messages[{i}] is too long ({len(text)} characters; at most {MAX_QUESTION_CHARS})",
+                "prompt_too_long",
+                f"messages[{i}]",
+            )
         chars += len(text)
         plain.append({"role": role, "content": text})
     if chars > settings.max_prompt_chars:
-        raise APIError(400, f"the messages are too long ({chars} characters; at most {settings.max_prompt_chars})", "prompt_too_long", "messages")
+        raise APIError(
+            400,
+            f"the messages are too long ({chars} characters; at most {settings.max_prompt_chars})",
+            "prompt_too_long",
+            "messages",
+        )
     if plain[-1]["role"] != "user":
         raise APIError(400, "the last message must be from the user", "invalid_messages", "messages")
     if not plain[-1]["content"].strip():
         raise APIError(400, "the last user message has no text", "invalid_messages", "messages")
     if not images:
-        raise APIError(400, "no image: put one in the first user message as an image_url part with a data:image/...;base64 URL", "missing_image", "messages")
+        raise APIError(
+            400,
+            "no image: put one in the first user message as an image_url part with a data:image/...;base64 URL",
+            "missing_image",
+            "messages",
+        )
     if len(images) > settings.max_images:
-        raise APIError(400, f"too many images ({len(images)}; at most {settings.max_images})", "too_many_images", "messages")
+        raise APIError(
+            400, f"too many images ({len(images)}; at most {settings.max_images})", "too_many_images", "messages"
+        )
 
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = settings.default_max_tokens if requested is None else _number({"max_tokens": requested}, "max_tokens", 1, 1 << 31, integer=True)
+    max_tokens = (
+        settings.default_max_tokens
+        if requested is None
+        else _number({"max_tokens": requested}, "max_tokens", 1, 1 << 31, integer=True)
+    )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", "invalid_value", "stream")
     temperature = _number(body, "temperature", 0, 2, default=0)
     top_p = _number(body, "top_p", 0, 1, default=1)
     seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True)
-    generate = {} if temperature == 0 else {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p) or 1e-6}
+    generate = (
+        {}
+        if temperature == 0
+        else {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p) or 1e-6}
+    )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise APIError(400, "'user' must be a string", "invalid_value", "user")
-    return ChatRequest(plain, images, min(max_tokens, settings.max_tokens), stream, generate, seed, session_id(token, user))
+    return ChatRequest(
+        plain, images, min(max_tokens, settings.max_tokens), stream, generate, seed, session_id(token, user)
+    )
 
 
 def check_model(body: dict, served: tuple[str, ...]) -> None:
@@ -183,7 +240,9 @@ def check_model(body: dict, served: tuple[str, ...]) -> None:
         raise APIError(400, "'model' must be a non-empty string (GET /v1/models lists it)", "invalid_value", "model")
     if model not in served:
         names = " or ".join(f"'{name}'" for name in served)
-        raise APIError(404, f"the model '{model[:100]}' does not exist; this server serves {names}", "model_not_found", "model")
+        raise APIError(
+            404, f"the model '{model[:100]}' does not exist; this server serves {names}", "model_not_found", "model"
+        )
 
 
 def decode_images(images: list[bytes], max_bytes: int):

@@ -65,7 +65,15 @@ def streaming(worker, chat: ChatRequest, image, references, meta: dict, slot: Sl
                     break
                 else:
                     error = value
-                    yield sse({"error": {"message": error.message, "type": "server_error" if error.status >= 500 else "invalid_request_error", "code": error.code}})
+                    yield sse(
+                        {
+                            "error": {
+                                "message": error.message,
+                                "type": "server_error" if error.status >= 500 else "invalid_request_error",
+                                "code": error.code,
+                            }
+                        }
+                    )
                     break
             yield b"data: [DONE]\n\n"
         finally:

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     from .run import add_scoring_arguments, bad_input_types, scoring_options
 
     def _main(argv: list[str] | None) -> int:
-        p = argparse.ArgumentParser(prog="python -m eval.report", description="Merge the shards of an eval run and score it.")
+        description = "Merge the shards of an eval run and score it."
+        p = argparse.ArgumentParser(prog="python -m eval.report", description=description)
         p.add_argument("out", help="the run folder given to eval.run --out")
         add_scoring_arguments(p)
         args = p.parse_args(argv)

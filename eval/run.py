@@ -226,7 +226,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_main, argv, bad_input=bad_input_types(), interrupted="interrupted; run the same command again to resume")
+    resume = "interrupted; run the same command again to resume"
+    return run_main(_main, argv, bad_input=bad_input_types(), interrupted=resume)
 
 
 if __name__ == "__main__":

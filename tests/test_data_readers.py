@@ -208,9 +208,11 @@ def test_the_reader_and_the_eval_task_agree_on_every_visa_dr_entry(visa_dr, task
         {"image": "VisA/pcb1/Data/Images/Normal/999.JPG", "anomaly": False, "questions": ["Where?"]},  # missing file
     ]
     (visa_dr / "VisA" / name).write_text(json.dumps(entries))
-    read = (read_visa_dr_detection if task == "detection" else read_visa_dr_reasoning)(visa_dr / "VisA" / name, image_root=visa_dr)
+    reader = read_visa_dr_detection if task == "detection" else read_visa_dr_reasoning
+    read = reader(visa_dr / "VisA" / name, image_root=visa_dr)
     loaded = get_task(f"visa-dr-{task}").load(visa_dr, need_images=True)
-    assert [(s.image, s.label, s.category) for s in loaded.samples] == [(r.image, r.label, r.category) for r in read.records]
+    samples = [(s.image, s.label, s.category) for s in loaded.samples]
+    assert samples == [(r.image, r.label, r.category) for r in read.records]
     if task == "reasoning":
         assert [s.extra for s in loaded.samples] == [r.extra for r in read.records]
     assert len(loaded.problems) == len(read.dropped) == len(entries) - len(read.records)

@@ -65,8 +65,14 @@ def test_a_return_code_passes_through():
 )
 def test_every_entry_point_answers_bad_input_with_one_line_and_exit_2(command, message, tmp_path):
     command = [part.replace("{tmp}", str(tmp_path)) for part in command]
-    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in done.stderr

@@ -325,7 +325,8 @@ def test_serve_command_answers_on_loopback(clip_llama, tmp_path):
             except httpx.TransportError:
                 time.sleep(0.25)
         # the model named as it was given to --model is accepted too
-        reply = client(port).chat.completions.create(model=str(clip_llama), messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
+        messages = [user_turn(png_data_url(random_image(32, 32)))]
+        reply = client(port).chat.completions.create(model=str(clip_llama), messages=messages, max_tokens=4)
         assert reply.model_extra["anomaly_report"]["score"] is not None
     finally:
         process.terminate()

@@ -128,10 +128,13 @@ def load_mask(path: str | None, size: tuple[int, int]) -> torch.Tensor:
 
 #: the names each stage's module holds, reachable from here for the code that imports them from `train.data`
 _STAGE_NAMES = {
-    "data_stage1": ("mask_at", "mask_coverage", "MASK_TARGETS", "MaskedImages", "Augment", "grain_field", "hue_rotation",
-                    "collate_masked"),
-    "data_stage2": ("IGNORE_INDEX", "ROLE", "chat_messages", "level_for", "where_for", "encode_conversation",
-                    "PARALLEL_ENCODE_FROM", "Conversations", "ConversationCollator"),
+    "data_stage1": (
+        "mask_at", "mask_coverage", "MASK_TARGETS", "MaskedImages", "Augment", "grain_field", "hue_rotation", "collate_masked"
+    ),
+    "data_stage2": (
+        "IGNORE_INDEX", "ROLE", "chat_messages", "level_for", "where_for", "encode_conversation", "PARALLEL_ENCODE_FROM",
+        "Conversations", "ConversationCollator",
+    ),
 }
 
 

@@ -36,7 +36,6 @@ def mask_coverage(mask: torch.Tensor, size: int) -> torch.Tensor:
 MASK_TARGETS = {"max": mask_at, "area": mask_coverage}
 
 
-
 class MaskedImages(Dataset):
     """(pixels, size, mask at map_size², label) per record.
 
@@ -47,8 +46,15 @@ class MaskedImages(Dataset):
     float32 rounding.
     """
 
-    def __init__(self, records: list[Record], processor, map_size: int = 64, cache: bool = False, augment: "Augment | None" = None,
-                 mask_targets: str = "max"):
+    def __init__(
+        self,
+        records: list[Record],
+        processor,
+        map_size: int = 64,
+        cache: bool = False,
+        augment: "Augment | None" = None,
+        mask_targets: str = "max",
+    ):
         self.records, self.processor, self.map_size = records, processor, map_size
         self._targets = MASK_TARGETS[mask_targets]
         self._cache: dict[int, dict] | None = {} if cache else None
@@ -145,8 +151,11 @@ class MaskedImages(Dataset):
         view = self.processor.one_tile_pixels(image)
         if view is None:
             return self._compact(self._item(record, image))
-        return {**self._item(record, image, pixels=False), "pixel_values": torch.from_numpy(view[None]),
-                "crops": torch.tensor(self.processor_crops(image))}
+        return {
+            **self._item(record, image, pixels=False),
+            "pixel_values": torch.from_numpy(view[None]),
+            "crops": torch.tensor(self.processor_crops(image)),
+        }
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
@@ -160,7 +169,7 @@ class MaskedImages(Dataset):
             "labels": torch.tensor(float(record.label == ANOMALOUS)),
         }
         if pixels:
-            item["pixel_values"] = self.processor.preprocess([image])["pixel_values"][0, :self.processor_crops(image)]
+            item["pixel_values"] = self.processor.preprocess([image])["pixel_values"][0, : self.processor_crops(image)]
         return item
 
     def processor_crops(self, image) -> int:
@@ -200,7 +209,9 @@ class Augment:
     def active(self) -> bool:
         return self.flips or self.hue > 0 or self.saturation > 0 or self.lighting > 0 or self.grain > 0
 
-    def __call__(self, pixels: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, pixels: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [crops, 3, S, S] normalised by (mean, std); mask [M, M]."""
         if self.flips:
             turns, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
@@ -222,8 +233,12 @@ class Augment:
                 field = F.interpolate(gains, size=rgb.shape[-2:], mode="bicubic", align_corners=True).clamp(-1, 1)
                 rgb = rgb * (1 + self.lighting * field)
             if self.grain > 0:
-                rgb = rgb + grain_field(rgb.shape[0], rgb.shape[-2:], float(torch.empty(()).uniform_(0, self.grain)),
-                                        float(torch.empty(()).uniform_(0.5, 1.2)))
+                rgb = rgb + grain_field(
+                    rgb.shape[0],
+                    rgb.shape[-2:],
+                    float(torch.empty(()).uniform_(0, self.grain)),
+                    float(torch.empty(()).uniform_(0.5, 1.2)),
+                )
             pixels = (rgb.clamp(0, 1) - mean) / std
         return pixels.contiguous(), mask.contiguous()
 

@@ -49,7 +49,11 @@ def where_for(record: Record) -> str:
 
 
 def encode_conversation(
-    processor, conversations: list[dict], image_size: tuple[int, int], level: str | None, where: str = "",
+    processor,
+    conversations: list[dict],
+    image_size: tuple[int, int],
+    level: str | None,
+    where: str = "",
     expansions: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation: the chat rendered with the model's template, `<image>`
@@ -59,8 +63,12 @@ def encode_conversation(
     tokenizer = processor.tokenizer
     messages = chat_messages(conversations)
     encoded = tokenizer.apply_chat_template(
-        messages, chat_template=processor.chat_template, tokenize=True, return_dict=True,
-        return_assistant_tokens_mask=True, add_generation_prompt=False,
+        messages,
+        chat_template=processor.chat_template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        add_generation_prompt=False,
     )
     ids, assistant = list(encoded["input_ids"]), list(encoded["assistant_masks"])
     image_id = processor.config.image_token_index
@@ -94,15 +102,21 @@ class Conversations(Dataset):
     forked process per core, and each (image size, level, location)'s `<image>` expansion is tokenised once.
     """
 
-    def __init__(self, records: list[Record], processor, with_levels: bool, max_length: int = 2048, workers: int | None = None):
+    def __init__(
+        self, records: list[Record], processor, with_levels: bool, max_length: int = 2048, workers: int | None = None
+    ):
         from data_prep.parallel import default_workers, ordered_map
 
         self.processor, self.with_levels = processor, with_levels
         self._expansions: dict = {}
-        if workers is None:  # forked workers pay from a few thousand (8,000 of the default model's: 4.0-4.2 s against 11.2 s)
+        if (
+            workers is None
+        ):  # forked workers pay from a few thousand (8,000 of the default model's: 4.0-4.2 s against 11.2 s)
             workers = default_workers() if len(records) >= PARALLEL_ENCODE_FROM else 1
         self.records, problems = [], []
-        for record, (size, ids, labels) in zip(records, ordered_map(self._encode_record, records, workers, chunksize=256)):
+        for record, (size, ids, labels) in zip(
+            records, ordered_map(self._encode_record, records, workers, chunksize=256)
+        ):
             if len(ids) > max_length:
                 problems.append(f"{record.image}: {len(ids)} tokens > data.max_length {max_length}")
                 continue

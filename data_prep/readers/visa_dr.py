@@ -89,7 +89,9 @@ def parse_entry(entry, task: str) -> VisaDREntry | str:
     return VisaDREntry(entry["image"], label, category, {"questions": questions, "answers": answers})
 
 
-def read_visa_dr(path: str | Path, task: str, image_root: str | Path | None = None, full_check: bool = False) -> ReadResult:
+def read_visa_dr(
+    path: str | Path, task: str, image_root: str | Path | None = None, full_check: bool = False
+) -> ReadResult:
     """Every usable entry of a detection or reasoning file as a record; the others are problems."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -109,11 +111,15 @@ def read_visa_dr(path: str | Path, task: str, image_root: str | Path | None = No
     return result
 
 
-def read_visa_dr_detection(path: str | Path, image_root: str | Path | None = None, full_check: bool = False) -> ReadResult:
+def read_visa_dr_detection(
+    path: str | Path, image_root: str | Path | None = None, full_check: bool = False
+) -> ReadResult:
     """Every detection entry as a record with a label; entries without a boolean ``anomaly`` are problems."""
     return read_visa_dr(path, "detection", image_root, full_check)
 
 
-def read_visa_dr_reasoning(path: str | Path, image_root: str | Path | None = None, full_check: bool = False) -> ReadResult:
+def read_visa_dr_reasoning(
+    path: str | Path, image_root: str | Path | None = None, full_check: bool = False
+) -> ReadResult:
     """Every reasoning entry as a record with ``extra["questions"]`` and ``extra["answers"]``."""
     return read_visa_dr(path, "reasoning", image_root, full_check)
