@@ -76,18 +76,21 @@ def _colour_histogram(image: Image.Image, levels: int = 4) -> np.ndarray:
     return np.bincount(bins.ravel(), minlength=levels**3) / bins.size
 
 
-def reference_warnings(image: Image.Image, references) -> list[str]:
+def reference_warnings(image: Image.Image, references, histograms: list[np.ndarray] | None = None) -> list[str]:
     """Warnings for normal references that do not look like the inspected part.
 
     The rule (kept simple on purpose): a reference is flagged when its coarse colour histogram (4 levels
     per channel) overlaps the query's by less than `REFERENCE_MIN_COLOUR_OVERLAP` (histogram
     intersection, 1 = same colours), or its width or height is more than `REFERENCE_SIZE_RATIO` times
-    the query's or less than its inverse. The score is still computed against it.
+    the query's or less than its inverse. The score is still computed against it. `histograms`: the
+    references' own (`_colour_histogram`), when computed once for many images.
     """
     query = _colour_histogram(image)
+    if histograms is None:
+        histograms = [_colour_histogram(reference) for reference in references]
     found = []
-    for number, reference in enumerate(references, start=1):
-        overlap = float(np.minimum(_colour_histogram(reference), query).sum())
+    for number, (reference, histogram) in enumerate(zip(references, histograms), start=1):
+        overlap = float(np.minimum(histogram, query).sum())
         ratio = max(
             max(reference.width, image.width) / min(reference.width, image.width),
             max(reference.height, image.height) / min(reference.height, image.height),
@@ -242,6 +245,7 @@ class AnomalyAssistant:
         loaded = [load_image(im) for im in images]
         references = [load_image(r) for r in references or []]
         refs = self.processor.preprocess(references) if references else None
+        histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
             chunk = loaded[start : start + batch_size]
@@ -255,7 +259,7 @@ class AnomalyAssistant:
                 visual = VisualEncoding(
                     image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1]
                 )
-                warnings = reference_warnings(image, references)
+                warnings = reference_warnings(image, references, histograms)
                 evidence = self._evidence(image, visual)
                 reports.append(AnomalyReport(answer="", model=self.name, image=image, warnings=warnings, **evidence))
         return reports
