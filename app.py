@@ -14,8 +14,11 @@ expert. A named API endpoint serves scripts:
 Safety: every conversation lives in its own session state; uploads are capped in bytes and decoded
 only by the image decoders `assistant.imageio.image_from_upload` allows, whatever their names say;
 file paths and URLs from clients are refused; requests wait in a bounded queue and model calls run
-`--concurrency` at a time; the server binds to loopback unless told otherwise. A bad model path
-prints one line on stderr and exits with code 2, before gradio is imported.
+`--concurrency` at a time; the server binds to loopback unless told otherwise. The upload checks live
+in `assistant/app_uploads.py`, the HTTP hardening in `assistant/app_http.py`. An upload or question
+refused on purpose is an error in the page and no traceback in the log. A blank question asks the
+default question, as the CLI does. A bad model path prints one line on stderr and exits with code 2,
+before gradio is imported (`assistant.errors.run_main`, as every entry point).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -33,12 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from assistant.app_http import RefuseFileURLs
+from assistant.app_uploads import UploadRejected, read_upload, upload_key
+from assistant.errors import UsageError, checked_question, run_main
+
 if TYPE_CHECKING:  # the app imports PIL, torch and gradio only once it runs
     from PIL import Image
 
     from assistant.inference import AnomalyReport
 
-EXIT_BAD_INPUT = 2
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 AUTH_ENV = "ANOMALY_ASSISTANT_AUTH"  # "user:pass", read when --auth is not given (keeps it out of `ps`)
 
@@ -69,10 +74,6 @@ class Session:
     references: list[Image.Image] = field(default_factory=list)
     evidence: AnomalyReport | None = None  # from detection (no answer); None for a model without an expert
     messages: list[dict] = field(default_factory=list)  # [{"role", "content": str}], as `chat` takes them
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line on stderr, exit code 2."""
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -127,121 +128,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-# -- uploads -----------------------------------------------------------------------------------------
-class UploadRejected(ValueError):
-    """An upload the app will not use; `field` says which box it came from ("image" or "references")."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(field, message)
-        self.field = field
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _upload_path(value, cache_dir: str, field: str) -> Path:
-    """The local file behind an uploaded-file payload; anything else (a URL, a path elsewhere) is refused.
-
-    Gradio itself refuses local paths outside its upload folder; this also says no to what it lets
-    through (URLs, inline data) and checks the folder again.
-    """
-    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
-        raise UploadRejected(field, "Upload images as files (drag them in, browse, or paste).")
-    path, url = value["path"], value.get("url") or ""
-    if "://" in path or path.startswith("data:") or url.startswith("data:"):
-        raise UploadRejected(field, "Images must be uploaded as files; URLs and inline data are not accepted.")
-    resolved = Path(path).resolve()
-    if not resolved.is_relative_to(Path(cache_dir).resolve()) or not resolved.is_file():
-        raise UploadRejected(field, "Images must be uploaded as files; that path is not an upload.")
-    return resolved
-
-
-def _read_upload(value, cache_dir: str, settings: AppSettings, field: str):
-    """Decode one upload with `image_from_upload`: capped in bytes and pixels, format from the bytes."""
-    from assistant.imageio import ImageInputError, image_from_upload
-    from assistant.limits import MAX_IMAGE_PIXELS
-
-    path = _upload_path(value, cache_dir, field)
-    with open(path, "rb") as stream:  # one byte over the cap is enough to refuse it
-        data = stream.read(settings.max_upload_bytes + 1)
-    try:
-        return image_from_upload(data, max_bytes=settings.max_upload_bytes, max_pixels=MAX_IMAGE_PIXELS)
-    except ImageInputError as error:  # the reason only: the client's file name stays out of the page
-        what = "image" if field == "image" else "reference image"
-        raise UploadRejected(field, f"The {what} was rejected: {error.reason}.") from None
-
-
-def _upload_key(value) -> str | None:
-    return value.get("path") if isinstance(value, dict) else None
-
-
-class RefuseFileURLs:
-    """ASGI middleware: refuse requests that name a file by URL instead of uploading it.
-
-    Gradio would fetch a public URL given as a file's path before any handler runs; the app takes
-    images as uploads only. Bodies other than uploads are also capped (files travel as uploads).
-    """
-
-    def __init__(self, app, max_json_bytes: int = 1_000_000):
-        self.app = app
-        self.max_json_bytes = max_json_bytes
-
-    async def __call__(self, scope, receive, send):
-        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
-        # every POST but file uploads, whatever content type the client claims
-        if scope["type"] != "http" or scope["method"] != "POST" or headers.get(b"content-type", b"").startswith(b"multipart/"):
-            return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_json_bytes:
-                return await _reply(send, 413, "request body too large")
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            payload = None  # not ours to judge: the app answers it
-        if payload is not None and _names_file_by_url(payload):
-            return await _reply(send, 400, "files must be uploaded; URLs and paths are not accepted")
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-
-def _names_file_by_url(payload) -> bool:
-    """Whether any gradio file reference in a JSON payload has a URL (or inline data) as its path."""
-    stack = [payload]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            meta = item.get("meta")
-            path = item.get("path")
-            if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData" and isinstance(path, str):
-                if "://" in path or path.startswith("data:"):
-                    return True
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
-async def _reply(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 # -- the app -----------------------------------------------------------------------------------------
 class InspectionApp:
     """The event handlers. Holds the model and the settings only; conversations live in `Session`s."""
@@ -259,11 +145,11 @@ class InspectionApp:
         references = list(references or [])
         if len(references) > self.settings.max_references:
             raise UploadRejected("references", f"At most {self.settings.max_references} reference images, please.")
-        key = (_upload_key(image), tuple(_upload_key(ref) for ref in references))
+        key = (upload_key(image), tuple(upload_key(ref) for ref in references))
         if session is not None and session.key == key and session.image is not None:
             return session
-        picture = _read_upload(image, self.cache_dir, self.settings, "image")
-        normals = [_read_upload(ref, self.cache_dir, self.settings, "references") for ref in references]
+        picture = read_upload(image, self.cache_dir, self.settings.max_upload_bytes, "image")
+        normals = [read_upload(ref, self.cache_dir, self.settings.max_upload_bytes, "references") for ref in references]
         evidence = self.assistant.detect(picture, normals) if self.assistant.has_expert else None
         return Session(key=key, image=picture, references=normals, evidence=evidence)
 
@@ -295,7 +181,7 @@ class InspectionApp:
         try:
             session = self._prepare(image, references, None)
         except UploadRejected as error:
-            gr.Warning(error.message)
+            gr.Warning(error.message)  # on purpose: a warning in the page, nothing in the log
             cleared = (None, gr.skip()) if error.field == "image" else (gr.skip(), None)
             return *cleared, *fresh
         return gr.skip(), gr.skip(), [], *self._panel(session), session
@@ -305,20 +191,14 @@ class InspectionApp:
         """Stream the answer to one more question about the session's image."""
         import gradio as gr
 
-        from assistant.limits import MAX_QUESTION_CHARS
-
-        question = (question or "").strip()
-        if not question:
-            raise gr.Error("Type a question first.")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise gr.Error(f"The question is too long ({len(question)} characters; at most {MAX_QUESTION_CHARS}).")
+        question = _question(question)
         try:
             session = self._prepare(image, references, session)
         except UploadRejected as error:
-            raise gr.Error(error.message) from None
+            raise _refusal(error.message) from None
         asked = sum(message["role"] == "user" for message in session.messages)
         if asked >= self.settings.max_questions:
-            raise gr.Error(f"This chat has {asked} questions already; press New chat to start over.")
+            raise _refusal(f"This chat has {asked} questions already; press New chat to start over.")
 
         messages = [*session.messages, {"role": "user", "content": question}]
         overlay, verdict, report = self._panel(session)
@@ -339,27 +219,40 @@ class InspectionApp:
     # API -------------------------------------------------------------------------------------------
     def analyze(self, image, question, references):
         """One question, one answer: (answer, overlay image, JSON report)."""
-        import gradio as gr
-
-        from assistant.inference import DEFAULT_QUESTION
-        from assistant.limits import MAX_QUESTION_CHARS
-
-        question = (question or "").strip() or DEFAULT_QUESTION
-        if len(question) > MAX_QUESTION_CHARS:
-            raise gr.Error(f"The question is too long ({len(question)} characters; at most {MAX_QUESTION_CHARS}).")
+        question = _question(question)
         try:
             session = self._prepare(image, references, None)
         except UploadRejected as error:
-            raise gr.Error(error.message) from None
+            raise _refusal(error.message) from None
         report = self.assistant.analyze(session.image, question, session.references, max_new_tokens=self.settings.max_new_tokens)
         overlay = self.assistant.visualize(report) if report.anomaly_map is not None else session.image
         return report.answer, overlay, report.to_dict()
 
 
+def _refusal(message: str):
+    """An error shown in the page for input refused on purpose: gradio logs no traceback for it."""
+    import gradio as gr
+
+    return gr.Error(message, print_exception=False)
+
+
+def _question(question) -> str:
+    """The question to ask, by the CLI's rule: left out or blank asks the default question."""
+    from assistant.inference import DEFAULT_QUESTION
+    from assistant.limits import MAX_QUESTION_CHARS
+
+    try:
+        return checked_question(question, MAX_QUESTION_CHARS) or DEFAULT_QUESTION
+    except UsageError as error:
+        message = str(error)
+        raise _refusal(f"{message[0].upper()}{message[1:]}.") from None
+
+
 def _verdict(report) -> str:
     words = "**ANOMALOUS**" if report.pred_label else "**Normal**"
     where = f" · {report.location}" if report.location else ""
-    return f"{words} · score {report.pred_score:.3f} (threshold {report.threshold:.2f}){where}"
+    warnings = "".join(f"\n\n⚠ {warning}" for warning in report.warnings)
+    return f"{words} · score {report.pred_score:.3f} (threshold {report.threshold:.2f}){where}{warnings}"
 
 
 def _display(messages: list[dict], pending: str | None) -> list[dict]:
@@ -477,25 +370,18 @@ def _stop(signum, frame):
     raise KeyboardInterrupt  # gradio closes the server on it and `launch` returns
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args, settings = parse_settings(argv)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        from transformers.utils import logging
+def _main(argv: list[str] | None) -> int:
+    args, settings = parse_settings(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from transformers.utils import logging
 
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        from assistant.checkpoint import ModelLoadError
-        from assistant.inference import AnomalyAssistant
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    from assistant.inference import AnomalyAssistant
 
-        try:
-            assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device)
-        except ModelLoadError as error:
-            raise UsageError(str(error)) from None
-    except UsageError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    # a bad model is a ModelLoadError: one line and exit 2, before gradio loads
+    assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device)
     if not _is_loopback(settings.host) and settings.auth is None:
         print(f"warning: serving on {settings.host} with no login; pass --auth USER:PASS", file=sys.stderr)
     private_cache = None
@@ -512,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         if private_cache is not None:
             shutil.rmtree(private_cache, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

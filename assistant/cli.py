@@ -7,8 +7,9 @@
     anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
     anomaly-assistant serve --model ./my-checkpoint --api-key-env ANOMALY_KEY    # OpenAI-compatible, http://127.0.0.1:8000/v1
 
-Bad input (unreadable image, bad model path, over-long question, an output file that already exists)
-prints one line on stderr and exits with code 2; nothing the user gave is written over.
+Bad input (unreadable image, bad model path, an over-long question, an output file that already exists
+without --overwrite) prints one line on stderr and exits with code 2 (`assistant.errors.run_main`); nothing
+the user gave is written over. A question left out or blank asks the default question, as in the app.
 """
 
 from __future__ import annotations
@@ -19,12 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-
-
-class UsageError(ValueError):
-    """Bad input from the user: one line on stderr, exit code 2."""
+from .errors import UsageError, checked_question, run_main
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,13 +29,17 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question about one image, with score, heatmap and boxes")
     ask.add_argument("image", help="the image to inspect")
-    ask.add_argument("-q", "--question", default=None, help="question (default: is there an anomaly, where, what)")
+    ask.add_argument(
+        "-q", "--question", default=None, help="question (left out or blank: is there an anomaly, where, what)"
+    )
     ask.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
     ask.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
     ask.add_argument("--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal")
     ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ask.add_argument("--heatmap", default=None, metavar="OUT.png", help="write the overlay (heatmap, contours, boxes) here")
-    ask.add_argument("--overwrite", action="store_true", help="allow --heatmap to replace an existing file")
+    ask.add_argument(
+        "--overwrite", action="store_true", help="let --heatmap replace an existing file (its folder is created)"
+    )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ask.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -89,8 +89,8 @@ def _check_output(path: str | None, overwrite: bool) -> Path | None:
         raise UsageError(f"--heatmap '{path}' is a folder")
     if out.exists() and not overwrite:
         raise UsageError(f"'{path}' already exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise UsageError(f"the folder for --heatmap does not exist: '{out.parent}'")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"the folder for --heatmap is a file: '{out.parent}'")
     return out
 
 
@@ -98,10 +98,7 @@ def _ask(args) -> int:
     from .imageio import load_image
     from .limits import MAX_QUESTION_CHARS
 
-    if args.question is not None and len(args.question) > MAX_QUESTION_CHARS:
-        raise UsageError(f"the question is too long ({len(args.question)} characters; at most {MAX_QUESTION_CHARS})")
-    if args.question is not None and not args.question.strip():
-        raise UsageError("the question is empty")
+    question = checked_question(args.question, MAX_QUESTION_CHARS)  # left out or blank: the default question
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     heatmap = _check_output(args.heatmap, args.overwrite)
@@ -118,13 +115,14 @@ def _ask(args) -> int:
 
         torch.manual_seed(args.seed)
         generate = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    report = assistant.analyze(image, args.question, references=references, max_new_tokens=args.max_new_tokens, **generate)
+    report = assistant.analyze(image, question, references=references, max_new_tokens=args.max_new_tokens, **generate)
 
     written = None
     if heatmap is not None:
         if report.anomaly_map is None:
             print(f"note: the model '{args.model}' has no anomaly expert, so there is no heatmap to write", file=sys.stderr)
         else:
+            heatmap.parent.mkdir(parents=True, exist_ok=True)
             tmp = heatmap.with_name(f".{heatmap.name}.partial{heatmap.suffix}")
             assistant.visualize(report).save(tmp)
             os.replace(tmp, heatmap)
@@ -132,6 +130,8 @@ def _ask(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(heatmap=written)))
         return 0
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if report.pred_score is not None:
         verdict = "ANOMALOUS" if report.pred_label else "normal"
         where = f", {report.location}" if report.location else ""
@@ -244,29 +244,13 @@ def _quiet_libraries() -> None:
     logging.disable_progress_bar()
 
 
-def _is_bad_input(error: Exception) -> bool:
-    from .imageio import ImageInputError
-
-    if isinstance(error, (UsageError, ImageInputError)):
-        return True
-    checkpoint = sys.modules.get("assistant.checkpoint")  # loaded only once a model was asked for
-    return checkpoint is not None and isinstance(error, checkpoint.ModelLoadError)
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    return {"ask": _ask, "inspect": _inspect, "convert-expert": _convert, "serve": _serve}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    debug = os.environ.get("ANOMALY_ASSISTANT_DEBUG") == "1"
-    try:
-        return {"ask": _ask, "inspect": _inspect, "convert-expert": _convert, "serve": _serve}[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # one line for the user; the traceback with ANOMALY_ASSISTANT_DEBUG=1
-        if debug:
-            raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if _is_bad_input(error) else EXIT_FAILURE
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

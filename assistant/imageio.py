@@ -9,8 +9,9 @@ What the loader does, in order:
 
 - refuses before decoding: missing files, directories, empty inputs, images whose header declares
   no pixels or more than ``max_pixels`` pixels (a decompression bomb: a few KB that decode to GBs).
-  PIL's own bomb guard (``Image.MAX_IMAGE_PIXELS``, left untouched) still applies on top: its
-  warning is treated as an error, so ``max_pixels`` above that limit has no effect beyond it;
+  PIL's own bomb guard (``Image.MAX_IMAGE_PIXELS``, left untouched) still applies on top, so the
+  limit is the smaller of the two; whichever check fires, the message is the same one, naming the
+  image's pixel count and that limit;
 - decodes the whole first frame (``img.load()``), so truncated files fail here instead of coming
   back half grey (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never enabled);
 - applies the EXIF orientation, so the pixels are the way the picture is meant to be seen;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -178,7 +180,7 @@ def _load_bytes(data: bytes, label: str, max_pixels: int) -> Image.Image:
 def _load_pil(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
     """Normalise an image someone else opened; it may still be lazy, so decode it here."""
     _check_size(image.size, label, max_pixels)
-    with _pil_errors(label):
+    with _pil_errors(label, max_pixels):
         image.load()
         return _to_rgb(image, label)
 
@@ -229,7 +231,7 @@ def _decode(
     file, label: str, max_pixels: int, *, formats: Sequence[str] | None = None, unknown: str | None = None
 ) -> Image.Image:
     """Open `file` with PIL, check the header's size, decode the first frame fully, convert to RGB."""
-    with _pil_errors(label, unknown=unknown):
+    with _pil_errors(label, max_pixels, unknown=unknown):
         with Image.open(file, formats=formats) as image:
             _check_size(image.size, label, max_pixels)  # header only: nothing decoded yet
             image.load()
@@ -237,7 +239,7 @@ def _decode(
 
 
 @contextmanager
-def _pil_errors(label: str, *, unknown: str | None = None) -> Iterator[None]:
+def _pil_errors(label: str, max_pixels: int, *, unknown: str | None = None) -> Iterator[None]:
     """Turn whatever PIL raises while identifying or decoding into one `ImageInputError`.
 
     PIL's decoders raise a zoo of types (OSError, SyntaxError, EOFError, struct.error, zlib.error,
@@ -255,7 +257,9 @@ def _pil_errors(label: str, *, unknown: str | None = None) -> Iterator[None]:
         except UnidentifiedImageError as exc:
             raise ImageInputError(label, unknown or "not a recognised image format") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageInputError(label, f"possible decompression bomb (PIL: {exc})") from exc
+            found = re.search(r"\((\d+) pixels\)", str(exc))  # PIL names the count, not the size
+            pixels = int(found.group(1)) if found else None
+            raise ImageInputError(label, _too_many_pixels(pixels, max_pixels)) from exc
         except MemoryError as exc:
             raise ImageInputError(label, "not enough memory to decode the image") from exc
         except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -269,12 +273,19 @@ def _check_size(size: tuple[int, int], label: str, max_pixels: int) -> None:
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageInputError(label, f"image has no pixels ({width}×{height})")
-    if width * height > max_pixels:
-        raise ImageInputError(
-            label,
-            f"image is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            "(possible decompression bomb)",
-        )
+    if width * height > pixel_limit(max_pixels):
+        raise ImageInputError(label, _too_many_pixels(width * height, max_pixels))
+
+
+def pixel_limit(max_pixels: int) -> int:
+    """The limit in force: `max_pixels`, or PIL's own bomb limit when that is lower."""
+    return min(max_pixels, Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else max_pixels
+
+
+def _too_many_pixels(pixels: int | None, max_pixels: int) -> str:
+    """The one message for an image over the pixel limit, whether this module's check or PIL's fired."""
+    count = f"{pixels:,} pixels" if pixels is not None else "more pixels than allowed"
+    return f"image is {count}, over the limit of {pixel_limit(max_pixels):,} pixels (possible decompression bomb)"
 
 
 def _to_rgb(image: Image.Image, label: str) -> Image.Image:

@@ -52,18 +52,69 @@ class AnomalyReport:
     domain_distance: float | None = None
     model: str = ""
     image: Image.Image | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)  # e.g. a reference that looks like another kind of part
 
-    def to_dict(self, heatmap: str | None = None) -> dict:
+    def evidence(self) -> dict:
+        """The verdict and its evidence as JSON values: the one serialiser of the CLI, the app and the server."""
         return {
-            "answer": self.answer,
             "anomalous": self.pred_label,
             "score": None if self.pred_score is None else round(float(self.pred_score), 6),
+            "threshold": None if self.threshold is None else round(float(self.threshold), 6),
             "boxes": self.boxes,
             "location": self.location or None,
             "out_of_domain": self.out_of_domain,
-            "heatmap": heatmap,
             "model": self.model,
+            "warnings": list(self.warnings),
         }
+
+    def to_dict(self, heatmap: str | None = None) -> dict:
+        """The answer and the evidence; `heatmap` is where the overlay was written, if it was."""
+        return {"answer": self.answer, **self.evidence(), "heatmap": heatmap}
+
+
+#: a reference whose colour histogram shares less than this with the query's is another kind of part
+REFERENCE_MIN_COLOUR_OVERLAP = 0.25
+#: ... or whose width or height differs from the query's by more than this factor
+REFERENCE_SIZE_RATIO = 2.0
+
+
+def _colour_histogram(image: Image.Image, levels: int = 4) -> np.ndarray:
+    """The share of pixels in each of `levels`³ RGB bins (on a 64×64 thumbnail)."""
+    pixels = np.asarray(image.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.int64) // (256 // levels)
+    bins = (pixels[..., 0] * levels + pixels[..., 1]) * levels + pixels[..., 2]
+    return np.bincount(bins.ravel(), minlength=levels**3) / bins.size
+
+
+def reference_warnings(image: Image.Image, references, histograms: list[np.ndarray] | None = None) -> list[str]:
+    """Warnings for normal references that do not look like the inspected part.
+
+    The rule (kept simple on purpose): a reference is flagged when its coarse colour histogram (4 levels
+    per channel) overlaps the query's by less than `REFERENCE_MIN_COLOUR_OVERLAP` (histogram
+    intersection, 1 = same colours), or its width or height is more than `REFERENCE_SIZE_RATIO` times
+    the query's or less than its inverse. The score is still computed against it. `histograms`: the
+    references' own (`_colour_histogram`), when computed once for many images.
+    """
+    query = _colour_histogram(image)
+    if histograms is None:
+        histograms = [_colour_histogram(reference) for reference in references]
+    found = []
+    for number, (reference, histogram) in enumerate(zip(references, histograms), start=1):
+        overlap = float(np.minimum(histogram, query).sum())
+        ratio = max(
+            max(reference.width, image.width) / min(reference.width, image.width),
+            max(reference.height, image.height) / min(reference.height, image.height),
+        )
+        why = []
+        if overlap < REFERENCE_MIN_COLOUR_OVERLAP:
+            why.append(f"its colours overlap the image's by {overlap:.0%} (under {REFERENCE_MIN_COLOUR_OVERLAP:.0%})")
+        if ratio > REFERENCE_SIZE_RATIO:
+            size = f"{reference.width}×{reference.height}"
+            why.append(f"its size {size} is far from the image's {image.width}×{image.height}")
+        if why:
+            found.append(
+                f"reference {number} may show another kind of part: {' and '.join(why)}; the score compares against it"
+            )
+    return found
 
 
 def out_of_domain_answer(evidence: dict) -> str:
@@ -223,6 +274,7 @@ class AnomalyAssistant:
         if zero_shot == "batch" and not references:
             return self._detect_folder(loaded, batch_size)
         refs = self.processor.preprocess(references) if references else None
+        histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
             chunk = loaded[start : start + batch_size]
@@ -232,17 +284,19 @@ class AnomalyAssistant:
                     pixels["pixel_values"], pixels["image_sizes"],
                     refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None, with_domain=True,
                 )
-            reports.extend(self._reports(chunk, crop_maps, scores, distances))
+            warnings = [reference_warnings(image, references, histograms) for image in chunk]
+            reports.extend(self._reports(chunk, crop_maps, scores, distances, warnings))
         return reports
 
-    def _reports(self, images, crop_maps, scores, distances) -> list[AnomalyReport]:
+    def _reports(self, images, crop_maps, scores, distances, warnings=None) -> list[AnomalyReport]:
         reports = []
         for i, image in enumerate(images):
             visual = VisualEncoding(
                 image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1],
                 domain_distances=distances[i : i + 1] if distances is not None else None,
             )
-            reports.append(AnomalyReport(answer="", model=self.name, image=image, **self._evidence(image, visual)))
+            found = warnings[i] if warnings is not None else []
+            reports.append(AnomalyReport(answer="", model=self.name, image=image, warnings=found, **self._evidence(image, visual)))
         return reports
 
     def _detect_folder(self, images, batch_size: int) -> list[AnomalyReport]:
@@ -360,7 +414,9 @@ class AnomalyAssistant:
         answer = self.chat(
             [{"role": "user", "content": question}], image, references, stream=False, max_new_tokens=max_new_tokens, **generate_kwargs
         )
-        return AnomalyReport(answer=answer.strip(), model=self.name, image=image, **self._evidence(image, visual))
+        warnings = reference_warnings(image, [load_image(r) for r in references or []]) if self.has_expert else []
+        evidence = self._evidence(image, visual)
+        return AnomalyReport(answer=answer.strip(), model=self.name, image=image, warnings=warnings, **evidence)
 
     def visualize(self, report: AnomalyReport, image=None) -> Image.Image:
         """The input with the heatmap, the mask contours and the boxes drawn over it."""

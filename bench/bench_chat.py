@@ -144,7 +144,10 @@ def endpoint_latency(args) -> None:
         model = args.model or str(tiny_assistant(Path(scratch) / "tiny"))
         assistant = AnomalyAssistant.from_pretrained(model, device=args.device)
     label = args.model or "tiny random model (CLIP + Llama)"
-    settings = ServerSettings(api_key="bench", max_tokens=args.max_tokens, queue_size=max(64, args.clients))
+    # served as "m": the model name the clients below ask for
+    settings = ServerSettings(
+        api_key="bench", max_tokens=args.max_tokens, queue_size=max(64, args.clients), model_name="m"
+    )
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

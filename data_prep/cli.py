@@ -5,7 +5,8 @@
     python -m data_prep instruct --source DIR --out FILE.json [--seed S]
     python -m data_prep check PATH
 
-Exit codes: 0 success; 1 `check` found problems; 2 bad input (one line on stderr, no traceback).
+Exit codes: 0 success; 1 `check` found problems (or the work failed); 2 bad input (one line on stderr, no
+traceback: `assistant.errors.run_main`).
 Outputs never overwrite user files unless `--overwrite` is given.
 """
 
@@ -15,15 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from assistant.errors import UsageError, run_main
+
 from .parallel import default_workers
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PROBLEMS = 0, 1
 #: folder names of the MVTec layout itself, which cannot name a class
 RESERVED_NAMES = {"train", "test", "good", "ground_truth", "metadata.jsonl"}
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,14 +155,11 @@ def run_check(args) -> int:
     return EXIT_PROBLEMS if result.problems else EXIT_OK
 
 
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"synth": run_synth, "instruct": run_instruct, "check": run_check}[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
-    try:
-        args = build_parser().parse_args(argv)
-        return {"synth": run_synth, "instruct": run_instruct, "check": run_check}[args.command](args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    """Run the CLI; returns the exit code. A file that cannot be read or written is bad input too."""
+    return run_main(_main, argv, bad_input=(OSError,))

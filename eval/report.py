@@ -191,19 +191,19 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import EXIT_BAD_INPUT, EXIT_FAILURE, add_scoring_arguments, is_bad_input, scoring_options
+    from assistant.errors import run_main
 
-    p = argparse.ArgumentParser(prog="python -m eval.report", description="Merge the shards of an eval run and score it.")
-    p.add_argument("out", help="the run folder given to eval.run --out")
-    add_scoring_arguments(p)
-    args = p.parse_args(argv)
-    try:
+    from .run import add_scoring_arguments, bad_input_types, scoring_options
+
+    def _main(argv: list[str] | None) -> int:
+        description = "Merge the shards of an eval run and score it."
+        p = argparse.ArgumentParser(prog="python -m eval.report", description=description)
+        p.add_argument("out", help="the run folder given to eval.run --out")
+        add_scoring_arguments(p)
+        args = p.parse_args(argv)
         return report(Path(args.out), scoring_options(args))
-    except Exception as error:
-        if os.environ.get("ANOMALY_ASSISTANT_DEBUG") == "1":
-            raise
-        print(f"error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT if is_bad_input(error) else EXIT_FAILURE
+
+    return run_main(_main, argv, bad_input=bad_input_types())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 ``--mode infer`` only fills the cache, ``--mode eval`` only scores it (no model loaded), ``all``
 (the default) does both. A killed run started again with the same arguments skips every sample
 already in the cache. ``--out`` is the run's own folder: a new or empty one is claimed (``run.json``),
-one holding another task's or model's run is refused. Bad input prints one line on stderr and exits 2.
+one holding another task's or model's run is refused. Bad input prints one line on stderr and exits 2
+(`assistant.errors.run_main`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,9 @@ import os
 import sys
 from pathlib import Path
 
+from assistant.errors import UsageError, run_main
+
 from .tasks import TASKS
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line on stderr, exit 2."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -229,32 +225,22 @@ def _quiet_libraries() -> None:
     logging.disable_progress_bar()
 
 
-def is_bad_input(error: Exception) -> bool:
-    from assistant.imageio import ImageInputError
-
+def bad_input_types() -> tuple[type, ...]:
+    """The evaluation's own bad-input errors (exit 2), besides `assistant.errors`' own."""
     from .adapters import AdapterError
     from .cache import RunFolderError
     from .tasks import DataError
 
-    if isinstance(error, (UsageError, DataError, RunFolderError, AdapterError, ImageInputError)):
-        return True
-    checkpoint = sys.modules.get("assistant.checkpoint")
-    return checkpoint is not None and isinstance(error, checkpoint.ModelLoadError)
+    return (DataError, RunFolderError, AdapterError)
+
+
+def _main(argv: list[str] | None) -> int:
+    return run(parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if os.environ.get("ANOMALY_ASSISTANT_DEBUG") == "1":
-            raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if is_bad_input(error) else EXIT_FAILURE
+    resume = "interrupted; run the same command again to resume"
+    return run_main(_main, argv, bad_input=bad_input_types(), interrupted=resume)
 
 
 if __name__ == "__main__":

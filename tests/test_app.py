@@ -143,14 +143,16 @@ def _svg_named_png(tmp_path):
     ],
     ids=["corrupt-bytes", "text-renamed-png", "svg-renamed-png"],
 )
-def test_a_bad_upload_gets_an_error_and_the_server_keeps_serving(client, assistant, tmp_path, make, message):
+def test_a_bad_upload_gets_an_error_and_the_server_keeps_serving(client, assistant, tmp_path, make, message, capfd):
     from gradio_client.exceptions import AppError
 
+    capfd.readouterr()
     with pytest.raises(AppError, match=message):
         _analyze(client, make(tmp_path))
     with pytest.raises(AppError, match="reference image was rejected"):
         _analyze(client, _png(tmp_path, "ok.png"), references=[make(tmp_path)])
     _assert_serving(client, tmp_path, assistant)
+    assert "Traceback" not in capfd.readouterr().err  # refused on purpose: nothing for the log
 
 
 def test_an_oversize_upload_is_refused_by_the_server(server, client, assistant, tmp_path):
@@ -209,11 +211,13 @@ def test_a_path_on_the_server_is_not_read(server, client, assistant, tmp_path):
     _assert_serving(client, tmp_path, assistant)
 
 
-def test_an_over_long_question_is_refused(client):
+def test_an_over_long_question_is_refused(client, capfd):
     from gradio_client.exceptions import AppError
 
+    capfd.readouterr()
     with pytest.raises(AppError, match="too long"):
         _analyze(client, ROOT / "examples" / "pill_good.png", "why? " * 1000)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 # -- chat sessions ------------------------------------------------------------------------------------
@@ -245,6 +249,18 @@ def test_chat_keeps_each_sessions_conversation_and_image_apart(server, assistant
     assert report_3["answer"] == follow_up
     for report, path in [(report_1, wood), (report_2, cap), (report_3, wood)]:
         assert report["score"] == pytest.approx(assistant.detect(Image.open(path)).pred_score, abs=1e-5)
+
+
+def test_a_blank_chat_question_asks_the_default_question_as_the_cli_does(server, assistant):
+    from gradio_client import Client, handle_file
+
+    from assistant.inference import DEFAULT_QUESTION
+
+    wood = ROOT / "examples" / "wood_stain.png"
+    _, chat, _, _, report = Client(server, verbose=False).predict("   ", handle_file(str(wood)), [], api_name="/ask")
+    expected = assistant.analyze(Image.open(wood), None, max_new_tokens=MAX_NEW_TOKENS)
+    assert _texts(chat) == [("user", DEFAULT_QUESTION), ("assistant", expected.answer)]
+    assert report["answer"] == expected.answer
 
 
 def test_twenty_concurrent_clients_each_get_their_own_verdict(server, assistant, tmp_path):
@@ -315,7 +331,9 @@ def test_uploads_are_read_from_the_upload_folder_only(tmp_path):
     random_image(120, 120).save(big)  # noise: about 43 KB, over the 10 KB cap
     random_image(20, 20).save(outside)
 
-    assert app._read_upload({"path": str(small)}, str(uploads), settings, "image").size == (20, 20)
+    from assistant.app_uploads import UploadRejected, read_upload
+
+    assert read_upload({"path": str(small)}, str(uploads), settings.max_upload_bytes, "image").size == (20, 20)
     for value, reason in [
         ({"path": str(big)}, "over the limit"),
         ({"path": str(outside)}, "not an upload"),
@@ -324,8 +342,8 @@ def test_uploads_are_read_from_the_upload_folder_only(tmp_path):
         ({"path": None, "url": "data:image/png;base64,AAAA"}, "as files"),
         ("/etc/passwd", "as files"),
     ]:
-        with pytest.raises(app.UploadRejected, match=reason):
-            app._read_upload(value, str(uploads), settings, "image")
+        with pytest.raises(UploadRejected, match=reason):
+            read_upload(value, str(uploads), settings.max_upload_bytes, "image")
 
 
 def test_examples_are_small_images_of_the_kinds_promised():

@@ -14,7 +14,7 @@ from PIL import Image
 
 from assistant.cli import main
 
-KEYS = {"answer", "anomalous", "score", "boxes", "location", "heatmap", "model", "out_of_domain"}
+KEYS = {"answer", "anomalous", "score", "threshold", "boxes", "location", "heatmap", "model", "warnings", "out_of_domain"}
 
 
 def run(argv, capsys):
@@ -30,16 +30,48 @@ def test_json_output_with_heatmap(clip_llama, image_file, tmp_path, capsys):
     report = json.loads(out)
     assert set(report) == KEYS
     assert isinstance(report["anomalous"], bool) and 0.0 <= report["score"] <= 1.0
+    assert report["anomalous"] == (report["score"] >= report["threshold"])  # the verdict's own threshold
     assert report["heatmap"] == str(heatmap)
     assert Image.open(heatmap).size[0] == 80  # the input's width
     for box in report["boxes"]:
         assert len(box["box"]) == 4 and 0 <= box["score"] <= 1
 
 
+def test_the_readme_command_can_be_run_twice(clip_llama, image_file, tmp_path, capsys):
+    heatmap = tmp_path / "outputs" / "overlay.png"  # its folder does not exist yet: it is created
+    argv = ["ask", str(image_file), "--model", str(clip_llama), "--heatmap", str(heatmap), "--max-new-tokens", "3"]
+    code, out, err = run([*argv, "--overwrite"], capsys)
+    assert code == 0 and f"heatmap: {heatmap}" in out, err
+    first = heatmap.read_bytes()
+    heatmap.write_bytes(b"the user's own file")
+    code, out, err = run(argv, capsys)  # without --overwrite an existing file is refused and kept
+    assert code == 2 and err.count("\n") == 1 and "--overwrite" in err and out == ""
+    assert heatmap.read_bytes() == b"the user's own file"
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert code == 0 and heatmap.read_bytes() == first, err
+    assert [p.name for p in heatmap.parent.iterdir()] == ["overlay.png"]  # no partial file left behind
+
+
+def test_a_reference_of_another_kind_of_part_is_warned_about(clip_llama, tmp_path, capsys):
+    query, alike, other = tmp_path / "query.png", tmp_path / "alike.png", tmp_path / "other.png"
+    Image.fromarray(np.full((48, 48, 3), (200, 180, 40), np.uint8)).save(query)
+    Image.fromarray(np.full((48, 48, 3), (205, 178, 44), np.uint8)).save(alike)
+    Image.fromarray(np.full((48, 48, 3), (20, 40, 200), np.uint8)).save(other)
+    base = ["ask", str(query), "--model", str(clip_llama), "--max-new-tokens", "3"]
+    code, out, _ = run([*base, "--json", "--reference", str(alike)], capsys)
+    assert code == 0 and json.loads(out)["warnings"] == []
+    code, out, _ = run([*base, "--json", "--reference", str(alike), str(other)], capsys)
+    warnings = json.loads(out)["warnings"]
+    assert code == 0 and len(warnings) == 1 and warnings[0].startswith("reference 2 may show another kind of part")
+    code, out, err = run([*base, "--reference", str(other)], capsys)  # plain text: the warning on stderr
+    assert code == 0 and out.startswith("verdict: ") and "warning: reference 1 may show another kind of part" in err
+
+
 def test_json_for_a_model_without_expert(llava_ov, image_file, capsys):
     code, out, _ = run(["ask", str(image_file), "--model", str(llava_ov), "--json", "--max-new-tokens", "4"], capsys)
     report = json.loads(out)
     assert code == 0 and report["anomalous"] is None and report["score"] is None and report["boxes"] == []
+    assert report["threshold"] is None
 
 
 def test_plain_text_output(siglip_qwen2, image_file, capsys):
@@ -96,7 +128,6 @@ def test_bad_model_path_question_and_outputs(image_file, tmp_path, clip_llama, c
         (["--model", str(tmp_path)], "no config.json"),
         (["--model", "someone/not-cached"], "cannot fetch"),
         (["--model", str(clip_llama), "-q", "x" * 5000], "too long"),
-        (["--model", str(clip_llama), "-q", "   "], "empty"),
         (["--model", str(clip_llama), "--heatmap", str(image_file)], "already exists"),
         (["--model", str(clip_llama), "--heatmap", str(tmp_path / "out.txt")], "must end in"),
         (["--model", str(clip_llama), "--reference", str(tmp_path / "gone.png")], "gone.png"),
@@ -106,6 +137,14 @@ def test_bad_model_path_question_and_outputs(image_file, tmp_path, clip_llama, c
         code, _, err = run(["ask", str(image_file), *extra], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
     assert image_file.read_bytes() == original
+
+
+def test_a_blank_question_asks_the_default_one_as_the_app_does(clip_llama, image_file, capsys):
+    base = ["ask", str(image_file), "--model", str(clip_llama), "--json", "--max-new-tokens", "5"]
+    code, default, err = run(base, capsys)
+    assert code == 0, err
+    code, blank, err = run([*base, "-q", "  "], capsys)
+    assert code == 0 and json.loads(blank)["answer"] == json.loads(default)["answer"], err
 
 
 def test_model_folder_with_broken_config(image_file, tmp_path, capsys):

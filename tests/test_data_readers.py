@@ -195,6 +195,30 @@ def test_visa_dr_reasoning_accepts_answers_in_either_place(visa_dr):
     assert len(result.to_dataset()) == 2
 
 
+@pytest.mark.parametrize("task, name", [("detection", "test_data.json"), ("reasoning", "visa_dr.json")])
+def test_the_reader_and_the_eval_task_agree_on_every_visa_dr_entry(visa_dr, task, name):
+    from eval.tasks import get_task
+
+    image = "VisA/candle/Data/Images/Anomaly/000.JPG"
+    entries = [
+        {"image": image, "anomaly": True, "questions": ["Is it defective?"], "answers": ["Yes."]},
+        {"image": "VisA/pcb1/Data/Images/Normal/000.JPG", "anomaly": "normal", "questions": [{"q": "Why?"}]},
+        {"image": image, "anomaly": "maybe", "questions": []},  # a bad label, no questions
+        {"anomaly": False, "questions": ["Where?"]},  # no image
+        {"image": "VisA/pcb1/Data/Images/Normal/999.JPG", "anomaly": False, "questions": ["Where?"]},  # missing file
+    ]
+    (visa_dr / "VisA" / name).write_text(json.dumps(entries))
+    reader = read_visa_dr_detection if task == "detection" else read_visa_dr_reasoning
+    read = reader(visa_dr / "VisA" / name, image_root=visa_dr)
+    loaded = get_task(f"visa-dr-{task}").load(visa_dr, need_images=True)
+    samples = [(s.image, s.label, s.category) for s in loaded.samples]
+    assert samples == [(r.image, r.label, r.category) for r in read.records]
+    if task == "reasoning":
+        assert [s.extra for s in loaded.samples] == [r.extra for r in read.records]
+    assert len(loaded.problems) == len(read.dropped) == len(entries) - len(read.records)
+    assert [p.reason for p in read.dropped] == [p.split(": ", 1)[1] for p in loaded.problems]
+
+
 def test_core_package_imports_without_datasets():
     code = "import sys; sys.modules['datasets'] = None; import data_prep.readers, data_prep.synth, data_prep.instruct, data_prep.cli, data_prep.check"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -368,3 +368,20 @@ def test_upload_accepts_camera_jpegs_that_pil_calls_mpo():
 def test_upload_rejects_unknown_format_names():
     with pytest.raises(ValueError, match="NOPE"):
         image_from_upload(b"x", max_bytes=10, allowed_formats=("PNG", "nope"))
+
+
+def test_one_message_and_one_limit_for_too_many_pixels_whichever_check_fires(tmp_path):
+    # 81 Mpx: only this module's check; 100 Mpx: PIL's warning; 10,000 Mpx: PIL's error
+    sizes = {(9000, 9000): 81_000_000, (10_000, 10_000): 100_000_000, (100_000, 100_000): 10_000_000_000}
+    reasons = []
+    for (width, height), pixels in sizes.items():
+        path = write(tmp_path, f"big-{width}.png", png_header(width, height))
+        with pytest.raises(ImageInputError) as caught:
+            load_image(path)
+        reasons.append(caught.value.reason)
+        expected = f"image is {pixels:,} pixels, over the limit of 64,000,000 pixels (possible decompression bomb)"
+        assert caught.value.reason == expected
+        with pytest.raises(ImageInputError) as uploaded:
+            image_from_upload(png_header(width, height), max_bytes=10**6)
+        assert uploaded.value.reason == caught.value.reason
+    assert "PIL" not in " ".join(reasons)

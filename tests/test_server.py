@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import random_image
 
 KEY = "test-key-0123"
+MODEL = "clip-llama"  # the id the server lists: the checkpoint folder's name
 QUESTION = "Is there any anomaly in the image?"
 
 
@@ -79,7 +80,7 @@ def server(assistant):
 
 def test_plain_completion_carries_the_answer_and_this_images_report(server, assistant):
     image = random_image(48, 64, seed=1)
-    reply = client(server).chat.completions.create(model="anything", messages=[user_turn(png_data_url(image))], max_tokens=8)
+    reply = client(server).chat.completions.create(model=MODEL, messages=[user_turn(png_data_url(image))], max_tokens=8)
 
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     assert reply.choices[0].message.role == "assistant"
@@ -97,15 +98,31 @@ def test_plain_completion_carries_the_answer_and_this_images_report(server, assi
     assert overlay.format == "PNG" and overlay.width == image.width and overlay.height >= image.height  # a title band on top
     # the same answer the library gives for the same conversation (greedy)
     assert answer == assistant.chat([{"role": "user", "content": QUESTION}], image, stream=False, max_new_tokens=8)
+    # usage counts the answer's tokens and a prompt that holds the image's tokens
+    answer_tokens = len(assistant.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    assert reply.usage.completion_tokens == answer_tokens
+    question_tokens = len(assistant.processor.tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+    assert reply.usage.prompt_tokens > question_tokens + 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # the report is the one `ask --json` prints (same serialiser), plus the overlay
+    assert set(report) == set(expected.evidence()) | {"heatmap_png"}
+
+
+def test_an_unknown_model_name_is_refused_like_openai_does(server):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(server).chat.completions.create(model="gpt-4o", messages=[user_turn(png_data_url(random_image(32, 32)))])
+    error = caught.value.body
+    assert caught.value.status_code == 404 and error["code"] == "model_not_found" and error["param"] == "model"
+    assert "gpt-4o" in error["message"] and MODEL in error["message"]
 
 
 def test_streamed_completion_matches_the_plain_one_and_ends_with_the_report(server):
     image = random_image(40, 40, seed=2)
     messages = [{"role": "system", "content": "You inspect parts."}, user_turn(png_data_url(image))]
     api = client(server)
-    plain = api.chat.completions.create(model="m", messages=messages, max_tokens=10)
+    plain = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
 
-    chunks = list(api.chat.completions.create(model="m", messages=messages, max_tokens=10, stream=True))
+    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -113,10 +130,11 @@ def test_streamed_completion_matches_the_plain_one_and_ends_with_the_report(serv
     last = chunks[-1]
     assert last.choices[0].finish_reason == plain.choices[0].finish_reason
     assert last.model_extra["anomaly_report"]["score"] == plain.model_extra["anomaly_report"]["score"]
+    assert last.usage == plain.usage and last.usage.total_tokens > 0
     assert all("anomaly_report" not in (c.model_extra or {}) for c in chunks[:-1])
 
     # on the wire: server-sent events, the report on the last chunk, then [DONE]
-    body = {"model": "m", "messages": messages, "max_tokens": 10, "stream": True}
+    body = {"model": MODEL, "messages": messages, "max_tokens": 10, "stream": True}
     raw = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
     events = [line[len("data: "):] for line in raw.text.splitlines() if line.startswith("data: ")]
@@ -128,14 +146,14 @@ def test_follow_ups_reuse_the_clients_own_cache_and_clients_stay_apart(server, a
     image = random_image(32, 32, seed=3)
     api = client(server)
     first = [user_turn(png_data_url(image))]
-    answer = api.chat.completions.create(model="m", messages=first, max_tokens=6, user="alice").choices[0].message.content
+    answer = api.chat.completions.create(model=MODEL, messages=first, max_tokens=6, user="alice").choices[0].message.content
     before = len(assistant.kv_cache)
-    api.chat.completions.create(model="m", messages=first, max_tokens=6, user="bob")
+    api.chat.completions.create(model=MODEL, messages=first, max_tokens=6, user="bob")
     assert len(assistant.kv_cache) == before + 1  # bob's cache is his own, not alice's
 
     hits = assistant.kv_cache.hits
     follow_up = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Where is it?"}]
-    reply = api.chat.completions.create(model="m", messages=follow_up, max_tokens=6, user="alice")
+    reply = api.chat.completions.create(model=MODEL, messages=follow_up, max_tokens=6, user="alice")
     assert assistant.kv_cache.hits == hits + 1
     expected = assistant.chat(
         [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}, {"role": "user", "content": "Where is it?"}],
@@ -156,7 +174,7 @@ def _refusal(call):
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
     api = client(server)
     good = png_data_url(random_image(32, 32, seed=4))
-    ask = lambda messages, **kw: lambda: api.chat.completions.create(model="m", messages=messages, **kw)  # noqa: E731
+    ask = lambda messages, **kw: lambda: api.chat.completions.create(model=MODEL, messages=messages, **kw)  # noqa: E731
 
     # a URL is never fetched: a listener that the URL points at sees no connection
     with socket.socket() as trap:
@@ -183,15 +201,15 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
     status, body = _refusal(ask([user_turn(good)], n=2))
     assert status == 400 and body["param"] == "n"
     with pytest.raises(openai.AuthenticationError) as caught:
-        client(server, key="wrong-key").chat.completions.create(model="m", messages=[user_turn(good)])
+        client(server, key="wrong-key").chat.completions.create(model=MODEL, messages=[user_turn(good)])
     assert caught.value.status_code == 401 and "API key" in caught.value.message
-    no_token = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json={"model": "m", "messages": [user_turn(good)]})
+    no_token = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json={"model": MODEL, "messages": [user_turn(good)]})
     assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong-key").models.list()
 
     # still serving; max_tokens above the cap (16) is clamped, not refused
-    reply = api.chat.completions.create(model="m", messages=[user_turn(good)], max_tokens=10_000)
+    reply = api.chat.completions.create(model=MODEL, messages=[user_turn(good)], max_tokens=10_000)
     assert reply.choices[0].message.content is not None and reply.model_extra["anomaly_report"]["score"] is not None
     assert [m.id for m in api.models.list()] == ["clip-llama"]
     assert httpx.get(f"http://127.0.0.1:{server}/health").json() == {"status": "ok"}
@@ -206,7 +224,7 @@ def _concurrent(port, n=20, max_tokens=6):
         barrier.wait(timeout=30)
         try:
             results[i] = api.chat.completions.create(
-                model="m", messages=[user_turn(png_data_url(random_image(32, 40, seed=100 + i)))], max_tokens=max_tokens, user=f"c{i}"
+                model=MODEL, messages=[user_turn(png_data_url(random_image(32, 40, seed=100 + i)))], max_tokens=max_tokens, user=f"c{i}"
             )
         except openai.APIStatusError as error:
             results[i] = error
@@ -247,7 +265,7 @@ def test_a_full_queue_answers_429_at_once_and_the_rest_are_served(assistant):
         assert len(_check_own_reports(assistant, results)) >= 2
         assert app.state.admission.active == 0
         # once the rush is over, requests are served again
-        reply = client(port).chat.completions.create(model="m", messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
+        reply = client(port).chat.completions.create(model=MODEL, messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
         assert reply.choices[0].message.content is not None
 
 
@@ -260,7 +278,7 @@ def test_a_model_without_an_expert_reports_a_null_score(tmp_path):
 
     plain = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "plain", expert=False)))
     with TestClient(build_app(plain)) as http:
-        body = {"model": "m", "messages": [user_turn(png_data_url(random_image(32, 32)))], "max_tokens": 4}
+        body = {"model": "plain", "messages": [user_turn(png_data_url(random_image(32, 32)))], "max_tokens": 4}
         reply = http.post("/v1/chat/completions", json=body)
         assert reply.status_code == 200, reply.text
         report = reply.json()["anomaly_report"]
@@ -306,7 +324,9 @@ def test_serve_command_answers_on_loopback(clip_llama, tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.25)
-        reply = client(port).chat.completions.create(model="m", messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
+        # the model named as it was given to --model is accepted too
+        messages = [user_turn(png_data_url(random_image(32, 32)))]
+        reply = client(port).chat.completions.create(model=str(clip_llama), messages=messages, max_tokens=4)
         assert reply.model_extra["anomaly_report"]["score"] is not None
     finally:
         process.terminate()

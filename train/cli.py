@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from assistant.errors import run_main
 
 from .config import STAGES, ConfigError, load_config
-
-EXIT_OK, EXIT_STOPPED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,21 +35,17 @@ def parse(argv: list[str] | None):
     return load_config(path, overrides)
 
 
+def _main(argv: list[str] | None) -> int:
+    cfg = parse(argv)
+    from .run import run
+
+    run(cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 the run stopped (a NaN/inf loss) or failed; 2 a bad config or command line."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        cfg = parse(argv)
-        from .run import run
-        from .trainer import NonFiniteLoss
-
-        try:
-            run(cfg)
-        except NonFiniteLoss as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_STOPPED
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    return EXIT_OK
+    return run_main(_main, argv, bad_input=(ConfigError,))

@@ -2,7 +2,8 @@
 
 The published layout is ``<data_dir>/VisA/test_data.json`` (detection) or ``visa_dr.json``
 (reasoning) with image paths ``VisA/<class>/...`` relative to ``<data_dir>``. `--data` may name the
-JSON file, ``<data_dir>`` or the ``VisA`` folder itself.
+JSON file, ``<data_dir>`` or the ``VisA`` folder itself. Each entry is parsed by the dataset reader's
+`data_prep.readers.visa_dr.parse_entry`, the one parser of the format.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from data_prep.images import image_problem
 from data_prep.readers.jsonfile import entry_id, load_json_list
+from data_prep.readers.visa_dr import parse_entry
 from data_prep.records import ReadResult
 
-from .base import DataError
+from .base import DataError, Dataset, Sample, unique_keys
 
 
 def find_json(data: Path, name: str) -> Path:
@@ -46,12 +48,26 @@ def load_entries(json_path: Path) -> list:
     return entries
 
 
-def entry_problem(entry, index: int, root: Path, need_images: bool) -> str | None:
-    """Why an entry cannot be a sample (no image path, missing image when a model must see it)."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-        return f"{entry_id(entry, index)}: entry has no 'image' path"
-    if need_images:
-        reason = image_problem(root / entry["image"])
+def load_dataset(data: Path, name: str, task: str, need_images: bool) -> Dataset:
+    """The samples of the benchmark file `name` under `data` for `task` ("detection" or "reasoning").
+
+    An entry that cannot be used (no image path, a bad label or questions, a missing image when a model
+    must see it) is a problem, named by its position (and id) in the file.
+    """
+    path = find_json(data, name)
+    entries = load_entries(path)
+    images = [e["image"] if isinstance(e, dict) and isinstance(e.get("image"), str) else "" for e in entries]
+    root = image_root(path, [i for i in images if i])
+    dataset = Dataset(samples=[], n_entries=len(entries))
+    for index, (entry, key) in enumerate(zip(entries, unique_keys(images))):
+        parsed = parse_entry(entry, task)
+        if isinstance(parsed, str):
+            dataset.problems.append(f"{entry_id(entry, index)}: {parsed}")
+            continue
+        reason = image_problem(root / parsed.image) if need_images else None
         if reason is not None:
-            return f"{entry_id(entry, index)} {entry['image']}: {reason}"
-    return None
+            dataset.problems.append(f"{entry_id(entry, index)} {parsed.image}: {reason}")
+            continue
+        extra = parsed.extra if task == "reasoning" else {}
+        dataset.samples.append(Sample(key, index, str(root / parsed.image), parsed.label, parsed.category, extra=extra))
+    return dataset

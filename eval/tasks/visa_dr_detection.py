@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.readers.jsonfile import entry_id
-from data_prep.readers.visa_dr import category_from_image
-from data_prep.records import parse_label
-
 from ..detection import score_detection
-from .base import Dataset, Sample, Scores, Task, unique_keys
-from .visa_dr import entry_problem, find_json, image_root, load_entries
+from .base import Dataset, Sample, Scores, Task
+from .visa_dr import load_dataset
 
 PROMPT = "Are there any defects for the object in the image? Please reply with 'Yes' or 'No'."
 
@@ -26,23 +22,7 @@ class DetectionTask(Task):
     prompt = PROMPT
 
     def load(self, data: Path, need_images: bool) -> Dataset:
-        path = find_json(data, "test_data.json")
-        entries = load_entries(path)
-        images = [e["image"] if isinstance(e, dict) and isinstance(e.get("image"), str) else "" for e in entries]
-        root = image_root(path, [i for i in images if i])
-        dataset = Dataset(samples=[], n_entries=len(entries))
-        for index, (entry, key) in enumerate(zip(entries, unique_keys(images))):
-            problem = entry_problem(entry, index, root, need_images)
-            label = parse_label(entry.get("anomaly")) if problem is None else None
-            if problem is None and label is None:
-                problem = f"{entry_id(entry, index)}: 'anomaly' must be true or false, got {entry.get('anomaly')!r}"
-            if problem is not None:
-                dataset.problems.append(problem)
-                continue
-            dataset.samples.append(
-                Sample(key=key, index=index, image=str(root / entry["image"]), label=label, category=category_from_image(entry["image"]))
-            )
-        return dataset
+        return load_dataset(data, "test_data.json", "detection", need_images)
 
     def infer(self, adapter, sample: Sample, save_map) -> dict:
         answer = adapter.ask(sample, PROMPT)

@@ -12,11 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from data_prep.readers.visa_dr import category_from_image, parse_questions
-from data_prep.records import parse_label
-
-from .base import Dataset, Sample, Scores, Task, unique_keys
-from .visa_dr import entry_problem, find_json, image_root, load_entries
+from .base import Dataset, Sample, Scores, Task
+from .visa_dr import load_dataset
 
 METRICS = ("rougeL", "similarity", "judge")
 
@@ -26,29 +23,7 @@ class ReasoningTask(Task):
     prompt = "(the benchmark's questions, asked in turn)"
 
     def load(self, data: Path, need_images: bool) -> Dataset:
-        path = find_json(data, "visa_dr.json")
-        entries = load_entries(path)
-        images = [e["image"] if isinstance(e, dict) and isinstance(e.get("image"), str) else "" for e in entries]
-        root = image_root(path, [i for i in images if i])
-        dataset = Dataset(samples=[], n_entries=len(entries))
-        for index, (entry, key) in enumerate(zip(entries, unique_keys(images))):
-            problem = entry_problem(entry, index, root, need_images)
-            parsed = parse_questions(entry) if problem is None else None
-            if isinstance(parsed, str):
-                problem = f"#{index} {entry['image']}: {parsed}"
-            if problem is not None:
-                dataset.problems.append(problem)
-                continue
-            questions, answers = parsed
-            dataset.samples.append(
-                Sample(
-                    key=key, index=index, image=str(root / entry["image"]),
-                    label=parse_label(entry.get("anomaly", entry.get("label"))),
-                    category=category_from_image(entry["image"]),
-                    extra={"questions": questions, "answers": answers},
-                )
-            )
-        return dataset
+        return load_dataset(data, "visa_dr.json", "reasoning", need_images)
 
     def infer(self, adapter, sample: Sample, save_map) -> dict:
         return {"responses": adapter.converse(sample, sample.extra["questions"])}
