@@ -34,7 +34,7 @@ def test_logits_equal_the_reference_implementation(variant):
     ).eval()
     pixels = torch.randn(1, 3, v.resolution, v.resolution, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours(pixels), reference(pixels), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(pixels), reference(pixels), atol=1e-4, rtol=1e-5)  # BatchNorm folded: rounding
 
 
 def _processed(image: np.ndarray, side: int = 224) -> torch.Tensor:

@@ -171,6 +171,7 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
             init.copy_(tensor, state[name])
             tensor._is_hf_initialized = True
         self.backbone.requires_grad_(False)
+        self.backbone.refold()
 
     def train(self, mode: bool = True):
         """Stays in eval mode: frozen BatchNorm keeps its ImageNet statistics while the parent trains."""
