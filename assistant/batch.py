@@ -48,42 +48,84 @@ def find_images(folder: Path, recursive: bool = False, exclude: Path | None = No
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+#: the folder (batch) zero-shot mode scores groups of at most this many images (its cost grows with the square)
+BATCH_MODE_MAX_IMAGES = 256
+
+
+def choose_zero_shot(requested: str, n_images: int, has_references: bool) -> tuple[str, str | None]:
+    """The mode a folder is scored in, and a note for the user when it differs from what was asked."""
+    from .inference import BATCH_MODE_MIN_IMAGES
+
+    if has_references:
+        return "single", None if requested in ("auto", "single") else "normal references given: each image is scored against them"
+    if requested == "auto":
+        return ("batch", None) if n_images >= BATCH_MODE_MIN_IMAGES else ("single", None)
+    if requested == "batch" and n_images < 2:
+        return "single", "one image: scored on its own (the batch mode needs at least 2)"
+    return requested, None
+
+
 def inspect_folder(
-    assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=None, batch_size: int = 8
+    assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=None, batch_size: int = 8,
+    zero_shot: str = "single",
 ) -> list[Inspected]:
     """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`.
 
-    Images go through the tower and the expert `batch_size` at a time (`AnomalyAssistant.detect_batch`).
+    Images go through the tower and the expert `batch_size` at a time (`AnomalyAssistant.detect_batch`). `zero_shot`
+    ("single", "batch" or "auto", `choose_zero_shot`) says how images are scored without references; in the batch
+    mode the images are scored against each other in groups of at most `BATCH_MODE_MAX_IMAGES`.
     """
     folder, out = Path(folder), Path(out)
     log = log if log is not None else sys.stderr
     images = find_images(folder, recursive, exclude=out)
     (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
     references = list(references) or None
-    results = []
-    for start in range(0, len(images), batch_size):
-        chunk = list(enumerate(images[start : start + batch_size], start=start + 1))
-        items, loaded = [], []
-        for number, path in chunk:
-            item = Inspected(path.relative_to(folder).as_posix())
-            try:
-                loaded.append((number, path, item, load_image(path, name=item.path)))
-            except ImageInputError as error:
-                item.error = error.reason
-            items.append(item)
-        reports = assistant.detect_batch([image for *_, image in loaded], references=references, batch_size=batch_size) if loaded else []
+    mode, note = choose_zero_shot(zero_shot, len(images), bool(references))
+    print(f"scoring {len(images)} images: " + ("against the normal references" if references else
+          "each against the folder's other images" if mode == "batch" else "each on its own")
+          + (f" ({note})" if note else ""), file=log, flush=True)
+    groups = _groups(images) if mode == "batch" else [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    results, start = [], 1
+    for group in groups:
+        items, loaded = _load_group(folder, group, start)
+        # the batch mode scores the whole group against itself; the single mode a chunk of batch_size
+        group_mode = "batch" if mode == "batch" and len(loaded) >= 2 else "single"
+        images_loaded = [image for *_, image in loaded]
+        reports = assistant.detect_batch(images_loaded, references=references, batch_size=batch_size,
+                                         zero_shot=group_mode) if loaded else []
         for (number, path, item, _), report in zip(loaded, reports):
             item.score, item.label = report.pred_score, report.pred_label
             item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
             assistant.visualize(report).save(out / item.overlay)
-        for (number, _), item in zip(chunk, items):
+        for number, item in enumerate(items, start=start):
             state = item.error if item.error else f"score {item.score:.3f}{' ANOMALOUS' if item.label else ''}"
             print(f"[{number}/{len(images)}] {item.path}: {state}", file=log, flush=True)
         results.extend(items)
+        start += len(group)
     write_csv(results, out / "scores.csv")
     write_problems(results, out / "problems.txt")
     (out / "index.html").write_text(gallery(results, folder), encoding="utf-8")
     return results
+
+
+def _groups(images: list[Path]) -> list[list[Path]]:
+    """The batch mode's groups: as few as keep each under `BATCH_MODE_MAX_IMAGES`, of near-equal sizes."""
+    count = max(1, -(-len(images) // BATCH_MODE_MAX_IMAGES))
+    size = -(-len(images) // count)
+    return [images[i : i + size] for i in range(0, len(images), size)]
+
+
+def _load_group(folder: Path, group: list[Path], start: int):
+    """(an `Inspected` per file, (number, path, item, image) per readable file): unreadable files are noted, not fatal."""
+    items, loaded = [], []
+    for number, path in enumerate(group, start=start):
+        item = Inspected(path.relative_to(folder).as_posix())
+        try:
+            loaded.append((number, path, item, load_image(path, name=item.path)))
+        except ImageInputError as error:
+            item.error = error.reason
+        items.append(item)
+    return items, loaded
 
 
 def _safe_stem(path: Path) -> str:

@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
     inspect.add_argument("--recursive", action="store_true", help="also inspect images in subfolders")
     inspect.add_argument("--batch-size", type=int, default=8, help="images through the tower and expert at a time")
+    inspect.add_argument(
+        "--zero-shot", choices=["auto", "single", "batch"], default="auto",
+        help="without --reference: score each image on its own (single) or against the folder's other images (batch, "
+        "MuSc-style); auto: batch from 8 images on",
+    )
     inspect.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
 
     convert = sub.add_parser("convert-expert", help="LLaVA-OneVision base + Anomaly-OV expert .pth → a safetensors checkpoint")
@@ -174,7 +179,8 @@ def _inspect(args) -> int:
     assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device, expert=args.expert)
     if not assistant.has_expert:
         raise UsageError(f"the model '{args.model}' has no anomaly expert, so it cannot score images; give --expert or another --model")
-    results = inspect_folder(assistant, folder, out, references, recursive=args.recursive, batch_size=args.batch_size)
+    results = inspect_folder(assistant, folder, out, references, recursive=args.recursive, batch_size=args.batch_size,
+                             zero_shot=args.zero_shot)
     failed = sum(item.error is not None for item in results)
     anomalous = sum(bool(item.label) for item in results)
     print(f"{len(results) - failed} images scored, {anomalous} anomalous, {failed} unreadable; see {out / 'index.html'}")

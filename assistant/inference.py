@@ -305,9 +305,8 @@ class AnomalyAssistant:
             raise ValueError("folder zero-shot scoring needs at least 2 images")
         pixels = [self.processor.preprocess([image]) for image in images]
         base = torch.cat([p["pixel_values"][:, 0] for p in pixels])
-        sizes = [p["image_sizes"][0] for p in pixels]
         with torch.no_grad():
-            crop_maps, scores, distances = self.model.detect_folder(base, sizes, batch_size=batch_size)
+            crop_maps, scores, distances = self.model.detect_folder(base, batch_size=batch_size)
         return self._reports(images, crop_maps, scores, distances)
 
     # -- language ---------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def f1_max(labels, scores) -> tuple[float, float]:
 
 
 def balanced_accuracy_threshold(labels, scores) -> tuple[float, float]:
-    """(best balanced accuracy, its threshold) for predicting ``score >= threshold``; thresholds are the observed scores.
+    """(best balanced accuracy, its threshold) for predicting ``score >= threshold``, among the observed scores.
 
     The image verdict's threshold: the mean of the hit rates on anomalous and on normal images does not depend on how
     many of each the set holds, and it counts false alarms, which F1 ignores. Ties go to the highest threshold.

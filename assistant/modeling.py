@@ -355,15 +355,13 @@ class AnomalyAssistantModel(PreTrainedModel):
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
         return crop_maps, scores, self.domain_distance(features[first])
 
-    def detect_folder(self, pixel_values, image_sizes, lowest: float = LOWEST, batch_size: int = 16):
-        """Folder zero-shot (`assistant.patch_memory.mutual_distance`): each image's base-crop patches scored against
-        the other images' (MuSc). Needs ≥ 2 images. Returns (crop_maps, scores, domain distances) like `detect`; the
-        map is the mutual distance and the score its maximum, on the zero-shot scale when the "batch" mode is
-        calibrated (`Calibration.rescale`)."""
+    def detect_folder(self, base, lowest: float = LOWEST, batch_size: int = 16):
+        """Folder zero-shot (`assistant.patch_memory.mutual_distance`): each image's base crop [N, 3, S, S] (its whole
+        image, `preprocess`'s first crop) scored patch by patch against the other images' (MuSc). Needs ≥ 2 images.
+        Returns (crop_maps, scores, domain distances) like `detect`; the map is the mutual distance and the score its
+        maximum, on the zero-shot scale when the "batch" mode is calibrated (`Calibration.rescale`)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        counts = self.crops_per_image([tuple(int(v) for v in size) for size in image_sizes])
-        base = pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values[torch.tensor([0] + counts[:-1]).cumsum(0)]
         parts = [self._tower(base[i : i + batch_size]) for i in range(0, len(base), batch_size)]  # the tower in chunks
         features = torch.cat([p[0] for p in parts])
         levels = [torch.cat(level) for level in zip(*[p[1] for p in parts])]

@@ -31,7 +31,8 @@ def test_the_public_hooks_keep_their_shape():
 
     assert PREFIX_CHECKPOINT_DIR == "checkpoint"
     for hook in ("on_train_begin", "on_save", "on_step_end"):
-        assert tuple(inspect.signature(getattr(TrainerCallback, hook)).parameters) == ("self", "args", "state", "control", "kwargs")
+        parameters = tuple(inspect.signature(getattr(TrainerCallback, hook)).parameters)
+        assert parameters == ("self", "args", "state", "control", "kwargs"), hook
 
 
 class Part(nn.Module):

@@ -244,7 +244,9 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
                f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration) if recalibrate and val_records else None
+        report = None
+        if recalibrate and val_records:
+            report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration)
         if report is not None:
             print(f"stage 2: recalibrated {json.dumps(report)}")
         if cfg.full:

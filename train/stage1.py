@@ -89,7 +89,8 @@ class WeightAverage(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(checkpoint_folder(args, state) / AVERAGE_FILE))
+            state_dict = {k: v.cpu() for k, v in self.state_dict().items()}
+            save_file(state_dict, str(checkpoint_folder(args, state) / AVERAGE_FILE))
 
     def load(self, checkpoint: str | Path) -> None:
         path = Path(checkpoint) / AVERAGE_FILE
@@ -127,7 +128,8 @@ def stage1_trainer_class(base):
             objective = self.accelerator.unwrap_model(self.model)
             if state_dict is not None:  # DeepSpeed hands over the (gathered) state dict
                 keep = set(objective.trainable_state())
-                state = {k.removeprefix("model."): v.contiguous() for k, v in state_dict.items() if k.removeprefix("model.") in keep}
+                named = ((k.removeprefix("model."), v) for k, v in state_dict.items())
+                state = {k: v.contiguous() for k, v in named if k in keep}
             else:
                 state = objective.trainable_state()
             save_file({k: v.cpu() for k, v in state.items()}, str(folder / TRAINABLE_FILE))

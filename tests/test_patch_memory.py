@@ -1,0 +1,92 @@
+"""Folder zero-shot (mutual scoring) and the few-shot coreset: the math on planted data, and `inspect`'s batch mode."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from assistant.cli import main
+from assistant.patch_memory import greedy_coreset, mutual_distance, reduce_bank
+
+
+def test_mutual_distance_finds_the_patch_no_other_image_has():
+    torch.manual_seed(0)
+    normal = torch.randn(16, 32)  # 16 patch kinds every image shares
+    images = normal[torch.randint(16, (6, 25))] + 0.01 * torch.randn(6, 25, 32)
+    images[3, 7] = torch.randn(32) * 3  # a defect: a patch unlike any other image's
+    distance = mutual_distance([images])
+    assert distance.shape == (6, 25) and float(distance.min()) >= 0.0 and float(distance.max()) <= 1.0
+    assert int(distance.flatten().argmax()) == 3 * 25 + 7
+    assert float(distance[3, 7]) > 10 * float(distance[[0, 1, 2, 4, 5]].max())
+
+
+def test_mutual_distance_ignores_a_defect_repeated_in_few_images_with_a_low_interval():
+    torch.manual_seed(1)
+    normal = torch.randn(8, 16)
+    images = normal[torch.randint(8, (11, 9))] + 0.01 * torch.randn(11, 9, 16)
+    defect = torch.randn(16) * 3
+    images[0, 4] = defect  # the same defect in two images: the nearest other image has it too
+    images[1, 4] = defect
+    lowest_one = mutual_distance([images], lowest=0.05)[0, 4]
+    wider = mutual_distance([images], lowest=0.3)[0, 4]
+    assert float(lowest_one) < 0.01 < float(wider)  # only the low interval's average sees past the twin
+    with pytest.raises(ValueError, match="at least two"):
+        mutual_distance([images[:1]])
+
+
+def test_greedy_coreset_covers_the_bank_better_than_a_random_subset():
+    torch.manual_seed(2)
+    bank = torch.cat([torch.randn(900, 8), torch.randn(100, 8) + 6])  # a rare cluster a random subset may miss
+    chosen = greedy_coreset(bank, 50)
+    assert len(set(chosen.tolist())) == 50
+    covered = torch.cdist(bank, bank[chosen]).amin(1).max()
+    random = torch.cdist(bank, bank[torch.randperm(1000)[:50]]).amin(1).max()
+    assert covered < random
+    levels = reduce_bank([bank, bank * 2], max_size=50)
+    assert levels[0].shape == (50, 8) and torch.equal(levels[1], levels[0] * 2)  # rows stay aligned across levels
+
+
+@pytest.fixture
+def same_part_folder(tmp_path):
+    """Nine photos of 'one part': the same texture, one with a bright square."""
+    rng = np.random.default_rng(0)
+    texture = (rng.random((48, 48, 3)) * 80 + 60).astype(np.uint8)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(9):
+        image = texture.copy()
+        if i == 4:
+            image[10:22, 26:38] = 250
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return folder
+
+
+def read_scores(out):
+    with open(out / "scores.csv", newline="") as handle:
+        return {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
+
+
+def test_inspect_scores_a_folder_of_eight_or_more_against_itself_and_ranks_the_odd_one_first(
+    same_part_folder, clip_llama, tmp_path, capsys
+):
+    out = tmp_path / "report"
+    assert main(["inspect", str(same_part_folder), "--model", str(clip_llama), "--out", str(out)]) == 0
+    assert "each against the folder's other images" in capsys.readouterr().err
+    scores = read_scores(out)
+    assert max(scores, key=scores.get) == "4.png"
+
+    single = tmp_path / "single"
+    assert main(["inspect", str(same_part_folder), "--model", str(clip_llama), "--out", str(single), "--zero-shot", "single"]) == 0
+    assert "each on its own" in capsys.readouterr().err
+
+
+def test_inspect_batch_mode_on_one_image_says_it_scores_it_alone(same_part_folder, clip_llama, tmp_path, capsys):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (same_part_folder / "4.png").rename(lone / "4.png")
+    out = tmp_path / "report"
+    assert main(["inspect", str(lone), "--model", str(clip_llama), "--out", str(out), "--zero-shot", "batch"]) == 0
+    assert "one image: scored on its own" in capsys.readouterr().err
+    assert list(read_scores(out)) == ["4.png"]
