@@ -6,15 +6,16 @@
 The set is drawn fresh from the synthetic generator (`data_prep.synth`) with a seed the training run never
 used (training uses seed 0), half normal and half anomalous (every defect type in turn), for every family;
 families absent from the checkpoint's `training_config.yaml` (`data.synth.families`) are the *unseen*
-families and are reported on their own row. Per row:
+families. Rows: seen and unseen procedural families, seen and unseen real photographed surfaces
+(`data_prep.synth.photos`: defects pasted onto new crops of the photos), and all. Per row:
 
 - image AUROC on the expert's `pred_score`, pixel AUROC on the `anomaly_map` (`eval.metrics`);
-- verdict accuracy: `pred_label` equals the ground truth;
+- verdict accuracy: `pred_label` equals the ground truth; false alarms: the share of normal images judged anomalous;
 - location accuracy on anomalous images: the report's `location` equals `location_words(gt_mask)`
   (the exact 3×3-cell words; an image judged normal has no location and counts as wrong);
 - with `--shots K`, every image is scored with K normal images of its family as references (the few-shot
   mode: `AnomalyAssistant.detect(image, references=...)`), drawn with another seed (`--seed` + 1000) than the
-  test images;
+  test images; with `--zero-shot batch`, each family's images are scored against each other (the folder mode);
 - on a sample (`--text-n` per row), the answer text to the default question, classified as claiming a
   defect or not (`answer_claim`): how often it agrees with the verdict, and how often an anomalous
   verdict's answer names the report's location.
@@ -101,6 +102,7 @@ def row_metrics(items: list[dict]) -> dict:
         "image_AUROC": image_auroc(labels, scores),
         "pixel_AUROC": pixel_auroc(np.stack([it["mask"] for it in items]), np.stack([it["map"] for it in items])),
         "verdict_accuracy": _rate([it["pred_label"] == bool(it["label"]) for it in items]),
+        "false_alarms": _rate([it["pred_label"] for it in items if not it["label"]]),
         "verdict_accuracy_best_threshold": best_threshold_accuracy(labels, scores) if len(items) else float("nan"),
         "location_accuracy": _rate([it["location"] == it["gt_location"] for it in anomalous]),
         "location_accuracy_detected": _rate([it["location"] == it["gt_location"] for it in anomalous if it["pred_label"]]),
@@ -116,7 +118,7 @@ def _fmt(value) -> str:
 
 def markdown_table(rows: dict[str, dict]) -> str:
     columns = [("n", "images"), ("image_AUROC", "image AUROC"), ("pixel_AUROC", "pixel AUROC"),
-               ("verdict_accuracy", "verdict acc."), ("location_accuracy", "location acc."),
+               ("verdict_accuracy", "verdict acc."), ("false_alarms", "false alarms"), ("location_accuracy", "location acc."),
                ("text_agrees_with_verdict", "text = verdict"), ("text_names_location", "text names location"), ("text_n", "texts")]
     lines = ["| set | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
@@ -131,32 +133,45 @@ def reference_images(family: str, shots: int, seed: int, size: int) -> list[Imag
     return [Image.fromarray(make_sample(family, 2 * i, seed + 1000, size, None).image) for i in range(shots)]
 
 
-def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: int, size: int, text_n: int, shots: int = 0) -> dict:
+def row_name(family: str, unseen: list[str]) -> str:
+    """The table row a family belongs to: seen or unseen, procedural or real photographed surface."""
+    from data_prep.synth.photos import PHOTOS
+
+    return f"{'unseen' if family in unseen else 'seen'} {'real surfaces' if family in PHOTOS else 'synthetic families'}"
+
+
+def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: int, size: int, text_n: int, shots: int = 0,
+             zero_shot: str = "single") -> dict:
     from assistant.localize import location_words
 
     items: list[dict] = []
-    text_budget: dict[tuple[bool, int], int] = {}
+    text_budget: dict[tuple[str, int], int] = {}
     references = {family: reference_images(family, shots, seed, size) for family in families} if shots else {}
-    for family, image, mask, label, defect in held_out_samples(families, n, seed, size):
+    samples = list(held_out_samples(families, n, seed, size))
+    folder_reports = {}
+    if zero_shot == "batch" and not shots:  # each family's images scored against each other
+        for family in families:
+            indices = [i for i, sample in enumerate(samples) if sample[0] == family]
+            reports = assistant.detect_batch([samples[i][1] for i in indices], zero_shot="batch")
+            folder_reports.update(zip(indices, reports))
+    for index, (family, image, mask, label, defect) in enumerate(samples):
         refs = references.get(family)
-        report = assistant.detect(image, references=refs)
+        report = folder_reports[index] if folder_reports else assistant.detect(image, references=refs)
         item = {
             "family": family, "label": label, "defect": defect or "normal", "mask": mask, "map": report.anomaly_map, "score": report.pred_score,
             "pred_label": bool(report.pred_label), "location": report.location, "gt_location": location_words(mask),
         }
-        group = (family in unseen, label)
+        group = (row_name(family, unseen), label)
         if text_budget.get(group, 0) < text_n / 2:  # half normal, half anomalous images per row
             text_budget[group] = text_budget.get(group, 0) + 1
             item["answer"] = assistant.analyze(image, references=refs, max_new_tokens=64).answer
             item["claim"] = answer_claim(item["answer"])
         items.append(item)
-    seen_items = [it for it in items if it["family"] not in unseen]
-    unseen_items = [it for it in items if it["family"] in unseen]
     rows = {}
-    if seen_items:
-        rows["seen families (" + ", ".join(f for f in families if f not in unseen) + "), new seed"] = row_metrics(seen_items)
-    if unseen_items:
-        rows["unseen family (" + ", ".join(unseen) + ")"] = row_metrics(unseen_items)
+    for name in ("seen synthetic families", "seen real surfaces", "unseen synthetic families", "unseen real surfaces"):
+        members = [f for f in families if row_name(f, unseen) == name]
+        if members:
+            rows[f"{name} ({', '.join(members)})"] = row_metrics([it for it in items if it["family"] in members])
     rows["all"] = row_metrics(items)
     examples = [{k: it[k] for k in ("family", "label", "pred_label", "score", "location", "gt_location", "answer", "claim")}
                 for it in items if "answer" in it]
@@ -207,29 +222,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="checkpoint folder or 'default' (the embedded model)")
     parser.add_argument("--n", type=int, default=100, help="images per family (half anomalous; at 100 the image AUROC still moves by up to 0.03 between seeds)")
     parser.add_argument("--seed", type=int, default=1, help="generator seed (training used 0)")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--families", nargs="+", default=None, help="families to draw (default: all)")
     parser.add_argument("--unseen", nargs="+", default=None, help="families to report as unseen (default: those not in training)")
     parser.add_argument("--text-n", type=int, default=20, help="answers generated per row (half normal, half anomalous)")
     parser.add_argument("--shots", type=int, default=0, help="normal reference images per family (few-shot mode; default 0: zero-shot)")
+    parser.add_argument("--zero-shot", choices=["single", "batch"], default="single",
+                        help="without --shots: each image on its own, or each family's images against each other")
     parser.add_argument("--out", default=None, help="write the metrics and sample answers as JSON here")
     args = parser.parse_args(argv)
 
     import torch
 
     from assistant import AnomalyAssistant, checkpoint
-    from data_prep.synth import FAMILIES
+    from data_prep.synth.families import all_families
 
     torch.manual_seed(0)
-    families = args.families or list(FAMILIES)
+    families = args.families or list(all_families())
     from assistant.run_config import ConfigError
 
     if args.shots < 0:
         print(f"error: --shots must be ≥ 0, got {args.shots}", file=sys.stderr)
         return 2
-    unknown = sorted(set(families + (args.unseen or [])) - set(FAMILIES))
+    unknown = sorted(set(families + (args.unseen or [])) - set(all_families()))
     if unknown:
-        print(f"error: unknown families {unknown}; the generator has {list(FAMILIES)}", file=sys.stderr)
+        print(f"error: unknown families {unknown}; the generator has {list(all_families())}", file=sys.stderr)
         return 2
     try:
         trained = training_families(checkpoint.resolve(args.model))
@@ -238,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     unseen = args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
-    result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n, args.shots)
+    result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n, args.shots, args.zero_shot)
     result["conversation"] = sample_conversation(assistant, args.seed, args.size)
     command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)
-    mode = f"{args.shots}-shot: {args.shots} normal references per family" if args.shots else "zero-shot"
+    mode = f"{args.shots}-shot: {args.shots} normal references per family" if args.shots else f"zero-shot, {args.zero_shot}"
     print(f"`{command.strip()}`  (model: {args.model}; {mode}; location rule: exact words of location_words(gt_mask))\n")
     print(markdown_table(result["rows"]))
     print("\nverdict accuracy at the threshold best on each row itself (an upper bound for any calibration): "
