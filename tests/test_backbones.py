@@ -82,11 +82,10 @@ def test_tower_patch_features_are_the_backbone_stages_pooled_onto_one_grid(tower
     assert len(out.hidden_states) == config.num_hidden_layers + 1
     assert all(h.shape == (2, side * side, config.hidden_size) for h in out.hidden_states)
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
-    # each stage: a 2 x 2 average (stride 8 onto 16) then the 3 x 3 neighbourhood average, in its own channels
-    expected8 = torch.nn.functional.avg_pool2d(
-        torch.nn.functional.avg_pool2d(stride8, 2), 3, 1, 1, count_include_pad=False
-    )
-    expected16 = torch.nn.functional.avg_pool2d(stride16, 3, 1, 1, count_include_pad=False)
+    # each stage: its 3 x 3 neighbourhood average at its own resolution, then (stride 8 onto 16) a 2 x 2 average
+    local = torch.nn.functional.avg_pool2d
+    expected8 = torch.nn.functional.avg_pool2d(local(stride8, 3, 1, 1, count_include_pad=False), 2)
+    expected16 = local(stride16, 3, 1, 1, count_include_pad=False)
     first, second = out.hidden_states[0], out.hidden_states[1]
     torch.testing.assert_close(first[..., :40], expected8.flatten(2).transpose(1, 2))
     torch.testing.assert_close(second[..., 40:], expected16.flatten(2).transpose(1, 2))
