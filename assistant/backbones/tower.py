@@ -113,11 +113,6 @@ class EfficientNetLiteVisionConfig(PretrainedConfig):
         self.num_hidden_layers = derived["num_hidden_layers"]
         super().__init__(**kwargs)
 
-    @property
-    def stage_channels(self) -> list[int]:
-        layout = stage_layout(self.variant)
-        return [layout[s][-1] for s in self.feature_stages]
-
 
 class EfficientNetLiteVisionModel(PreTrainedModel):
     config_class = EfficientNetLiteVisionConfig
