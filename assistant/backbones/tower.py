@@ -1,11 +1,12 @@
 """A pretrained EfficientNet-Lite as a transformers vision tower: multi-level patch features on one square grid.
 
 The composed model calls a tower as `tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states`
-and reads [N, P, H] patch features from it, like CLIP's or SigLIP's. This tower gives PatchCore-style features:
-the chosen stages (`feature_stages`, default the stride-8 and stride-16 stages) are average-pooled onto the grid
-of the coarsest one (stride `patch_size`, 16), each patch is averaged with its `local_size` x `local_size`
-neighbours, and the stages are concatenated along channels (H = the stages' channels summed, 40 + 112 = 152 for
-Lite0).
+and reads [N, P, H] patch features from it, like CLIP's or SigLIP's. This tower gives PatchCore-style features: each
+chosen stage (`feature_stages`, default the stride-8 and stride-16 stages) is averaged over `local_size` x `local_size`
+neighbourhoods at its own resolution, average-pooled onto the grid of the coarsest stage (stride `patch_size`, 16),
+and the stages are concatenated along channels (H = their channels summed: 40 + 112 = 152 for Lite0). Averaging at
+each stage's resolution rather than on the coarse grid: 4-shot image AUROC 0.88 against 0.83 on synthetic defects on
+real surfaces (docs/backbones.md).
 
 `hidden_states` (all [N, P, H], so one H serves every level):
     hidden_states[i] for i < len(feature_stages): stage i alone, in its own channels of H, zeros in the others
@@ -53,7 +54,7 @@ class EfficientNetLiteVisionConfig(PretrainedConfig):
         patch_size: output stride of the patch grid: the stride of the coarsest stage read (16).
         feature_stages: indices (0-6) of the EfficientNet stages read, finest first; stage 2 has stride 8, stages 3
             and 4 stride 16, stages 5 and 6 stride 32.
-        local_size: side of the neighbourhood each patch feature is averaged over (1: none).
+        local_size: side of the neighbourhoods each stage is averaged over, at the stage's own resolution (1: none).
     The derived `hidden_size` (channels of the stages summed) and `num_hidden_layers` (len(feature_stages)) are
     stored for the composed model; a stored value that disagrees is an error.
     """
@@ -111,11 +112,6 @@ class EfficientNetLiteVisionConfig(PretrainedConfig):
         self.hidden_size = derived["hidden_size"]
         self.num_hidden_layers = derived["num_hidden_layers"]
         super().__init__(**kwargs)
-
-    @property
-    def stage_channels(self) -> list[int]:
-        layout = stage_layout(self.variant)
-        return [layout[s][-1] for s in self.feature_stages]
 
 
 class EfficientNetLiteVisionModel(PreTrainedModel):
@@ -189,12 +185,12 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
         grid = stages[-1].shape[-2:]
         pooled = []
         for features in stages:
-            if features.shape[-2:] != grid:  # a finer stage onto the coarsest grid (average of each cell)
-                features = F.adaptive_avg_pool2d(features, grid)
-            if c.local_size > 1:
+            if c.local_size > 1:  # each position's neighbourhood, at the stage's own resolution (PatchCore's order)
                 features = F.avg_pool2d(
                     features, c.local_size, stride=1, padding=c.local_size // 2, count_include_pad=False
                 )
+            if features.shape[-2:] != grid:  # a finer stage onto the coarsest grid (average of each cell)
+                features = F.adaptive_avg_pool2d(features, grid)
             pooled.append(features.flatten(2).transpose(1, 2))  # [N, P, C_s]
         last = torch.cat(pooled, dim=-1)
         hidden_states = None
