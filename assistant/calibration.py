@@ -124,8 +124,9 @@ class Calibration:
         report["image_threshold"], report["pixel_threshold"] = pair
         return self.replace(modes={**self.modes, mode: pair}), report
 
-    def without_modes(self) -> "Calibration":
-        return self.replace(modes={})
+    def without_mode(self, mode: str) -> "Calibration":
+        """This calibration with `mode`'s thresholds cleared (its scores then stay on their raw scale)."""
+        return self.replace(modes={k: v for k, v in self.modes.items() if k != mode})
 
     def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple["Calibration", dict]:
         """The out-of-domain threshold from held-out in-domain images' distances to the training images:

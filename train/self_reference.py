@@ -91,7 +91,7 @@ def few_shot_calibration(model, processor, records, map_size: int, shots: int, s
 
     scored = [r for r in records if len(normals.get(r.category, [])) - (r.label != ANOMALOUS) >= shots]
     calibration = Calibration.of(model.config)
-    calibration.without_modes().write(model.config)  # score on the raw few-shot scale
+    calibration.without_mode("few_shot").write(model.config)  # score on the raw few-shot scale
     if scored:
         scores = score_records(model, processor, scored, map_size, references, prepared=prepared)
         try:

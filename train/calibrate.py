@@ -1,0 +1,135 @@
+"""Fit a checkpoint's thresholds again on its held-out split, the scoring modes' included; no weight is trained.
+
+    python -m train.calibrate --model runs/default_model/stage2/model --data runs/default_model/data/synth \\
+        --out runs/default_model/final --few-shot 4 --batch-mode
+
+The held-out split is the one the checkpoint's training held out (`data.val_fraction` and `data.split_seed` from its
+`training_config.yaml`). The zero-shot thresholds are fitted again (`assistant.calibration.Calibration.fit`); with
+`--few-shot K` each held-out image is scored against K held-out normal images of its category and the few-shot
+thresholds are fitted on those scores; with `--batch-mode` each category's held-out images are scored against each
+other (the folder mode, `AnomalyAssistantModel.detect_folder`) and its thresholds are fitted. The new checkpoint goes
+to `--out` (never over `--model`), with `calibration.json` holding the fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from assistant.errors import run_main
+
+
+class CalibrateError(ValueError):
+    pass
+
+
+def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
+    """(labels, scores, maps, masks) of `records` in the folder mode: each category's images scored against each other
+    (on the raw scale: call with the mode's thresholds cleared)."""
+    import torch
+
+    from .scoring import Prepared, small_maps
+
+    prepared = prepared or Prepared(processor, map_size)
+    by_category: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_category.setdefault(record.category, []).append(index)
+    labels, scores, maps, masks = [], [], [], []
+    for indices in by_category.values():
+        if len(indices) < 2:
+            continue
+        items = [prepared(records[i]) for i in indices]
+        base = torch.cat([item[0][:, 0] for item in items])
+        with torch.no_grad():
+            crop_maps, batch_scores, _ = model.detect_folder(base)
+        maps.extend(small_maps(model, crop_maps, [item[1] for item in items], map_size).float().cpu().numpy())
+        masks.extend(item[2] for item in items)
+        scores.extend(float(v) for v in batch_scores)
+        labels.extend(int(records[i].label == 1) for i in indices)
+    if not labels:
+        raise CalibrateError("--batch-mode needs at least 2 held-out images of a category")
+    return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
+
+
+def batch_mode_calibration(model, processor, records, map_size: int, prepared=None) -> dict:
+    """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`."""
+    from assistant.calibration import Calibration
+
+    Calibration.of(model.config).without_mode("batch").write(model.config)  # score on the raw folder-mode scale
+    scored = batch_mode_scores(model, processor, records, map_size, prepared)
+    try:
+        calibration, report = Calibration.of(model.config).with_mode("batch", *scored)
+    except ValueError as error:
+        raise CalibrateError(str(error)) from None
+    calibration.write(model.config)
+    return report
+
+
+def recalibrate(model_path, data, out, few_shot: int = 0, batch_mode: bool = False, map_size: int = 64,
+                overwrite: bool = False) -> dict:
+    from assistant import checkpoint, jsonutil
+
+    from .data import read_held_out
+    from .folders import atomic_folder, write_model_parts
+    from .scoring import Prepared, calibrate
+    from .self_reference import few_shot_calibration, training_split
+
+    model_path, out = Path(model_path), Path(out)
+    if not (model_path / "config.json").is_file():
+        raise CalibrateError(f"{model_path} is not a checkpoint folder (no config.json)")
+    if out.resolve() == model_path.resolve():
+        raise CalibrateError("--out must be a new folder, not the --model folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CalibrateError(f"{out} exists and is not empty (use --overwrite)")
+    if few_shot < 0:
+        raise CalibrateError(f"--few-shot must be ≥ 0, got {few_shot}")
+    val_fraction, seed = training_split(model_path) or (0.1, 0)
+    held_out, _, found = read_held_out(data, val_fraction, seed)
+    if not held_out:
+        raise CalibrateError(f"no held-out images in {data} (found {found} images)")
+    model, processor, generation, _ = checkpoint.load(model_path)
+    if model.expert is None:
+        raise CalibrateError(f"{model_path} has no anomaly expert")
+    prepared = Prepared(processor, map_size, keep_bytes=2 << 30)
+    report = {"model": str(model_path), "data": str(data), "held_out": len(held_out),
+              "zero_shot": calibrate(model, processor, held_out, map_size, prepared=prepared)}
+    if few_shot:
+        report["few_shot"] = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared)
+    if batch_mode:
+        report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared)
+    with atomic_folder(out) as staging:
+        write_model_parts(staging, model, processor, generation, model_path,
+                          ("training_config.yaml", "git_commit.txt", "training_summary.json"))
+        (staging / "calibration.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="a full checkpoint folder with an expert")
+    parser.add_argument("--data", required=True, type=Path, help="the masked images it was trained on (its held-out split is used)")
+    parser.add_argument("--out", required=True, type=Path, help="the new checkpoint folder")
+    parser.add_argument("--few-shot", type=int, default=0, metavar="K", help="also fit the few-shot mode with K references")
+    parser.add_argument("--batch-mode", action="store_true", help="also fit the folder (batch) zero-shot mode")
+    parser.add_argument("--map-size", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    report = recalibrate(args.model, args.data, args.out, args.few_shot, args.batch_mode, args.map_size, args.overwrite)
+    for mode in ("zero_shot", "few_shot", "batch"):
+        if mode in report:
+            fit = report[mode]
+            print(f"{mode}: held-out image AUROC {fit['image_auroc']:.3f}, pixel AUROC {fit['pixel_auroc']:.3f}, "
+                  f"thresholds {fit.get('image_threshold', float('nan')):.3f} / {fit.get('pixel_threshold', float('nan')):.3f}")
+    print(f"written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv, bad_input=(CalibrateError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
