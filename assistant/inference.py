@@ -22,6 +22,7 @@ from . import checkpoint
 from .imageio import load_image
 from .limits import MAX_QUESTION_CHARS
 from .localize import boxes_from_mask, location_words
+from .maps import image_anomaly_map
 from .modeling import VisualEncoding, output_cache
 from .processing import as_chat, where_text
 from .sessions import KVCacheStore
@@ -162,7 +163,9 @@ class AnomalyAssistant:
         config = self.model.config
         score = float(visual.scores[0])
         label = score >= config.image_threshold
-        amap = self.model.image_anomaly_map(visual.crop_maps[0], (image.height, image.width)).cpu().numpy().astype(np.float32)
+        amap = image_anomaly_map(
+            visual.crop_maps[0], (image.height, image.width), *self.model.crop_layout()
+        ).cpu().numpy().astype(np.float32)
         mask = (amap >= config.pixel_threshold) if label else np.zeros(amap.shape, dtype=bool)
         if label and not mask.any():  # anomalous but no pixel passes: mark the peak region
             mask = amap >= amap.max() * 0.9

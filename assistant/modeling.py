@@ -20,7 +20,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
-from .maps import image_anomaly_map
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -245,9 +244,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
 
-    def image_anomaly_map(self, crop_maps: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """One image's crop maps [crops, P] → its [height, width] anomaly map (`assistant.maps`)."""
-        return image_anomaly_map(crop_maps, image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+    def crop_layout(self) -> tuple[list, int]:
+        """(grid pinpoints, tile size): how `assistant.maps.image_anomaly_map` lays this model's crop maps out."""
+        return self.config.image_grid_pinpoints, self.config.vision_config.image_size
 
     def reference_bank(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> list[torch.Tensor]:
         """The few-shot memory of normal images: per expert feature level, their crops' unit patch features [N·P, H].

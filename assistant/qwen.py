@@ -27,7 +27,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig
-from .maps import image_anomaly_map
 from .modeling import AnomalyAssistantModel, VisualEncoding, _cache_kwarg
 from .processing import AssistantProcessor, read_chat_template
 from .selector import LookTwiceSelector, SelectorConfig
@@ -179,9 +178,8 @@ class QwenAssistantModel(AnomalyAssistantModel):
             out.append(torch.stack(maps))
         return out
 
-    def image_anomaly_map(self, crop_maps: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """One image's map on the expert's grid (the whole image, no tiles) → [height, width]."""
-        return image_anomaly_map(crop_maps, image_size, [], 0)
+    def crop_layout(self) -> tuple[list, int]:
+        return [], 0  # one map per image, on the expert's grid over the whole image: no tiles to lay out
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Look-twice tokens [T, H] → LLM embeddings [T, D] through the merger, each token as a 2×2 group of itself."""

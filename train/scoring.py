@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from assistant import jsonutil
+from assistant.maps import image_anomaly_map
 
 
 def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> torch.Tensor:
     """Per image, the input-size anomaly map resized (area) to size×size: [B, size, size]."""
     out = []
     for maps, image_size in zip(crop_maps, image_sizes):
-        full = model.image_anomaly_map(maps, tuple(int(v) for v in image_size))
+        full = image_anomaly_map(maps, tuple(int(v) for v in image_size), *model.crop_layout())
         out.append(F.interpolate(full[None, None], size=(size, size), mode="area")[0, 0])
     return torch.stack(out)
 
