@@ -120,6 +120,12 @@ class AssistantProcessor:
         out = self.image_processor(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
+    def pixels_of(self, image: Image.Image) -> torch.Tensor:
+        """One image's pixel values as a batch concatenates them: its crops [crops, 3, S, S], without the padding crops."""
+        c = self.config
+        n = num_crops((image.height, image.width), c.image_grid_pinpoints, c.vision_config.image_size)
+        return self.preprocess([image])["pixel_values"][0, :n]
+
     def _one_tile_crops(self, images) -> dict | None:
         """`preprocess`'s output made with one resize per image, where LLaVA-OneVision's anyres is a single tile; else None.
 

@@ -292,6 +292,9 @@ class QwenProcessor(AssistantProcessor):
             raise ValueError("the image processor's patch grid differs from the model's")
         return {"pixel_values": out["pixel_values"], "image_sizes": sizes}
 
+    def pixels_of(self, image) -> torch.Tensor:
+        return self.preprocess([image])["pixel_values"]  # flat patches concatenate as they are
+
     def one_tile_pixels(self, image):
         return None  # no anyres tiles
 

@@ -197,3 +197,32 @@ def test_a_folder_of_another_family_is_refused_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen3_vl"}')
     with pytest.raises(ModelLoadError, match="expected anomaly_assistant, llava_onevision or qwen2_5_vl"):
         load(tmp_path)
+
+
+def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
+    """`python -m train` with `model.path` at a plain Qwen2.5-VL checkpoint: stage 1 (expert) then stage 2 (LoRA); the
+    merged checkpoint answers as base + adapter do, with a score, a map and boxes."""
+    from train.build import instruction_corpus, synthetic_data
+    from train.config import load_config
+    from train.merge import assistant_with_adapter, merge
+    from train.run import run
+
+    from assistant.testing import tiny_qwen2_5_vl
+
+    recipe = "configs/train/debug_tiny.yaml"
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.synth.n=8", "data.synth.families=[wood]", "stage1_steps=4",
+                 "trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1", "model.expert.feature_layers=[2,4]"]
+    images, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
+    base = tiny_qwen2_5_vl(tmp_path / "base", corpus=instruction_corpus(instructions), vocab_size=500)
+    results = run(load_config(recipe, [*overrides, f"model.path={base}"]))
+    stage1 = AnomalyAssistant.from_pretrained(str(results["stage1"]))
+    assert stage1.kind == "assistant" and 0.0 < stage1.model.config.image_threshold < 1.0
+    assert (results["stage2"] / "adapter_model.safetensors").is_file()
+
+    merged = AnomalyAssistant.from_pretrained(str(merge(results["stage2"], tmp_path / "merged")))
+    unmerged = assistant_with_adapter(results["stage2"])
+    image = random_image(64, 64, seed=4)
+    a, b = merged.analyze(image, max_new_tokens=6), unmerged.analyze(image, max_new_tokens=6)
+    assert a.answer == b.answer and a.pred_score == pytest.approx(b.pred_score, abs=1e-5)
+    assert a.anomaly_map.shape == (64, 64) and a.pred_label == (a.pred_score >= merged.model.config.image_threshold)
+    assert (len(a.boxes) > 0) == a.pred_label

@@ -32,7 +32,6 @@ def load_with_adapter(adapter: str | Path, base: str | Path | None = None):
     from peft import PeftModel
 
     from assistant import checkpoint
-    from assistant.processing import AssistantProcessor
 
     adapter = Path(adapter)
     base = Path(base or _read(adapter).get("base_model_name_or_path") or "")
@@ -49,7 +48,7 @@ def load_with_adapter(adapter: str | Path, base: str | Path | None = None):
             inner.config.pixel_threshold = report["pixel_threshold"]
             inner.config.suspicion_bounds = (0.5 * report["image_threshold"], report["image_threshold"])
     if (adapter / "tokenizer_config.json").is_file():
-        processor = AssistantProcessor.from_pretrained(adapter, inner.config)
+        processor = type(processor).from_pretrained(adapter, inner.config)
     return model, processor, generation
 
 

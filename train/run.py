@@ -54,7 +54,6 @@ def _save_model_folder(model, processor, generation, folder: Path, cfg: TrainCon
 
 def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: str | None) -> Path:
     from assistant.checkpoint import add_expert
-    from assistant.processing import AssistantProcessor
 
     run_dir, final = root / "stage1", root / "stage1" / "model"
     args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr,
@@ -76,7 +75,7 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
             raise ConfigError(f"model.expert: {error}") from None
         if cfg.model.expert.suspicion_marker is not None:
             model.config.suspicion_marker = cfg.model.expert.suspicion_marker
-        processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
+        processor = type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
     # default model's 32,000 images: a header check of about 9 s + 0.9 s decoding the held-out part, against a 24.5 s
@@ -157,11 +156,16 @@ def _module_names(model, names: list[str]) -> list[str]:
 
 def stage1_augment(cfg: TrainConfig, model) -> Augment:
     """The configured augmentation (ranges checked by `TrainConfig.validate`); flips need base-view scoring."""
+    from assistant.qwen import QwenAssistantConfig
+
     data = cfg.data
+    augment = Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation,
+                      lighting=data.augment_lighting, grain=data.augment_grain)
+    if augment.active and isinstance(model.config, QwenAssistantConfig):
+        raise ConfigError("data.augment_* act on image crops; a Qwen2.5-VL base reads flat patches: set them to 0/false")
     if data.augment_flips and model.expert.config.views != "base":
         raise ConfigError("data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image")
-    return Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation, lighting=data.augment_lighting,
-                   grain=data.augment_grain)
+    return augment
 
 
 def set_token_pooling(model, cfg: TrainConfig, lora: bool = False) -> None:
