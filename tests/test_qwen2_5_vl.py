@@ -226,3 +226,39 @@ def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
     assert a.answer == b.answer and a.pred_score == pytest.approx(b.pred_score, abs=1e-5)
     assert a.anomaly_map.shape == (64, 64) and a.pred_label == (a.pred_score >= merged.model.config.image_threshold)
     assert (len(a.boxes) > 0) == a.pred_label
+
+
+@pytest.mark.parametrize("mode", ["qlora", "full"])
+def test_stage2_qlora_and_full_on_a_qwen_base(tmp_path, mode):
+    from train.build import instruction_corpus, load_model, synthetic_data
+    from train.config import load_config
+    from train.run import run
+
+    from assistant import checkpoint
+    from assistant.expert import ExpertConfig
+    from assistant.selector import SelectorConfig
+    from assistant.testing import tiny_qwen2_5_vl
+
+    recipe = "configs/train/debug_tiny.yaml"
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.synth.n=8", "data.synth.families=[wood]", "stage=stage2",
+                 "trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1"]
+    _, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
+    plain = tiny_qwen2_5_vl(tmp_path / "plain", corpus=instruction_corpus(instructions), vocab_size=500, text_hidden=64)
+    model, processor, generation, _ = checkpoint.load(plain)
+    model.config.expert_grid = 8
+    checkpoint.add_expert(model, ExpertConfig(feature_layers=[2, 4], embedding_dim=16, class_dim=16, predictor_dim=16),
+                          SelectorConfig(attention_dim=16), seed=0)
+    model.save_pretrained(tmp_path / "base")
+    type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template).save_pretrained(tmp_path / "base")
+    if mode == "qlora":
+        bnb = pytest.importorskip("bitsandbytes")
+        quantised = [n for n, m in load_model(tmp_path / "base", quantize=True)[0].named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert quantised and all(n.startswith("language_model.model.language_model.") for n in quantised)
+    extra = ["quantization=4bit"] if mode == "qlora" else ["full=true"]
+    result = run(load_config(recipe, [*overrides, f"model.path={tmp_path / 'base'}", *extra]))["stage2"]
+    if mode == "full":
+        trained = AnomalyAssistant.from_pretrained(str(result))
+        report = trained.analyze(random_image(64, 64), max_new_tokens=4)
+        assert report.pred_score is not None and report.anomaly_map.shape == (64, 64)
+    else:
+        assert (result / "adapter_model.safetensors").is_file()
