@@ -61,8 +61,14 @@ def where_text(location: str | None) -> str:
     return f" in the {location}" if location else ""
 
 
-def as_chat(messages, with_image: bool = True) -> list[dict]:
-    """Normalise messages (`content` as a string or as parts) and attach the image to the first user turn."""
+#: the text between normal references shown as images and the image asked about
+REFERENCES_NOTE = "The images above show normal samples of the same object. The image to inspect:"
+
+
+def as_chat(messages, with_image: bool = True, references: int = 0) -> list[dict]:
+    """Normalise messages (`content` as a string or as parts) and attach the image to the first user turn.
+
+    `references` > 0: that many normal reference images come first in that turn, then `REFERENCES_NOTE`."""
     out, image_attached = [], not with_image
     for message in messages:
         role, content = message["role"], message["content"]
@@ -72,6 +78,8 @@ def as_chat(messages, with_image: bool = True) -> list[dict]:
         if role == "user" and not image_attached:
             if not any(p.get("type") == "image" for p in parts):
                 parts = [{"type": "image"}] + parts
+            if references:
+                parts = [{"type": "image"}] * references + [{"type": "text", "text": REFERENCES_NOTE}] + parts
             image_attached = True
         elif role == "user":
             parts = [p for p in parts if p.get("type") != "image"]

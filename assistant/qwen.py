@@ -44,8 +44,8 @@ class QwenAssistantConfig(AnomalyAssistantConfig):
         min_pixels / max_pixels: the image processor's pixel bounds (`size` shortest_edge / longest_edge), from
             which each image's patch grid follows.
         expert_grid: side of the square patch grid the expert reads (each image's grid resampled to it).
-        references_as_images: with normal references, show the first of them to the LLM as an image before the
-            query (off by default; the expert always uses them).
+        references_as_images: with normal references, show up to this many of them to the LLM as images before the
+            image asked about (0, the default: none; the expert compares the image with all of them either way).
     """
 
     model_type = "anomaly_assistant_qwen2_5_vl"
@@ -61,7 +61,7 @@ class QwenAssistantConfig(AnomalyAssistantConfig):
         min_pixels: int = 56 * 56,
         max_pixels: int = 28 * 28 * 1280,
         expert_grid: int = 24,
-        references_as_images: bool = False,
+        references_as_images: int = 0,
         **kwargs,
     ):
         kwargs.setdefault("vision_feature_select_strategy", "full")
@@ -75,7 +75,9 @@ class QwenAssistantConfig(AnomalyAssistantConfig):
         if int(expert_grid) < 2:
             raise ValueError(f"expert_grid must be >= 2, got {expert_grid}")
         self.expert_grid = int(expert_grid)
-        self.references_as_images = bool(references_as_images)
+        if int(references_as_images) < 0:
+            raise ValueError(f"references_as_images must be >= 0, got {references_as_images}")
+        self.references_as_images = int(references_as_images)
 
     @property
     def patches_per_side(self) -> int:
@@ -192,12 +194,21 @@ class QwenAssistantModel(AnomalyAssistantModel):
         grid = self.config.grid_thw(image_sizes)
         merged, features, levels = self._tower(pixel_values, grid)
         encoding = VisualEncoding(image_embeds=merged, image_sizes=image_sizes, extras={"grid_thw": grid})
+        shown = 0 if reference_pixel_values is None else min(self.config.references_as_images, len(reference_image_sizes))
+        if shown:  # the first references, as images before the one asked about (`config.references_as_images`)
+            sizes = [tuple(int(v) for v in size) for size in reference_image_sizes[:shown]]
+            reference_grid = self.config.grid_thw(sizes)
+            rows = int(reference_grid.prod(-1).sum())
+            encoding.image_embeds = self._tower(reference_pixel_values[:rows], reference_grid)[0] + merged
+            encoding.image_sizes = sizes + image_sizes
+            encoding.extras.update(grid_thw=torch.cat([reference_grid, grid]), references_shown=shown)
         if self.expert is None:
             return encoding
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
             features, levels, [1] * len(image_sizes), reference_pixel_values, reference_image_sizes
         )
-        encoding.anomaly_embeds = [self.project_tokens(t) for t in tokens]
+        empty = merged[0].new_zeros(0, merged[0].shape[-1])
+        encoding.anomaly_embeds = [empty] * shown + [self.project_tokens(t) for t in tokens]
         return encoding
 
     def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None):

@@ -48,20 +48,24 @@ def qwen_expert(qwen_base, tmp_path_factory):
     return out
 
 
-def _transformers_answer(ours, reference, image, question, max_new_tokens):
-    """transformers' own model on the image, the question and the checkpoint's chat template."""
+def _transformers_answer(ours, reference, image, question, max_new_tokens, content=None):
+    """transformers' own model on the image, the question and the checkpoint's chat template (`content`: the user
+    turn's parts, images in the order of the list `image`)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = ours.processor.tokenizer
+    images = image if isinstance(image, list) else [image]
+    content = content or [{"type": "image"}, {"type": "text", "text": question}]
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        chat_template=ours.processor.chat_template, tokenize=False, add_generation_prompt=True,
+        [{"role": "user", "content": content}], chat_template=ours.processor.chat_template, tokenize=False,
+        add_generation_prompt=True,
     )
-    pixels = Qwen2VLImageProcessorPil.from_pretrained(ours.name)([image], return_tensors="pt")
+    pixels = Qwen2VLImageProcessorPil.from_pretrained(ours.name)(images, return_tensors="pt")
     with torch.no_grad():
         features = reference.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output
-    n_tokens = sum(f.shape[0] for f in features)  # counted by transformers, not by our processor
-    ids = tokenizer(prompt.replace("<|image_pad|>", "<|image_pad|>" * n_tokens), return_tensors="pt")
+    pieces = prompt.split("<|image_pad|>")  # one pad per image, expanded to the count transformers gives each
+    prompt = pieces[0] + "".join("<|image_pad|>" * f.shape[0] + piece for f, piece in zip(features, pieces[1:]))
+    ids = tokenizer(prompt, return_tensors="pt")
     types = (ids["input_ids"] == reference.config.image_token_id).int()
     out = reference.generate(
         **ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=types,
@@ -262,3 +266,37 @@ def test_stage2_qlora_and_full_on_a_qwen_base(tmp_path, mode):
         assert report.pred_score is not None and report.anomaly_map.shape == (64, 64)
     else:
         assert (result / "adapter_model.safetensors").is_file()
+
+
+def test_references_shown_to_the_llm_as_images_answer_like_transformers(qwen_pair):
+    """Off by default; on, the reference comes first in the user turn, as transformers reads two images."""
+    from assistant.processing import REFERENCES_NOTE
+
+    ours, reference = qwen_pair
+    image, normal = random_image(50, 90, seed=1), random_image(60, 60, seed=2)
+    question = "Is there a defect in this part?"
+    alone = ours.analyze(image, question, max_new_tokens=12)
+    assert ours.analyze(image, question, references=[normal], max_new_tokens=12).answer == alone.answer  # off: unseen
+    ours.model.config.references_as_images = 1
+    try:
+        shown = AnomalyAssistant(ours.model, ours.processor, ours.generation_config, ours.name, ours.kind)
+        answer = shown.analyze(image, question, references=[normal, random_image(40, 40)], max_new_tokens=12).answer
+    finally:
+        ours.model.config.references_as_images = 0
+    content = [{"type": "image"}, {"type": "text", "text": REFERENCES_NOTE}, {"type": "image"},
+               {"type": "text", "text": question}]
+    assert answer == _transformers_answer(ours, reference, [normal, image], question, 12, content)
+    assert answer != alone.answer
+
+
+def test_references_as_images_with_the_expert(qwen_expert):
+    assistant = AnomalyAssistant.from_pretrained(str(qwen_expert))
+    assistant.model.config.references_as_images = 1
+    image, normal = random_image(60, 80, seed=3), random_image(56, 56, seed=4)
+    report = assistant.analyze(image, "Any defect?", references=[normal], max_new_tokens=4)
+    assert report.anomaly_map.shape == (60, 80)
+    _, visual, pixels = assistant.encode(image, [normal])
+    ids = assistant._inputs([{"role": "user", "content": "Any defect?"}], image, visual, pixels)["input_ids"]
+    assert int((ids == assistant.model.config.vision_start_token_id).sum()) == 2
+    # the expert still scores the image asked about, against the reference
+    assert report.pred_score == pytest.approx(assistant.detect(image, references=[normal]).pred_score, abs=1e-5)
