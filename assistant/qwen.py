@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+    smart_resize,
+)
 
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig
@@ -289,7 +292,7 @@ class QwenProcessor(AssistantProcessor):
                              f"({config.min_pixels}, {config.max_pixels})")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: QwenAssistantConfig) -> "QwenProcessor":
+    def from_pretrained(cls, path: str | Path, config: QwenAssistantConfig) -> QwenProcessor:
         path = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config.text_config)
         return cls(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(path), config, read_chat_template(path))

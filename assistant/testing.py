@@ -207,15 +207,16 @@ def tiny_qwen2_5_vl(path: str | Path, seed: int = 0, corpus: list[str] | None = 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     heads = max(1, text_hidden // 16)
     config = Qwen2_5_VLConfig(
-        vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
-                           out_hidden_size=text_hidden, window_size=56, fullatt_block_indexes=list(range(1, vision_layers, 2)),
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
-                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=4096, initializer_range=0.5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": _mrope_section(text_hidden // heads)},
-                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config={"depth": vision_layers, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                       "num_heads": 2, "out_hidden_size": text_hidden, "window_size": 56, "patch_size": 14,
+                       "fullatt_block_indexes": list(range(1, vision_layers, 2)), "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
+                     "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+                     "max_position_embeddings": 4096, "initializer_range": 0.5,  # see text_config: answers depend on images
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": _mrope_section(text_hidden // heads)},
+                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=tie_word_embeddings, bos_token_id=None, eos_token_id=ids["<|im_end|>"],

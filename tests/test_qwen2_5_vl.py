@@ -51,7 +51,9 @@ def qwen_expert(qwen_base, tmp_path_factory):
 def _transformers_answer(ours, reference, image, question, max_new_tokens, content=None):
     """transformers' own model on the image, the question and the checkpoint's chat template (`content`: the user
     turn's parts, images in the order of the list `image`)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     tokenizer = ours.processor.tokenizer
     images = image if isinstance(image, list) else [image]
@@ -206,17 +208,16 @@ def test_a_folder_of_another_family_is_refused_in_one_line(tmp_path):
 def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
     """`python -m train` with `model.path` at a plain Qwen2.5-VL checkpoint: stage 1 (expert) then stage 2 (LoRA); the
     merged checkpoint answers as base + adapter do, with a score, a map and boxes."""
+    from assistant.testing import tiny_qwen2_5_vl
     from train.build import instruction_corpus, synthetic_data
     from train.config import load_config
     from train.merge import assistant_with_adapter, merge
     from train.run import run
 
-    from assistant.testing import tiny_qwen2_5_vl
-
     recipe = "configs/train/debug_tiny.yaml"
     overrides = [f"output_dir={tmp_path / 'run'}", "data.synth.n=8", "data.synth.families=[wood]", "stage1_steps=4",
                  "trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1", "model.expert.feature_layers=[2,4]"]
-    images, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
+    _, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
     base = tiny_qwen2_5_vl(tmp_path / "base", corpus=instruction_corpus(instructions), vocab_size=500)
     results = run(load_config(recipe, [*overrides, f"model.path={base}"]))
     stage1 = AnomalyAssistant.from_pretrained(str(results["stage1"]))
@@ -234,21 +235,20 @@ def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
 
 @pytest.mark.parametrize("mode", ["qlora", "full"])
 def test_stage2_qlora_and_full_on_a_qwen_base(tmp_path, mode):
-    from train.build import instruction_corpus, load_model, synthetic_data
-    from train.config import load_config
-    from train.run import run
-
     from assistant import checkpoint
     from assistant.expert import ExpertConfig
     from assistant.selector import SelectorConfig
     from assistant.testing import tiny_qwen2_5_vl
+    from train.build import instruction_corpus, load_model, synthetic_data
+    from train.config import load_config
+    from train.run import run
 
     recipe = "configs/train/debug_tiny.yaml"
     overrides = [f"output_dir={tmp_path / 'run'}", "data.synth.n=8", "data.synth.families=[wood]", "stage=stage2",
                  "trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1"]
     _, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
     plain = tiny_qwen2_5_vl(tmp_path / "plain", corpus=instruction_corpus(instructions), vocab_size=500, text_hidden=64)
-    model, processor, generation, _ = checkpoint.load(plain)
+    model, processor, _, _ = checkpoint.load(plain)
     model.config.expert_grid = 8
     checkpoint.add_expert(model, ExpertConfig(feature_layers=[2, 4], embedding_dim=16, class_dim=16, predictor_dim=16),
                           SelectorConfig(attention_dim=16), seed=0)
