@@ -37,6 +37,28 @@ from .selector import LookTwiceSelector, SelectorConfig
 #: the base families this module composes, by their transformers model_type
 QWEN_FAMILIES = ("qwen2_5_vl",)
 
+#: ChatML as Qwen2.5-VL's checkpoints render an image-and-text chat: a default system turn, each image as vision start,
+#: one pad, vision end, in the order of the message's parts; `{% generation %}` marks assistant text, which stage 2
+#: needs to supervise only the answers (Qwen's own template has no such marks)
+QWEN_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] }}{% endgeneration %}"
+    "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 class QwenAssistantConfig(AnomalyAssistantConfig):
     """`AnomalyAssistantConfig` for a Qwen2.5-VL base.

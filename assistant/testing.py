@@ -154,30 +154,9 @@ def tiny_assistant(path: str | Path, vision: str = "clip", text: str = "llama", 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
 
-#: ChatML as Qwen2.5-VL's checkpoints write it: a default system turn, each image as vision start, one pad,
-#: vision end, in the order of the message's parts; `{% generation %}` marks assistant text for training
-QWEN_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}"
-    "{% else %}{{ message['content'] }}{% endif %}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] }}{% endgeneration %}"
-    "{% else %}{{ part['text'] }}{% endif %}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}{{ '<|im_end|>\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 def qwen_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen2.5-VL's chat and vision special tokens."""
+    from .qwen import QWEN_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -227,7 +206,7 @@ def tiny_qwen2_5_vl(path: str | Path, seed: int = 0, corpus: list[str] | None = 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=max_pixels).save_pretrained(path)
-    (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    (path / "chat_template.jinja").write_text(tokenizer.chat_template)
     return path
 
 

@@ -259,6 +259,17 @@ def test_stage2_qlora_and_full_on_a_qwen_base(tmp_path, mode):
         quantised = [n for n, m in load_model(tmp_path / "base", quantize=True)[0].named_modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert quantised and all(n.startswith("language_model.model.language_model.") for n in quantised)
     extra = ["quantization=4bit"] if mode == "qlora" else ["full=true"]
+    if mode == "full":  # a template without `{% generation %}` marks (Qwen's own) is refused in one line, before training
+        import shutil
+
+        from train.config import ConfigError
+
+        shutil.copytree(tmp_path / "base", tmp_path / "unmarked")
+        template = (tmp_path / "unmarked" / "chat_template.jinja").read_text()
+        unmarked = template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+        (tmp_path / "unmarked" / "chat_template.jinja").write_text(unmarked)
+        with pytest.raises(ConfigError, match="marks no assistant text"):
+            run(load_config(recipe, [*overrides, f"model.path={tmp_path / 'unmarked'}", *extra]))
     result = run(load_config(recipe, [*overrides, f"model.path={tmp_path / 'base'}", *extra]))["stage2"]
     if mode == "full":
         trained = AnomalyAssistant.from_pretrained(str(result))

@@ -201,6 +201,10 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     args = training_arguments(cfg, run_dir, cfg.trainer.max_steps, cfg.trainer.lr)
     resume = _resume_point(cfg, run_dir)
     model, processor, generation = load_model(base, quantize=cfg.quantization == "4bit")
+    if "{% generation" not in processor.chat_template:
+        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 cannot "
+                          "tell the answers it learns from the prompt; give the model a template with the marks "
+                          "(docs/real_models_qwen.md shows one for Qwen2.5-VL)")
     set_token_pooling(model, cfg, lora=not cfg.full)  # the processor shares model.config, so its token count follows
     records, skipped = read_conversations(instructions)
     if args.process_index == 0:
