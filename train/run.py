@@ -201,10 +201,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     args = training_arguments(cfg, run_dir, cfg.trainer.max_steps, cfg.trainer.lr)
     resume = _resume_point(cfg, run_dir)
     model, processor, generation = load_model(base, quantize=cfg.quantization == "4bit")
-    if "{% generation" not in processor.chat_template:
-        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 cannot "
-                          "tell the answers it learns from the prompt; give the model a template with the marks "
-                          "(docs/real_models_qwen.md shows one for Qwen2.5-VL)")
+    check_chat_template(processor.chat_template, base)
     set_token_pooling(model, cfg, lora=not cfg.full)  # the processor shares model.config, so its token count follows
     records, skipped = read_conversations(instructions)
     if args.process_index == 0:
@@ -266,6 +263,24 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     return final
 
 
+def check_chat_template(template: str | None, base: Path) -> None:
+    """Stage 2 supervises the assistant text the template marks with `{% generation %}`; refuse one without marks."""
+    if isinstance(template, str) and "{% generation" not in template:
+        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 cannot "
+                          "tell the answers it learns from the prompt; give the model a template with the marks "
+                          "(docs/real_models_qwen.md shows one for Qwen2.5-VL)")
+
+
+def _base_chat_template(base: Path) -> str | None:
+    """The template a model folder's processor will use, read without loading it (None: the project's default)."""
+    from assistant.processing import read_chat_template
+
+    template = read_chat_template(base)
+    if template is None and (base / "tokenizer_config.json").is_file():
+        template = json.loads((base / "tokenizer_config.json").read_text()).get("chat_template")
+    return template
+
+
 def run(cfg: TrainConfig) -> dict:
     """Run the configured stage(s); returns the result folders."""
     root = Path(cfg.output_dir)
@@ -280,6 +295,8 @@ def run(cfg: TrainConfig) -> dict:
             base = root / "base"
             if not (base / "config.json").is_file():
                 init_model(cfg.model.init, instruction_corpus(instructions), base)
+    if cfg.stage in ("stage2", "all"):  # before stage 1's hours, not after them
+        check_chat_template(_base_chat_template(base), base)
     if args.process_index == 0:
         write_run_info(cfg, root, commit)
     results = {}
