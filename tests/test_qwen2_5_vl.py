@@ -311,3 +311,14 @@ def test_references_as_images_with_the_expert(qwen_expert):
     assert int((ids == assistant.model.config.vision_start_token_id).sum()) == 2
     # the expert still scores the image asked about, against the reference
     assert report.pred_score == pytest.approx(assistant.detect(image, references=[normal]).pred_score, abs=1e-5)
+
+
+def test_a_plain_base_saved_in_this_projects_layout_answers_the_same(qwen_pair, tmp_path):
+    ours = qwen_pair[0]
+    ours.model.save_pretrained(tmp_path / "copy")
+    ours.processor.save_pretrained(tmp_path / "copy")
+    again = AnomalyAssistant.from_pretrained(str(tmp_path / "copy"))
+    assert again.kind == "assistant" and not again.has_expert
+    for size in [(50, 90), (120, 40)]:
+        image = random_image(*size, seed=1)
+        assert again.analyze(image, "Describe.", max_new_tokens=10).answer == ours.analyze(image, "Describe.", max_new_tokens=10).answer
