@@ -205,6 +205,7 @@ def test_a_folder_of_another_family_is_refused_in_one_line(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.slow
 def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
     """`python -m train` with `model.path` at a plain Qwen2.5-VL checkpoint: stage 1 (expert) then stage 2 (LoRA); the
     merged checkpoint answers as base + adapter do, with a score, a map and boxes."""
@@ -233,6 +234,7 @@ def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
     assert (len(a.boxes) > 0) == a.pred_label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["qlora", "full"])
 def test_stage2_qlora_and_full_on_a_qwen_base(tmp_path, mode):
     from assistant import checkpoint
