@@ -324,3 +324,19 @@ def test_a_plain_base_saved_in_this_projects_layout_answers_the_same(qwen_pair, 
     for size in [(50, 90), (120, 40)]:
         image = random_image(*size, seed=1)
         assert again.analyze(image, "Describe.", max_new_tokens=10).answer == ours.analyze(image, "Describe.", max_new_tokens=10).answer
+
+
+def test_follow_ups_with_look_twice_tokens_reuse_the_kv_cache(qwen_expert):
+    cached = AnomalyAssistant.from_pretrained(str(qwen_expert))
+    uncached = AnomalyAssistant.from_pretrained(str(qwen_expert), kv_cache_bytes=0)
+    image = random_image(60, 80, seed=6)
+
+    def conversation(assistant):
+        messages, answers = [], []
+        for question in ["Any defect?", "Where?", "How severe?"]:
+            messages.append({"role": "user", "content": question})
+            answers.append(assistant.chat(messages, image, stream=False, max_new_tokens=6, min_new_tokens=6))
+            messages.append({"role": "assistant", "content": answers[-1]})
+        return answers
+
+    assert conversation(cached) == conversation(uncached) and cached.kv_cache.hits == 2
