@@ -129,7 +129,7 @@ class AssistantProcessor:
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
     def pixels_of(self, image: Image.Image) -> torch.Tensor:
-        """One image's pixel values as a batch concatenates them: its crops [crops, 3, S, S], without the padding crops."""
+        """One image's pixel values as a batch concatenates them: its crops [crops, 3, S, S], no padding crops."""
         c = self.config
         n = num_crops((image.height, image.width), c.image_grid_pinpoints, c.vision_config.image_size)
         return self.preprocess([image])["pixel_values"][0, :n]

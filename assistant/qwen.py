@@ -41,7 +41,8 @@ QWEN_FAMILIES = ("qwen2_5_vl",)
 #: one pad, vision end, in the order of the message's parts; `{% generation %}` marks assistant text, which stage 2
 #: needs to supervise only the answers (Qwen's own template has no such marks)
 QWEN_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}"
@@ -90,7 +91,9 @@ class QwenAssistantConfig(AnomalyAssistantConfig):
         **kwargs,
     ):
         kwargs.setdefault("vision_feature_select_strategy", "full")
-        super().__init__(vision_config=vision_config, text_config=text_config, image_token_index=image_token_index, **kwargs)
+        super().__init__(
+            vision_config=vision_config, text_config=text_config, image_token_index=image_token_index, **kwargs
+        )
         if self.detection_views != 1 or self.image_token_pooling != 1:
             raise ValueError("a Qwen2.5-VL base takes detection_views=1 and image_token_pooling=1")
         self.video_token_index = int(video_token_index)
@@ -113,9 +116,12 @@ class QwenAssistantConfig(AnomalyAssistantConfig):
         from transformers import Qwen2_5_VLConfig
 
         return Qwen2_5_VLConfig(
-            vision_config=self.vision_config.to_dict(), text_config=self.text_config.to_dict(),
-            image_token_id=self.image_token_index, video_token_id=self.video_token_index,
-            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+            vision_config=self.vision_config.to_dict(),
+            text_config=self.text_config.to_dict(),
+            image_token_id=self.image_token_index,
+            video_token_id=self.video_token_index,
+            vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id,
             tie_word_embeddings=self.tie_word_embeddings,
         )
 
@@ -146,7 +152,9 @@ class QwenAssistantModel(AnomalyAssistantModel):
         self.language_model = base
         if config.has_expert:
             hidden = config.vision_config.hidden_size
-            self.expert = AnomalyExpert(ExpertConfig.from_dict(config.expert_config), hidden, config.patches_per_side**2)
+            self.expert = AnomalyExpert(
+                ExpertConfig.from_dict(config.expert_config), hidden, config.patches_per_side**2
+            )
             self.selector = LookTwiceSelector(SelectorConfig.from_dict(config.selector_config or {}), hidden)
         else:
             self.expert = None
@@ -172,8 +180,9 @@ class QwenAssistantModel(AnomalyAssistantModel):
     def _tower(self, pixel_values: torch.Tensor, grid: torch.Tensor):
         """Flat patches [Σ t·h·w, C·T·P·P] → (merged LLM tokens per image, last-block grid features, expert levels)."""
         tower = self.vision_tower
-        if pixel_values.dim() != 2 or pixel_values.shape[0] != int(grid.prod(-1).sum()):
-            raise ValueError(f"got pixel_values of shape {tuple(pixel_values.shape)} for images of {int(grid.prod(-1).sum())} patches")
+        patches = int(grid.prod(-1).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(f"got pixel_values of shape {tuple(pixel_values.shape)} for images of {patches} patches")
         pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
         out = tower(pixel_values, grid_thw=grid.to(tower.device), output_hidden_states=True, return_dict=True)
         unit = tower.spatial_merge_size**2
@@ -213,13 +222,17 @@ class QwenAssistantModel(AnomalyAssistantModel):
         merger = self.vision_tower.merger
         return merger(tokens.repeat_interleave(self.vision_tower.spatial_merge_size**2, dim=0))
 
-    def encode_images(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None) -> VisualEncoding:
+    def encode_images(
+        self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None
+    ) -> VisualEncoding:
         """Image tokens for the LLM and, with an expert, maps, scores and look-twice tokens (see the parent)."""
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         grid = self.config.grid_thw(image_sizes)
         merged, features, levels = self._tower(pixel_values, grid)
         encoding = VisualEncoding(image_embeds=merged, image_sizes=image_sizes, extras={"grid_thw": grid})
-        shown = 0 if reference_pixel_values is None else min(self.config.references_as_images, len(reference_image_sizes))
+        shown = (
+            0 if reference_pixel_values is None else min(self.config.references_as_images, len(reference_image_sizes))
+        )
         if shown:  # the first references, as images before the one asked about (`config.references_as_images`)
             sizes = [tuple(int(v) for v in size) for size in reference_image_sizes[:shown]]
             reference_grid = self.config.grid_thw(sizes)
@@ -236,13 +249,16 @@ class QwenAssistantModel(AnomalyAssistantModel):
         encoding.anomaly_embeds = [empty] * shown + [self.project_tokens(t) for t in tokens]
         return encoding
 
-    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None):
+    def detect(
+        self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None
+    ):
         """The detection-only path: tower + expert + selector (no merger, no LLM); (crop_maps, scores)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
-        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes,
-                                                None, reference_bank)
+        _, scores, crop_maps = self._look_twice(
+            features, levels, counts, reference_pixel_values, reference_image_sizes, None, reference_bank
+        )
         return crop_maps, scores
 
     # -- language side ----------------------------------------------------------------------------
@@ -268,18 +284,29 @@ class QwenAssistantModel(AnomalyAssistantModel):
             input_ids, mm_token_type_ids=self.token_types(input_ids), image_grid_thw=grid, attention_mask=attention_mask
         )
 
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-                visual: VisualEncoding | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        image_sizes=None,
+        attention_mask=None,
+        position_ids=None,
+        visual: VisualEncoding | None = None,
+        **kwargs,
+    ):
         """Causal-LM forward (loss with `labels`) with the base's multimodal rotary positions."""
         if input_ids is not None and visual is None and pixel_values is not None:
             visual = self.encode_images(pixel_values, image_sizes)
         if position_ids is None and input_ids is not None:
             position_ids, _ = self.rope_index(input_ids, visual, attention_mask)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, visual=visual,
-                               **kwargs)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, visual=visual, **kwargs
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs):
+    def generate(
+        self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs
+    ):
         """The base model's `generate` on the merged embeddings; returns only the new token ids."""
         input_ids = input_ids.to(self.get_input_embeddings().weight.device)
         embeds = self.merge_embeddings(input_ids, visual)
@@ -293,8 +320,12 @@ class QwenAssistantModel(AnomalyAssistantModel):
             generate_kwargs[name] = generate_kwargs.pop("past_key_values")
         grid = visual.extras.get("grid_thw") if visual is not None else None
         out = self.language_model.generate(
-            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, image_grid_thw=grid,
-            mm_token_type_ids=self.token_types(input_ids), **generate_kwargs,
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            image_grid_thw=grid,
+            mm_token_type_ids=self.token_types(input_ids),
+            **generate_kwargs,
         )
         prompt = input_ids.shape[1]
         if isinstance(out, torch.Tensor):
@@ -310,8 +341,10 @@ class QwenProcessor(AssistantProcessor):
         super().__init__(tokenizer, image_processor, config, chat_template)
         bounds = (image_processor.size.get("shortest_edge"), image_processor.size.get("longest_edge"))
         if bounds != (config.min_pixels, config.max_pixels):
-            raise ValueError(f"the image processor's pixel bounds {bounds} differ from the model's "
-                             f"({config.min_pixels}, {config.max_pixels})")
+            raise ValueError(
+                f"the image processor's pixel bounds {bounds} differ from the model's "
+                f"({config.min_pixels}, {config.max_pixels})"
+            )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: QwenAssistantConfig) -> QwenProcessor:
@@ -346,11 +379,16 @@ def compose_from_qwen2_5_vl(base, image_processor, expert_grid: int = 24) -> Qwe
     """Our model holding the very modules of a loaded `Qwen2_5_VLForConditionalGeneration` (no copy)."""
     bcfg = base.config
     config = QwenAssistantConfig(  # copies: building the meta model must not reset the loaded parts' attention settings
-        vision_config=copy.deepcopy(bcfg.vision_config), text_config=copy.deepcopy(bcfg.text_config),
+        vision_config=copy.deepcopy(bcfg.vision_config),
+        text_config=copy.deepcopy(bcfg.text_config),
         image_token_index=bcfg.image_token_id,
-        video_token_index=bcfg.video_token_id, vision_start_token_id=bcfg.vision_start_token_id,
-        vision_end_token_id=bcfg.vision_end_token_id, min_pixels=image_processor.size["shortest_edge"],
-        max_pixels=image_processor.size["longest_edge"], expert_grid=expert_grid, tie_word_embeddings=bcfg.tie_word_embeddings,
+        video_token_index=bcfg.video_token_id,
+        vision_start_token_id=bcfg.vision_start_token_id,
+        vision_end_token_id=bcfg.vision_end_token_id,
+        min_pixels=image_processor.size["shortest_edge"],
+        max_pixels=image_processor.size["longest_edge"],
+        expert_grid=expert_grid,
+        tie_word_embeddings=bcfg.tie_word_embeddings,
     )
     with torch.device("meta"):
         model = QwenAssistantModel(config)

@@ -192,7 +192,7 @@ def tiny_qwen2_5_vl(path: str | Path, seed: int = 0, corpus: list[str] | None = 
                        "temporal_patch_size": 2},
         text_config={"vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
                      "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-                     "max_position_embeddings": 4096, "initializer_range": 0.5,  # see text_config: answers depend on images
+                     "max_position_embeddings": 4096, "initializer_range": 0.5,  # as text_config: image-dependent
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": _mrope_section(text_hidden // heads)},
                      "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},

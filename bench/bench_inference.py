@@ -54,11 +54,12 @@ def qwen2_5_vl_3b_config(layers: int | None = None):
               "tokens_per_second": 2, "hidden_act": "silu",
               "fullatt_block_indexes": [i for i in (7, 15, 23, 31) if i < depth] or [depth - 1]}
     text = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": layers or 36,
-            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
-                            vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
-                            tie_word_embeddings=True)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                            video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+                            vision_end_token_id=QWEN_VISION_END, tie_word_embeddings=True)
 
 
 def llava_onevision_05b_config() -> LlavaOnevisionConfig:
@@ -129,7 +130,8 @@ def main():
     parser.add_argument("--expert-views", default="base", choices=["base", "all"],
                         help="the expert scores the base view only (detection runs the tower on one crop) or every tile")
     parser.add_argument("--base", default="llava_onevision", choices=["llava_onevision", "qwen2_5_vl"])
-    parser.add_argument("--layers", type=int, default=None, help="qwen2_5_vl: blocks per tower and LLM (default: the real depth)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="qwen2_5_vl: blocks per tower and LLM (default: the real depth)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -174,7 +176,8 @@ def setup_qwen(args, device, dtype):
     reference.model.visual = visual
     depth = ours.config.vision_config.depth
     layers = [max(1, round(depth * (i + 1) / 4)) for i in range(4)]
-    add_expert(ours, ExpertConfig(feature_layers=sorted(set(layers)), embedding_dim=512, class_dim=512, predictor_dim=512),
+    add_expert(ours,
+               ExpertConfig(feature_layers=sorted(set(layers)), embedding_dim=512, class_dim=512, predictor_dim=512),
                SelectorConfig(mode="pool", grid=2, attention_dim=512), seed=0)
     ours.eval()
     print(f"built random Qwen2.5-VL-3B-size models in {time.perf_counter() - build:.0f} s "
@@ -189,14 +192,15 @@ def setup_qwen(args, device, dtype):
     ours_ids = prompt_ids(args.text_tokens, n_image, marker_len=7, n_anomaly=n_anomaly, image_token=QWEN_IMAGE,
                           opening=[QWEN_VISION_START]).to(device)
     types = (plain_ids == QWEN_IMAGE).int()
-    print(f"image {height}×{width}: grid {grid.tolist()[0]}, {n_image} image tokens (+{n_anomaly} look-twice tokens for (ii))")
+    print(f"image {height}×{width}: grid {grid.tolist()[0]}, {n_image} image tokens "
+          f"(+{n_anomaly} look-twice tokens for (ii))")
     sizes = [(height, width)]
 
     def run_reference(processors, n, common):
         with torch.no_grad():
-            reference.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids), pixel_values=pixel_values,
-                               image_grid_thw=grid, mm_token_type_ids=types, max_new_tokens=n, logits_processor=processors,
-                               **common)
+            reference.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids),
+                               pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=types,
+                               max_new_tokens=n, logits_processor=processors, **common)
 
     def run_ours(processors, n, common):
         with torch.no_grad():

@@ -38,12 +38,16 @@ def qwen_expert(qwen_base, tmp_path_factory):
 
     model, processor, generation, _ = checkpoint.load(qwen_base)
     model.config.expert_grid = 8
-    expert = ExpertConfig(feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, logit_scale=10.0)
+    expert = ExpertConfig(
+        feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, logit_scale=10.0
+    )
     checkpoint.add_expert(model, expert, SelectorConfig(attention_dim=16), seed=0)
     model.config.suspicion_bounds = (0.25, 0.5)
     out = tmp_path_factory.mktemp("ckpt") / "qwen-expert"
     model.save_pretrained(out)
-    QwenProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template).save_pretrained(out)
+    QwenProcessor(
+        processor.tokenizer, processor.image_processor, model.config, processor.chat_template
+    ).save_pretrained(out)
     generation.save_pretrained(out)
     return out
 
@@ -59,7 +63,9 @@ def _transformers_answer(ours, reference, image, question, max_new_tokens, conte
     images = image if isinstance(image, list) else [image]
     content = content or [{"type": "image"}, {"type": "text", "text": question}]
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], chat_template=ours.processor.chat_template, tokenize=False,
+        [{"role": "user", "content": content}],
+        chat_template=ours.processor.chat_template,
+        tokenize=False,
         add_generation_prompt=True,
     )
     pixels = Qwen2VLImageProcessorPil.from_pretrained(ours.name)(images, return_tensors="pt")
@@ -70,10 +76,14 @@ def _transformers_answer(ours, reference, image, question, max_new_tokens, conte
     ids = tokenizer(prompt, return_tensors="pt")
     types = (ids["input_ids"] == reference.config.image_token_id).int()
     out = reference.generate(
-        **ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=types,
-        max_new_tokens=max_new_tokens, do_sample=False,
+        **ids,
+        pixel_values=pixels["pixel_values"],
+        image_grid_thw=pixels["image_grid_thw"],
+        mm_token_type_ids=types,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
     )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -185,13 +195,19 @@ def test_training_forward_gives_a_loss_with_gradients(qwen_expert):
     model = assistant.model.train()
     image = random_image(60, 80)
     _, visual, pixels = assistant.encode(image)
-    inputs = assistant._inputs([{"role": "user", "content": "Any defect?"}, {"role": "assistant", "content": "No."}],
-                               image, visual, pixels)
+    inputs = assistant._inputs(
+        [{"role": "user", "content": "Any defect?"}, {"role": "assistant", "content": "No."}], image, visual, pixels
+    )
     ids = torch.nn.functional.pad(inputs["input_ids"], (0, 3), value=0)
     mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 3), value=0)
     labels = ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=ids, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], attention_mask=mask,
-                labels=labels)
+    out = model(
+        input_ids=ids,
+        pixel_values=pixels["pixel_values"],
+        image_sizes=pixels["image_sizes"],
+        attention_mask=mask,
+        labels=labels,
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert model.selector.query_proj.weight.grad is not None and model.language_model.lm_head.weight.grad is not None
@@ -216,8 +232,16 @@ def test_both_training_stages_on_a_qwen_base_then_merge(tmp_path):
     from train.run import run
 
     recipe = "configs/train/debug_tiny.yaml"
-    overrides = [f"output_dir={tmp_path / 'run'}", "data.synth.n=8", "data.synth.families=[wood]", "stage1_steps=4",
-                 "trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1", "model.expert.feature_layers=[2,4]"]
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "data.synth.n=8",
+        "data.synth.families=[wood]",
+        "stage1_steps=4",
+        "trainer.max_steps=2",
+        "trainer.save_steps=2",
+        "trainer.logging_steps=1",
+        "model.expert.feature_layers=[2,4]",
+    ]
     _, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
     base = tiny_qwen2_5_vl(tmp_path / "base", corpus=instruction_corpus(instructions), vocab_size=500)
     results = run(load_config(recipe, [*overrides, f"model.path={base}"]))
@@ -246,22 +270,41 @@ def test_stage2_qlora_and_full_on_a_qwen_base(tmp_path, mode):
     from train.run import run
 
     recipe = "configs/train/debug_tiny.yaml"
-    overrides = [f"output_dir={tmp_path / 'run'}", "data.synth.n=8", "data.synth.families=[wood]", "stage=stage2",
-                 "trainer.max_steps=2", "trainer.save_steps=2", "trainer.logging_steps=1"]
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "data.synth.n=8",
+        "data.synth.families=[wood]",
+        "stage=stage2",
+        "trainer.max_steps=2",
+        "trainer.save_steps=2",
+        "trainer.logging_steps=1",
+    ]
     _, instructions = synthetic_data(load_config(recipe, overrides), tmp_path / "run" / "data")
     plain = tiny_qwen2_5_vl(tmp_path / "plain", corpus=instruction_corpus(instructions), vocab_size=500, text_hidden=64)
     model, processor, _, _ = checkpoint.load(plain)
     model.config.expert_grid = 8
-    checkpoint.add_expert(model, ExpertConfig(feature_layers=[2, 4], embedding_dim=16, class_dim=16, predictor_dim=16),
-                          SelectorConfig(attention_dim=16), seed=0)
+    checkpoint.add_expert(
+        model,
+        ExpertConfig(feature_layers=[2, 4], embedding_dim=16, class_dim=16, predictor_dim=16),
+        SelectorConfig(attention_dim=16),
+        seed=0,
+    )
     model.save_pretrained(tmp_path / "base")
-    type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template).save_pretrained(tmp_path / "base")
+    type(processor)(
+        processor.tokenizer, processor.image_processor, model.config, processor.chat_template
+    ).save_pretrained(tmp_path / "base")
     if mode == "qlora":
         bnb = pytest.importorskip("bitsandbytes")
-        quantised = [n for n, m in load_model(tmp_path / "base", quantize=True)[0].named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+        quantised = [
+            n
+            for n, m in load_model(tmp_path / "base", quantize=True)[0].named_modules()
+            if isinstance(m, bnb.nn.Linear4bit)
+        ]
         assert quantised and all(n.startswith("language_model.model.language_model.") for n in quantised)
     extra = ["quantization=4bit"] if mode == "qlora" else ["full=true"]
-    if mode == "full":  # a template without `{% generation %}` marks (Qwen's own) is refused in one line, before training
+    if (
+        mode == "full"
+    ):  # a template without `{% generation %}` marks (Qwen's own) is refused in one line, before training
         import shutil
 
         from train.config import ConfigError
@@ -296,8 +339,12 @@ def test_references_shown_to_the_llm_as_images_answer_like_transformers(qwen_pai
         answer = shown.analyze(image, question, references=[normal, random_image(40, 40)], max_new_tokens=12).answer
     finally:
         ours.model.config.references_as_images = 0
-    content = [{"type": "image"}, {"type": "text", "text": REFERENCES_NOTE}, {"type": "image"},
-               {"type": "text", "text": question}]
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": REFERENCES_NOTE},
+        {"type": "image"},
+        {"type": "text", "text": question},
+    ]
     assert answer == _transformers_answer(ours, reference, [normal, image], question, 12, content)
     assert answer != alone.answer
 
@@ -323,7 +370,10 @@ def test_a_plain_base_saved_in_this_projects_layout_answers_the_same(qwen_pair, 
     assert again.kind == "assistant" and not again.has_expert
     for size in [(50, 90), (120, 40)]:
         image = random_image(*size, seed=1)
-        assert again.analyze(image, "Describe.", max_new_tokens=10).answer == ours.analyze(image, "Describe.", max_new_tokens=10).answer
+        assert (
+            again.analyze(image, "Describe.", max_new_tokens=10).answer
+            == ours.analyze(image, "Describe.", max_new_tokens=10).answer
+        )
 
 
 def test_follow_ups_with_look_twice_tokens_reuse_the_kv_cache(qwen_expert):

@@ -75,7 +75,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
             raise ConfigError(f"model.expert: {error}") from None
         if cfg.model.expert.suspicion_marker is not None:
             model.config.suspicion_marker = cfg.model.expert.suspicion_marker
-        processor = type(processor)(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
+        processor = type(processor)(processor.tokenizer, processor.image_processor, model.config,
+                                    processor.chat_template)
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
     # default model's 32,000 images: a header check of about 9 s + 0.9 s decoding the held-out part, against a 24.5 s
@@ -162,7 +163,7 @@ def stage1_augment(cfg: TrainConfig, model) -> Augment:
     augment = Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation,
                       lighting=data.augment_lighting, grain=data.augment_grain)
     if augment.active and isinstance(model.config, QwenAssistantConfig):
-        raise ConfigError("data.augment_* act on image crops; a Qwen2.5-VL base reads flat patches: set them to 0/false")
+        raise ConfigError("data.augment_* act on image crops; a Qwen2.5-VL base reads flat patches: set them off")
     if data.augment_flips and model.expert.config.views != "base":
         raise ConfigError("data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image")
     return augment
@@ -266,8 +267,8 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
 def check_chat_template(template: str | None, base: Path) -> None:
     """Stage 2 supervises the assistant text the template marks with `{% generation %}`; refuse one without marks."""
     if isinstance(template, str) and "{% generation" not in template:
-        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 cannot "
-                          "tell the answers it learns from the prompt; give the model a template with the marks "
+        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 "
+                          "cannot tell the answers it learns from the prompt; give the model a template with the marks "
                           "(docs/real_models_qwen.md shows one for Qwen2.5-VL)")
 
 

@@ -114,7 +114,8 @@ def score_records(model, processor, records, map_size: int, references=None, bat
         if key in banks:
             return banks[key]
         pixels, size, _ = prepared(record)
-        bank = model.reference_bank(pixels[0], [size])
+        # LLaVA's pixels are [1, crops, 3, S, S], a Qwen base's flat patches already one image's
+        bank = model.reference_bank(pixels[0] if pixels.dim() == 5 else pixels, [size])
         nbytes = sum(level.numel() * level.element_size() for level in bank)
         if kept + nbytes <= REFERENCE_BANK_BYTES:  # the default model's 320 held-out normals: 4 levels x 288 x 128 floats each, 190 MB
             banks[key], kept = bank, kept + nbytes
