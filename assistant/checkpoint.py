@@ -5,7 +5,9 @@
 (b) a plain LLaVA-OneVision checkpoint in transformers' llava-hf layout (no expert: no score);
 (c) a hub id, resolved by `huggingface_hub` where a hub is reachable, then (a) or (b);
 (d) Anomaly-OV's released expert (`pretrained_expert_05b.pth` / `_7b.pth`) on a LLaVA-OneVision base,
-    read with `torch.load(weights_only=True)` and saved as safetensors in a folder of kind (a).
+    read with `torch.load(weights_only=True)` and saved as safetensors in a folder of kind (a);
+(e) a plain Qwen2.5-VL checkpoint in Qwen's layout (`model_type: qwen2_5_vl`), and this project's folders built
+    on one (`anomaly_assistant_qwen2_5_vl`): `assistant.qwen`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .domain import load_bank
 from .expert import ExpertConfig
 from .modeling import AnomalyAssistantModel
 from .processing import AssistantProcessor, read_chat_template
+from .qwen import QWEN_FAMILIES, QwenAssistantConfig, QwenAssistantModel, QwenProcessor, from_qwen2_5_vl
 from .selector import SelectorConfig
 
 
@@ -74,7 +77,7 @@ def read_config(path: Path) -> dict:
 
 
 def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Returns (model, processor, generation_config, kind) with kind "assistant" or "llava_onevision"."""
+    """Returns (model, processor, generation_config, kind): kind "assistant", "llava_onevision" or "qwen2_5_vl"."""
     path = resolve(path_or_id)
     model_type = read_config(path).get("model_type")
     try:
@@ -84,9 +87,14 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str |
         elif model_type == "llava_onevision":
             model = from_llava_onevision(path, dtype or torch.float32)
             kind = "llava_onevision"
+        elif model_type in (QwenAssistantConfig.model_type, *QWEN_FAMILIES):
+            model, kind = _load_qwen(path, model_type, dtype or torch.float32)
         else:
-            raise ModelLoadError(f"'{path}' holds a '{model_type}' model; expected anomaly_assistant or llava_onevision")
-        processor = AssistantProcessor.from_pretrained(path, model.config)
+            raise ModelLoadError(
+                f"'{path}' holds a '{model_type}' model; expected anomaly_assistant, llava_onevision or qwen2_5_vl"
+            )
+        processor_class = QwenProcessor if isinstance(model.config, QwenAssistantConfig) else AssistantProcessor
+        processor = processor_class.from_pretrained(path, model.config)
         load_bank(model, path)
     except ModelLoadError:
         raise
@@ -95,6 +103,13 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str |
         raise ModelLoadError(f"cannot load the model in '{path}': {reason}") from None
     generation = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else GenerationConfig()
     return model.to(device).eval(), processor, generation, kind
+
+
+def _load_qwen(path: Path, model_type: str, dtype: torch.dtype):
+    """(model, kind) for a Qwen2.5-VL base in Qwen's layout, or this project's checkpoint built on one."""
+    if model_type == QwenAssistantConfig.model_type:
+        return QwenAssistantModel.from_pretrained(path, dtype=dtype), "assistant"
+    return from_qwen2_5_vl(path, dtype), model_type
 
 
 def from_llava_onevision(path: Path, dtype: torch.dtype = torch.float32) -> AnomalyAssistantModel:
@@ -152,7 +167,8 @@ def add_expert(
         )
     if seed is not None:
         torch.manual_seed(seed)
-    dtype, device = model.image_newline.dtype, model.image_newline.device
+    reference = model.get_input_embeddings().weight  # every base family has one
+    dtype, device = reference.dtype, reference.device
     hidden = config.vision_config.hidden_size
     config.expert_config = expert_config.to_dict()
     config.selector_config = selector_config.to_dict()

@@ -208,7 +208,8 @@ class AnomalyAssistant:
                 visual, pixels = self._cache[key]
                 return image, visual, pixels
         pixels = self.processor.preprocess([image])
-        refs = self.processor.preprocess(references) if references and self.has_expert else None
+        shown = references[: getattr(self.model.config, "references_as_images", 0)]  # references the LLM sees as images
+        refs = self.processor.preprocess(references) if references and (self.has_expert or shown) else None
         visual = self.model.encode_images(
             pixels["pixel_values"],
             pixels["image_sizes"],
@@ -217,6 +218,7 @@ class AnomalyAssistant:
         )
         with self._lock:
             visual.extras["key"] = key
+            visual.extras["reference_images"] = shown[: visual.extras.get("references_shown", 0)]
             self._cache[key] = (visual, pixels)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -238,7 +240,7 @@ class AnomalyAssistant:
         distance = float(visual.domain_distances[0]) if visual.domain_distances is not None else None
         label = calibration.is_anomalous(score)
         amap = image_anomaly_map(
-            visual.crop_maps[0], (image.height, image.width), config.image_grid_pinpoints, config.vision_config.image_size
+            visual.crop_maps[0], (image.height, image.width), *self.model.crop_layout()
         ).cpu().numpy().astype(np.float32)
         mask = (amap >= calibration.pixel_threshold) if label else np.zeros(amap.shape, dtype=bool)
         if label and not mask.any():  # anomalous but no pixel passes: mark the peak region
@@ -315,13 +317,16 @@ class AnomalyAssistant:
             content = message["content"]
             if isinstance(content, str) and len(content) > MAX_QUESTION_CHARS:
                 raise ValueError(f"the question is too long ({len(content)} characters; at most {MAX_QUESTION_CHARS})")
-        prompt = self.processor.render(as_chat(messages))
+        references = visual.extras.get("reference_images", [])  # normal references shown before the image
+        prompt = self.processor.render(as_chat(messages, references=len(references)))
         level, where = None, ""
         if visual.scores is not None:
             level = self.model.config.suspicion_level(float(visual.scores[0]))
             if "{where}" in self.model.config.suspicion_marker:  # the expert's location, for an anomalous verdict
                 where = where_text(self._evidence(image, visual)["location"])
-        return self.processor(prompt, [image], levels=[level], pixels=pixels, wheres=[where])
+        none = [None] * len(references)
+        return self.processor(prompt, [*references, image], levels=[*none, level], pixels=pixels,
+                              wheres=["" for _ in none] + [where])
 
     def _generation(self, max_new_tokens: int, **overrides) -> GenerationConfig:
         config = GenerationConfig(**self.generation_config.to_dict())

@@ -257,6 +257,10 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
 
+    def crop_layout(self) -> tuple[list, int]:
+        """(grid pinpoints, tile size): how `assistant.maps.image_anomaly_map` lays this model's crop maps out."""
+        return self.config.image_grid_pinpoints, self.config.vision_config.image_size
+
     def reference_bank(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> list[torch.Tensor]:
         """The few-shot memory of normal images: per expert feature level, their crops' unit patch features [N·P, H].
 

@@ -61,8 +61,14 @@ def where_text(location: str | None) -> str:
     return f" in the {location}" if location else ""
 
 
-def as_chat(messages, with_image: bool = True) -> list[dict]:
-    """Normalise messages (`content` as a string or as parts) and attach the image to the first user turn."""
+#: the text between normal references shown as images and the image asked about
+REFERENCES_NOTE = "The images above show normal samples of the same object. The image to inspect:"
+
+
+def as_chat(messages, with_image: bool = True, references: int = 0) -> list[dict]:
+    """Normalise messages (`content` as a string or as parts) and attach the image to the first user turn.
+
+    `references` > 0: that many normal reference images come first in that turn, then `REFERENCES_NOTE`."""
     out, image_attached = [], not with_image
     for message in messages:
         role, content = message["role"], message["content"]
@@ -72,6 +78,8 @@ def as_chat(messages, with_image: bool = True) -> list[dict]:
         if role == "user" and not image_attached:
             if not any(p.get("type") == "image" for p in parts):
                 parts = [{"type": "image"}] + parts
+            if references:
+                parts = [{"type": "image"}] * references + [{"type": "text", "text": REFERENCES_NOTE}] + parts
             image_attached = True
         elif role == "user":
             parts = [p for p in parts if p.get("type") != "image"]
@@ -119,6 +127,12 @@ class AssistantProcessor:
             return fast
         out = self.image_processor(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+
+    def pixels_of(self, image: Image.Image) -> torch.Tensor:
+        """One image's pixel values as a batch concatenates them: its crops [crops, 3, S, S], no padding crops."""
+        c = self.config
+        n = num_crops((image.height, image.width), c.image_grid_pinpoints, c.vision_config.image_size)
+        return self.preprocess([image])["pixel_values"][0, :n]
 
     def _one_tile_crops(self, images) -> dict | None:
         """`preprocess`'s output made with one resize per image, where LLaVA-OneVision's anyres is a single tile; else None.

@@ -104,3 +104,71 @@ def tiny_assistant(path: str | Path, vision: str = "clip", text: str = "llama", 
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# -- Qwen2.5-VL in Qwen's layout ------------------------------------------------------------------------
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+
+def qwen_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer with Qwen2.5-VL's chat and vision special tokens."""
+    from .qwen import QWEN_CHAT_TEMPLATE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_SPECIAL_TOKENS[1:])
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_qwen2_5_vl(path: str | Path, seed: int = 0, corpus: list[str] | None = None, vocab_size: int = 400,
+                    vision_hidden: int = 32, vision_layers: int = 4, text_hidden: int = 32, text_layers: int = 2,
+                    max_pixels: int = 28 * 28 * 64, tie_word_embeddings: bool = True) -> Path:
+    """A Qwen2.5-VL checkpoint as Qwen ships it (`model_type: qwen2_5_vl`, Qwen's image processor config, tokenizer,
+    chat template), written by transformers' `save_pretrained`. Window attention in the middle layers, full
+    attention in every other one, as the real tower alternates them."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = qwen_tokenizer(corpus, vocab_size)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    heads = max(1, text_hidden // 16)
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": vision_layers, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+                       "num_heads": 2, "out_hidden_size": text_hidden, "window_size": 56, "patch_size": 14,
+                       "fullatt_block_indexes": list(range(1, vision_layers, 2)), "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
+                     "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+                     "max_position_embeddings": 4096, "initializer_range": 0.5,  # as text_config: image-dependent
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": _mrope_section(text_hidden // heads)},
+                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=max_pixels).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(tokenizer.chat_template)
+    return path
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen's split of a head's rotary half into (temporal, height, width) sections, 2:3:3 as in the real models."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]

@@ -1,14 +1,17 @@
-"""Inference latency at LLaVA-OneVision-0.5B sizes: transformers vs. this model vs. the detection path.
+"""Inference latency at real base sizes: transformers vs. this model vs. the detection path.
 
-    python bench/bench_inference.py                      # CPU, fp32, one 384×384 image
+    python bench/bench_inference.py                      # CPU, fp32, one 384×384 image, LLaVA-OneVision-0.5B
     python bench/bench_inference.py --device cuda        # on a GPU (bf16)
     python bench/bench_inference.py --image-size 768 512 --new-tokens 32 --repeats 3
+    python bench/bench_inference.py --base qwen2_5_vl --device cuda          # Qwen2.5-VL-3B sizes
+    python bench/bench_inference.py --base qwen2_5_vl --layers 2 --image-size 224 224   # a quick CPU check
 
-Sizes are those of llava-onevision-qwen2-0.5b-ov (SigLIP-so400m-patch14-384 + Qwen2-0.5B), randomly
-initialised from the configs below — nothing is downloaded; latency does not depend on weight values.
+Sizes are those of llava-onevision-qwen2-0.5b-ov (SigLIP-so400m-patch14-384 + Qwen2-0.5B) or of Qwen2.5-VL-3B-Instruct
+(`--base qwen2_5_vl`), randomly initialised from the configs below — nothing is downloaded; latency does not depend
+on weight values. `--layers N` keeps the widths and cuts both towers and the LLM to N blocks (a smoke run).
 Three paths, measured in one process on the same weights and the same pixels:
 
-  (i)   transformers' LlavaOnevisionForConditionalGeneration.generate
+  (i)   transformers' LlavaOnevisionForConditionalGeneration (or Qwen2_5_VLForConditionalGeneration).generate
   (ii)  this model: vision tower + anomaly expert (Anomaly-OV sizes) + look-twice tokens + the LLM
   (iii) the detection-only path: vision tower + expert + selector, no LLM
 
@@ -36,6 +39,27 @@ from assistant.projector import num_crops, num_image_tokens
 from assistant.selector import SelectorConfig
 
 IMAGE_TOKEN, VIDEO_TOKEN = 151646, 151647
+
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 151655, 151656, 151652, 151653
+
+
+def qwen2_5_vl_3b_config(layers: int | None = None):
+    """Qwen2.5-VL-3B-Instruct's sizes; `layers` cuts the tower and the LLM to that many blocks."""
+    from transformers import Qwen2_5_VLConfig
+
+    depth = layers or 32
+    vision = {"depth": depth, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "tokens_per_second": 2, "hidden_act": "silu",
+              "fullatt_block_indexes": [i for i in (7, 15, 23, 31) if i < depth] or [depth - 1]}
+    text = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": layers or 36,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                            video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+                            vision_end_token_id=QWEN_VISION_END, tie_word_embeddings=True)
 
 
 def llava_onevision_05b_config() -> LlavaOnevisionConfig:
@@ -68,13 +92,14 @@ class FirstTokenClock(LogitsProcessor):
         return scores
 
 
-def prompt_ids(text_len: int, n_image: int, marker_len: int = 0, n_anomaly: int = 0, seed: int = 0) -> torch.Tensor:
-    """A chat-shaped prompt: text, image placeholders, [marker text, look-twice placeholders], text."""
+def prompt_ids(text_len: int, n_image: int, marker_len: int = 0, n_anomaly: int = 0, seed: int = 0,
+               image_token: int = IMAGE_TOKEN, opening: list[int] = ()) -> torch.Tensor:
+    """A chat-shaped prompt: text, [opening,] image placeholders, [marker text, look-twice placeholders], text."""
     rng = np.random.default_rng(seed)
     text = lambda n: rng.integers(1000, 150000, n).tolist()  # noqa: E731
-    ids = text(text_len // 2) + [IMAGE_TOKEN] * n_image
+    ids = text(text_len // 2) + list(opening) + [image_token] * n_image
     if n_anomaly:
-        ids += text(marker_len) + [IMAGE_TOKEN] * n_anomaly
+        ids += text(marker_len) + [image_token] * n_anomaly
     ids += text(text_len - text_len // 2)
     return torch.tensor([ids])
 
@@ -104,11 +129,89 @@ def main():
     parser.add_argument("--text-tokens", type=int, default=30, help="prompt text around the image (chat template + question)")
     parser.add_argument("--expert-views", default="base", choices=["base", "all"],
                         help="the expert scores the base view only (detection runs the tower on one crop) or every tile")
+    parser.add_argument("--base", default="llava_onevision", choices=["llava_onevision", "qwen2_5_vl"])
+    parser.add_argument("--layers", type=int, default=None,
+                        help="qwen2_5_vl: blocks per tower and LLM (default: the real depth)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
+    setup = setup_qwen if args.base == "qwen2_5_vl" else setup_llava
+    ours, run_reference, run_ours, detect_inputs = setup(args, device, dtype)
+    common = dict(do_sample=False, min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
 
+    def run_detect():
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            ours.detect(*detect_inputs)
+        sync(device)
+        return time.perf_counter() - start
+
+    results = {"i": [], "ii": [], "iii": []}
+    for repeat in range(args.repeats + 1):  # the first round warms up allocator and kernels
+        round_ = {
+            "i": timed_generate(lambda p, n: run_reference(p, n, common), args.new_tokens, device),
+            "ii": timed_generate(lambda p, n: run_ours(p, n, common), args.new_tokens, device),
+            "iii": (run_detect(), float("nan")),
+        }
+        if repeat:
+            for key, value in round_.items():
+                results[key].append(value)
+    report(results, "Qwen2_5_VL" if args.base == "qwen2_5_vl" else "LlavaOnevision")
+
+
+def setup_qwen(args, device, dtype):
+    """(ours, run (i), run (ii), detection inputs) at Qwen2.5-VL-3B sizes; ours shares every module of (i)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from assistant.qwen import compose_from_qwen2_5_vl
+
+    build = time.perf_counter()
+    reference = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_3b_config(args.layers)).to(device, dtype).eval()
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    ours = compose_from_qwen2_5_vl(reference, processor)
+    visual = ours.vision_tower  # the reference runs its tower through `model.visual`, as transformers does
+    reference.model.visual = visual
+    depth = ours.config.vision_config.depth
+    layers = [max(1, round(depth * (i + 1) / 4)) for i in range(4)]
+    add_expert(ours,
+               ExpertConfig(feature_layers=sorted(set(layers)), embedding_dim=512, class_dim=512, predictor_dim=512),
+               SelectorConfig(mode="pool", grid=2, attention_dim=512), seed=0)
+    ours.eval()
+    print(f"built random Qwen2.5-VL-3B-size models in {time.perf_counter() - build:.0f} s "
+          f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})")
+    height, width = args.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    pixels = processor([image], return_tensors="pt")
+    pixel_values, grid = pixels["pixel_values"].to(device, dtype), pixels["image_grid_thw"].to(device)
+    n_image = int(grid.prod()) // 4
+    n_anomaly = ours.selector.config.tokens_per_image(1)
+    plain_ids = prompt_ids(args.text_tokens, n_image, image_token=QWEN_IMAGE, opening=[QWEN_VISION_START]).to(device)
+    ours_ids = prompt_ids(args.text_tokens, n_image, marker_len=7, n_anomaly=n_anomaly, image_token=QWEN_IMAGE,
+                          opening=[QWEN_VISION_START]).to(device)
+    types = (plain_ids == QWEN_IMAGE).int()
+    print(f"image {height}×{width}: grid {grid.tolist()[0]}, {n_image} image tokens "
+          f"(+{n_anomaly} look-twice tokens for (ii))")
+    sizes = [(height, width)]
+
+    def run_reference(processors, n, common):
+        with torch.no_grad():
+            reference.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids),
+                               pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=types,
+                               max_new_tokens=n, logits_processor=processors, **common)
+
+    def run_ours(processors, n, common):
+        with torch.no_grad():
+            visual = ours.encode_images(pixel_values, sizes)
+            ours.generate(ours_ids, visual=visual, max_new_tokens=n, logits_processor=processors, **common)
+
+    return ours, run_reference, run_ours, (pixel_values, sizes)
+
+
+def setup_llava(args, device, dtype):
+    """(ours, run (i), run (ii), detection inputs) at LLaVA-OneVision-0.5B sizes; ours shares every module of (i)."""
     build = time.perf_counter()
     reference = LlavaOnevisionForConditionalGeneration(llava_onevision_05b_config()).to(device, dtype).eval()
     ours = compose_from_llava(reference)  # shares every module with `reference`: one copy of the weights
@@ -137,40 +240,24 @@ def main():
     ours_ids = prompt_ids(args.text_tokens, n_image, marker_len=7, n_anomaly=n_anomaly).to(device)
     print(f"image {height}×{width}: {crops} crops, {n_image} image tokens (+{n_anomaly} look-twice tokens for (ii)); "
           f"expert views: {args.expert_views}")
-    common = dict(do_sample=False, min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
 
-    def run_reference(processors, n):
+    def run_reference(processors, n, common):
         with torch.no_grad():
             reference.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids), pixel_values=pixel_values,
                                image_sizes=image_sizes, max_new_tokens=n, logits_processor=processors, **common)
 
-    def run_ours(processors, n):
+    def run_ours(processors, n, common):
         with torch.no_grad():
             visual = ours.encode_images(pixel_values, image_sizes)
             ours.generate(ours_ids, visual=visual, max_new_tokens=n, logits_processor=processors, **common)
 
-    def run_detect():
-        sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            ours.detect(pixel_values, image_sizes)
-        sync(device)
-        return time.perf_counter() - start
+    return ours, run_reference, run_ours, (pixel_values, image_sizes)
 
-    results = {"i": [], "ii": [], "iii": []}
-    for repeat in range(args.repeats + 1):  # the first round warms up allocator and kernels
-        round_ = {
-            "i": timed_generate(run_reference, args.new_tokens, device),
-            "ii": timed_generate(run_ours, args.new_tokens, device),
-            "iii": (run_detect(), float("nan")),
-        }
-        if repeat:
-            for key, value in round_.items():
-                results[key].append(value)
 
+def report(results: dict, family: str) -> None:
     med = {k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v)) for k, v in results.items()}
     names = {
-        "i": "(i)   transformers LlavaOnevision",
+        "i": f"(i)   transformers {family}",
         "ii": "(ii)  ours: expert + look-twice",
         "iii": "(iii) detection only (no LLM)",
     }

@@ -144,16 +144,21 @@ def load_model(path: Path, quantize: bool = False, dtype: torch.dtype = torch.fl
     from assistant import checkpoint
     from assistant.modeling import AnomalyAssistantModel
     from assistant.processing import AssistantProcessor
+    from assistant.qwen import QwenAssistantConfig, QwenAssistantModel, QwenProcessor
 
+    classes = {"anomaly_assistant": (AnomalyAssistantModel, AssistantProcessor),
+               QwenAssistantConfig.model_type: (QwenAssistantModel, QwenProcessor)}
     try:
         if not quantize:
             model, processor, generation, _ = checkpoint.load(path, dtype=dtype)
             return model.train(), processor, generation
-        if checkpoint.read_config(checkpoint.resolve(path)).get("model_type") != "anomaly_assistant":
+        model_type = checkpoint.read_config(checkpoint.resolve(path)).get("model_type")
+        if model_type not in classes:
             raise ConfigError(f"quantization=4bit needs a checkpoint in this project's layout; {path} is not one")
-        model = AnomalyAssistantModel.from_pretrained(path, quantization_config=quantization_config(path), dtype=dtype)
+        model_class, processor_class = classes[model_type]
+        model = model_class.from_pretrained(path, quantization_config=quantization_config(path), dtype=dtype)
     except checkpoint.ModelLoadError as error:
         raise ConfigError(str(error)) from None
-    processor = AssistantProcessor.from_pretrained(path, model.config)
+    processor = processor_class.from_pretrained(path, model.config)
     generation = GenerationConfig.from_pretrained(path) if (Path(path) / "generation_config.json").is_file() else GenerationConfig()
     return model.train(), processor, generation

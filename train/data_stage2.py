@@ -140,15 +140,10 @@ class Conversations(Dataset):
     def __getitem__(self, index: int) -> dict:
         record, size, ids, labels = self.records[index]
         image = load_rgb(record.image)
-        pixels = self.processor.preprocess([image])
-        from assistant.projector import num_crops
-
-        config = self.processor.config
-        n = num_crops(size, config.image_grid_pinpoints, config.vision_config.image_size)
         return {
             "input_ids": torch.from_numpy(ids).long(),
             "labels": torch.from_numpy(labels).long(),
-            "pixel_values": pixels["pixel_values"][0, :n],
+            "pixel_values": self.processor.pixels_of(image),
             "image_sizes": torch.tensor(size),
         }
 

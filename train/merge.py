@@ -33,7 +33,6 @@ def load_with_adapter(adapter: str | Path, base: str | Path | None = None):
 
     from assistant import checkpoint
     from assistant.calibration import read_calibration
-    from assistant.processing import AssistantProcessor
 
     adapter = Path(adapter)
     base = Path(base or _read(adapter).get("base_model_name_or_path") or "")
@@ -46,7 +45,7 @@ def load_with_adapter(adapter: str | Path, base: str | Path | None = None):
     if calibration is not None:
         calibration.write(inner.config)
     if (adapter / "tokenizer_config.json").is_file():
-        processor = AssistantProcessor.from_pretrained(adapter, inner.config)
+        processor = type(processor).from_pretrained(adapter, inner.config)
     return model, processor, generation
 
 

@@ -57,7 +57,6 @@ def _save_model_folder(model, processor, generation, folder: Path, cfg: TrainCon
 
 def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: str | None) -> Path:
     from assistant.checkpoint import add_expert
-    from assistant.processing import AssistantProcessor
 
     run_dir, final = root / "stage1", root / "stage1" / "model"
     args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr,
@@ -78,7 +77,8 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
             raise ConfigError(f"model.expert: {error}") from None
         if cfg.model.suspicion_marker is not None:
             model.config.suspicion_marker = cfg.model.suspicion_marker
-        processor = AssistantProcessor(processor.tokenizer, processor.image_processor, model.config, processor.chat_template)
+        processor = type(processor)(processor.tokenizer, processor.image_processor, model.config,
+                                    processor.chat_template)
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
     # default model's 32,000 images: a header check of about 9 s + 0.9 s decoding the held-out part, against a 24.5 s
@@ -161,11 +161,16 @@ def _module_names(model, names: list[str]) -> list[str]:
 
 def stage1_augment(cfg: TrainConfig, model) -> Augment:
     """The configured augmentation (ranges checked by `TrainConfig.validate`); flips need base-view scoring."""
+    from assistant.qwen import QwenAssistantConfig
+
     data = cfg.data
+    augment = Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation,
+                      lighting=data.augment_lighting, grain=data.augment_grain)
+    if augment.active and isinstance(model.config, QwenAssistantConfig):
+        raise ConfigError("data.augment_* act on image crops; a Qwen2.5-VL base reads flat patches: set them off")
     if data.augment_flips and model.expert.config.views != "base":
         raise ConfigError("data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image")
-    return Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation, lighting=data.augment_lighting,
-                   grain=data.augment_grain)
+    return augment
 
 
 def set_token_pooling(model, cfg: TrainConfig, lora: bool = False) -> None:
@@ -201,6 +206,7 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     args = training_arguments(cfg, run_dir, cfg.trainer.max_steps, cfg.trainer.lr)
     resume = _resume_point(cfg, run_dir)
     model, processor, generation = load_model(base, quantize=cfg.quantization == "4bit")
+    check_chat_template(processor.chat_template, base)
     set_token_pooling(model, cfg, lora=not cfg.full)  # the processor shares model.config, so its token count follows
     records, skipped = read_conversations(instructions)
     if args.process_index == 0:
@@ -264,6 +270,24 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
     return final
 
 
+def check_chat_template(template: str | None, base: Path) -> None:
+    """Stage 2 supervises the assistant text the template marks with `{% generation %}`; refuse one without marks."""
+    if isinstance(template, str) and "{% generation" not in template:
+        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 "
+                          "cannot tell the answers it learns from the prompt; give the model a template with the marks "
+                          "(docs/real_models_qwen.md shows one for Qwen2.5-VL)")
+
+
+def _base_chat_template(base: Path) -> str | None:
+    """The template a model folder's processor will use, read without loading it (None: the project's default)."""
+    from assistant.processing import read_chat_template
+
+    template = read_chat_template(base)
+    if template is None and (base / "tokenizer_config.json").is_file():
+        template = json.loads((base / "tokenizer_config.json").read_text()).get("chat_template")
+    return template
+
+
 def run(cfg: TrainConfig) -> dict:
     """Run the configured stage(s); returns the result folders."""
     root = Path(cfg.output_dir)
@@ -278,6 +302,8 @@ def run(cfg: TrainConfig) -> dict:
             base = root / "base"
             if not (base / "config.json").is_file():
                 init_model(cfg.model.init, instruction_corpus(instructions), base)
+    if cfg.stage in ("stage2", "all"):  # before stage 1's hours, not after them
+        check_chat_template(_base_chat_template(base), base)
     if args.process_index == 0:
         write_run_info(cfg, root, commit)
     results = {}

@@ -19,10 +19,9 @@ from assistant.maps import image_anomaly_map
 
 def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> torch.Tensor:
     """Per image, the input-size anomaly map resized (area) to size×size: [B, size, size]."""
-    config = model.config
     out = []
     for maps, image_size in zip(crop_maps, image_sizes):
-        full = image_anomaly_map(maps, tuple(int(v) for v in image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+        full = image_anomaly_map(maps, tuple(int(v) for v in image_size), *model.crop_layout())
         out.append(F.interpolate(full[None, None], size=(size, size), mode="area")[0, 0])
     return torch.stack(out)
 
@@ -98,7 +97,8 @@ def score_records(model, processor, records, map_size: int, references=None, bat
         if key in banks:
             return banks[key]
         pixels, size, _ = prepared(record)
-        bank = model.reference_bank(pixels[0], [size])
+        # LLaVA's pixels are [1, crops, 3, S, S], a Qwen base's flat patches already one image's
+        bank = model.reference_bank(pixels[0] if pixels.dim() == 5 else pixels, [size])
         nbytes = sum(level.numel() * level.element_size() for level in bank)
         if kept + nbytes <= REFERENCE_BANK_BYTES:  # the default model's 320 held-out normals: 4 levels x 288 x 128 floats each, 190 MB
             banks[key], kept = bank, kept + nbytes
