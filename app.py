@@ -79,15 +79,23 @@ class Session:
 # -- command line ------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Chat with the anomaly inspection assistant in the browser.")
-    parser.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
+    parser.add_argument(
+        "--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--host", default=AppSettings.host, help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=AppSettings.port)
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help=f"require a login (or set {AUTH_ENV})")
-    parser.add_argument("--max-upload-mb", type=float, default=AppSettings.max_upload_mb, help="largest upload accepted")
-    parser.add_argument("--concurrency", type=int, default=AppSettings.concurrency, help="model calls at once (default 1)")
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=AppSettings.max_upload_mb, help="largest upload accepted"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=AppSettings.concurrency, help="model calls at once (default 1)"
+    )
     parser.add_argument("--queue-size", type=int, default=AppSettings.queue_size, help="requests allowed to wait")
-    parser.add_argument("--max-new-tokens", type=int, default=AppSettings.max_new_tokens, help="longest answer, in tokens")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=AppSettings.max_new_tokens, help="longest answer, in tokens"
+    )
     return parser
 
 
@@ -165,7 +173,11 @@ class InspectionApp:
         """Overlay, verdict line and JSON report for a session."""
         report = self._report(session, answer)
         if report.pred_score is None:
-            return session.image, "**No verdict**: this model has no anomaly expert (no score or heatmap).", report.to_dict()
+            return (
+                session.image,
+                "**No verdict**: this model has no anomaly expert (no score or heatmap).",
+                report.to_dict(),
+            )
         return self.assistant.visualize(report), _verdict(report), report.to_dict()
 
     def inspect(self, image, references, session: Session):
@@ -202,7 +214,9 @@ class InspectionApp:
 
         messages = [*session.messages, {"role": "user", "content": question}]
         overlay, verdict, report = self._panel(session)
-        chunks = self.assistant.chat(messages, session.image, session.references, stream=True, max_new_tokens=self.settings.max_new_tokens)
+        chunks = self.assistant.chat(
+            messages, session.image, session.references, stream=True, max_new_tokens=self.settings.max_new_tokens
+        )
         yield "", _display(messages, ""), overlay, verdict, report, session
         answer = ""
         for chunk in chunks:
@@ -210,7 +224,14 @@ class InspectionApp:
             yield gr.skip(), _display(messages, answer), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         answer = answer.strip()
         session = dataclasses.replace(session, messages=[*messages, {"role": "assistant", "content": answer}])
-        yield gr.skip(), _display(session.messages, None), gr.skip(), gr.skip(), self._report(session, answer).to_dict(), session
+        yield (
+            gr.skip(),
+            _display(session.messages, None),
+            gr.skip(),
+            gr.skip(),
+            self._report(session, answer).to_dict(),
+            session,
+        )
 
     @staticmethod
     def new_chat(session: Session):
@@ -224,7 +245,9 @@ class InspectionApp:
             session = self._prepare(image, references, None)
         except UploadRejected as error:
             raise _refusal(error.message) from None
-        report = self.assistant.analyze(session.image, question, session.references, max_new_tokens=self.settings.max_new_tokens)
+        report = self.assistant.analyze(
+            session.image, question, session.references, max_new_tokens=self.settings.max_new_tokens
+        )
         overlay = self.assistant.visualize(report) if report.anomaly_map is not None else session.image
         return report.answer, overlay, report.to_dict()
 
@@ -277,28 +300,60 @@ def build_app(assistant, settings: AppSettings):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=260):
                 image = gr.Image(
-                    label="Image to inspect", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=300, elem_id="image-input"
+                    label="Image to inspect",
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    height=300,
+                    elem_id="image-input",
                 )
-                references = gr.File(label="Normal references (optional)", file_count="multiple", file_types=["image"], height=150, elem_id="references")
+                references = gr.File(
+                    label="Normal references (optional)",
+                    file_count="multiple",
+                    file_types=["image"],
+                    height=150,
+                    elem_id="references",
+                )
             with gr.Column(scale=5, min_width=320):
                 chatbot = gr.Chatbot(label="Chat", height=420, latex_delimiters=[], elem_id="chatbot")
                 with gr.Row():
-                    question = gr.Textbox(show_label=False, placeholder="Ask about the image, e.g. Is there a defect? Where?", scale=5, elem_id="question")
+                    question = gr.Textbox(
+                        show_label=False,
+                        placeholder="Ask about the image, e.g. Is there a defect? Where?",
+                        scale=5,
+                        elem_id="question",
+                    )
                     ask = gr.Button("Ask", variant="primary", scale=1, min_width=80, elem_id="ask")
                 new_chat = gr.Button("New chat", size="sm", elem_id="new-chat")
             with gr.Column(scale=3, min_width=260):
-                overlay = gr.Image(label="Evidence: heatmap, contours, boxes", type="pil", format="png", interactive=False, height=300, elem_id="overlay")
+                overlay = gr.Image(
+                    label="Evidence: heatmap, contours, boxes",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    height=300,
+                    elem_id="overlay",
+                )
                 verdict = gr.Markdown(elem_id="verdict")
                 report = gr.JSON(label="Report", open=True, max_height=260, elem_id="report")
         gr.Examples(
             examples=[
-                [str(EXAMPLES / "pill_contamination.png"), [str(EXAMPLES / "pill_good.png")], "Is this pill defective? Where?"],
+                [
+                    str(EXAMPLES / "pill_contamination.png"),
+                    [str(EXAMPLES / "pill_good.png")],
+                    "Is this pill defective? Where?",
+                ],
                 [str(EXAMPLES / "wood_stain.png"), None, "Is there any anomaly on this wood surface?"],
                 [str(EXAMPLES / "cap_cut_paste.png"), None, "Describe anything unusual on this cap."],
                 [str(EXAMPLES / "pill_good.png"), None, "Is this pill OK?"],
             ],
             inputs=[image, references, question],
-            example_labels=["pill, contamination (+ a good reference)", "wood, stain", "cap, misplaced patch", "pill, good"],
+            example_labels=[
+                "pill, contamination (+ a good reference)",
+                "wood, stain",
+                "cap, misplaced patch",
+                "pill, good",
+            ],
             cache_examples=False,
             label="Examples (one click)",
         )

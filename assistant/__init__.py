@@ -1,10 +1,10 @@
 """anomaly-assistant: a multimodal-LLM assistant for visual anomaly inspection.
 
-    from assistant import AnomalyAssistant
-    assistant = AnomalyAssistant.from_pretrained("default")
-    report = assistant.analyze("part.png")
-    report.pred_score, report.pred_label, report.boxes, report.location, report.answer
-    assistant.visualize(report).save("overlay.png")
+from assistant import AnomalyAssistant
+assistant = AnomalyAssistant.from_pretrained("default")
+report = assistant.analyze("part.png")
+report.pred_score, report.pred_label, report.boxes, report.location, report.answer
+assistant.visualize(report).save("overlay.png")
 """
 
 __version__ = "0.1.0"

@@ -57,7 +57,10 @@ def choose_zero_shot(requested: str, n_images: int, has_references: bool) -> tup
     from .inference import BATCH_MODE_MIN_IMAGES
 
     if has_references:
-        return "single", None if requested in ("auto", "single") else "normal references given: each image is scored against them"
+        return "single", None if requested in (
+            "auto",
+            "single",
+        ) else "normal references given: each image is scored against them"
     if requested == "auto":
         return ("batch", None) if n_images >= BATCH_MODE_MIN_IMAGES else ("single", None)
     if requested == "batch" and n_images < 2:
@@ -66,7 +69,13 @@ def choose_zero_shot(requested: str, n_images: int, has_references: bool) -> tup
 
 
 def inspect_folder(
-    assistant, folder: Path, out: Path, references=(), recursive: bool = False, log=None, batch_size: int = 8,
+    assistant,
+    folder: Path,
+    out: Path,
+    references=(),
+    recursive: bool = False,
+    log=None,
+    batch_size: int = 8,
     zero_shot: str = "single",
 ) -> list[Inspected]:
     """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`.
@@ -81,18 +90,33 @@ def inspect_folder(
     (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
     references = list(references) or None
     mode, note = choose_zero_shot(zero_shot, len(images), bool(references))
-    print(f"scoring {len(images)} images: " + ("against the normal references" if references else
-          "each against the folder's other images" if mode == "batch" else "each on its own")
-          + (f" ({note})" if note else ""), file=log, flush=True)
-    groups = _groups(images) if mode == "batch" else [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    print(
+        f"scoring {len(images)} images: "
+        + (
+            "against the normal references"
+            if references
+            else "each against the folder's other images"
+            if mode == "batch"
+            else "each on its own"
+        )
+        + (f" ({note})" if note else ""),
+        file=log,
+        flush=True,
+    )
+    groups = (
+        _groups(images) if mode == "batch" else [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    )
     results, start = [], 1
     for group in groups:
         items, loaded = _load_group(folder, group, start)
         # the batch mode scores the whole group against itself; the single mode a chunk of batch_size
         group_mode = "batch" if mode == "batch" and len(loaded) >= 2 else "single"
         images_loaded = [image for *_, image in loaded]
-        reports = assistant.detect_batch(images_loaded, references=references, batch_size=batch_size,
-                                         zero_shot=group_mode) if loaded else []
+        reports = (
+            assistant.detect_batch(images_loaded, references=references, batch_size=batch_size, zero_shot=group_mode)
+            if loaded
+            else []
+        )
         for (number, path, item, _), report in zip(loaded, reports):
             item.score, item.label = report.pred_score, report.pred_label
             item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
@@ -162,7 +186,7 @@ def gallery(results: list[Inspected], folder: Path) -> str:
     problems = "".join(f"<li>{html.escape(r.path)}: {html.escape(r.error)}</li>" for r in failed)
     title = html.escape(f"Inspection of {folder}")
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
         f"<title>{title}</title><style>"
         "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:6px;width:260px;vertical-align:top}"
         "img{max-width:256px;max-height:256px}figure.anomalous figcaption b{color:#c00}figcaption{font-size:12px;word-break:break-all}"
@@ -170,6 +194,6 @@ def gallery(results: list[Inspected], folder: Path) -> str:
         f"<h1>{title}</h1>\n<p>{len(scored)} images scored, {n_anomalous} anomalous; {len(failed)} unreadable. "
         "Most anomalous first.</p>\n"
         + "\n".join(cards)
-        + (f"\n<h2 id=\"problems\">Unreadable files</h2>\n<ul>{problems}</ul>" if failed else "")
+        + (f'\n<h2 id="problems">Unreadable files</h2>\n<ul>{problems}</ul>' if failed else "")
         + "\n</body></html>\n"
     )

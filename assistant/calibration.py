@@ -19,7 +19,7 @@ class CalibrationConfig:
     moderate_from: float = 0.5
     #: the out-of-domain threshold is this many times the 99th percentile of the held-out images' distances to the
     #: training images (`Calibration.with_domain`): an image that far from everything trained on is flagged
-    domain_margin: float = 3.0
+    domain_margin: float = 4.0
 
     def __post_init__(self):
         if not 0.0 < self.moderate_from <= 1.0:
@@ -28,7 +28,7 @@ class CalibrationConfig:
             raise ValueError(f"calibration domain_margin must be ≥ 1, got {self.domain_margin}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CalibrationConfig":
+    def from_dict(cls, values: dict) -> CalibrationConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown calibration config keys: {sorted(unknown)}")
@@ -77,11 +77,17 @@ class Calibration:
 
     # -- the config is the storage --------------------------------------------------------------
     @classmethod
-    def of(cls, config) -> "Calibration":
+    def of(cls, config) -> Calibration:
         """The calibration a model config holds."""
         modes = {mode: getattr(config, f"{mode}_thresholds", None) for mode in MODES}
-        return cls(config.image_threshold, config.pixel_threshold, getattr(config, "moderate_from", None),
-                   tuple(config.suspicion_bounds), modes, getattr(config, "domain_threshold", None))
+        return cls(
+            config.image_threshold,
+            config.pixel_threshold,
+            getattr(config, "moderate_from", None),
+            tuple(config.suspicion_bounds),
+            modes,
+            getattr(config, "domain_threshold", None),
+        )
 
     def write(self, config) -> None:
         """The one place that writes thresholds into a model config."""
@@ -94,8 +100,9 @@ class Calibration:
 
     # -- fitting ----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, labels, scores, maps, masks, settings: CalibrationConfig | None = None,
-            previous: "Calibration | None" = None) -> tuple["Calibration | None", dict]:
+    def fit(
+        cls, labels, scores, maps, masks, settings: CalibrationConfig | None = None, previous: Calibration | None = None
+    ) -> tuple[Calibration | None, dict]:
         """Zero-shot thresholds fitted on held-out scores (`fit_report`): (calibration, report); the calibration is None
         when the split lacks normal or anomalous images. Mode thresholds fitted to an earlier model are dropped: they
         no longer hold for the new scores (`with_mode` fits them again); the `previous` domain threshold is kept (it
@@ -106,14 +113,16 @@ class Calibration:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
         domain = previous.domain_threshold if previous is not None else None
-        return cls(report["image_threshold"], report["pixel_threshold"], settings.moderate_from, domain_threshold=domain), report
+        return cls(
+            report["image_threshold"], report["pixel_threshold"], settings.moderate_from, domain_threshold=domain
+        ), report
 
-    def replace(self, **changes) -> "Calibration":
+    def replace(self, **changes) -> Calibration:
         values = {**asdict(self), **changes}
         values["modes"] = changes.get("modes", dict(self.modes))
         return Calibration(**values)
 
-    def with_mode(self, mode: str, labels, scores, maps, masks) -> tuple["Calibration", dict]:
+    def with_mode(self, mode: str, labels, scores, maps, masks) -> tuple[Calibration, dict]:
         """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores."""
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
@@ -124,11 +133,11 @@ class Calibration:
         report["image_threshold"], report["pixel_threshold"] = pair
         return self.replace(modes={**self.modes, mode: pair}), report
 
-    def without_mode(self, mode: str) -> "Calibration":
+    def without_mode(self, mode: str) -> Calibration:
         """This calibration with `mode`'s thresholds cleared (its scores then stay on their raw scale)."""
         return self.replace(modes={k: v for k, v in self.modes.items() if k != mode})
 
-    def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple["Calibration", dict]:
+    def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple[Calibration, dict]:
         """The out-of-domain threshold from held-out in-domain images' distances to the training images:
         `settings.domain_margin` times their 99th percentile (no out-of-domain examples are needed to fit it)."""
         import numpy as np
@@ -139,8 +148,13 @@ class Calibration:
             raise ValueError("the domain threshold needs held-out images")
         q99 = float(np.quantile(distances, 0.99))
         threshold = min(settings.domain_margin * q99, 1.0)
-        report = {"n": int(distances.size), "held_out_q99": q99, "held_out_max": float(distances.max()),
-                  "margin": settings.domain_margin, "domain_threshold": threshold}
+        report = {
+            "n": int(distances.size),
+            "held_out_q99": q99,
+            "held_out_max": float(distances.max()),
+            "margin": settings.domain_margin,
+            "domain_threshold": threshold,
+        }
         return self.replace(domain_threshold=threshold), report
 
     def is_out_of_domain(self, distance) -> bool | None:
@@ -185,9 +199,12 @@ def fit_report(labels, scores, maps, masks) -> dict:
     labels, scores, maps, masks = (np.asarray(v) for v in (labels, scores, maps, masks))
     both_pixels = bool(masks.any() and not masks.all())
     both_images = 0 < labels.sum() < len(labels)
-    report = {"n": int(len(labels)), "n_anomalous": int(labels.sum()),
-              "image_auroc": image_auroc(labels, scores) if both_images else float("nan"),
-              "pixel_auroc": pixel_auroc(masks, maps) if both_pixels else float("nan")}
+    report = {
+        "n": int(len(labels)),
+        "n_anomalous": int(labels.sum()),
+        "image_auroc": image_auroc(labels, scores) if both_images else float("nan"),
+        "pixel_auroc": pixel_auroc(masks, maps) if both_pixels else float("nan"),
+    }
     if both_images:
         report["image_f1_max"] = f1_max(labels, scores)[0]
         report["image_balanced_accuracy"], report["image_threshold"] = balanced_accuracy_threshold(labels, scores)

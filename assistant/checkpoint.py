@@ -62,7 +62,9 @@ def _download(repo_id: str) -> Path:
 
     try:
         return Path(
-            snapshot_download(repo_id, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model", "*.py.txt"])
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model", "*.py.txt"]
+            )
         )
     except Exception as error:  # network, auth, missing repo: all mean "cannot get it"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -101,7 +103,9 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str |
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load the model in '{path}': {reason}") from None
-    generation = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else GenerationConfig()
+    generation = (
+        GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else GenerationConfig()
+    )
     return model.to(device).eval(), processor, generation, kind
 
 
@@ -205,8 +209,14 @@ def read_anomaly_ov_expert(expert_path: str | Path) -> dict[str, torch.Tensor]:
 def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Path) -> AnomalyAssistantModel:
     """Add Anomaly-OV's expert and selector to a LLaVA-OneVision-based model, in place."""
     state = read_anomaly_ov_expert(expert_path)
-    required = ["expert.positive_embedding", "expert.class_predictor.2.weight", "expert.final_predictor.0.weight",
-                "selector.query_proj.weight", "expert.pooling_layer.0.weight", "expert.patch_adaptors.0.weight"]
+    required = [
+        "expert.positive_embedding",
+        "expert.class_predictor.2.weight",
+        "expert.final_predictor.0.weight",
+        "selector.query_proj.weight",
+        "expert.pooling_layer.0.weight",
+        "expert.patch_adaptors.0.weight",
+    ]
     absent = [k for k in required if k not in state]
     if absent:
         raise ModelLoadError(f"'{expert_path}' is not an Anomaly-OV expert: it lacks {absent[0]}")
@@ -227,12 +237,18 @@ def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Pa
     if layers is None or max(layers) > config.vision_config.num_hidden_layers:
         raise ModelLoadError(f"unexpected expert layout: {levels} feature levels")
     expert_config = ExpertConfig(
-        feature_layers=layers, embedding_dim=embedding_dim, class_dim=class_dim, predictor_dim=predictor_dim, views="all"
+        feature_layers=layers,
+        embedding_dim=embedding_dim,
+        class_dim=class_dim,
+        predictor_dim=predictor_dim,
+        views="all",
     )
     selector_config = SelectorConfig(mode="pool", grid=2, attention_dim=attention_dim)
     add_expert(model, expert_config, selector_config)
     calibration = Calibration.of(config)
-    Calibration(calibration.image_threshold, calibration.pixel_threshold, None, (0.3, 0.7)).write(config)  # Anomaly-OV's bounds
+    Calibration(calibration.image_threshold, calibration.pixel_threshold, None, (0.3, 0.7)).write(
+        config
+    )  # Anomaly-OV's bounds
     own = {f"expert.{k}": v for k, v in model.expert.state_dict().items()}
     own.update({f"selector.{k}": v for k, v in model.selector.state_dict().items()})
     missing = sorted(set(own) - set(state))
@@ -241,7 +257,9 @@ def attach_anomaly_ov_expert(model: AnomalyAssistantModel, expert_path: str | Pa
         raise ModelLoadError(f"expert weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
-            raise ModelLoadError(f"expert weight {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+            raise ModelLoadError(
+                f"expert weight {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
+            )
     model.expert.load_state_dict({k[len("expert.") :]: v for k, v in state.items() if k.startswith("expert.")})
     model.selector.load_state_dict({k[len("selector.") :]: v for k, v in state.items() if k.startswith("selector.")})
     return model

@@ -24,7 +24,9 @@ from .errors import UsageError, checked_question, run_main
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anomaly-assistant", description="Visual anomaly inspection with an LLM that shows its evidence.")
+    parser = argparse.ArgumentParser(
+        prog="anomaly-assistant", description="Visual anomaly inspection with an LLM that shows its evidence."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question about one image, with score, heatmap and boxes")
@@ -33,10 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         "-q", "--question", default=None, help="question (left out or blank: is there an anomaly, where, what)"
     )
     ask.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
-    ask.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
-    ask.add_argument("--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal")
+    ask.add_argument(
+        "--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model"
+    )
+    ask.add_argument(
+        "--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal"
+    )
     ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ask.add_argument("--heatmap", default=None, metavar="OUT.png", help="write the overlay (heatmap, contours, boxes) here")
+    ask.add_argument(
+        "--heatmap", default=None, metavar="OUT.png", help="write the overlay (heatmap, contours, boxes) here"
+    )
     ask.add_argument(
         "--overwrite", action="store_true", help="let --heatmap replace an existing file (its folder is created)"
     )
@@ -50,36 +58,61 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="score every image of a folder: scores.csv, overlays, an HTML gallery")
     inspect.add_argument("folder", help="the folder of images to inspect")
     inspect.add_argument("--out", required=True, help="new (or empty) folder for scores.csv, overlays/, index.html")
-    inspect.add_argument("--reference", default=None, metavar="DIR", help="a folder of images of the same object known to be normal")
-    inspect.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
-    inspect.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
+    inspect.add_argument(
+        "--reference", default=None, metavar="DIR", help="a folder of images of the same object known to be normal"
+    )
+    inspect.add_argument(
+        "--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)"
+    )
+    inspect.add_argument(
+        "--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model"
+    )
     inspect.add_argument("--recursive", action="store_true", help="also inspect images in subfolders")
     inspect.add_argument("--batch-size", type=int, default=8, help="images through the tower and expert at a time")
     inspect.add_argument(
-        "--zero-shot", choices=["auto", "single", "batch"], default="auto",
+        "--zero-shot",
+        choices=["auto", "single", "batch"],
+        default="auto",
         help="without --reference: score each image on its own (single) or against the folder's other images (batch, "
         "MuSc-style); auto: batch from 8 images on",
     )
     inspect.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
 
-    convert = sub.add_parser("convert-expert", help="LLaVA-OneVision base + Anomaly-OV expert .pth → a safetensors checkpoint")
+    convert = sub.add_parser(
+        "convert-expert", help="LLaVA-OneVision base + Anomaly-OV expert .pth → a safetensors checkpoint"
+    )
     convert.add_argument("--base", required=True, help="llava-hf LLaVA-OneVision checkpoint folder or hub id")
     convert.add_argument("--expert", required=True, help="pretrained_expert_05b.pth or pretrained_expert_7b.pth")
     convert.add_argument("--out", required=True, help="new folder for the converted checkpoint")
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible chat-completions endpoint (POST /v1/chat/completions)")
-    serve.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)")
-    serve.add_argument("--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model")
+    serve.add_argument(
+        "--model", default="default", help="checkpoint folder, hub id, or 'default' (the embedded model)"
+    )
+    serve.add_argument(
+        "--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model"
+    )
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     key = serve.add_mutually_exclusive_group()
-    key.add_argument("--api-key-env", metavar="VAR", default=None, help="require 'Authorization: Bearer <key>', the key read from this environment variable")
+    key.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=None,
+        help="require 'Authorization: Bearer <key>', the key read from this environment variable",
+    )
     key.add_argument("--api-key-file", metavar="FILE", default=None, help="the same, the key read from this file")
     serve.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body, in MiB (413 above)")
-    serve.add_argument("--max-tokens", type=int, default=512, help="cap on generated tokens; larger max_tokens are clamped")
-    serve.add_argument("--max-prompt-chars", type=int, default=16_000, help="cap on the text of all messages together (400 above)")
-    serve.add_argument("--max-images", type=int, default=5, help="cap on images per request: the inspected one plus references")
+    serve.add_argument(
+        "--max-tokens", type=int, default=512, help="cap on generated tokens; larger max_tokens are clamped"
+    )
+    serve.add_argument(
+        "--max-prompt-chars", type=int, default=16_000, help="cap on the text of all messages together (400 above)"
+    )
+    serve.add_argument(
+        "--max-images", type=int, default=5, help="cap on images per request: the inspected one plus references"
+    )
     serve.add_argument("--queue-size", type=int, default=8, help="requests waiting or running before new ones get 429")
     return parser
 
@@ -125,7 +158,10 @@ def _ask(args) -> int:
     written = None
     if heatmap is not None:
         if report.anomaly_map is None:
-            print(f"note: the model '{args.model}' has no anomaly expert, so there is no heatmap to write", file=sys.stderr)
+            print(
+                f"note: the model '{args.model}' has no anomaly expert, so there is no heatmap to write",
+                file=sys.stderr,
+            )
         else:
             heatmap.parent.mkdir(parents=True, exist_ok=True)
             tmp = heatmap.with_name(f".{heatmap.name}.partial{heatmap.suffix}")
@@ -160,7 +196,9 @@ def _inspect(args) -> int:
         raise UsageError(f"--out '{args.out}' already exists and is not an empty folder; choose a new one")
     images = find_images(folder, args.recursive, exclude=out)
     if not images:
-        raise UsageError(f"no image files in '{args.folder}'" + ("" if args.recursive else " (use --recursive for subfolders)"))
+        raise UsageError(
+            f"no image files in '{args.folder}'" + ("" if args.recursive else " (use --recursive for subfolders)")
+        )
     references = []
     if args.reference is not None:
         if not Path(args.reference).is_dir():
@@ -178,12 +216,23 @@ def _inspect(args) -> int:
 
     assistant = AnomalyAssistant.from_pretrained(args.model, device=args.device, expert=args.expert)
     if not assistant.has_expert:
-        raise UsageError(f"the model '{args.model}' has no anomaly expert, so it cannot score images; give --expert or another --model")
-    results = inspect_folder(assistant, folder, out, references, recursive=args.recursive, batch_size=args.batch_size,
-                             zero_shot=args.zero_shot)
+        raise UsageError(
+            f"the model '{args.model}' has no anomaly expert, so it cannot score images; give --expert or another --model"
+        )
+    results = inspect_folder(
+        assistant,
+        folder,
+        out,
+        references,
+        recursive=args.recursive,
+        batch_size=args.batch_size,
+        zero_shot=args.zero_shot,
+    )
     failed = sum(item.error is not None for item in results)
     anomalous = sum(bool(item.label) for item in results)
-    print(f"{len(results) - failed} images scored, {anomalous} anomalous, {failed} unreadable; see {out / 'index.html'}")
+    print(
+        f"{len(results) - failed} images scored, {anomalous} anomalous, {failed} unreadable; see {out / 'index.html'}"
+    )
     return 0
 
 
@@ -206,7 +255,9 @@ def _api_key(args) -> str | None:
         try:
             key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"cannot read --api-key-file '{args.api_key_file}': {getattr(error, 'strerror', None) or error}") from error
+            raise UsageError(
+                f"cannot read --api-key-file '{args.api_key_file}': {getattr(error, 'strerror', None) or error}"
+            ) from error
         if not key:
             raise UsageError(f"--api-key-file '{args.api_key_file}' is empty")
         return key
@@ -216,8 +267,12 @@ def _api_key(args) -> str | None:
 def _serve(args) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
-    for flag, value in (("--max-tokens", args.max_tokens), ("--max-prompt-chars", args.max_prompt_chars),
-                        ("--max-images", args.max_images), ("--queue-size", args.queue_size)):
+    for flag, value in (
+        ("--max-tokens", args.max_tokens),
+        ("--max-prompt-chars", args.max_prompt_chars),
+        ("--max-images", args.max_images),
+        ("--queue-size", args.queue_size),
+    ):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1")
     if not args.max_request_mb > 0:

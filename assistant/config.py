@@ -107,16 +107,26 @@ class AnomalyAssistantConfig(PretrainedConfig):
         self.image_token_index = image_token_index
         self.vision_feature_layer = vision_feature_layer
         if vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}")
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}"
+            )
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_aspect_ratio = vision_aspect_ratio
-        self.image_grid_pinpoints = image_grid_pinpoints if image_grid_pinpoints is not None else LLAVA_OV_GRID_PINPOINTS
+        self.image_grid_pinpoints = (
+            image_grid_pinpoints if image_grid_pinpoints is not None else LLAVA_OV_GRID_PINPOINTS
+        )
         self.projector_hidden_act = projector_hidden_act
         self.multimodal_projector_bias = multimodal_projector_bias
         self.suspicion_marker = suspicion_marker
         # thresholds are stored here and owned by assistant.calibration: it validates them and is the only writer
-        Calibration(image_threshold, pixel_threshold, moderate_from, suspicion_bounds,
-                    {"few_shot": few_shot_thresholds, "batch": batch_thresholds}, domain_threshold).write(self)
+        Calibration(
+            image_threshold,
+            pixel_threshold,
+            moderate_from,
+            suspicion_bounds,
+            {"few_shot": few_shot_thresholds, "batch": batch_thresholds},
+            domain_threshold,
+        ).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")
         self.image_token_pooling = int(image_token_pooling)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 SCORE_INPUTS = ("tokens", "contrast")
 
 
@@ -63,14 +62,16 @@ class ExpertConfig:
         if not 0.0 <= self.self_weight <= 1.0:
             raise ValueError(f"expert self_weight must be in [0, 1], got {self.self_weight}")
         if not -len(self.feature_layers) <= self.self_level < len(self.feature_layers):
-            raise ValueError(f"expert self_level {self.self_level} does not index the {len(self.feature_layers)} feature layers")
+            raise ValueError(
+                f"expert self_level {self.self_level} does not index the {len(self.feature_layers)} feature layers"
+            )
         if self.self_k < 1:
             raise ValueError("expert self_k must be ≥ 1")
         if self.score_input not in SCORE_INPUTS:
             raise ValueError(f"expert score_input must be one of {SCORE_INPUTS}, got {self.score_input!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ExpertConfig":
+    def from_dict(cls, values: dict) -> ExpertConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown expert config keys: {sorted(unknown)}")
@@ -98,12 +99,16 @@ class AnomalyExpert(nn.Module):
         self.class_predictor = nn.Sequential(nn.Linear(h, c), nn.GELU(), nn.Linear(c, c))
         self.patch_adaptors = nn.ModuleList(nn.Linear(h, e) for _ in range(levels))
         self.prompt_adaptors = nn.ModuleList(nn.Linear(e + c, e) for _ in range(levels))
-        self.final_predictor = nn.Sequential(nn.Linear(h, config.predictor_dim), nn.GELU(), nn.Linear(config.predictor_dim, 1))
+        self.final_predictor = nn.Sequential(
+            nn.Linear(h, config.predictor_dim), nn.GELU(), nn.Linear(config.predictor_dim, 1)
+        )
         if config.self_weight > 0:
             # probability = sigmoid(scale · distance + bias); distances of a trained tower lie around 0.05–0.3
             self.self_calibration = nn.Parameter(torch.tensor([20.0, -3.0]))
 
-    def set_self_reference(self, weight: float, scale: float, bias: float, level: int | None = None, k: int | None = None) -> None:
+    def set_self_reference(
+        self, weight: float, scale: float, bias: float, level: int | None = None, k: int | None = None
+    ) -> None:
         """Turn the self-reference on (or re-fit it) after training: blend weight, the fitted scale and bias."""
         values = {**self.config.to_dict(), "self_weight": float(weight)}
         if level is not None:
@@ -112,7 +117,9 @@ class AnomalyExpert(nn.Module):
             values["self_k"] = int(k)
         self.config = ExpertConfig.from_dict(values)  # validates
         reference = self.positive_embedding
-        self.self_calibration = nn.Parameter(torch.tensor([float(scale), float(bias)], dtype=reference.dtype, device=reference.device))
+        self.self_calibration = nn.Parameter(
+            torch.tensor([float(scale), float(bias)], dtype=reference.dtype, device=reference.device)
+        )
 
     def prompts(self, base_features: torch.Tensor) -> list[torch.Tensor]:
         """First look. base_features [N, P, H] → per level, unit prompts [N, E, 2] (normal, anomalous)."""
@@ -127,7 +134,9 @@ class AnomalyExpert(nn.Module):
             out.append(pair)
         return out
 
-    def forward(self, multi_level: list[torch.Tensor], base_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, multi_level: list[torch.Tensor], base_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Second look. multi_level: L tensors [N, P, H]; base_features [N, P, H] (each crop's image's base view).
 
         Returns the anomaly probability per patch [N, P] (averaged over levels, with the self-reference blended
@@ -153,7 +162,9 @@ class AnomalyExpert(nn.Module):
             anomaly_map = (1 - w) * learned + w * torch.sigmoid(scale * distance + bias).to(learned.dtype)
         return anomaly_map, learned.mean(dim=-1), learned
 
-    def score(self, tokens: torch.Tensor, weights: torch.Tensor, features: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, tokens: torch.Tensor, weights: torch.Tensor, features: torch.Tensor, anomaly_map: torch.Tensor
+    ) -> torch.Tensor:
         """Image probability from one image's look-twice tokens [T, H] and their significances [T].
 
         `features` [N, P, H] and `anomaly_map` [N, P] are the image's crops and the map the tokens were chosen

@@ -122,10 +122,12 @@ def out_of_domain_answer(evidence: dict) -> str:
     trusted, with the score, the threshold and where the map peaks in the report's own words; no object is named."""
     where = f" The map is highest in the {evidence['location']}." if evidence.get("location") else ""
     side = "above" if evidence["pred_label"] else "below"
-    return (f"This image does not look like the surfaces and parts I was trained to inspect, so I cannot judge it "
-            f"reliably. Its anomaly score is {evidence['pred_score']:.2f}, {side} the threshold of "
-            f"{evidence['threshold']:.2f}.{where} Please check it yourself, or give me a few normal images of the "
-            f"same kind as references.")
+    return (
+        f"This image does not look like the surfaces and parts I was trained to inspect, so I cannot judge it "
+        f"reliably. Its anomaly score is {evidence['pred_score']:.2f}, {side} the threshold of "
+        f"{evidence['threshold']:.2f}.{where} Please check it yourself, or give me a few normal images of the "
+        f"same kind as references."
+    )
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -168,7 +170,7 @@ class AnomalyAssistant:
         dtype: torch.dtype | None = None,
         expert: str | None = None,
         **options,
-    ) -> "AnomalyAssistant":
+    ) -> AnomalyAssistant:
         """Load a checkpoint ("default", a folder or a hub id); `expert` adds Anomaly-OV's expert weights.
 
         `options`: `cache_size` (encoded images kept), `kv_cache_bytes` and `kv_cache_entries` (conversation
@@ -232,16 +234,28 @@ class AnomalyAssistant:
 
     def _compute_evidence(self, image: Image.Image, visual: VisualEncoding) -> dict:
         if visual.scores is None:
-            return {"pred_score": None, "pred_label": None, "anomaly_map": None, "pred_mask": None, "boxes": [], "location": "",
-                    "threshold": None, "out_of_domain": None, "domain_distance": None}
+            return {
+                "pred_score": None,
+                "pred_label": None,
+                "anomaly_map": None,
+                "pred_mask": None,
+                "boxes": [],
+                "location": "",
+                "threshold": None,
+                "out_of_domain": None,
+                "domain_distance": None,
+            }
         config = self.model.config
         calibration = config.calibration
         score = float(visual.scores[0])
         distance = float(visual.domain_distances[0]) if visual.domain_distances is not None else None
         label = calibration.is_anomalous(score)
-        amap = image_anomaly_map(
-            visual.crop_maps[0], (image.height, image.width), *self.model.crop_layout()
-        ).cpu().numpy().astype(np.float32)
+        amap = (
+            image_anomaly_map(visual.crop_maps[0], (image.height, image.width), *self.model.crop_layout())
+            .cpu()
+            .numpy()
+            .astype(np.float32)
+        )
         mask = (amap >= calibration.pixel_threshold) if label else np.zeros(amap.shape, dtype=bool)
         if label and not mask.any():  # anomalous but no pixel passes: mark the peak region
             mask = amap >= amap.max() * 0.9
@@ -250,14 +264,25 @@ class AnomalyAssistant:
             boxes = boxes_from_mask(mask, amap)[:1]
         # the top region's centre of mass, placed as a ground-truth mask is (a box's middle strays for irregular regions)
         location = location_words(boxes[0]["center"], image.width, image.height) if boxes else ""
-        return {"pred_score": score, "pred_label": bool(label), "anomaly_map": amap, "pred_mask": mask, "boxes": boxes, "location": location, "threshold": calibration.image_threshold,
-                "out_of_domain": calibration.is_out_of_domain(distance), "domain_distance": distance}
+        return {
+            "pred_score": score,
+            "pred_label": bool(label),
+            "anomaly_map": amap,
+            "pred_mask": mask,
+            "boxes": boxes,
+            "location": location,
+            "threshold": calibration.image_threshold,
+            "out_of_domain": calibration.is_out_of_domain(distance),
+            "domain_distance": distance,
+        }
 
     def detect(self, image, references=None) -> AnomalyReport:
         """The detection-only path: score, map, mask, boxes and location, no text generated."""
         return self.detect_batch([image], references, batch_size=1)[0]
 
-    def detect_batch(self, images, references=None, batch_size: int = 8, zero_shot: str = "single") -> list[AnomalyReport]:
+    def detect_batch(
+        self, images, references=None, batch_size: int = 8, zero_shot: str = "single"
+    ) -> list[AnomalyReport]:
         """The detection path over many images, `batch_size` at a time through the tower and the expert.
 
         `images` are sources `load_image` accepts (load them yourself first to handle unreadable files
@@ -283,8 +308,11 @@ class AnomalyAssistant:
             pixels = self.processor.preprocess(chunk)
             with torch.no_grad():
                 crop_maps, scores, distances = self.model.detect(
-                    pixels["pixel_values"], pixels["image_sizes"],
-                    refs["pixel_values"] if refs else None, refs["image_sizes"] if refs else None, with_domain=True,
+                    pixels["pixel_values"],
+                    pixels["image_sizes"],
+                    refs["pixel_values"] if refs else None,
+                    refs["image_sizes"] if refs else None,
+                    with_domain=True,
                 )
             warnings = [reference_warnings(image, references, histograms) for image in chunk]
             reports.extend(self._reports(chunk, crop_maps, scores, distances, warnings))
@@ -294,11 +322,16 @@ class AnomalyAssistant:
         reports = []
         for i, image in enumerate(images):
             visual = VisualEncoding(
-                image_embeds=[], image_sizes=[(image.height, image.width)], crop_maps=[crop_maps[i]], scores=scores[i : i + 1],
+                image_embeds=[],
+                image_sizes=[(image.height, image.width)],
+                crop_maps=[crop_maps[i]],
+                scores=scores[i : i + 1],
                 domain_distances=distances[i : i + 1] if distances is not None else None,
             )
             found = warnings[i] if warnings is not None else []
-            reports.append(AnomalyReport(answer="", model=self.name, image=image, warnings=found, **self._evidence(image, visual)))
+            reports.append(
+                AnomalyReport(answer="", model=self.name, image=image, warnings=found, **self._evidence(image, visual))
+            )
         return reports
 
     def _detect_folder(self, images, batch_size: int) -> list[AnomalyReport]:
@@ -325,8 +358,9 @@ class AnomalyAssistant:
             if "{where}" in self.model.config.suspicion_marker:  # the expert's location, for an anomalous verdict
                 where = where_text(self._evidence(image, visual)["location"])
         none = [None] * len(references)
-        return self.processor(prompt, [*references, image], levels=[*none, level], pixels=pixels,
-                              wheres=["" for _ in none] + [where])
+        return self.processor(
+            prompt, [*references, image], levels=[*none, level], pixels=pixels, wheres=["" for _ in none] + [where]
+        )
 
     def _generation(self, max_new_tokens: int, **overrides) -> GenerationConfig:
         config = GenerationConfig(**self.generation_config.to_dict())
@@ -337,13 +371,17 @@ class AnomalyAssistant:
         if config.eos_token_id is None:
             config.eos_token_id = tokenizer.eos_token_id
         if config.pad_token_id is None:
-            config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            config.pad_token_id = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
         for key, value in overrides.items():
             setattr(config, key, value)
         config.return_dict_in_generate = True  # the cache comes back for the next turn
         return config
 
-    def _generate(self, inputs, visual, generation: GenerationConfig, streamer=None, session: str | None = None) -> torch.Tensor:
+    def _generate(
+        self, inputs, visual, generation: GenerationConfig, streamer=None, session: str | None = None
+    ) -> torch.Tensor:
         """New token ids; reuses and updates the conversation's KV cache when the prompt extends it."""
         ids = inputs["input_ids"]
         key = None
@@ -382,8 +420,9 @@ class AnomalyAssistant:
         tokens are prefilled; `session` keeps the caches of different users apart.
         """
         image, visual, pixels = self.encode(image, references)
-        if visual.scores is not None and self._evidence(image, visual)["out_of_domain"]:
-            answer = out_of_domain_answer(self._evidence(image, visual))  # the LLM only knows the training images' objects
+        if visual.scores is not None and not references and self._evidence(image, visual)["out_of_domain"]:
+            # the LLM only knows the training images' objects; with normal references the score rests on them instead
+            answer = out_of_domain_answer(self._evidence(image, visual))
             return iter([answer]) if stream else answer
         inputs = self._inputs(messages, image, visual, pixels)
         generation = self._generation(max_new_tokens, **generate_kwargs)
@@ -392,7 +431,9 @@ class AnomalyAssistant:
         return self._stream(inputs, visual, generation, session)
 
     def _stream(self, inputs, visual, generation, session=None) -> Iterator[str]:
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TextIteratorStreamer(
+            self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
         failure: list[BaseException] = []
 
         def run():
@@ -409,14 +450,21 @@ class AnomalyAssistant:
         if failure:
             raise failure[0]
 
-    def analyze(self, image, question: str | None = None, references=None, max_new_tokens: int = 128, **generate_kwargs) -> AnomalyReport:
+    def analyze(
+        self, image, question: str | None = None, references=None, max_new_tokens: int = 128, **generate_kwargs
+    ) -> AnomalyReport:
         """Answer one question about the image, with the evidence."""
         question = question if question is not None else DEFAULT_QUESTION
         if not question.strip():
             raise ValueError("the question is empty")
         image, visual, pixels = self.encode(image, references)
         answer = self.chat(
-            [{"role": "user", "content": question}], image, references, stream=False, max_new_tokens=max_new_tokens, **generate_kwargs
+            [{"role": "user", "content": question}],
+            image,
+            references,
+            stream=False,
+            max_new_tokens=max_new_tokens,
+            **generate_kwargs,
         )
         warnings = reference_warnings(image, [load_image(r) for r in references or []]) if self.has_expert else []
         evidence = self._evidence(image, visual)

@@ -49,7 +49,9 @@ def boxes_from_mask(mask: np.ndarray, anomaly_map: np.ndarray | None = None, min
             score = area / mask.size
         cy, cx = ndimage.center_of_mass(component)
         center = [round(float(xs.start + cx + 0.5), 2), round(float(ys.start + cy + 0.5), 2)]
-        boxes.append({"box": [int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)], "score": score, "center": center})
+        boxes.append(
+            {"box": [int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)], "score": score, "center": center}
+        )
     boxes.sort(key=lambda b: b["score"], reverse=True)
     return boxes
 
@@ -64,7 +66,9 @@ def location_words(mask_or_box, width: int | None = None, height: int | None = N
         if width is None or height is None:
             raise ValueError("a box or point needs the image width and height")
         values = [float(v) for v in mask_or_box]
-        x, y = (values[0], values[1]) if len(values) == 2 else ((values[0] + values[2]) / 2, (values[1] + values[3]) / 2)
+        x, y = (
+            (values[0], values[1]) if len(values) == 2 else ((values[0] + values[2]) / 2, (values[1] + values[3]) / 2)
+        )
         cx, cy = x / width, y / height
     else:
         mask = np.asarray(mask_or_box, dtype=bool)

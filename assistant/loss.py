@@ -52,7 +52,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.done:
-            raise RuntimeError("linear_cross_entropy supports one backward pass per forward (its gradients are scaled in place)")
+            raise RuntimeError(
+                "linear_cross_entropy supports one backward pass per forward (its gradients are scaled in place)"
+            )
         ctx.done = True
         grad_hidden, grad_weight = ctx.saved_tensors
         # in place: the weight's gradient is as large as the head itself (0.5 GB for Qwen2's vocabulary in fp32)
@@ -61,8 +63,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out_hidden, out_weight, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, num_items_in_batch=None,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, num_items_in_batch=None, chunk: int | None = None
+) -> torch.Tensor:
     """The causal-LM loss of `head(hidden)` against `labels` shifted by one, -100 ignored.
 
     hidden [B, T, H]; labels [B, T]. Mean over supervised tokens, or sum / `num_items_in_batch` when given
@@ -91,4 +94,7 @@ def fused_loss_applies(language_model) -> bool:
     if hasattr(weight, "ds_id") or weight.numel() == 0:  # DeepSpeed ZeRO-3 partitions it
         return False
     config = language_model.config
-    return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) in (None, 1.0)
+    return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) in (
+        None,
+        1.0,
+    )

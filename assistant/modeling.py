@@ -19,8 +19,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
-from .patch_memory import LOWEST, mutual_distance, reduce_bank
 from .loss import fused_loss_applies, linear_cross_entropy
+from .patch_memory import LOWEST, mutual_distance, reduce_bank
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -112,7 +112,9 @@ class AnomalyAssistantModel(PreTrainedModel):
             self.expert = AnomalyExpert(
                 ExpertConfig.from_dict(config.expert_config), vision.hidden_size, config.patches_per_side**2
             )
-            self.selector = LookTwiceSelector(SelectorConfig.from_dict(config.selector_config or {}), vision.hidden_size)
+            self.selector = LookTwiceSelector(
+                SelectorConfig.from_dict(config.selector_config or {}), vision.hidden_size
+            )
         else:
             self.expert = None
             self.selector = None
@@ -159,7 +161,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         tile = self.config.vision_config.image_size
         return [num_crops(tuple(size), self.config.image_grid_pinpoints, tile) for size in image_sizes]
 
-    def vision_features(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    def vision_features(
+        self, pixel_values: torch.Tensor, image_sizes
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image."""
         counts = self.crops_per_image(image_sizes)
         crops = self._flat_crops(pixel_values, counts)
@@ -238,7 +242,13 @@ class AnomalyAssistantModel(PreTrainedModel):
         tile, side = self.config.vision_config.image_size, self.config.llm_patches_per_side
         image_embeds = [
             pack_image_features(
-                crops, size, self.image_newline, self.config.image_grid_pinpoints, tile, side, self.config.vision_aspect_ratio
+                crops,
+                size,
+                self.image_newline,
+                self.config.image_grid_pinpoints,
+                tile,
+                side,
+                self.config.vision_aspect_ratio,
             )
             for crops, size in zip(projected, image_sizes)
         ]
@@ -270,8 +280,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
         return reduce_bank([nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels])
 
-    def _look_twice(self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None,
-                    bank=None):
+    def _look_twice(
+        self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None, bank=None
+    ):
         """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`.
 
         In eval mode with `config.detection_views` > 1 and the `crops` [N, 3, S, S] the features came from,
@@ -317,7 +328,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         for feats, maps, selection, significance in per_crop:
             chosen, weights = self.selector(feats, selection, significance)
             score = self.expert.score(chosen, weights, feats, selection)
-            if reference_map is not None:  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
+            if (
+                reference_map is not None
+            ):  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
                 score = self.config.few_shot_rescale((1 - weight) * score + weight * maps.max())
                 maps = self.config.few_shot_rescale(maps, pixel=True)
             tokens.append(chosen)
@@ -341,8 +354,15 @@ class AnomalyAssistantModel(PreTrainedModel):
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
         return features, levels, counts, self._flat_crops(pixel_values, counts) if self._scores_views() else None
 
-    def detect(self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None,
-               with_domain: bool = False):
+    def detect(
+        self,
+        pixel_values,
+        image_sizes,
+        reference_pixel_values=None,
+        reference_image_sizes=None,
+        reference_bank=None,
+        with_domain: bool = False,
+    ):
         """The detection-only path: vision tower + expert + selector, no projector, no LLM.
 
         With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores), the same
@@ -352,8 +372,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels, counts, crops = self._detection_features(pixel_values, image_sizes)
-        _, scores, crop_maps = self._look_twice(features, levels, counts, reference_pixel_values, reference_image_sizes, crops,
-                                                reference_bank)
+        _, scores, crop_maps = self._look_twice(
+            features, levels, counts, reference_pixel_values, reference_image_sizes, crops, reference_bank
+        )
         if not with_domain:
             return crop_maps, scores
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
@@ -432,8 +453,15 @@ class AnomalyAssistantModel(PreTrainedModel):
             if visual is None and pixel_values is not None:
                 visual = self.encode_images(pixel_values, image_sizes)
             inputs_embeds = self.merge_embeddings(input_ids, visual)
-        if labels is not None and self.chunked_loss and torch.is_grad_enabled() and fused_loss_applies(self.language_model):
-            return self._chunked_loss_forward(inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs)
+        if (
+            labels is not None
+            and self.chunked_loss
+            and torch.is_grad_enabled()
+            and fused_loss_applies(self.language_model)
+        ):
+            return self._chunked_loss_forward(
+                inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -445,7 +473,9 @@ class AnomalyAssistantModel(PreTrainedModel):
             **kwargs,
         )
 
-    def _chunked_loss_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs):
+    def _chunked_loss_forward(
+        self, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs
+    ):
         """Training forward whose loss never materialises the logits (`assistant.loss`); `logits` is None."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         decoder = self.language_model.get_decoder()
@@ -460,11 +490,18 @@ class AnomalyAssistantModel(PreTrainedModel):
         head = self.language_model.get_output_embeddings()
         loss = linear_cross_entropy(out.last_hidden_state, head, labels, num_items_in_batch)
         cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
-                                      **{cache_field: output_cache(out)})
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            **{cache_field: output_cache(out)},
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs):
+    def generate(
+        self, input_ids: torch.Tensor, visual: VisualEncoding | None = None, attention_mask=None, **generate_kwargs
+    ):
         """Generate with the language model from merged embeddings; returns only the new token ids."""
         embeds = self.merge_embeddings(input_ids.to(self.get_input_embeddings().weight.device), visual)
         if attention_mask is None:

@@ -93,7 +93,9 @@ class AssistantProcessor:
         self.image_processor = image_processor
         self.config = config
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-        self._one_tile_checked: bool | None = None  # `_one_tile_crops` agrees with the processor (None: not yet compared)
+        self._one_tile_checked: bool | None = (
+            None  # `_one_tile_crops` agrees with the processor (None: not yet compared)
+        )
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
         if self.image_token is None or tokenizer.convert_tokens_to_ids(self.image_token) != config.image_token_index:
             raise ValueError(f"the tokenizer has no token for image_token_index {config.image_token_index}")
@@ -105,7 +107,7 @@ class AssistantProcessor:
 
     # -- persistence ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: AnomalyAssistantConfig) -> "AssistantProcessor":
+    def from_pretrained(cls, path: str | Path, config: AnomalyAssistantConfig) -> AssistantProcessor:
         path = Path(path)
         # the text config tells AutoTokenizer the family; without it, it parses config.json (an unregistered model type) and warns
         tokenizer = AutoTokenizer.from_pretrained(path, config=config.text_config)
@@ -159,12 +161,16 @@ class AssistantProcessor:
             if ip.do_normalize:
                 view = ip.normalize(view, ip.image_mean, ip.image_std)
             views.append(np.stack([view, view]))
-        out = {"pixel_values": torch.from_numpy(np.stack(views)),
-               "image_sizes": torch.tensor([[image.height, image.width] for image in images])}
+        out = {
+            "pixel_values": torch.from_numpy(np.stack(views)),
+            "image_sizes": torch.tensor([[image.height, image.width] for image in images]),
+        }
         if self._one_tile_checked is None:
             reference = self.image_processor(images[:1], return_tensors="pt")
-            self._one_tile_checked = bool(torch.equal(reference["pixel_values"], out["pixel_values"][:1])
-                                          and torch.equal(reference["image_sizes"], out["image_sizes"][:1]))
+            self._one_tile_checked = bool(
+                torch.equal(reference["pixel_values"], out["pixel_values"][:1])
+                and torch.equal(reference["image_sizes"], out["image_sizes"][:1])
+            )
             if not self._one_tile_checked:
                 return None
         return out
@@ -214,7 +220,13 @@ class AssistantProcessor:
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         c = self.config
         # the patch grid excludes CLIP's class token, which the "default" strategy drops; pooled as the LLM reads it
-        return num_image_tokens(image_size, c.image_grid_pinpoints, c.vision_config.image_size, c.llm_patches_per_side, c.vision_aspect_ratio)
+        return num_image_tokens(
+            image_size,
+            c.image_grid_pinpoints,
+            c.vision_config.image_size,
+            c.llm_patches_per_side,
+            c.vision_aspect_ratio,
+        )
 
     def num_anomaly_tokens(self, image_size: tuple[int, int]) -> int:
         if self.selector is None:
@@ -244,7 +256,11 @@ class AssistantProcessor:
         )
 
     def expand(
-        self, prompt: str, image_sizes: list[tuple[int, int]], levels: list[str | None] | None = None, wheres: list[str] | None = None
+        self,
+        prompt: str,
+        image_sizes: list[tuple[int, int]],
+        levels: list[str | None] | None = None,
+        wheres: list[str] | None = None,
     ) -> str:
         pieces = prompt.split(self.image_token)
         if len(pieces) - 1 != len(image_sizes):
@@ -258,7 +274,12 @@ class AssistantProcessor:
         return "".join(out)
 
     def __call__(
-        self, prompt: str, images=(), levels: list[str | None] | None = None, pixels: dict | None = None, wheres: list[str] | None = None
+        self,
+        prompt: str,
+        images=(),
+        levels: list[str | None] | None = None,
+        pixels: dict | None = None,
+        wheres: list[str] | None = None,
     ) -> BatchEncoding:
         """Tokenise one rendered prompt holding `<image>` once per image; pixels are computed unless given."""
         images = list(images)

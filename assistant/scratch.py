@@ -40,7 +40,9 @@ def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     )
     tokenizer.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     fast.chat_template = CHAT_TEMPLATE

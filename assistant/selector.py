@@ -37,7 +37,7 @@ class SelectorConfig:
             raise ValueError("selector grid and num_tokens must be ≥ 1")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SelectorConfig":
+    def from_dict(cls, values: dict) -> SelectorConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown selector config keys: {sorted(unknown)}")

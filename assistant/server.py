@@ -82,7 +82,14 @@ class ServerSettings:
     model_name: str | None = None  #: the id clients see; default: the checkpoint folder's name
 
     def __post_init__(self):
-        for name in ("max_request_bytes", "max_tokens", "default_max_tokens", "max_prompt_chars", "max_images", "queue_size"):
+        for name in (
+            "max_request_bytes",
+            "max_tokens",
+            "default_max_tokens",
+            "max_prompt_chars",
+            "max_images",
+            "queue_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.api_key is not None and not self.api_key:
@@ -186,8 +193,12 @@ def _check_token(request: Request, settings: ServerSettings) -> str | None:
     if settings.api_key is None:
         return token
     if token is None or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-        raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "missing or wrong API key (send 'Authorization: Bearer <key>')",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return token
 
 
@@ -238,13 +249,20 @@ def build_app(assistant, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         _check_token(request, settings)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "anomaly-assistant"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "anomaly-assistant"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         token = _check_token(request, settings)
-        busy = APIError(429, f"the server is busy ({settings.queue_size} requests in progress); retry shortly", "server_busy",
-                        headers={"Retry-After": str(settings.retry_after_s)})
+        busy = APIError(
+            429,
+            f"the server is busy ({settings.queue_size} requests in progress); retry shortly",
+            "server_busy",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
         if admission.full:  # refuse before reading the body
             raise busy
         raw = await _read_body(request, settings.max_request_bytes)
@@ -293,7 +311,9 @@ async def _complete(worker: ModelWorker, chat: ChatRequest, image, references, m
     body = {
         "object": "chat.completion",
         **meta,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish, "logprobs": None}
+        ],
         "usage": usage,
         "anomaly_report": report,
     }

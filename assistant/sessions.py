@@ -96,7 +96,9 @@ class KVCacheStore:
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries or sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+            while (
+                len(self._entries) > self.max_entries or sum(e.nbytes for e in self._entries.values()) > self.max_bytes
+            ):
                 self._entries.popitem(last=False)
                 self.evictions += 1
 

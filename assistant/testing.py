@@ -21,8 +21,12 @@ def vision_config(kind: str, image_size: int = 32, patch_size: int = 8, hidden: 
 
     cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[kind]
     return cls(
-        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=2,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
     )
 
 
@@ -31,8 +35,13 @@ def text_config(kind: str, vocab_size: int, hidden: int = 32, layers: int = 2):
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
     return cls(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
         tie_word_embeddings=(kind == "qwen2"),
         # wide enough that a random model's greedy answer depends on the image (0.02 gives one repeated token)
         initializer_range=0.5,
@@ -65,7 +74,9 @@ def tiny_llava_onevision(path: str | Path, seed: int = 0, tile: int = 32) -> Pat
     return path
 
 
-def tiny_config(vision: str = "clip", text: str = "llama", expert: bool = True, tile: int = 32, vocab_size: int = 400, **overrides):
+def tiny_config(
+    vision: str = "clip", text: str = "llama", expert: bool = True, tile: int = 32, vocab_size: int = 400, **overrides
+):
     from .expert import ExpertConfig, evenly_spaced_layers
     from .selector import SelectorConfig
 
@@ -73,7 +84,10 @@ def tiny_config(vision: str = "clip", text: str = "llama", expert: bool = True, 
     expert_config = None
     if expert:
         expert_config = ExpertConfig(
-            feature_layers=evenly_spaced_layers(vcfg.num_hidden_layers), embedding_dim=16, class_dim=16, predictor_dim=16
+            feature_layers=evenly_spaced_layers(vcfg.num_hidden_layers),
+            embedding_dim=16,
+            class_dim=16,
+            predictor_dim=16,
         ).to_dict()
     values = dict(
         vision_config=vcfg,
@@ -90,7 +104,9 @@ def tiny_config(vision: str = "clip", text: str = "llama", expert: bool = True, 
     return AnomalyAssistantConfig(**values)
 
 
-def tiny_assistant(path: str | Path, vision: str = "clip", text: str = "llama", expert: bool = True, seed: int = 0, **overrides) -> Path:
+def tiny_assistant(
+    path: str | Path, vision: str = "clip", text: str = "llama", expert: bool = True, seed: int = 0, **overrides
+) -> Path:
     """This project's checkpoint layout with a tiny random model."""
     from .modeling import AnomalyAssistantModel
     from .processing import AssistantProcessor
@@ -100,37 +116,65 @@ def tiny_assistant(path: str | Path, vision: str = "clip", text: str = "llama", 
     config = tiny_config(vision, text, expert, vocab_size=len(tokenizer), **overrides)
     torch.manual_seed(seed)
     model = AnomalyAssistantModel(config).eval()
-    processor = AssistantProcessor(tokenizer, image_processor(config.vision_config.image_size, clip_normalisation=vision == "clip"), config)
+    processor = AssistantProcessor(
+        tokenizer, image_processor(config.vision_config.image_size, clip_normalisation=vision == "clip"), config
+    )
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
 
 # -- Qwen2.5-VL in Qwen's layout ------------------------------------------------------------------------
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
 
 def qwen_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen2.5-VL's chat and vision special tokens."""
-    from .qwen import QWEN_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from .qwen import QWEN_CHAT_TEMPLATE
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=QWEN_SPECIAL_TOKENS[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+    )
     fast.chat_template = QWEN_CHAT_TEMPLATE
     return fast
 
 
-def tiny_qwen2_5_vl(path: str | Path, seed: int = 0, corpus: list[str] | None = None, vocab_size: int = 400,
-                    vision_hidden: int = 32, vision_layers: int = 4, text_hidden: int = 32, text_layers: int = 2,
-                    max_pixels: int = 28 * 28 * 64, tie_word_embeddings: bool = True) -> Path:
+def tiny_qwen2_5_vl(
+    path: str | Path,
+    seed: int = 0,
+    corpus: list[str] | None = None,
+    vocab_size: int = 400,
+    vision_hidden: int = 32,
+    vision_layers: int = 4,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    max_pixels: int = 28 * 28 * 64,
+    tie_word_embeddings: bool = True,
+) -> Path:
     """A Qwen2.5-VL checkpoint as Qwen ships it (`model_type: qwen2_5_vl`, Qwen's image processor config, tokenizer,
     chat template), written by transformers' `save_pretrained`. Window attention in the middle layers, full
     attention in every other one, as the real tower alternates them."""
@@ -142,19 +186,43 @@ def tiny_qwen2_5_vl(path: str | Path, seed: int = 0, corpus: list[str] | None = 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     heads = max(1, text_hidden // 16)
     config = Qwen2_5_VLConfig(
-        vision_config={"depth": vision_layers, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
-                       "num_heads": 2, "out_hidden_size": text_hidden, "window_size": 56, "patch_size": 14,
-                       "fullatt_block_indexes": list(range(1, vision_layers, 2)), "spatial_merge_size": 2,
-                       "temporal_patch_size": 2},
-        text_config={"vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": text_hidden * 2,
-                     "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-                     "max_position_embeddings": 4096, "initializer_range": 0.5,  # as text_config: image-dependent
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": _mrope_section(text_hidden // heads)},
-                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie_word_embeddings, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+        vision_config={
+            "depth": vision_layers,
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_hidden * 2,
+            "num_heads": 2,
+            "out_hidden_size": text_hidden,
+            "window_size": 56,
+            "patch_size": 14,
+            "fullatt_block_indexes": list(range(1, vision_layers, 2)),
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_hidden,
+            "intermediate_size": text_hidden * 2,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 4096,
+            "initializer_range": 0.5,  # as text_config: image-dependent
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": _mrope_section(text_hidden // heads),
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     torch.manual_seed(seed)

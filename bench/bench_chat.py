@@ -55,6 +55,7 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
 
 # -- (a) ---------------------------------------------------------------------------------------------------
 def follow_up_ttft(args) -> None:
+    from bench_inference import llava_onevision_05b_config
     from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
@@ -65,7 +66,6 @@ def follow_up_ttft(args) -> None:
     from assistant.processing import AssistantProcessor, as_chat
     from assistant.selector import SelectorConfig
     from assistant.testing import train_tokenizer
-    from bench_inference import llava_onevision_05b_config
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -79,11 +79,18 @@ def follow_up_ttft(args) -> None:
     torch.manual_seed(0)
     reference = LlavaOnevisionForConditionalGeneration(config).to(device, dtype).eval()
     model = compose_from_llava(reference)
-    add_expert(model, ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, embedding_dim=512, class_dim=512, predictor_dim=512),
-               SelectorConfig(mode="pool", grid=2, attention_dim=512), seed=0)
+    add_expert(
+        model,
+        ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, embedding_dim=512, class_dim=512, predictor_dim=512),
+        SelectorConfig(mode="pool", grid=2, attention_dim=512),
+        seed=0,
+    )
     model.to(device, dtype).eval()
     image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 384, "width": 384}, image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        size={"height": 384, "width": 384},
+        image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     )
     processor = AssistantProcessor(tokenizer, image_processor, model.config)
     assistant = AnomalyAssistant(model, processor, GenerationConfig(), "llava-ov-0.5b-random", "assistant")
@@ -94,8 +101,13 @@ def follow_up_ttft(args) -> None:
     first = [{"role": "user", "content": FIRST_QUESTION}]
     outside_vocab = list(range(len(tokenizer), config.text_config.vocab_size))
     start = time.perf_counter()
-    answer = assistant.chat(first, image, stream=False, max_new_tokens=args.answer_tokens, session="bench", suppress_tokens=outside_vocab)
-    print(f"    turn 1 ({args.answer_tokens} tokens, fills both caches) took {time.perf_counter() - start:.1f} s", flush=True)
+    answer = assistant.chat(
+        first, image, stream=False, max_new_tokens=args.answer_tokens, session="bench", suppress_tokens=outside_vocab
+    )
+    print(
+        f"    turn 1 ({args.answer_tokens} tokens, fills both caches) took {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     conversation = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW_UP}]
 
     hits = assistant.kv_cache.hits
@@ -113,13 +125,21 @@ def follow_up_ttft(args) -> None:
     start = time.perf_counter()
     with torch.no_grad():
         reference.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"].to(device, dtype),
-            image_sizes=prompt["image_sizes"].to(device), max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=prompt["pixel_values"].to(device, dtype),
+            image_sizes=prompt["image_sizes"].to(device),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
         )
     sync()
     baseline = time.perf_counter() - start
 
-    print(f"    image {height}×{width}; follow-up prompt {ids.shape[1]} tokens for transformers (KV cache reused: {'yes' if reused else 'NO'})")
+    print(
+        f"    image {height}×{width}; follow-up prompt {ids.shape[1]} tokens for transformers (KV cache reused: {'yes' if reused else 'NO'})"
+    )
     print(f"    follow-up TTFT, cached (AnomalyAssistant.chat):          {cached:8.2f} s")
     print(f"    follow-up TTFT, transformers re-running the conversation: {baseline:8.2f} s")
     print(f"    ratio baseline / cached: {baseline / cached:.1f}×", flush=True)
@@ -165,12 +185,22 @@ def endpoint_latency(args) -> None:
 
     def run_client(i: int) -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=600)
-        messages = [{"role": "user", "content": [{"type": "text", "text": FIRST_QUESTION}, {"type": "image_url", "image_url": {"url": images[i]}}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": FIRST_QUESTION},
+                    {"type": "image_url", "image_url": {"url": images[i]}},
+                ],
+            }
+        ]
         barrier.wait()
         for _ in range(args.requests):
             start = time.perf_counter()
             try:
-                client.chat.completions.create(model="m", messages=messages, max_tokens=args.max_tokens, user=f"client-{i}")
+                client.chat.completions.create(
+                    model="m", messages=messages, max_tokens=args.max_tokens, user=f"client-{i}"
+                )
             except openai.APIError as error:
                 with lock:
                     failures.append(repr(error))
@@ -181,8 +211,16 @@ def endpoint_latency(args) -> None:
     try:
         # one request first, so that the load does not include the first call's one-time costs
         warm = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=600)
-        warm.chat.completions.create(model="m", max_tokens=args.max_tokens, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": images[0]}}]}])
+        warm.chat.completions.create(
+            model="m",
+            max_tokens=args.max_tokens,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": images[0]}}],
+                }
+            ],
+        )
         start = time.perf_counter()
         threads = [threading.Thread(target=run_client, args=(i,)) for i in range(args.clients)]
         for t in threads:
@@ -196,24 +234,35 @@ def endpoint_latency(args) -> None:
         sock.close()
 
     p50, p95 = (float(np.percentile(latencies, q)) for q in (50, 95)) if latencies else (float("nan"),) * 2
-    print(f"(b) endpoint, {label}, {args.clients} clients × {args.requests} requests, max_tokens {args.max_tokens}, "
-          f"images {args.load_image_size[0]}×{args.load_image_size[1]}:")
-    print(f"    latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms (mean {statistics.fmean(latencies) * 1000:.0f} ms); "
-          f"{len(latencies) / wall:.1f} requests/s; {len(failures)} failed" + (f" (first: {failures[0]})" if failures else ""))
+    print(
+        f"(b) endpoint, {label}, {args.clients} clients × {args.requests} requests, max_tokens {args.max_tokens}, "
+        f"images {args.load_image_size[0]}×{args.load_image_size[1]}:"
+    )
+    print(
+        f"    latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms (mean {statistics.fmean(latencies) * 1000:.0f} ms); "
+        f"{len(latencies) / wall:.1f} requests/s; {len(failures)} failed"
+        + (f" (first: {failures[0]})" if failures else "")
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--skip-05b", action="store_true", help="skip (a), the 0.5B-size follow-up comparison (minutes on CPU)")
+    parser.add_argument(
+        "--skip-05b", action="store_true", help="skip (a), the 0.5B-size follow-up comparison (minutes on CPU)"
+    )
     parser.add_argument("--skip-load", action="store_true", help="skip (b), the endpoint under load")
-    parser.add_argument("--image-size", type=int, nargs=2, default=[384, 384], metavar=("H", "W"), help="(a) image size")
+    parser.add_argument(
+        "--image-size", type=int, nargs=2, default=[384, 384], metavar=("H", "W"), help="(a) image size"
+    )
     parser.add_argument("--answer-tokens", type=int, default=16, help="(a) length of turn 1's answer")
     parser.add_argument("--model", default=None, help="(b) a checkpoint to serve instead of a tiny random one")
     parser.add_argument("--clients", type=int, default=20, help="(b) concurrent clients")
     parser.add_argument("--requests", type=int, default=3, help="(b) requests per client")
     parser.add_argument("--max-tokens", type=int, default=16, help="(b) max_tokens per request")
-    parser.add_argument("--load-image-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="(b) image size")
+    parser.add_argument(
+        "--load-image-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="(b) image size"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging

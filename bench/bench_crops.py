@@ -48,6 +48,7 @@ def cases(model, pixel_values, sizes) -> dict:
             visual = model.encode_images(pixel_values, sizes)
             sum(e.sum() for e in visual.image_embeds).backward()
             model.zero_grad(set_to_none=True)
+
         return step
 
     return {"no gradient": no_grad, "frozen tower (stage 2)": backward(False), "trained tower": backward(True)}
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     assistant = AnomalyAssistant.from_pretrained(args.model)
     model = assistant.model
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.batch)]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.batch)
+    ]
     inputs = assistant.processor.image_processor(images, return_tensors="pt")
     sizes = inputs["image_sizes"].tolist()
     counts = model.crops_per_image(sizes)

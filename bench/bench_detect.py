@@ -3,6 +3,12 @@
     python bench/bench_detect.py                         # CPU, SigLIP-so400m/384 tower, 8 images
     python bench/bench_detect.py --device cuda --images 64 --batch-size 16
     python bench/bench_detect.py --detection-views 8    # also: batches scored over 8 flips and turns, vs 1
+    python bench/bench_detect.py --model default         # the shipped default model at 256×256: each scoring mode
+
+With `--model default` (or a checkpoint folder) it times `AnomalyAssistant` on 256×256 images with torch's threads
+set to `--threads` (2): zero-shot one image at a time (what `ask` does without its text), few-shot with 4 normal
+references, the folder mode (each image against the others) at 50 and 200 images, and `anomaly-assistant ask` end to
+end in a fresh process (start-up, model load and the answer included).
 
 The tower has LLaVA-OneVision-0.5B's sizes (SigLIP-so400m-patch14-384) with random weights; the expert
 has Anomaly-OV's sizes and scores the base view (`views="base"`). The LLM plays no part in detection, so
@@ -36,29 +42,95 @@ def build(device, dtype) -> AnomalyAssistantModel:
     from bench_inference import llava_onevision_05b_config
 
     vision = llava_onevision_05b_config().vision_config
-    text = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    text = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     config = AnomalyAssistantConfig(
-        vision_config=vision, text_config=text, image_token_index=999,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=999,
         expert_config=ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, views="base").to_dict(),
-        selector_config=SelectorConfig().to_dict(), image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
+        selector_config=SelectorConfig().to_dict(),
+        image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
     )
     torch.manual_seed(0)
     return AnomalyAssistantModel(config).to(device, dtype).eval()
 
 
+def model_modes(args) -> None:
+    """Images/s of each scoring mode of a real checkpoint, and `ask`'s wall time."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from assistant import AnomalyAssistant
+
+    torch.set_num_threads(args.threads)
+    assistant = AnomalyAssistant.from_pretrained(args.model)
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        return [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) for _ in range(n)]
+
+    def rate(fn, n) -> float:
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        return n / (time.perf_counter() - start)
+
+    single, references = images(20), images(4)
+    print(f"model {args.model}, 256×256 images, {torch.get_num_threads()} threads")
+    print(
+        f"  zero-shot, one image at a time  {rate(lambda: [assistant.detect(im) for im in single], 20):7.2f} images/s"
+    )
+    print(
+        f"  few-shot, 4 references          {rate(lambda: [assistant.detect(im, references=references) for im in single], 20):7.2f} images/s"
+    )
+    for n in (50, 200):
+        folder = images(n)
+        start = time.perf_counter()
+        assistant.detect_batch(folder, zero_shot="batch", batch_size=16)
+        seconds = time.perf_counter() - start
+        print(f"  folder mode, {n:3d} images          {n / seconds:7.2f} images/s ({seconds:.1f} s in all)")
+    command = shutil.which("anomaly-assistant")
+    argv = [command] if command else [sys.executable, "-m", "assistant"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "part.png"
+        images(1)[0].save(path)
+        start = time.perf_counter()
+        subprocess.run([*argv, "ask", str(path), "--model", args.model], check=True, capture_output=True)
+        print(f"  anomaly-assistant ask, end to end {time.perf_counter() - start:6.2f} s (fresh process)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=None, help="time this checkpoint's scoring modes instead ('default': the shipped one)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads with --model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     parser.add_argument("--detection-views", type=int, default=1, choices=[1, 2, 4, 8])
     args = parser.parse_args()
+    if args.model is not None:
+        return model_modes(args)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(device, dtype)
     processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 384, "width": 384}, image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        size={"height": 384, "width": 384},
+        image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     )
     rng = np.random.default_rng(0)
     h, w = args.image_size
@@ -83,7 +155,9 @@ def main():
         return torch.cat(scores)
 
     with torch.no_grad():
-        model.detect(*(lambda p: (p["pixel_values"].to(device), p["image_sizes"]))(processor(images[:1], return_tensors="pt")))  # warm-up
+        model.detect(
+            *(lambda p: (p["pixel_values"].to(device), p["image_sizes"]))(processor(images[:1], return_tensors="pt"))
+        )  # warm-up
         timings = {}
         for name, fn in [("one at a time", one_at_a_time), (f"batches of {args.batch_size}", batched)]:
             sync()
@@ -104,7 +178,9 @@ def main():
             batched()
             sync()
             t3 = time.perf_counter() - start
-        print(f"  {f'{args.detection_views} views':16s} {args.images / t3:7.2f} images/s: {t3 / t2:.2f}× the time of one view")
+        print(
+            f"  {f'{args.detection_views} views':16s} {args.images / t3:7.2f} images/s: {t3 / t2:.2f}× the time of one view"
+        )
 
 
 if __name__ == "__main__":

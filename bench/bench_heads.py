@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=int, nargs="+", default=[8, 4, 2], help="head counts; the first is the baseline")
+    parser.add_argument(
+        "--heads", type=int, nargs="+", default=[8, 4, 2], help="head counts; the first is the baseline"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="steps per variant per round")
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
@@ -56,7 +58,9 @@ def main(argv=None) -> None:
     variants = {}
     for heads in args.heads:
         if model.vision_tower.config.hidden_size % heads:
-            parser.error(f"--heads {heads} does not divide the tower's {model.vision_tower.config.hidden_size} channels")
+            parser.error(
+                f"--heads {heads} does not divide the tower's {model.vision_tower.config.hidden_size} channels"
+            )
         copy_ = copy.deepcopy(model)
         config = copy.deepcopy(copy_.vision_tower.config)
         config.num_attention_heads = heads
@@ -88,8 +92,14 @@ def main(argv=None) -> None:
             total[heads] += time.perf_counter() - start
         rates = {h: args.steps * round_ / t for h, t in total.items()}
         base = rates[args.heads[0]]
-        print(f"round {round_}: " + ", ".join(f"{h} x {model.vision_tower.config.hidden_size // h}: {r:.2f} steps/s"
-                                               f" ({r / base:.3f}x)" for h, r in rates.items()), flush=True)
+        print(
+            f"round {round_}: "
+            + ", ".join(
+                f"{h} x {model.vision_tower.config.hidden_size // h}: {r:.2f} steps/s ({r / base:.3f}x)"
+                for h, r in rates.items()
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

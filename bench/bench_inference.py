@@ -28,8 +28,14 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LogitsProcessor, LogitsProcessorList
-from transformers import Qwen2Config, SiglipVisionConfig
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from assistant.checkpoint import ANOMALY_OV_LAYERS, add_expert, compose_from_llava
@@ -49,33 +55,74 @@ def qwen2_5_vl_3b_config(layers: int | None = None):
     from transformers import Qwen2_5_VLConfig
 
     depth = layers or 32
-    vision = {"depth": depth, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
-              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-              "tokens_per_second": 2, "hidden_act": "silu",
-              "fullatt_block_indexes": [i for i in (7, 15, 23, 31) if i < depth] or [depth - 1]}
-    text = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": layers or 36,
-            "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
-                            video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
-                            vision_end_token_id=QWEN_VISION_END, tie_word_embeddings=True)
+    vision = {
+        "depth": depth,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "tokens_per_second": 2,
+        "hidden_act": "silu",
+        "fullatt_block_indexes": [i for i in (7, 15, 23, 31) if i < depth] or [depth - 1],
+    }
+    text = {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": layers or 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    }
+    return Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+        tie_word_embeddings=True,
+    )
 
 
 def llava_onevision_05b_config() -> LlavaOnevisionConfig:
     vision = SiglipVisionConfig(
-        hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-        image_size=384, patch_size=14, layer_norm_eps=1e-6,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        layer_norm_eps=1e-6,
     )
     text = Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     )
     return LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
-        image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS, tie_word_embeddings=True,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
+        tie_word_embeddings=True,
     )
 
 
@@ -92,8 +139,15 @@ class FirstTokenClock(LogitsProcessor):
         return scores
 
 
-def prompt_ids(text_len: int, n_image: int, marker_len: int = 0, n_anomaly: int = 0, seed: int = 0,
-               image_token: int = IMAGE_TOKEN, opening: list[int] = ()) -> torch.Tensor:
+def prompt_ids(
+    text_len: int,
+    n_image: int,
+    marker_len: int = 0,
+    n_anomaly: int = 0,
+    seed: int = 0,
+    image_token: int = IMAGE_TOKEN,
+    opening: list[int] = (),
+) -> torch.Tensor:
     """A chat-shaped prompt: text, [opening,] image placeholders, [marker text, look-twice placeholders], text."""
     rng = np.random.default_rng(seed)
     text = lambda n: rng.integers(1000, 150000, n).tolist()  # noqa: E731
@@ -125,13 +179,22 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--image-size", type=int, nargs=2, default=[384, 384], metavar=("H", "W"))
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per path after one warm-up; the median is reported")
-    parser.add_argument("--text-tokens", type=int, default=30, help="prompt text around the image (chat template + question)")
-    parser.add_argument("--expert-views", default="base", choices=["base", "all"],
-                        help="the expert scores the base view only (detection runs the tower on one crop) or every tile")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per path after one warm-up; the median is reported"
+    )
+    parser.add_argument(
+        "--text-tokens", type=int, default=30, help="prompt text around the image (chat template + question)"
+    )
+    parser.add_argument(
+        "--expert-views",
+        default="base",
+        choices=["base", "all"],
+        help="the expert scores the base view only (detection runs the tower on one crop) or every tile",
+    )
     parser.add_argument("--base", default="llava_onevision", choices=["llava_onevision", "qwen2_5_vl"])
-    parser.add_argument("--layers", type=int, default=None,
-                        help="qwen2_5_vl: blocks per tower and LLM (default: the real depth)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="qwen2_5_vl: blocks per tower and LLM (default: the real depth)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -176,12 +239,17 @@ def setup_qwen(args, device, dtype):
     reference.model.visual = visual
     depth = ours.config.vision_config.depth
     layers = [max(1, round(depth * (i + 1) / 4)) for i in range(4)]
-    add_expert(ours,
-               ExpertConfig(feature_layers=sorted(set(layers)), embedding_dim=512, class_dim=512, predictor_dim=512),
-               SelectorConfig(mode="pool", grid=2, attention_dim=512), seed=0)
+    add_expert(
+        ours,
+        ExpertConfig(feature_layers=sorted(set(layers)), embedding_dim=512, class_dim=512, predictor_dim=512),
+        SelectorConfig(mode="pool", grid=2, attention_dim=512),
+        seed=0,
+    )
     ours.eval()
-    print(f"built random Qwen2.5-VL-3B-size models in {time.perf_counter() - build:.0f} s "
-          f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})")
+    print(
+        f"built random Qwen2.5-VL-3B-size models in {time.perf_counter() - build:.0f} s "
+        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})"
+    )
     height, width = args.image_size
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
     pixels = processor([image], return_tensors="pt")
@@ -189,18 +257,33 @@ def setup_qwen(args, device, dtype):
     n_image = int(grid.prod()) // 4
     n_anomaly = ours.selector.config.tokens_per_image(1)
     plain_ids = prompt_ids(args.text_tokens, n_image, image_token=QWEN_IMAGE, opening=[QWEN_VISION_START]).to(device)
-    ours_ids = prompt_ids(args.text_tokens, n_image, marker_len=7, n_anomaly=n_anomaly, image_token=QWEN_IMAGE,
-                          opening=[QWEN_VISION_START]).to(device)
+    ours_ids = prompt_ids(
+        args.text_tokens,
+        n_image,
+        marker_len=7,
+        n_anomaly=n_anomaly,
+        image_token=QWEN_IMAGE,
+        opening=[QWEN_VISION_START],
+    ).to(device)
     types = (plain_ids == QWEN_IMAGE).int()
-    print(f"image {height}×{width}: grid {grid.tolist()[0]}, {n_image} image tokens "
-          f"(+{n_anomaly} look-twice tokens for (ii))")
+    print(
+        f"image {height}×{width}: grid {grid.tolist()[0]}, {n_image} image tokens "
+        f"(+{n_anomaly} look-twice tokens for (ii))"
+    )
     sizes = [(height, width)]
 
     def run_reference(processors, n, common):
         with torch.no_grad():
-            reference.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids),
-                               pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=types,
-                               max_new_tokens=n, logits_processor=processors, **common)
+            reference.generate(
+                input_ids=plain_ids,
+                attention_mask=torch.ones_like(plain_ids),
+                pixel_values=pixel_values,
+                image_grid_thw=grid,
+                mm_token_type_ids=types,
+                max_new_tokens=n,
+                logits_processor=processors,
+                **common,
+            )
 
     def run_ours(processors, n, common):
         with torch.no_grad():
@@ -217,34 +300,56 @@ def setup_llava(args, device, dtype):
     ours = compose_from_llava(reference)  # shares every module with `reference`: one copy of the weights
     add_expert(
         ours,
-        ExpertConfig(feature_layers=ANOMALY_OV_LAYERS, embedding_dim=512, class_dim=512, predictor_dim=512, views=args.expert_views),
+        ExpertConfig(
+            feature_layers=ANOMALY_OV_LAYERS,
+            embedding_dim=512,
+            class_dim=512,
+            predictor_dim=512,
+            views=args.expert_views,
+        ),
         SelectorConfig(mode="pool", grid=2, attention_dim=512),
         seed=0,
     )
     ours.eval()
-    print(f"built random 0.5B-size models in {time.perf_counter() - build:.0f} s "
-          f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})")
+    print(
+        f"built random 0.5B-size models in {time.perf_counter() - build:.0f} s "
+        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})"
+    )
 
     height, width = args.image_size
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
     processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 384, "width": 384}, image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        size={"height": 384, "width": 384},
+        image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     )
     pixels = processor([image], return_tensors="pt")
     pixel_values, image_sizes = pixels["pixel_values"].to(device, dtype), pixels["image_sizes"].to(device)
     config = ours.config
-    n_image = num_image_tokens((height, width), config.image_grid_pinpoints, 384, config.llm_patches_per_side, config.vision_aspect_ratio)
+    n_image = num_image_tokens(
+        (height, width), config.image_grid_pinpoints, 384, config.llm_patches_per_side, config.vision_aspect_ratio
+    )
     crops = num_crops((height, width), config.image_grid_pinpoints, 384)
     n_anomaly = ours.selector.config.tokens_per_image(1 if args.expert_views == "base" else crops)
     plain_ids = prompt_ids(args.text_tokens, n_image).to(device)
     ours_ids = prompt_ids(args.text_tokens, n_image, marker_len=7, n_anomaly=n_anomaly).to(device)
-    print(f"image {height}×{width}: {crops} crops, {n_image} image tokens (+{n_anomaly} look-twice tokens for (ii)); "
-          f"expert views: {args.expert_views}")
+    print(
+        f"image {height}×{width}: {crops} crops, {n_image} image tokens (+{n_anomaly} look-twice tokens for (ii)); "
+        f"expert views: {args.expert_views}"
+    )
 
     def run_reference(processors, n, common):
         with torch.no_grad():
-            reference.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids), pixel_values=pixel_values,
-                               image_sizes=image_sizes, max_new_tokens=n, logits_processor=processors, **common)
+            reference.generate(
+                input_ids=plain_ids,
+                attention_mask=torch.ones_like(plain_ids),
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
+                max_new_tokens=n,
+                logits_processor=processors,
+                **common,
+            )
 
     def run_ours(processors, n, common):
         with torch.no_grad():
@@ -263,13 +368,21 @@ def report(results: dict, family: str) -> None:
     }
     print(f"\n{'path':36s} {'TTFT s':>8s} {'decode tok/s':>13s}")
     for key, (ttft, decode) in med.items():
-        print(f"{names[key]:36s} {ttft:8.2f} {decode:13.1f}" if decode == decode else f"{names[key]:36s} {ttft:8.2f} {'-':>13s}")
+        print(
+            f"{names[key]:36s} {ttft:8.2f} {decode:13.1f}"
+            if decode == decode
+            else f"{names[key]:36s} {ttft:8.2f} {'-':>13s}"
+        )
     ratio_ii = med["ii"][0] / med["i"][0]
     speedup_iii = med["ii"][0] / med["iii"][0]
     decode_ratio = med["ii"][1] / med["i"][1]
-    print(f"\n(ii)/(i) time to first token: {ratio_ii:.3f}   (target ≤ 1.15: {'met' if ratio_ii <= 1.15 else 'NOT met'})")
+    print(
+        f"\n(ii)/(i) time to first token: {ratio_ii:.3f}   (target ≤ 1.15: {'met' if ratio_ii <= 1.15 else 'NOT met'})"
+    )
     print(f"(ii)/(i) decode tokens/s:     {decode_ratio:.3f}")
-    print(f"(iii) vs (ii) TTFT speed-up:  {speedup_iii:.2f}×   (target ≥ 5: {'met' if speedup_iii >= 5 else 'NOT met'})")
+    print(
+        f"(iii) vs (ii) TTFT speed-up:  {speedup_iii:.2f}×   (target ≥ 5: {'met' if speedup_iii >= 5 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

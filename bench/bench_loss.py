@@ -63,7 +63,9 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             grads[name] = (loss.detach(), hidden.grad.clone())
             hidden.grad, head.weight.grad = None, None
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            with profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+            ) as prof:
                 fn().backward()
             # what the loss adds on top of the inputs and the head (which exist before it runs in both cases)
             measured[name] = (peak_allocated(prof) / 2**20, min(times))
@@ -71,8 +73,11 @@ def main() -> None:
         torch.testing.assert_close(grads["ours"][1], grads["stock"][1], rtol=1e-3, atol=1e-6)
         case = "head trained (full)" if train_head else "head frozen (LoRA)"
         (ms, ts), (mo, to) = measured["stock"], measured["ours"]
-        print(f"{case:20s} stock {ms:8.0f} MiB {ts:6.2f} s   ours {mo:8.0f} MiB {to:6.2f} s   "
-              f"memory ours/stock {mo / ms:.3f}   time ours/stock {to / ts:.3f}", flush=True)
+        print(
+            f"{case:20s} stock {ms:8.0f} MiB {ts:6.2f} s   ours {mo:8.0f} MiB {to:6.2f} s   "
+            f"memory ours/stock {mo / ms:.3f}   time ours/stock {to / ts:.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ def main() -> None:
     same = all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(ours, theirs))
     times = {"processor": [], "preprocess": []}
     for _ in range(args.repeats):
-        for name, fn in (("processor", lambda im: processor.image_processor([im], return_tensors="pt")), ("preprocess", lambda im: processor.preprocess([im]))):
+        for name, fn in (
+            ("processor", lambda im: processor.image_processor([im], return_tensors="pt")),
+            ("preprocess", lambda im: processor.preprocess([im])),
+        ):
             start = time.perf_counter()
             for im in images:
                 fn(im)

@@ -49,7 +49,10 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, processor, _, _ = checkpoint.load("assistant/default_model")
     config = model.config
-    if config.image_grid_pinpoints and max(max(p) for p in config.image_grid_pinpoints) > config.vision_config.image_size:
+    if (
+        config.image_grid_pinpoints
+        and max(max(p) for p in config.image_grid_pinpoints) > config.vision_config.image_size
+    ):
         sys.exit("error: this model has more than one tile per side, so its tile does not repeat the base view")
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(Path(tmp) / "synth", SynthPlan(16, ("wood", "pill"), 128, 0, 0.6))
@@ -83,15 +86,22 @@ def main(argv=None) -> None:
 
     def step(batch, short: bool) -> None:
         if not short:
-            loss = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
-                         attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss = model(
+                input_ids=batch["input_ids"],
+                pixel_values=batch["pixel_values"],
+                image_sizes=batch["image_sizes"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+            ).loss
         else:
             visual = model.encode_images(batch["pixel_values"], batch["image_sizes"])
             embeds = model.merge_embeddings(batch["input_ids"], visual)
             keep, rows = batch["keep"], batch["input_ids"].shape[0]
-            loss = model(inputs_embeds=embeds[keep].view(rows, -1, embeds.shape[-1]),
-                         attention_mask=batch["attention_mask"][keep].view(rows, -1),
-                         labels=batch["labels"][keep].view(rows, -1)).loss
+            loss = model(
+                inputs_embeds=embeds[keep].view(rows, -1, embeds.shape[-1]),
+                attention_mask=batch["attention_mask"][keep].view(rows, -1),
+                labels=batch["labels"][keep].view(rows, -1),
+            ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,8 +119,10 @@ def main(argv=None) -> None:
     total = args.rounds * args.steps
     full, short = total / seconds[False], total / seconds[True]
     length = sum(b["input_ids"].shape[1] for b in batches) / len(batches)
-    print(f"trainable parameters: {sum(p.numel() for p in trainable):,}; mean padded sequence {length:.0f} tokens, "
-          f"{tile_tokens} of them the repeated view")
+    print(
+        f"trainable parameters: {sum(p.numel() for p in trainable):,}; mean padded sequence {length:.0f} tokens, "
+        f"{tile_tokens} of them the repeated view"
+    )
     print(f"as built (base view + repeated tile): {full:.2f} steps/s")
     print(f"repeated view cut out:               {short:.2f} steps/s ({short / full:.2f}x)")
 

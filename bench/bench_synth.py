@@ -51,9 +51,13 @@ def main() -> None:
         to_disk = sum(counts.values()) / (time.perf_counter() - start)
 
     anomalous = sum(1 for job in jobs if job[2] is not None)
-    print(f"synth {args.size}x{args.size}, 1 core, {len(jobs)} images ({anomalous} anomalous, {len(plan.families)} families)")
+    print(
+        f"synth {args.size}x{args.size}, 1 core, {len(jobs)} images ({anomalous} anomalous, {len(plan.families)} families)"
+    )
     print(f"  in memory (image + exact mask):   {in_memory:6.1f} images/s")
-    print(f"  write_dataset (PNG + metadata):   {to_disk:6.1f} images/s   target >= {TARGET:.0f}: {'ok' if to_disk >= TARGET else 'BELOW'}")
+    print(
+        f"  write_dataset (PNG + metadata):   {to_disk:6.1f} images/s   target >= {TARGET:.0f}: {'ok' if to_disk >= TARGET else 'BELOW'}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def llm_config(vocab: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
 
 
 def batches(vocab: int, n: int, batch: int, seq: int):
@@ -87,9 +95,20 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
     vocab = 16000
     rows = torch.cat(batches(vocab, steps + 2, batch, seq))
     data = TokenData(list(rows))
-    args = TrainingArguments(output_dir=f"/tmp/bench_train_{kind}", max_steps=steps + 2, per_device_train_batch_size=batch,
-                             learning_rate=1e-4, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
-                             disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True, seed=0)
+    args = TrainingArguments(
+        output_dir=f"/tmp/bench_train_{kind}",
+        max_steps=steps + 2,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-4,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        seed=0,
+    )
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -99,7 +118,9 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
             self.times.append(time.perf_counter())
 
     clock = Clock()
-    if profiled:  # allocated-bytes peak, as torch.cuda.max_memory_allocated would give: the profiler sees every allocation
+    if (
+        profiled
+    ):  # allocated-bytes peak, as torch.cuda.max_memory_allocated would give: the profiler sees every allocation
         from torch.profiler import ProfilerActivity, profile
 
         steps = 2
@@ -120,8 +141,17 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
         from train.trainer import ReliableTrainer
 
         config = AnomalyAssistantConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
-            text_config=llm_config(vocab), image_token_index=3, vision_feature_select_strategy="default",
+            vision_config=CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            text_config=llm_config(vocab),
+            image_token_index=3,
+            vision_feature_select_strategy="default",
         )
         model = AnomalyAssistantModel(config)
         model.chunked_loss = not stock_loss
@@ -130,13 +160,27 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
         if kind == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj)",
-                                                     modules_to_save=["multi_modal_projector"]))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=16,
+                    lora_alpha=32,
+                    target_modules=r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj)",
+                    modules_to_save=["multi_modal_projector"],
+                ),
+            )
         if checkpointing:
             base = model.get_base_model() if kind == "lora" else model
             train.trainer.enable_checkpointing(base.language_model)
-        trainer = ReliableTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[clock],
-                                  run_config=TrainConfig(), commit=None)
+        trainer = ReliableTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=collate,
+            callbacks=[clock],
+            run_config=TrainConfig(),
+            commit=None,
+        )
     trainer.train()
     if profiled:
         profiler.__exit__(None, None, None)
@@ -148,12 +192,17 @@ def worker(kind: str, steps: int, batch: int, seq: int, stock_loss: bool = False
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if profiled:
         return {"kind": kind + ("+gc" if checkpointing else "") + "+mem", "allocated_peak_mib": allocated_peak_mib}
-    return {"kind": kind + ("+gc" if checkpointing else ""), "tokens_per_s": steps * batch * seq / seconds, "peak_rss_mib": peak_rss_mib,
-            # what building and training the model added on top of the runtime: the memory a method decides
-            "training_mib": peak_rss_mib - rss_before_mib,
-            "params": total, "trainable": trainable,
-            # weights + gradients + AdamW's two moments, fp32: the part of memory the training method decides
-            "state_mib": (total * 4 + trainable * 12) / 2**20}
+    return {
+        "kind": kind + ("+gc" if checkpointing else ""),
+        "tokens_per_s": steps * batch * seq / seconds,
+        "peak_rss_mib": peak_rss_mib,
+        # what building and training the model added on top of the runtime: the memory a method decides
+        "training_mib": peak_rss_mib - rss_before_mib,
+        "params": total,
+        "trainable": trainable,
+        # weights + gradients + AdamW's two moments, fp32: the part of memory the training method decides
+        "state_mib": (total * 4 + trainable * 12) / 2**20,
+    }
 
 
 def peak_allocated(profiler) -> int:
@@ -172,8 +221,25 @@ def peak_allocated(profiler) -> int:
 
 def run_worker(kind: str, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)] + (["--stock-loss"] if args.stock_loss else []),
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
+        + (["--stock-loss"] if args.stock_loss else []),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     if done.returncode != 0 or not line:
         sys.exit(f"{kind} failed:\n{done.stderr[-3000:]}")
@@ -182,11 +248,17 @@ def run_worker(kind: str, args) -> dict:
 
 def show(r: dict) -> None:
     if "allocated_peak_mib" in r:
-        print(f"{r['kind']:10s} peak allocated tensors {r['allocated_peak_mib']:7.0f} MiB (profiler memory timeline)", flush=True)
+        print(
+            f"{r['kind']:10s} peak allocated tensors {r['allocated_peak_mib']:7.0f} MiB (profiler memory timeline)",
+            flush=True,
+        )
         return
-    print(f"{r['kind']:10s} params {r['params'] / 1e6:6.1f}M  trainable {r['trainable'] / 1e6:6.2f}M  "
-          f"{r['tokens_per_s']:8.0f} tokens/s  peak RSS {r['peak_rss_mib']:7.0f} MiB (training {r['training_mib']:6.0f} MiB)  "
-          f"param+grad+optim {r['state_mib']:6.0f} MiB", flush=True)
+    print(
+        f"{r['kind']:10s} params {r['params'] / 1e6:6.1f}M  trainable {r['trainable'] / 1e6:6.2f}M  "
+        f"{r['tokens_per_s']:8.0f} tokens/s  peak RSS {r['peak_rss_mib']:7.0f} MiB (training {r['training_mib']:6.0f} MiB)  "
+        f"param+grad+optim {r['state_mib']:6.0f} MiB",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -195,7 +267,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the best is kept")
-    parser.add_argument("--stock-loss", action="store_true", help="this project's model with transformers' loss (no assistant.loss)")
+    parser.add_argument(
+        "--stock-loss", action="store_true", help="this project's model with transformers' loss (no assistant.loss)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -212,14 +286,22 @@ def main() -> None:
         results[kind] = run_worker(kind, args)
         show(results[kind])
     base = results["baseline"]
-    print(f"full / baseline throughput: {results['full']['tokens_per_s'] / base['tokens_per_s']:.3f}  (target >= 0.95; best of {args.repeats})")
+    print(
+        f"full / baseline throughput: {results['full']['tokens_per_s'] / base['tokens_per_s']:.3f}  (target >= 0.95; best of {args.repeats})"
+    )
     print(f"lora / baseline throughput: {results['lora']['tokens_per_s'] / base['tokens_per_s']:.3f}")
     allocated = lambda kind: results[kind]["allocated_peak_mib"]  # noqa: E731
-    print(f"lora / full peak allocated tensor bytes: {allocated('lora+mem') / allocated('full+mem'):.3f}  (target <= 0.6); "
-          f"with gradient checkpointing in both: {allocated('lora+gc+mem') / allocated('full+gc+mem'):.3f}")
-    print(f"lora / full peak RSS above the runtime: {results['lora']['training_mib'] / results['full']['training_mib']:.3f}; "
-          f"with gradient checkpointing in both: {results['lora+gc']['training_mib'] / results['full+gc']['training_mib']:.3f}")
-    print(f"lora / full whole-process peak RSS: {results['lora']['peak_rss_mib'] / results['full']['peak_rss_mib']:.3f}")
+    print(
+        f"lora / full peak allocated tensor bytes: {allocated('lora+mem') / allocated('full+mem'):.3f}  (target <= 0.6); "
+        f"with gradient checkpointing in both: {allocated('lora+gc+mem') / allocated('full+gc+mem'):.3f}"
+    )
+    print(
+        f"lora / full peak RSS above the runtime: {results['lora']['training_mib'] / results['full']['training_mib']:.3f}; "
+        f"with gradient checkpointing in both: {results['lora+gc']['training_mib'] / results['full+gc']['training_mib']:.3f}"
+    )
+    print(
+        f"lora / full whole-process peak RSS: {results['lora']['peak_rss_mib'] / results['full']['peak_rss_mib']:.3f}"
+    )
     print(f"lora / full param+grad+optimizer bytes: {results['lora']['state_mib'] / results['full']['state_mib']:.3f}")
 
 

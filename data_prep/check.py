@@ -30,11 +30,17 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         if (path / DEFAULT_CSV).is_file():
             return "visa"
-        if (path / "train").is_dir() or (path / "test").is_dir() or any(
-            (child / "train").is_dir() or (child / "test").is_dir() for child in path.iterdir() if child.is_dir()
+        if (
+            (path / "train").is_dir()
+            or (path / "test").is_dir()
+            or any(
+                (child / "train").is_dir() or (child / "test").is_dir() for child in path.iterdir() if child.is_dir()
+            )
         ):
             return "mvtec"
-        raise UnknownFormat(f"{path}: a folder that is neither MVTec layout (<class>/train, <class>/test) nor a VisA root ({DEFAULT_CSV})")
+        raise UnknownFormat(
+            f"{path}: a folder that is neither MVTec layout (<class>/train, <class>/test) nor a VisA root ({DEFAULT_CSV})"
+        )
     if path.suffix.lower() == ".csv":
         return "visa"
     if path.suffix.lower() == ".json":
@@ -60,7 +66,9 @@ def _json_format(path: Path) -> str:
             return "visa_dr_detection"
     if path.name in _BY_NAME:
         return _BY_NAME[path.name]
-    raise UnknownFormat(f"{path}: JSON with neither 'conversations' (LLaVA), 'questions' (visa_dr.json) nor 'anomaly' (test_data.json) records")
+    raise UnknownFormat(
+        f"{path}: JSON with neither 'conversations' (LLaVA), 'questions' (visa_dr.json) nor 'anomaly' (test_data.json) records"
+    )
 
 
 def read_any(path: str | Path, full_check: bool = True) -> tuple[str, ReadResult]:

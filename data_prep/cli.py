@@ -44,13 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
     synth.add_argument("--families", help="comma-separated procedural families (default: all)")
     synth.add_argument("--defects", help="comma-separated defect types (default: all)")
-    synth.add_argument("--anomaly-ratio", type=float, default=0.5, help="fraction of images that are anomalous test images")
+    synth.add_argument(
+        "--anomaly-ratio", type=float, default=0.5, help="fraction of images that are anomalous test images"
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace the family folders and metadata in --out")
-    synth.add_argument("--workers", type=int, default=default_workers(),
-                       help="processes that generate (default: one per core; the output does not depend on it)")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="processes that generate (default: one per core; the output does not depend on it)",
+    )
 
-    instruct = commands.add_parser("instruct", help="write LLaVA instruction conversations from an (image, mask) source")
-    instruct.add_argument("--source", required=True, type=Path, help="MVTec-layout folder (e.g. synth output) or VisA root")
+    instruct = commands.add_parser(
+        "instruct", help="write LLaVA instruction conversations from an (image, mask) source"
+    )
+    instruct.add_argument(
+        "--source", required=True, type=Path, help="MVTec-layout folder (e.g. synth output) or VisA root"
+    )
     instruct.add_argument("--out", required=True, type=Path, help="output JSON file")
     instruct.add_argument("--seed", type=int, default=0)
     instruct.add_argument("--overwrite", action="store_true", help="replace an existing output file")

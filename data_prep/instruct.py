@@ -54,7 +54,7 @@ def _bare(noun_phrase: str) -> str:
     """ "a thin scratch" → "thin scratch" (for "the {size} {kind_noun}")."""
     for article in ("a ", "an "):
         if noun_phrase.startswith(article):
-            return noun_phrase[len(article):]
+            return noun_phrase[len(article) :]
     return noun_phrase
 
 
@@ -74,8 +74,12 @@ def conversation(record: Record, rng: random.Random, mask: np.ndarray | None = N
         kind = pb.KINDS[pb.defect_kind(record.defect_type)]
         where, size = location_words(mask), relative_size(mask)
         slots.update(
-            what=rng.choice(kind.names), where=where, size=size, percent=f"{max(mask.mean() * 100, 0.1):.1f}%",
-            look=rng.choice(kind.looks), kind_noun=_bare(rng.choice(kind.names)),
+            what=rng.choice(kind.names),
+            where=where,
+            size=size,
+            percent=f"{max(mask.mean() * 100, 0.1):.1f}%",
+            look=rng.choice(kind.looks),
+            kind_noun=_bare(rng.choice(kind.names)),
         )
         slots["What"] = _capitalize(slots["what"])
         fields.update(location=where, size=size, severity=_severity(size, kind))
@@ -146,15 +150,17 @@ def build_instructions(source: ReadResult, image_base: str | Path, seed: int = 0
                 continue
         turns, fields = conversation(record, rng, mask)
         accounting.n_seen += 1
-        out.append({
-            "id": record_id,
-            "image": image,
-            "conversations": turns,
-            **fields,
-            "mask": _relative(record.mask, base),
-            "category": record.category,
-            "split": record.split,
-        })
+        out.append(
+            {
+                "id": record_id,
+                "image": image,
+                "conversations": turns,
+                **fields,
+                "mask": _relative(record.mask, base),
+                "category": record.category,
+                "split": record.split,
+            }
+        )
     accounting.n_seen += source.n_seen - len(source.records)
     return out, accounting
 

@@ -84,7 +84,7 @@ class ReadResult:
         """The problems that each stand for one dropped entry."""
         return [p for p in self.problems if p.record is not None]
 
-    def extend(self, other: "ReadResult") -> None:
+    def extend(self, other: ReadResult) -> None:
         """Merge another result into this one."""
         self.records.extend(other.records)
         self.problems.extend(other.problems)

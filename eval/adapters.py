@@ -46,7 +46,12 @@ class ModelAdapter:
     def ask(self, sample, question: str) -> dict:
         """One question: ``{"response", "verdict", "score", "anomaly_map"}`` (verdict/score None without an expert)."""
         report = self.assistant.analyze(sample.image, question, max_new_tokens=self.max_new_tokens)
-        return {"response": report.answer, "verdict": report.pred_label, "score": report.pred_score, "anomaly_map": report.anomaly_map}
+        return {
+            "response": report.answer,
+            "verdict": report.pred_label,
+            "score": report.pred_score,
+            "anomaly_map": report.anomaly_map,
+        }
 
     @property
     def has_expert(self) -> bool:
@@ -76,7 +81,9 @@ class ModelAdapter:
         answers = []
         for question in questions:
             messages.append({"role": "user", "content": question})
-            answer = self.assistant.chat(messages, sample.image, stream=False, max_new_tokens=self.max_new_tokens).strip()
+            answer = self.assistant.chat(
+                messages, sample.image, stream=False, max_new_tokens=self.max_new_tokens
+            ).strip()
             messages.append({"role": "assistant", "content": answer})
             answers.append(answer)
         return answers
@@ -103,7 +110,9 @@ class PredictionsAdapter:
     def _response(self, sample):
         if self._by_index is not None:
             if sample.index >= len(self._by_index):
-                raise AdapterError(f"'{self.path}' holds {len(self._by_index)} responses; none for entry {sample.index} ({sample.key})")
+                raise AdapterError(
+                    f"'{self.path}' holds {len(self._by_index)} responses; none for entry {sample.index} ({sample.key})"
+                )
             return self._by_index[sample.index]
         for key in (sample.key, sample.image):
             if key in self._by_image:
@@ -144,7 +153,9 @@ class PredictionsAdapter:
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise AdapterError(f"'{self.path}': the responses for '{sample.key}' must be a string or a list of strings")
         if len(answers) != len(questions):
-            raise AdapterError(f"'{self.path}': {len(answers)} responses for the {len(questions)} questions of '{sample.key}'")
+            raise AdapterError(
+                f"'{self.path}': {len(answers)} responses for the {len(questions)} questions of '{sample.key}'"
+            )
         return answers
 
     def detect(self, sample) -> dict:
@@ -176,7 +187,7 @@ def _read_predictions_file(path: Path) -> tuple[list | None, dict | None]:
         except json.JSONDecodeError as error:
             raise AdapterError(f"'{path}' line {number}: bad JSON ({error.msg})") from error
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or "response" not in obj:
-            raise AdapterError(f"'{path}' line {number}: expected {{\"image\": ..., \"response\": ...}}")
+            raise AdapterError(f'\'{path}\' line {number}: expected {{"image": ..., "response": ...}}')
         if "question" in obj:  # one line per question: gathered by image, keyed by question index
             question = obj["question"]
             if not isinstance(question, int) or isinstance(question, bool) or question < 0:

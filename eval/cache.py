@@ -68,7 +68,11 @@ def claim(out: Path, manifest: dict) -> None:
             raise RunFolderError(
                 f"--out '{out}' holds a run with {key} {existing.get(key, default)!r}, not {manifest.get(key, default)!r}; choose another folder"
             )
-    if existing.get("model_fingerprint") and manifest.get("model_fingerprint") and existing["model_fingerprint"] != manifest["model_fingerprint"]:
+    if (
+        existing.get("model_fingerprint")
+        and manifest.get("model_fingerprint")
+        and existing["model_fingerprint"] != manifest["model_fingerprint"]
+    ):
         raise RunFolderError(
             f"the model at {manifest.get('model')!r} changed since --out '{out}' cached its predictions (weights or config differ); "
             "choose another folder"
@@ -90,7 +94,13 @@ def model_fingerprint(folder: Path, chunk: int = 1 << 20) -> str:
                 for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
                     handle.seek(offset)
                     digest.update(handle.read(chunk))
-        elif path.name in ("config.json", "calibration.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        elif path.name in (
+            "config.json",
+            "calibration.json",
+            "generation_config.json",
+            "preprocessor_config.json",
+            "chat_template.jinja",
+        ):
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -165,7 +175,7 @@ class PredictionWriter:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "PredictionWriter":
+    def __enter__(self) -> PredictionWriter:
         return self
 
     def __exit__(self, *exc) -> None:

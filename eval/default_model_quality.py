@@ -47,7 +47,7 @@ _DEFECT = re.compile(
 
 
 def answer_claim(answer: str) -> str:
-    """"anomalous", "normal" or "unclear": what the answer text claims about the image."""
+    """ "anomalous", "normal" or "unclear": what the answer text claims about the image."""
     text = answer.strip().lower()
     defect, normal = bool(_DEFECT.search(text)), bool(_NORMAL.search(text))
     if defect != normal:
@@ -105,21 +105,39 @@ def row_metrics(items: list[dict]) -> dict:
         "false_alarms": _rate([it["pred_label"] for it in items if not it["label"]]),
         "verdict_accuracy_best_threshold": best_threshold_accuracy(labels, scores) if len(items) else float("nan"),
         "location_accuracy": _rate([it["location"] == it["gt_location"] for it in anomalous]),
-        "location_accuracy_detected": _rate([it["location"] == it["gt_location"] for it in anomalous if it["pred_label"]]),
+        "location_accuracy_detected": _rate(
+            [it["location"] == it["gt_location"] for it in anomalous if it["pred_label"]]
+        ),
         "text_n": len(texts),
-        "text_agrees_with_verdict": _rate([it["claim"] == ("anomalous" if it["pred_label"] else "normal") for it in texts]),
+        "text_agrees_with_verdict": _rate(
+            [it["claim"] == ("anomalous" if it["pred_label"] else "normal") for it in texts]
+        ),
         "text_names_location": _rate([it["location"] in it["answer"].lower() for it in located]),
     }
 
 
 def _fmt(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}" if isinstance(value, float) else str(value)
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and np.isnan(value))
+        else f"{value:.3f}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    columns = [("n", "images"), ("image_AUROC", "image AUROC"), ("pixel_AUROC", "pixel AUROC"),
-               ("verdict_accuracy", "verdict acc."), ("false_alarms", "false alarms"), ("location_accuracy", "location acc."),
-               ("text_agrees_with_verdict", "text = verdict"), ("text_names_location", "text names location"), ("text_n", "texts")]
+    columns = [
+        ("n", "images"),
+        ("image_AUROC", "image AUROC"),
+        ("pixel_AUROC", "pixel AUROC"),
+        ("verdict_accuracy", "verdict acc."),
+        ("false_alarms", "false alarms"),
+        ("location_accuracy", "location acc."),
+        ("text_agrees_with_verdict", "text = verdict"),
+        ("text_names_location", "text names location"),
+        ("text_n", "texts"),
+    ]
     lines = ["| set | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[key]) for key, _ in columns) + " |")
@@ -140,8 +158,17 @@ def row_name(family: str, unseen: list[str]) -> str:
     return f"{'unseen' if family in unseen else 'seen'} {'real surfaces' if family in PHOTOS else 'synthetic families'}"
 
 
-def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: int, size: int, text_n: int, shots: int = 0,
-             zero_shot: str = "single") -> dict:
+def evaluate(
+    assistant,
+    families: list[str],
+    unseen: list[str],
+    n: int,
+    seed: int,
+    size: int,
+    text_n: int,
+    shots: int = 0,
+    zero_shot: str = "single",
+) -> dict:
     from assistant.localize import location_words
 
     items: list[dict] = []
@@ -158,8 +185,15 @@ def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: in
         refs = references.get(family)
         report = folder_reports[index] if folder_reports else assistant.detect(image, references=refs)
         item = {
-            "family": family, "label": label, "defect": defect or "normal", "mask": mask, "map": report.anomaly_map, "score": report.pred_score,
-            "pred_label": bool(report.pred_label), "location": report.location, "gt_location": location_words(mask),
+            "family": family,
+            "label": label,
+            "defect": defect or "normal",
+            "mask": mask,
+            "map": report.anomaly_map,
+            "score": report.pred_score,
+            "pred_label": bool(report.pred_label),
+            "location": report.location,
+            "gt_location": location_words(mask),
         }
         group = (row_name(family, unseen), label)
         if text_budget.get(group, 0) < text_n / 2:  # half normal, half anomalous images per row
@@ -173,8 +207,11 @@ def evaluate(assistant, families: list[str], unseen: list[str], n: int, seed: in
         if members:
             rows[f"{name} ({', '.join(members)})"] = row_metrics([it for it in items if it["family"] in members])
     rows["all"] = row_metrics(items)
-    examples = [{k: it[k] for k in ("family", "label", "pred_label", "score", "location", "gt_location", "answer", "claim")}
-                for it in items if "answer" in it]
+    examples = [
+        {k: it[k] for k in ("family", "label", "pred_label", "score", "location", "gt_location", "answer", "claim")}
+        for it in items
+        if "answer" in it
+    ]
     return {"rows": rows, "by_defect": by_defect(items, unseen), "examples": examples}
 
 
@@ -193,13 +230,19 @@ def by_defect(items: list[dict], unseen: list[str]) -> dict[str, dict[str, dict]
 
 def defect_table(table: dict[str, dict[str, dict]]) -> str:
     groups = [g for g in ("seen", "unseen") if any(g in cells for cells in table.values())]
-    lines = ["| truth | " + " | ".join(f"{g}: verdict right | {g}: location right" for g in groups) + " |",
-             "|---" * (1 + 2 * len(groups)) + "|"]
+    lines = [
+        "| truth | " + " | ".join(f"{g}: verdict right | {g}: location right" for g in groups) + " |",
+        "|---" * (1 + 2 * len(groups)) + "|",
+    ]
     for truth, cells in table.items():
         parts = []
         for g in groups:
             c = cells.get(g)
-            parts += ["–", "–"] if c is None else [f"{c['verdict_right']}/{c['n']}", "–" if truth == "normal" else f"{c['location_right']}/{c['n']}"]
+            parts += (
+                ["–", "–"]
+                if c is None
+                else [f"{c['verdict_right']}/{c['n']}", "–" if truth == "normal" else f"{c['location_right']}/{c['n']}"]
+            )
         lines.append(f"| {truth} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
@@ -208,8 +251,12 @@ def sample_conversation(assistant, seed: int, size: int, family: str = "wood") -
     """A multi-turn chat about one held-out anomalous image: verdict, then describe / severity / cause."""
     _, image, _, _, _ = next(s for s in held_out_samples([family], 2, seed, size) if s[3])
     messages, turns = [], []
-    for question in ("Is there any anomaly in this image? If so, where is it and what does it look like?",
-                     "Describe the defect.", "How severe is it?", "What is the likely cause?"):
+    for question in (
+        "Is there any anomaly in this image? If so, where is it and what does it look like?",
+        "Describe the defect.",
+        "How severe is it?",
+        "What is the likely cause?",
+    ):
         messages.append({"role": "user", "content": question})
         answer = assistant.chat(messages, image, stream=False, max_new_tokens=64).strip()
         messages.append({"role": "assistant", "content": answer})
@@ -220,15 +267,30 @@ def sample_conversation(assistant, seed: int, size: int, family: str = "wood") -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.default_model_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="checkpoint folder or 'default' (the embedded model)")
-    parser.add_argument("--n", type=int, default=100, help="images per family (half anomalous; at 100 the image AUROC still moves by up to 0.03 between seeds)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=100,
+        help="images per family (half anomalous; at 100 the image AUROC still moves by up to 0.03 between seeds)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="generator seed (training used 0)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--families", nargs="+", default=None, help="families to draw (default: all)")
-    parser.add_argument("--unseen", nargs="+", default=None, help="families to report as unseen (default: those not in training)")
-    parser.add_argument("--text-n", type=int, default=20, help="answers generated per row (half normal, half anomalous)")
-    parser.add_argument("--shots", type=int, default=0, help="normal reference images per family (few-shot mode; default 0: zero-shot)")
-    parser.add_argument("--zero-shot", choices=["single", "batch"], default="single",
-                        help="without --shots: each image on its own, or each family's images against each other")
+    parser.add_argument(
+        "--unseen", nargs="+", default=None, help="families to report as unseen (default: those not in training)"
+    )
+    parser.add_argument(
+        "--text-n", type=int, default=20, help="answers generated per row (half normal, half anomalous)"
+    )
+    parser.add_argument(
+        "--shots", type=int, default=0, help="normal reference images per family (few-shot mode; default 0: zero-shot)"
+    )
+    parser.add_argument(
+        "--zero-shot",
+        choices=["single", "batch"],
+        default="single",
+        help="without --shots: each image on its own, or each family's images against each other",
+    )
     parser.add_argument("--out", default=None, help="write the metrics and sample answers as JSON here")
     args = parser.parse_args(argv)
 
@@ -254,23 +316,40 @@ def main(argv: list[str] | None = None) -> int:
     except (checkpoint.ModelLoadError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    unseen = args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
-    result = evaluate(assistant, families, unseen, args.n, args.seed, args.size, args.text_n, args.shots, args.zero_shot)
+    unseen = (
+        args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
+    )
+    result = evaluate(
+        assistant, families, unseen, args.n, args.seed, args.size, args.text_n, args.shots, args.zero_shot
+    )
     result["conversation"] = sample_conversation(assistant, args.seed, args.size)
     command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)
-    mode = f"{args.shots}-shot: {args.shots} normal references per family" if args.shots else f"zero-shot, {args.zero_shot}"
-    print(f"`{command.strip()}`  (model: {args.model}; {mode}; location rule: exact words of location_words(gt_mask))\n")
+    mode = (
+        f"{args.shots}-shot: {args.shots} normal references per family"
+        if args.shots
+        else f"zero-shot, {args.zero_shot}"
+    )
+    print(
+        f"`{command.strip()}`  (model: {args.model}; {mode}; location rule: exact words of location_words(gt_mask))\n"
+    )
     print(markdown_table(result["rows"]))
-    print("\nverdict accuracy at the threshold best on each row itself (an upper bound for any calibration): "
-          + ", ".join(f"{name.split(' (')[0]} {_fmt(row['verdict_accuracy_best_threshold'])}" for name, row in result["rows"].items()))
+    print(
+        "\nverdict accuracy at the threshold best on each row itself (an upper bound for any calibration): "
+        + ", ".join(
+            f"{name.split(' (')[0]} {_fmt(row['verdict_accuracy_best_threshold'])}"
+            for name, row in result["rows"].items()
+        )
+    )
     print("\nby truth (normal, or the defect type):\n")
     print(defect_table(result["by_defect"]))
     print("\nsample answers:")
     shown = [e for e in result["examples"] if not e["label"]][:3] + [e for e in result["examples"] if e["label"]][:3]
     for example in shown:
         truth = "anomalous" if example["label"] else "normal"
-        print(f"  [{example['family']}, truth {truth}, verdict {'anomalous' if example['pred_label'] else 'normal'}, "
-              f"location {example['location'] or '-'}] {example['answer']}")
+        print(
+            f"  [{example['family']}, truth {truth}, verdict {'anomalous' if example['pred_label'] else 'normal'}, "
+            f"location {example['location'] or '-'}] {example['answer']}"
+        )
     print("\nsample conversation (held-out wood image):")
     for turn in result["conversation"]:
         print(f"  Q: {turn['question']}\n  A: {turn['answer']}")

@@ -85,7 +85,11 @@ def _task_options(out: Path, options: dict) -> dict:
     if options.get("judge_model"):
         from .text_metrics import LLMJudge
 
-        judge = LLMJudge(options["judge_model"], base_url=options.get("judge_base_url"), api_key_env=options.get("judge_api_key_env", "OPENAI_API_KEY"))
+        judge = LLMJudge(
+            options["judge_model"],
+            base_url=options.get("judge_base_url"),
+            api_key_env=options.get("judge_api_key_env", "OPENAI_API_KEY"),
+        )
     return {
         "similarity": options.get("similarity", True),
         "judge": judge,
@@ -178,7 +182,12 @@ def markdown(results: dict) -> str:
     lines.append(f"{results['n_scored']} samples scored ({state}).")
     lines.append("")
     summary = {k: v for k, v in results["summary"].items()}
-    lines += ["| " + " | ".join(summary) + " |", "|" + " --- |" * len(summary), "| " + " | ".join(_cell(v) for v in summary.values()) + " |", ""]
+    lines += [
+        "| " + " | ".join(summary) + " |",
+        "|" + " --- |" * len(summary),
+        "| " + " | ".join(_cell(v) for v in summary.values()) + " |",
+        "",
+    ]
     rows = results["per_class"]
     if rows:
         columns = list(rows[0])

@@ -33,35 +33,53 @@ from .tasks import TASKS
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description="Evaluate a model on a task, with cached predictions.")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.run", description="Evaluate a model on a task, with cached predictions."
+    )
     p.add_argument("task", choices=sorted(TASKS))
-    p.add_argument("--data", required=True, help="the benchmark: VisA-D&R JSON (or its data folder), MVTec-layout folder, VisA root or CSV")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the benchmark: VisA-D&R JSON (or its data folder), MVTec-layout folder, VisA root or CSV",
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint folder or hub id (this project's, or a plain LLaVA-OneVision one)")
-    source.add_argument("--predictions", help="answers made elsewhere: the published script's JSON list, or JSONL of {image, response}")
+    source.add_argument(
+        "--predictions", help="answers made elsewhere: the published script's JSON list, or JSONL of {image, response}"
+    )
     p.add_argument("--out", required=True, help="the run's folder: cache, results, overlays")
     p.add_argument("--mode", choices=["all", "infer", "eval"], default="all")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    p.add_argument("--shard", default=None, metavar="I/N", help="do shard I of N (default: RANK/WORLD_SIZE when set, else 0/1)")
+    p.add_argument(
+        "--shard", default=None, metavar="I/N", help="do shard I of N (default: RANK/WORLD_SIZE when set, else 0/1)"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--map-size", type=int, default=256, help="longest side of the anomaly maps kept in the cache")
     p.add_argument(
-        "--shots", type=int, default=None,
+        "--shots",
+        type=int,
+        default=None,
         help="ad: K normal training images per class as references (default 0); mmad: templates per query (default 1)",
     )
     p.add_argument("--shot-seed", type=int, default=0, help="ad: which K normal images are drawn")
     p.add_argument("--similar-template", action="store_true", help="mmad: the similar templates, not the random ones")
     add_scoring_arguments(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # torch.distributed.launch
     return p
 
 
 def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-similarity", action="store_true", help="skip the sentence-embedding similarity (reasoning)")
-    p.add_argument("--judge-model", default=None, help="LLM-as-judge model name (reasoning; OpenAI-compatible endpoint)")
+    p.add_argument(
+        "--judge-model", default=None, help="LLM-as-judge model name (reasoning; OpenAI-compatible endpoint)"
+    )
     p.add_argument("--judge-base-url", default=None, help="the judge endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    p.add_argument(
+        "--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key"
+    )
     p.add_argument("--worst", type=int, default=4, help="overlays of this many worst normals and worst anomalies")
 
 
@@ -202,7 +220,10 @@ def run(args) -> int:
     cached = cache.read_predictions(out)
     missing = sum(s.key not in cached for s in samples)
     if missing:
-        print(f"{missing} samples are not done yet (other shards); score them all with: python -m eval.report {out}", file=sys.stderr)
+        print(
+            f"{missing} samples are not done yet (other shards); score them all with: python -m eval.report {out}",
+            file=sys.stderr,
+        )
         return 0
     return report.report(out, scoring_options(args))
 

@@ -212,7 +212,9 @@ class LLMJudge:
                 raise ImportError("LLMJudge needs the `openai` package: pip install openai") from err
             api_key = os.environ.get(self.api_key_env)
             if not api_key:
-                raise ValueError(f"set ${self.api_key_env} to the judge endpoint's API key (any value for a keyless local server)")
+                raise ValueError(
+                    f"set ${self.api_key_env} to the judge endpoint's API key (any value for a keyless local server)"
+                )
             self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key)
         return self._client
 

@@ -34,8 +34,10 @@ def llava_ov(tmp_path_factory):
 
 def strict_json(text: str):
     """Parse JSON the way jq or a browser would: NaN and Infinity are not JSON."""
+
     def reject(constant):
         raise AssertionError(f"non-standard JSON constant {constant} written")
+
     return json.loads(text, parse_constant=reject)
 
 

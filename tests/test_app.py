@@ -82,7 +82,9 @@ def _png(tmp_path, name, height=48, width=64, seed=0) -> Path:
 def _analyze(client, path, question="Is there a defect?", references=()):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(path)), question, [handle_file(str(r)) for r in references], api_name="/analyze")
+    return client.predict(
+        handle_file(str(path)), question, [handle_file(str(r)) for r in references], api_name="/analyze"
+    )
 
 
 def _assert_serving(client, tmp_path, assistant):
@@ -162,7 +164,9 @@ def test_an_oversize_upload_is_refused_by_the_server(server, client, assistant, 
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # gradio_client checks first
         _analyze(client, big)
     with big.open("rb") as stream:  # a client that does not check is refused by the server itself
-        response = httpx.post(server + "gradio_api/upload", files={"files": ("big.png", stream, "image/png")}, timeout=60)
+        response = httpx.post(
+            server + "gradio_api/upload", files={"files": ("big.png", stream, "image/png")}, timeout=60
+        )
     assert response.status_code == 413
     _assert_serving(client, tmp_path, assistant)
 
@@ -191,7 +195,10 @@ def _file(path):
 
 @pytest.mark.parametrize(
     "reference",
-    [_file("https://example.com/part.png"), {**_file("data:image/png;base64,iVBORw0KGgo="), "url": "data:image/png;base64,iVBORw0KGgo="}],
+    [
+        _file("https://example.com/part.png"),
+        {**_file("data:image/png;base64,iVBORw0KGgo="), "url": "data:image/png;base64,iVBORw0KGgo="},
+    ],
     ids=["url", "data-url"],
 )
 def test_urls_are_refused_before_anything_is_fetched(server, client, assistant, tmp_path, reference):
@@ -241,7 +248,11 @@ def test_chat_keeps_each_sessions_conversation_and_image_apart(server, assistant
     chat_3, report_3 = ask(first, "Where exactly?", wood)
 
     # each session's own turns, nothing from the other; the follow-up answer continues the first chat
-    turns = [{"role": "user", "content": "Is the wood damaged?"}, {"role": "assistant", "content": chat_1[1][1]}, {"role": "user", "content": "Where exactly?"}]
+    turns = [
+        {"role": "user", "content": "Is the wood damaged?"},
+        {"role": "assistant", "content": chat_1[1][1]},
+        {"role": "user", "content": "Where exactly?"},
+    ]
     follow_up = assistant.chat(turns, Image.open(wood), stream=False, max_new_tokens=MAX_NEW_TOKENS).strip()
     assert [text for _, text in chat_3] == ["Is the wood damaged?", chat_1[1][1], "Where exactly?", follow_up]
     assert [role for role, _ in chat_3] == ["user", "assistant", "user", "assistant"]
@@ -300,8 +311,13 @@ def test_bad_model_is_one_line_and_exit_2_before_gradio_loads(tmp_path):
     # with no --model the shipped default model loads and the app serves, so bad models are named explicitly
     code = "import sys; sys.path.insert(0, sys.argv[1]); import app; rc = app.main(sys.argv[2:]); print(rc, 'gradio' in sys.modules)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for argv, expected in (([ "--model", str(ROOT / "no-such-checkpoint")], "no-such-checkpoint"), (["--model", str(tmp_path)], "config.json")):
-        result = subprocess.run([sys.executable, "-c", code, str(ROOT), *argv], capture_output=True, text=True, timeout=120, env=env)
+    for argv, expected in (
+        (["--model", str(ROOT / "no-such-checkpoint")], "no-such-checkpoint"),
+        (["--model", str(tmp_path)], "config.json"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(ROOT), *argv], capture_output=True, text=True, timeout=120, env=env
+        )
         assert result.stdout.split() == ["2", "False"], result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], result.stderr
@@ -316,7 +332,13 @@ def test_settings_default_to_loopback_and_refuse_bad_values():
     assert settings.auth == ("me", "pa:ss") and settings.max_upload_bytes == 2 * 1024 * 1024
     _, settings = app.parse_settings([], environ={app.AUTH_ENV: "env:pw"})
     assert settings.auth == ("env", "pw")
-    for argv in (["--auth", "nopassword"], ["--auth", ":pw"], ["--concurrency", "0"], ["--queue-size", "0"], ["--max-upload-mb", "0"]):
+    for argv in (
+        ["--auth", "nopassword"],
+        ["--auth", ":pw"],
+        ["--concurrency", "0"],
+        ["--queue-size", "0"],
+        ["--max-upload-mb", "0"],
+    ):
         with pytest.raises(app.UsageError):
             app.parse_settings(argv, environ={})
 

@@ -27,7 +27,8 @@ CHROMIUM_ARGS = [
 WAIT_MS = 60_000
 
 pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}: apt-get install -y --no-install-recommends chromium"
+    not Path(CHROMIUM).is_file(),
+    reason=f"no Chromium at {CHROMIUM}: apt-get install -y --no-install-recommends chromium",
 )
 
 
@@ -39,7 +40,9 @@ def assistant(clip_llama):
 
 
 def _bot_answers(page) -> list[str]:
-    labels = page.locator('#chatbot [data-testid="bot"]').evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    labels = page.locator('#chatbot [data-testid="bot"]').evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-label'))"
+    )
     return [label.removeprefix("bot's message: ") for label in labels]
 
 
@@ -57,7 +60,9 @@ def _wait_for_answers(page, answers: list[str]) -> None:
 
 def _wait_for_verdict(page, score: float) -> None:
     page.wait_for_function(
-        "text => (document.querySelector('#verdict')?.innerText || '').includes(text)", arg=f"score {score:.3f}", timeout=WAIT_MS
+        "text => (document.querySelector('#verdict')?.innerText || '').includes(text)",
+        arg=f"score {score:.3f}",
+        timeout=WAIT_MS,
     )
 
 

@@ -23,8 +23,22 @@ def test_hub_id_resolves_through_the_hub_cache(clip_llama, tmp_path, image_file)
     (repo / "refs" / "main").write_text(commit)
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "assistant", "ask", str(image_file), "--model", "acme/tiny-inspector", "--json", "--max-new-tokens", "3"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "assistant",
+            "ask",
+            str(image_file),
+            "--model",
+            "acme/tiny-inspector",
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -35,17 +49,24 @@ def test_hub_id_resolves_through_the_hub_cache(clip_llama, tmp_path, image_file)
 ANOMALY_OV_SHAPES = {
     "positive_embedding": (1, 512),
     "negative_embedding": (1, 512),
-    "pooling_layer.0.weight": (1, 729), "pooling_layer.0.bias": (1,),
-    "class_predictor.0.weight": (512, 1152), "class_predictor.0.bias": (512,),
-    "class_predictor.2.weight": (512, 512), "class_predictor.2.bias": (512,),
+    "pooling_layer.0.weight": (1, 729),
+    "pooling_layer.0.bias": (1,),
+    "class_predictor.0.weight": (512, 1152),
+    "class_predictor.0.bias": (512,),
+    "class_predictor.2.weight": (512, 512),
+    "class_predictor.2.bias": (512,),
     **{f"siglip_adaptors.{i}.weight": (512, 1152) for i in range(4)},
     **{f"siglip_adaptors.{i}.bias": (512,) for i in range(4)},
     **{f"prompt_adaptors.{i}.weight": (512, 1024) for i in range(4)},
     **{f"prompt_adaptors.{i}.bias": (512,) for i in range(4)},
-    "q_former.query_proj.weight": (512, 1152), "q_former.query_proj.bias": (512,),
-    "q_former.key_proj.weight": (512, 1152), "q_former.key_proj.bias": (512,),
-    "final_predictor.0.weight": (512, 1152), "final_predictor.0.bias": (512,),
-    "final_predictor.2.weight": (1, 512), "final_predictor.2.bias": (1,),
+    "q_former.query_proj.weight": (512, 1152),
+    "q_former.query_proj.bias": (512,),
+    "q_former.key_proj.weight": (512, 1152),
+    "q_former.key_proj.bias": (512,),
+    "final_predictor.0.weight": (512, 1152),
+    "final_predictor.0.bias": (512,),
+    "final_predictor.2.weight": (1, 512),
+    "final_predictor.2.bias": (1,),
 }
 
 
@@ -64,9 +85,13 @@ def anomaly_ov_files(tmp_path_factory):
         hidden_size=1152, intermediate_size=32, num_hidden_layers=25, num_attention_heads=8, image_size=27, patch_size=1
     )
     config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text_config("qwen2", len(tokenizer)),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=processor.image_grid_pinpoints,
+        vision_config=vision,
+        text_config=text_config("qwen2", len(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=processor.image_grid_pinpoints,
     )
     torch.manual_seed(0)
     LlavaOnevisionForConditionalGeneration(config).save_pretrained(root / "base")

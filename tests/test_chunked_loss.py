@@ -46,7 +46,9 @@ def test_num_items_in_batch_divides_the_sum_and_empty_supervision_is_zero():
     hidden = torch.randn(2, 8, 16, requires_grad=True)
     head = torch.nn.Linear(16, 30, bias=False)
     labels = _labels(2, 8, 30)
-    summed = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    summed = F.cross_entropy(
+        head(hidden)[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     torch.testing.assert_close(linear_cross_entropy(hidden, head, labels, num_items_in_batch=7), summed.detach() / 7)
     nothing = linear_cross_entropy(hidden, head, torch.full((2, 8), -100))
     nothing.backward()

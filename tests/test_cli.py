@@ -14,7 +14,18 @@ from PIL import Image
 
 from assistant.cli import main
 
-KEYS = {"answer", "anomalous", "score", "threshold", "boxes", "location", "heatmap", "model", "warnings", "out_of_domain"}
+KEYS = {
+    "answer",
+    "anomalous",
+    "score",
+    "threshold",
+    "boxes",
+    "location",
+    "heatmap",
+    "model",
+    "warnings",
+    "out_of_domain",
+}
 
 
 def run(argv, capsys):
@@ -25,7 +36,20 @@ def run(argv, capsys):
 
 def test_json_output_with_heatmap(clip_llama, image_file, tmp_path, capsys):
     heatmap = tmp_path / "overlay.png"
-    code, out, err = run(["ask", str(image_file), "--model", str(clip_llama), "--json", "--heatmap", str(heatmap), "--max-new-tokens", "6"], capsys)
+    code, out, err = run(
+        [
+            "ask",
+            str(image_file),
+            "--model",
+            str(clip_llama),
+            "--json",
+            "--heatmap",
+            str(heatmap),
+            "--max-new-tokens",
+            "6",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads(out)
     assert set(report) == KEYS
@@ -75,7 +99,9 @@ def test_json_for_a_model_without_expert(llava_ov, image_file, capsys):
 
 
 def test_plain_text_output(siglip_qwen2, image_file, capsys):
-    code, out, _ = run(["ask", str(image_file), "--model", str(siglip_qwen2), "-q", "Where?", "--max-new-tokens", "4"], capsys)
+    code, out, _ = run(
+        ["ask", str(image_file), "--model", str(siglip_qwen2), "-q", "Where?", "--max-new-tokens", "4"], capsys
+    )
     assert code == 0 and out.startswith("verdict: ")
 
 
@@ -175,6 +201,8 @@ def test_odd_images_are_handled(name, make, tmp_path, clip_llama, capsys):
 def test_real_process_prints_no_traceback(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    result = subprocess.run([sys.executable, "-m", "assistant", "ask", str(bad)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "assistant", "ask", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr and result.stdout == ""

@@ -9,7 +9,7 @@ from PIL import Image
 from assistant.localize import LOCATION_WORDS, location_words, relative_size
 from data_prep.instruct import IMAGE_TOKEN, build_instructions, load_mask, write_instructions
 from data_prep.readers import read_llava, read_mvtec
-from data_prep.records import Record, ReadResult
+from data_prep.records import ReadResult, Record
 from data_prep.synth import SynthPlan, write_dataset
 
 
@@ -57,7 +57,9 @@ def test_normal_images_are_answered_as_normal(conversations):
         first = _answers(record)[0].lower()
         assert record["location"] is None and record["mask"] is None
         assert not first.startswith("yes") and not any(word in first for word in LOCATION_WORDS if word != "center")
-        assert any(word in first for word in ("normal", "no,", "no ", "no.", "passes", "free of defects", "as expected"))
+        assert any(
+            word in first for word in ("normal", "no,", "no ", "no.", "passes", "free of defects", "as expected")
+        )
 
 
 def test_anomalous_first_answers_never_deny_the_defect(conversations):
@@ -134,8 +136,13 @@ def test_the_assistants_default_question_is_taught_and_its_answers_state_the_ver
     assert DEFAULT_QUESTION in pb.OPEN_QUESTIONS  # what `ask` puts when no question is given is in the training data
     # every answer an open question can be taught reads as the right verdict to the quality script's classifier
     rng = random.Random(0)
-    slots = {"noun": "wooden board", "where": "upper left", "size": "small", "normal": "Nothing is wrong.",
-             "normal_lower": "nothing is wrong."}
+    slots = {
+        "noun": "wooden board",
+        "where": "upper left",
+        "size": "small",
+        "normal": "Nothing is wrong.",
+        "normal_lower": "nothing is wrong.",
+    }
     for template in pb.ANOMALY_PLAIN:
         what = rng.choice(("a scratch", "a stain", "a hole"))
         answer = template.format(**slots, what=what, What=what.capitalize())

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_prep.parallel
 from data_prep.readers import read_llava, read_mvtec, read_visa, read_visa_dr_detection, read_visa_dr_reasoning
 
 
@@ -240,7 +239,11 @@ def test_a_full_check_in_worker_processes_drops_the_same_truncated_files(tmp_pat
     monkeypatch.setattr(data_prep.images, "PARALLEL_CHECK_FROM", 2)
     calls = []
     real = data_prep.parallel.ordered_map
-    monkeypatch.setattr(data_prep.parallel, "ordered_map", lambda f, items, workers, **kw: calls.append(workers) or real(f, items, workers, **kw))
+    monkeypatch.setattr(
+        data_prep.parallel,
+        "ordered_map",
+        lambda f, items, workers, **kw: calls.append(workers) or real(f, items, workers, **kw),
+    )
     parallel = read_mvtec(tmp_path / "d", full_check=True)
     assert calls and calls[0] == data_prep.parallel.default_workers()
     assert [p.file for p in parallel.dropped] == [p.file for p in serial.dropped] == [str(truncated)]

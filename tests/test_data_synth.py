@@ -67,13 +67,18 @@ def test_a_run_takes_foreign_textures_only_from_its_own_families(tmp_path, monke
         return real(family, size, rng)
 
     monkeypatch.setattr(generate, "make_normal", recording)
-    plan = SynthPlan(n=16, families=("wood", "metal"), size=48, anomaly_ratio=1.0,
-                     defect_types=("foreign_texture", "poisson_patch"))
+    plan = SynthPlan(
+        n=16, families=("wood", "metal"), size=48, anomaly_ratio=1.0, defect_types=("foreign_texture", "poisson_patch")
+    )
     write_dataset(tmp_path / "two", plan)
     assert set(drawn) == {"wood", "metal"} and len(drawn) > 2 * 16  # donors were drawn, all from the run
     drawn.clear()
-    write_dataset(tmp_path / "one", SynthPlan(n=6, families=("cap",), size=48, anomaly_ratio=1.0,
-                                              defect_types=("foreign_texture", "poisson_patch")))
+    write_dataset(
+        tmp_path / "one",
+        SynthPlan(
+            n=6, families=("cap",), size=48, anomaly_ratio=1.0, defect_types=("foreign_texture", "poisson_patch")
+        ),
+    )
     assert set(drawn) == {"cap"}  # no other family: the defects reuse the image itself
     result = read_mvtec(tmp_path / "one")
     assert len(result.records) == 6 and result.problems == []
@@ -112,7 +117,9 @@ def test_written_dataset_has_the_mvtec_layout_and_metadata(tmp_path):
     for line in lines:
         if line["label"] == 1:
             mask = np.asarray(Image.open(out / line["mask"])) > 0
-            assert line["defect_type"] in line["image"] and line["area"] == int(mask.sum()) and line["bbox"] == bbox(mask)
+            assert (
+                line["defect_type"] in line["image"] and line["area"] == int(mask.sum()) and line["bbox"] == bbox(mask)
+            )
         else:
             assert line["mask"] is None and line["bbox"] is None
     result = read_mvtec(out)
@@ -175,7 +182,12 @@ def test_forked_workers_run_torch_ops_after_the_parent_ran_parallel_ones(tmp_pat
         "(x @ x).sum(); torch.ones(10**6).add(1).sum()\n"
         "print(list(ordered_map(lambda i: float((torch.ones(300000) * i).sum()), range(4), 2, chunksize=1)))\n"
     )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0.0, 300000.0, 600000.0, 900000.0]"

@@ -20,7 +20,9 @@ EXAMPLES = ROOT / "examples"
 TRUTH = {"wood_stain.png": True, "pill_contamination.png": True, "cap_cut_paste.png": True, "pill_good.png": False}
 MAX_BYTES = 40 * 1024 * 1024
 
-needs_model = pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="the default model is not installed")
+needs_model = pytest.mark.skipif(
+    not (default_model_path() / "config.json").is_file(), reason="the default model is not installed"
+)
 
 
 def test_where_slot_of_the_marker_is_optional(tmp_path):
@@ -33,7 +35,9 @@ def test_where_slot_of_the_marker_is_optional(tmp_path):
     plain = processor.expand_image((32, 32), "highly")
     assert processor.expand_image((32, 32), "highly", where_text("upper left")) == plain  # no {where}: unchanged
     processor.config.suspicion_marker = " with {level} suspicious features{where}: "
-    assert " with highly suspicious features in the upper left: " in processor.expand_image((32, 32), "highly", where_text("upper left"))
+    assert " with highly suspicious features in the upper left: " in processor.expand_image(
+        (32, 32), "highly", where_text("upper left")
+    )
     assert " with slightly suspicious features: " in processor.expand_image((32, 32), "slightly", where_text(""))
 
 
@@ -49,8 +53,14 @@ def test_checkpoint_is_small_and_self_describing():
     folder = default_model_path()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size <= MAX_BYTES, f"the default model takes {size / 2**20:.1f} MiB (at most 40)"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "chat_template.jinja",
-                 "training_summary.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "training_summary.json",
+    ):
         assert (folder / name).is_file(), name
     summary = strict_json((folder / "training_summary.json").read_text())
     assert summary["recipe"] == "configs/train/default_model.yaml"
@@ -89,19 +99,27 @@ def test_follow_up_is_answered_in_context(assistant):
 def test_cli_ask_without_model_prints_json():
     command = shutil.which("anomaly-assistant")
     argv = [command] if command else [sys.executable, "-m", "assistant"]
-    result = subprocess.run([*argv, "ask", str(EXAMPLES / "wood_stain.png"), "--json", "--max-new-tokens", "32"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [*argv, "ask", str(EXAMPLES / "wood_stain.png"), "--json", "--max-new-tokens", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["anomalous"] is True and data["answer"] and data["model"] == "default"
     assert 0.0 <= data["score"] <= 1.0 and data["boxes"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "no/such/folder/x"], "no model at"),
-    (["--families", "wood", "rug"], "unknown families ['rug']"),
-    (["--shots", "-1"], "--shots must be ≥ 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no/such/folder/x"], "no model at"),
+        (["--families", "wood", "rug"], "unknown families ['rug']"),
+        (["--shots", "-1"], "--shots must be ≥ 0"),
+    ],
+)
 def test_quality_script_bad_input_is_one_line(args, message, capsys):
     from eval.default_model_quality import main
 
@@ -139,11 +157,17 @@ def test_quality_breakdown_by_defect_type_accounts_for_every_image(assistant):
     result = evaluate(assistant, ["wood", "carpet"], ["carpet"], n=2 * len(DEFECT_TYPES), seed=3, size=128, text_n=0)
     table, rows = result["by_defect"], result["rows"]
     assert set(table) == {"normal", *DEFECT_TYPES}  # every defect type appears, in both families
-    for group, row in (("seen", rows["seen families (wood), new seed"]), ("unseen", rows["unseen family (carpet)"])):
+    assert set(rows) == {"seen synthetic families (wood)", "unseen synthetic families (carpet)", "all"}
+    for group, row in (
+        ("seen", rows["seen synthetic families (wood)"]),
+        ("unseen", rows["unseen synthetic families (carpet)"]),
+    ):
         cells = [cells[group] for cells in table.values()]
         assert sum(c["n"] for c in cells) == row["n"] == 2 * len(DEFECT_TYPES)
         assert sum(c["verdict_right"] for c in cells) == round(row["verdict_accuracy"] * row["n"])
         assert sum(c["location_right"] for c in cells) == round(row["location_accuracy"] * row["n_anomalous"])
+        normal = table["normal"][group]  # false alarms: the normal images whose verdict is wrong
+        assert row["false_alarms"] == pytest.approx(1 - normal["verdict_right"] / normal["n"])
     assert table["normal"]["seen"]["location_right"] == 0
     for row in rows.values():  # the set's own best threshold does at least as well as the calibrated one
         assert row["verdict_accuracy"] <= row["verdict_accuracy_best_threshold"] <= 1.0

@@ -385,6 +385,11 @@ def test_compute_ad_metrics_with_masks():
 def test_results_json_writes_undefined_numbers_as_null():
     from assistant import jsonutil
 
-    text = jsonutil.dumps({"auroc": float("nan"), "rows": [np.float32("nan"), np.float64(0.5), (float("inf"), 2)],
-                           "n": np.int64(3)})
-    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"auroc": None, "rows": [None, 0.5, [None, 2]], "n": 3}
+    text = jsonutil.dumps(
+        {"auroc": float("nan"), "rows": [np.float32("nan"), np.float64(0.5), (float("inf"), 2)], "n": np.int64(3)}
+    )
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+        "auroc": None,
+        "rows": [None, 0.5, [None, 2]],
+        "n": 3,
+    }

@@ -35,7 +35,9 @@ RESPONSES = ["No.", "The eyes of the inspector see nothing.", "Yes, a crack.", "
 def write_detection_benchmark(data_dir: Path, with_images: bool) -> Path:
     path = data_dir / "VisA" / "test_data.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps([{"image": image, "anomaly": anomaly} for image, anomaly in DETECTION_ENTRIES], indent=4))
+    path.write_text(
+        json.dumps([{"image": image, "anomaly": anomaly} for image, anomaly in DETECTION_ENTRIES], indent=4)
+    )
     if with_images:
         for seed, (image, _) in enumerate(DETECTION_ENTRIES):
             (data_dir / image).parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,9 @@ def write_mvtec(root: Path, n_good: int = 3, n_bad: int = 3, classes=("bottle",)
             folder = root / name / split / defect
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                random_image(32, 32, seed=100 * c + 10 * (defect == "crack") + i + (50 if split == "train" else 0)).save(folder / f"{i:03d}.png")
+                random_image(
+                    32, 32, seed=100 * c + 10 * (defect == "crack") + i + (50 if split == "train" else 0)
+                ).save(folder / f"{i:03d}.png")
                 if defect == "crack":
                     mask = np.zeros((32, 32), dtype=np.uint8)
                     mask[4 + 3 * i : 12 + 3 * i, 8:20] = 255
@@ -132,10 +136,23 @@ def test_detection_from_jsonl_equals_json_list(tmp_path):
     write_detection_benchmark(data, with_images=False)
     jsonl = tmp_path / "answers.jsonl"
     order = [3, 0, 5, 1, 4, 2]  # any order: matched by image path
-    jsonl.write_text("".join(json.dumps({"image": DETECTION_ENTRIES[i][0], "response": RESPONSES[i]}) + "\n" for i in order))
+    jsonl.write_text(
+        "".join(json.dumps({"image": DETECTION_ENTRIES[i][0], "response": RESPONSES[i]}) + "\n" for i in order)
+    )
     listed = tmp_path / "answers.json"
     listed.write_text(json.dumps(RESPONSES))
-    assert run("visa-dr-detection", "--data", data / "VisA" / "test_data.json", "--predictions", jsonl, "--out", tmp_path / "a") == 0
+    assert (
+        run(
+            "visa-dr-detection",
+            "--data",
+            data / "VisA" / "test_data.json",
+            "--predictions",
+            jsonl,
+            "--out",
+            tmp_path / "a",
+        )
+        == 0
+    )
     assert run("visa-dr-detection", "--data", data, "--predictions", listed, "--out", tmp_path / "b") == 0
     assert results(tmp_path / "a")["summary"] == results(tmp_path / "b")["summary"]
     assert results(tmp_path / "a")["summary"]["text_recall"] == pytest.approx(0.75)
@@ -183,7 +200,11 @@ def write_reasoning_benchmark(data_dir: Path) -> None:
             "questions": ["Is there an anomaly?", "Where is it?"],
             "answers": ["Yes, there is a crack.", "It is in the upper left."],
         },
-        {"image": "VisA/pcb1/Data/Images/Normal/0000.JPG", "questions": ["Is there an anomaly?"], "answers": ["No, the board looks normal."]},
+        {
+            "image": "VisA/pcb1/Data/Images/Normal/0000.JPG",
+            "questions": ["Is there an anomaly?"],
+            "answers": ["No, the board looks normal."],
+        },
     ]
     path = data_dir / "VisA" / "visa_dr.json"
     path.parent.mkdir(parents=True)
@@ -198,8 +219,12 @@ def test_reasoning_scores_rouge_and_similarity(tmp_path):
     write_reasoning_benchmark(data)
     predictions = tmp_path / "reasoning.jsonl"
     predictions.write_text(
-        json.dumps({"image": "VisA/candle/Data/Images/Anomaly/000.JPG", "response": ["Yes, there is a crack.", "bottom right"]}) + "\n"
-        + json.dumps({"image": "VisA/pcb1/Data/Images/Normal/0000.JPG", "response": ["No, the board looks normal."]}) + "\n"
+        json.dumps(
+            {"image": "VisA/candle/Data/Images/Anomaly/000.JPG", "response": ["Yes, there is a crack.", "bottom right"]}
+        )
+        + "\n"
+        + json.dumps({"image": "VisA/pcb1/Data/Images/Normal/0000.JPG", "response": ["No, the board looks normal."]})
+        + "\n"
     )
     out = tmp_path / "run"
     assert run("visa-dr-reasoning", "--data", data, "--predictions", predictions, "--out", out) == 0
@@ -242,7 +267,18 @@ def test_reasoning_with_plain_llava_onevision(tmp_path, llava_ov):
     data = tmp_path / "data"
     write_reasoning_benchmark(data)
     out = tmp_path / "run"
-    code = run("visa-dr-reasoning", "--data", data, "--model", llava_ov, "--out", out, "--max-new-tokens", "3", "--no-similarity")
+    code = run(
+        "visa-dr-reasoning",
+        "--data",
+        data,
+        "--model",
+        llava_ov,
+        "--out",
+        out,
+        "--max-new-tokens",
+        "3",
+        "--no-similarity",
+    )
     assert code == 0
     lines = {line["id"]: line for line in cache_lines(out)}
     assert [len(line["responses"]) for line in lines.values()] == [2, 1]
@@ -281,7 +317,9 @@ def test_ad_metrics_and_cached_maps(reference_run):
     assert (reference_run / "worst").is_dir() and len(list((reference_run / "worst").glob("*.png"))) == 8
 
 
-def test_resume_after_limit_and_a_torn_line_infers_nothing_twice(tmp_path, mvtec, clip_llama, reference_run, monkeypatch):
+def test_resume_after_limit_and_a_torn_line_infers_nothing_twice(
+    tmp_path, mvtec, clip_llama, reference_run, monkeypatch
+):
     out = tmp_path / "run"
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--limit", "3") == 0
     assert len(cache_lines(out)) == 3 and results(out)["n_missing"] == 5
@@ -307,7 +345,20 @@ def test_resume_after_killing_the_process(tmp_path, clip_llama, monkeypatch):
     data = write_mvtec(tmp_path / "many", n_good=20, n_bad=20)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "eval.run", "ad", "--data", str(data), "--model", str(clip_llama), "--out", str(out), "--mode", "infer"]
+    command = [
+        sys.executable,
+        "-m",
+        "eval.run",
+        "ad",
+        "--data",
+        str(data),
+        "--model",
+        str(clip_llama),
+        "--out",
+        str(out),
+        "--mode",
+        "infer",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache_file = out / "predictions.jsonl"
     deadline = time.monotonic() + 90
@@ -336,7 +387,10 @@ def test_shards_merged_equal_one_run(tmp_path, mvtec, clip_llama, reference_run,
     monkeypatch_env = {"RANK": "1", "WORLD_SIZE": "2"}
     assert eval_run.parse_shard(None, monkeypatch_env) == (1, 2)
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shard", "1/2", "--mode", "infer") == 0
-    assert sorted(p.name for p in out.glob("predictions*.jsonl")) == ["predictions.shard-0-of-2.jsonl", "predictions.shard-1-of-2.jsonl"]
+    assert sorted(p.name for p in out.glob("predictions*.jsonl")) == [
+        "predictions.shard-0-of-2.jsonl",
+        "predictions.shard-1-of-2.jsonl",
+    ]
     assert eval_report.main([str(out)]) == 0
     assert results(out)["summary"] == results(reference_run)["summary"]
     assert cached_scores(out) == cached_scores(reference_run)
@@ -441,7 +495,9 @@ def test_ad_scoring_without_masks_is_image_level_and_hand_computable():
     labels = [0, 0, 1, 1, 0, 1]
     scores = [0.1, 0.4, 0.35, 0.8, 0.2, 0.9]
     categories = ["a", "a", "a", "a", "b", "b"]
-    samples = [Sample(f"{c}/{i}.png", i, f"{c}/{i}.png", label, c) for i, (label, c) in enumerate(zip(labels, categories))]
+    samples = [
+        Sample(f"{c}/{i}.png", i, f"{c}/{i}.png", label, c) for i, (label, c) in enumerate(zip(labels, categories))
+    ]
     predictions = {s.key: {"score": score} for s, score in zip(samples, scores)}
     scored = ADTask().score(samples, predictions, {"load_map": None})
     rows = {row["class"]: row for row in scored.rows}
@@ -469,7 +525,9 @@ def test_a_changed_model_does_not_mix_with_its_old_cached_predictions(tmp_path, 
     assert (out / "predictions.jsonl").read_bytes() == cached
 
 
-def test_few_shot_ad_uses_normal_training_images_as_references(tmp_path, mvtec, clip_llama, reference_run, monkeypatch, capsys):
+def test_few_shot_ad_uses_normal_training_images_as_references(
+    tmp_path, mvtec, clip_llama, reference_run, monkeypatch, capsys
+):
     from assistant import AnomalyAssistant
 
     seen = []
@@ -483,12 +541,18 @@ def test_few_shot_ad_uses_normal_training_images_as_references(tmp_path, mvtec, 
     out = tmp_path / "one_shot"
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shots", "1", "--shot-seed", "3") == 0
     assert len(seen) == 8 and all(r is not None and len(r) == 1 for r in seen)
-    assert len({r[0] for r in seen}) == 1 and "/train/good/" in seen[0][0]  # one reference for the class, from train/good
+    assert (
+        len({r[0] for r in seen}) == 1 and "/train/good/" in seen[0][0]
+    )  # one reference for the class, from train/good
     zero, one = cached_scores(reference_run), cached_scores(out)
-    assert zero.keys() == one.keys() and any(abs(zero[k] - one[k]) > 1e-6 for k in zero)  # the references change the scores
+    assert zero.keys() == one.keys() and any(
+        abs(zero[k] - one[k]) > 1e-6 for k in zero
+    )  # the references change the scores
 
     capsys.readouterr()
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shots", "2") == 2  # not mixed into the 1-shot cache
+    assert (
+        run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shots", "2") == 2
+    )  # not mixed into the 1-shot cache
     assert "shots" in capsys.readouterr().err
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", tmp_path / "too_many", "--shots", "5") == 2
     err = capsys.readouterr().err.strip()

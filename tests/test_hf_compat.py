@@ -75,9 +75,21 @@ def tiny_trainer(out: Path, steps: int, keep: int = 2):
 
     cfg = TrainConfig()
     cfg.trainer.save_total_limit = keep
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, learning_rate=0.1,
-                             save_strategy="steps", save_steps=2, logging_steps=1, use_cpu=True, report_to="none",
-                             disable_tqdm=True, seed=0, data_seed=0, save_total_limit=None)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=0.1,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        save_total_limit=None,
+    )
     return PartTrainer(model=Part(), args=args, train_dataset=Pairs(), run_config=cfg, commit="test")
 
 

@@ -61,7 +61,22 @@ def test_recursive_and_references(tmp_path, folder, clip_llama):
     plain = tmp_path / "plain"
     assert main(["inspect", str(folder), "--recursive", "--model", str(clip_llama), "--out", str(plain)]) == 0
     out = folder / "inspection"  # inside the inspected folder: never inspected itself
-    assert main(["inspect", str(folder), "--recursive", "--reference", str(references), "--model", str(clip_llama), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(folder),
+                "--recursive",
+                "--reference",
+                str(references),
+                "--model",
+                str(clip_llama),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     paths = [row["path"] for row in read_rows(out)]
     assert "line2/deep.png" in paths and not any(p.startswith("inspection/") for p in paths)
     with_refs = {row["path"]: row["score"] for row in read_rows(out)}

@@ -25,8 +25,12 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def offenders(files, banned: str) -> list[str]:
-    return sorted(f"{path.relative_to(ROOT)} imports {name}" for path in files for name in imported_modules(path)
-                  if name == banned or name.startswith(banned + "."))
+    return sorted(
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for name in imported_modules(path)
+        if name == banned or name.startswith(banned + ".")
+    )
 
 
 def test_evaluation_never_imports_training():
@@ -34,8 +38,12 @@ def test_evaluation_never_imports_training():
 
 
 def test_production_code_never_imports_the_test_helpers():
-    files = [p for folder in ("assistant", "train", "eval", "data_prep") for p in sorted((ROOT / folder).rglob("*.py"))
-             if p != ROOT / "assistant" / "testing.py"] + sorted(ROOT.glob("*.py"))
+    files = [
+        p
+        for folder in ("assistant", "train", "eval", "data_prep")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if p != ROOT / "assistant" / "testing.py"
+    ] + sorted(ROOT.glob("*.py"))
     assert offenders(files, "assistant.testing") == []
 
 

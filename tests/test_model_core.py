@@ -32,7 +32,9 @@ def test_plain_llava_onevision_answers_exactly_like_transformers(llava_pair, siz
     processor = ours.processor
     prompt = processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True,
+        chat_template=processor.chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     pixels = processor.image_processor([image], return_tensors="pt")
     with torch.no_grad():
@@ -40,9 +42,13 @@ def test_plain_llava_onevision_answers_exactly_like_transformers(llava_pair, siz
     n_tokens = sum(f.shape[0] for f in features)  # counted by transformers, not by our processor
     ids = processor.tokenizer(prompt.replace("<image>", "<image>" * n_tokens), return_tensors="pt")
     out = reference.generate(
-        **ids, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"], max_new_tokens=12, do_sample=False
+        **ids,
+        pixel_values=pixels["pixel_values"],
+        image_sizes=pixels["image_sizes"],
+        max_new_tokens=12,
+        do_sample=False,
     )
-    expected = processor.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    expected = processor.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
     assert report.answer == expected
     assert report.pred_score is None and report.pred_label is None and report.anomaly_map is None
@@ -76,7 +82,7 @@ def test_expert_map_and_score(request, fixture):
 def test_crop_maps_are_probabilities_per_patch(clip_llama):
     assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
     _, visual, _ = assistant.encode(random_image(50, 90))
-    patches = assistant.model.config.patches_per_side ** 2
+    patches = assistant.model.config.patches_per_side**2
     assert assistant.model.expert.config.views == "base"  # one map for the whole image
     assert visual.crop_maps[0].shape == (1, patches)
     assert torch.all((visual.crop_maps[0] > 0) & (visual.crop_maps[0] < 1))
@@ -99,7 +105,10 @@ def test_detection_path_gives_the_chat_paths_verdict(tmp_path, views):
         np.testing.assert_allclose(detected.anomaly_map, assistant._evidence(image, visual)["anomaly_map"], atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,views,expected", [("pool", "all", lambda crops: crops * 4), ("pool", "base", lambda crops: 4), ("topk", "all", lambda crops: 8)])
+@pytest.mark.parametrize(
+    "mode,views,expected",
+    [("pool", "all", lambda crops: crops * 4), ("pool", "base", lambda crops: 4), ("topk", "all", lambda crops: 8)],
+)
 def test_selector_token_count(tmp_path, mode, views, expected):
     from assistant.expert import ExpertConfig
     from assistant.testing import tiny_assistant
@@ -228,7 +237,9 @@ def test_sessions_keep_conversations_apart(clip_llama):
 
 def test_batched_detection_equals_one_at_a_time(siglip_qwen2):
     assistant = AnomalyAssistant.from_pretrained(str(siglip_qwen2))
-    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate([(40, 40), (50, 90), (120, 40), (33, 33), (64, 48)])]
+    images = [
+        random_image(h, w, seed=i) for i, (h, w) in enumerate([(40, 40), (50, 90), (120, 40), (33, 33), (64, 48)])
+    ]
     batched = assistant.detect_batch(images, batch_size=3)
     for image, report in zip(images, batched):
         single = assistant.detect(image)
@@ -300,7 +311,9 @@ def test_token_pooling_shortens_what_the_llm_reads_and_leaves_detection_alone(tm
         # the expert still scores every patch of the full grid: same map, same score
         assert torch.equal(visual_pooled.crop_maps[0], visual_full.crop_maps[0])
         assert float(visual_pooled.scores[0]) == float(visual_full.scores[0])
-        assert isinstance(pooled.chat([{"role": "user", "content": "Is it defective?"}], image, stream=False, max_new_tokens=4), str)
+        assert isinstance(
+            pooled.chat([{"role": "user", "content": "Is it defective?"}], image, stream=False, max_new_tokens=4), str
+        )
     # pooled base-view tokens are the bilinear resize of the full grid's (LLaVA-OneVision's video pooling)
     image = random_image(32, 32, seed=5)
     _, visual_full, _ = full.encode(image)
@@ -323,11 +336,19 @@ def test_detection_views_average_the_turned_views_and_make_the_verdict_mirror_pr
     from assistant.modeling import map_back
     from assistant.testing import tiny_assistant
 
-    expert = ExpertConfig(feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, views=views).to_dict()
+    expert = ExpertConfig(
+        feature_layers=[1, 2, 3, 4], embedding_dim=16, class_dim=16, predictor_dim=16, views=views
+    ).to_dict()
     one = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "one", seed=4, expert_config=expert)))
-    eight = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "eight", seed=4, expert_config=expert, detection_views=8)))
-    two = AnomalyAssistant.from_pretrained(str(tiny_assistant(tmp_path / "two", seed=4, expert_config=expert, detection_views=2)))
-    assert AnomalyAssistant.from_pretrained(str(tmp_path / "eight")).model.config.detection_views == 8  # saved with the checkpoint
+    eight = AnomalyAssistant.from_pretrained(
+        str(tiny_assistant(tmp_path / "eight", seed=4, expert_config=expert, detection_views=8))
+    )
+    two = AnomalyAssistant.from_pretrained(
+        str(tiny_assistant(tmp_path / "two", seed=4, expert_config=expert, detection_views=2))
+    )
+    assert (
+        AnomalyAssistant.from_pretrained(str(tmp_path / "eight")).model.config.detection_views == 8
+    )  # saved with the checkpoint
     image = random_image(64, 64, seed=9)  # two crops: the "all" path scores the base view and a tile
     pixels = one.processor.preprocess([image])
     sizes = pixels["image_sizes"].tolist()
@@ -338,7 +359,10 @@ def test_detection_views_average_the_turned_views_and_make_the_verdict_mirror_pr
         return maps[0], float(scores[0])
 
     # two views: the mean of the crops' and the mirrored crops' maps (mirrored back) and scores
-    (plain_map, plain), (mirror_map, mirror) = detect(one, pixels["pixel_values"]), detect(one, pixels["pixel_values"].flip(-1))
+    (plain_map, plain), (mirror_map, mirror) = (
+        detect(one, pixels["pixel_values"]),
+        detect(one, pixels["pixel_values"].flip(-1)),
+    )
     two_map, two_score = detect(two, pixels["pixel_values"])
     assert two_score == pytest.approx((plain + mirror) / 2, abs=1e-6)
     torch.testing.assert_close(two_map, (plain_map + map_back(mirror_map, 0, True)) / 2)
@@ -381,7 +405,9 @@ def test_a_tile_that_repeats_the_base_view_is_read_once_with_the_same_features_a
     sizes = inputs["image_sizes"].tolist()
     counts = model.crops_per_image(sizes)
     read = []
-    hook = model.vision_tower.register_forward_pre_hook(lambda module, args, kwargs: read.append(len(args[0])), with_kwargs=True)
+    hook = model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: read.append(len(args[0])), with_kwargs=True
+    )
 
     def run():
         model.zero_grad()
@@ -410,14 +436,22 @@ def test_preprocessing_gives_the_image_processors_pixels_for_every_layout(reques
     assistant = AnomalyAssistant.from_pretrained(str(request.getfixturevalue(fixture)))
     processor = assistant.processor
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]  # the tile is 32 px: 96x96 is 3x3 tiles
-    images += [random_image(20, 20, seed=7), random_image(20, 20, seed=8, mode="L"), random_image(24, 24, seed=9, mode="RGBA")]
+    images += [
+        random_image(20, 20, seed=7),
+        random_image(20, 20, seed=8, mode="L"),
+        random_image(24, 24, seed=9, mode="RGBA"),
+    ]
     one_tile = [im for im in images if processor._one_tile_crops([im]) is not None]
     assert one_tile == [images[0], images[5]]  # the shortcut is taken (RGB squares of one tile) ...
     for image in images:  # ... and every image, shortcut or not, gets the processor's pixels exactly
         ours, theirs = processor.preprocess([image]), processor.image_processor([image], return_tensors="pt")
-        assert torch.equal(ours["pixel_values"], theirs["pixel_values"]) and torch.equal(ours["image_sizes"], theirs["image_sizes"])
+        assert torch.equal(ours["pixel_values"], theirs["pixel_values"]) and torch.equal(
+            ours["image_sizes"], theirs["image_sizes"]
+        )
     ours, theirs = processor.preprocess(one_tile), processor.image_processor(one_tile, return_tensors="pt")
-    assert torch.equal(ours["pixel_values"], theirs["pixel_values"]) and torch.equal(ours["image_sizes"], theirs["image_sizes"])
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"]) and torch.equal(
+        ours["image_sizes"], theirs["image_sizes"]
+    )
 
 
 def test_preprocessing_falls_back_to_the_processor_when_the_shortcut_disagrees(clip_llama, monkeypatch):
@@ -427,7 +461,9 @@ def test_preprocessing_falls_back_to_the_processor_when_the_shortcut_disagrees(c
 
     processor = AnomalyAssistant.from_pretrained(str(clip_llama)).processor
     image = random_image(32, 32, seed=4)
-    monkeypatch.setattr(processing, "np", SimpleNamespace(asarray=lambda im: np.asarray(im)[::-1], stack=np.stack))  # upside down
+    monkeypatch.setattr(
+        processing, "np", SimpleNamespace(asarray=lambda im: np.asarray(im)[::-1], stack=np.stack)
+    )  # upside down
     ours, theirs = processor.preprocess([image]), processor.image_processor([image], return_tensors="pt")
     assert processor._one_tile_checked is False and torch.equal(ours["pixel_values"], theirs["pixel_values"])
     assert processor._one_tile_crops([image]) is None  # it stays off for this processor

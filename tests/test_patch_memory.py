@@ -78,7 +78,21 @@ def test_inspect_scores_a_folder_of_eight_or_more_against_itself_and_ranks_the_o
     assert max(scores, key=scores.get) == "4.png"
 
     single = tmp_path / "single"
-    assert main(["inspect", str(same_part_folder), "--model", str(clip_llama), "--out", str(single), "--zero-shot", "single"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(same_part_folder),
+                "--model",
+                str(clip_llama),
+                "--out",
+                str(single),
+                "--zero-shot",
+                "single",
+            ]
+        )
+        == 0
+    )
     assert "each on its own" in capsys.readouterr().err
 
 

@@ -14,9 +14,8 @@ import time
 import httpx
 import openai
 import pytest
-from PIL import Image
-
 from conftest import random_image
+from PIL import Image
 
 KEY = "test-key-0123"
 MODEL = "clip-llama"  # the id the server lists: the checkpoint folder's name
@@ -30,7 +29,10 @@ def png_data_url(image: Image.Image) -> str:
 
 
 def user_turn(*urls: str, text: str = QUESTION) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls],
+    }
 
 
 @contextlib.contextmanager
@@ -95,7 +97,9 @@ def test_plain_completion_carries_the_answer_and_this_images_report(server, assi
     assert report["threshold"] == pytest.approx(expected.threshold)
     assert report["boxes"] == expected.boxes
     overlay = Image.open(io.BytesIO(base64.b64decode(report["heatmap_png"])))
-    assert overlay.format == "PNG" and overlay.width == image.width and overlay.height >= image.height  # a title band on top
+    assert (
+        overlay.format == "PNG" and overlay.width == image.width and overlay.height >= image.height
+    )  # a title band on top
     # the same answer the library gives for the same conversation (greedy)
     assert answer == assistant.chat([{"role": "user", "content": QUESTION}], image, stream=False, max_new_tokens=8)
     # usage counts the answer's tokens and a prompt that holds the image's tokens
@@ -135,9 +139,14 @@ def test_streamed_completion_matches_the_plain_one_and_ends_with_the_report(serv
 
     # on the wire: server-sent events, the report on the last chunk, then [DONE]
     body = {"model": MODEL, "messages": messages, "max_tokens": 10, "stream": True}
-    raw = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    raw = httpx.post(
+        f"http://127.0.0.1:{server}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
     assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in raw.text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in raw.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert "anomaly_report" in json.loads(events[-2])
 
@@ -146,7 +155,9 @@ def test_follow_ups_reuse_the_clients_own_cache_and_clients_stay_apart(server, a
     image = random_image(32, 32, seed=3)
     api = client(server)
     first = [user_turn(png_data_url(image))]
-    answer = api.chat.completions.create(model=MODEL, messages=first, max_tokens=6, user="alice").choices[0].message.content
+    answer = (
+        api.chat.completions.create(model=MODEL, messages=first, max_tokens=6, user="alice").choices[0].message.content
+    )
     before = len(assistant.kv_cache)
     api.chat.completions.create(model=MODEL, messages=first, max_tokens=6, user="bob")
     assert len(assistant.kv_cache) == before + 1  # bob's cache is his own, not alice's
@@ -156,8 +167,15 @@ def test_follow_ups_reuse_the_clients_own_cache_and_clients_stay_apart(server, a
     reply = api.chat.completions.create(model=MODEL, messages=follow_up, max_tokens=6, user="alice")
     assert assistant.kv_cache.hits == hits + 1
     expected = assistant.chat(
-        [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}, {"role": "user", "content": "Where is it?"}],
-        image, stream=False, max_new_tokens=6, session="fresh-session",
+        [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Where is it?"},
+        ],
+        image,
+        stream=False,
+        max_new_tokens=6,
+        session="fresh-session",
     )
     assert reply.choices[0].message.content == expected
 
@@ -188,7 +206,9 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
 
     status, body = _refusal(ask([user_turn("data:image/png;base64,@@not base64@@")]))
     assert status == 400 and "base64" in body["message"]
-    status, body = _refusal(ask([user_turn("data:image/png;base64," + base64.b64encode(b"hello, not an image").decode())]))
+    status, body = _refusal(
+        ask([user_turn("data:image/png;base64," + base64.b64encode(b"hello, not an image").decode())])
+    )
     assert status == 400 and body["code"] == "invalid_image" and "image" in body["message"]
     status, body = _refusal(ask([{"role": "user", "content": QUESTION}]))
     assert status == 400 and body["code"] == "missing_image"
@@ -203,7 +223,9 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
     with pytest.raises(openai.AuthenticationError) as caught:
         client(server, key="wrong-key").chat.completions.create(model=MODEL, messages=[user_turn(good)])
     assert caught.value.status_code == 401 and "API key" in caught.value.message
-    no_token = httpx.post(f"http://127.0.0.1:{server}/v1/chat/completions", json={"model": MODEL, "messages": [user_turn(good)]})
+    no_token = httpx.post(
+        f"http://127.0.0.1:{server}/v1/chat/completions", json={"model": MODEL, "messages": [user_turn(good)]}
+    )
     assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong-key").models.list()
@@ -224,7 +246,10 @@ def _concurrent(port, n=20, max_tokens=6):
         barrier.wait(timeout=30)
         try:
             results[i] = api.chat.completions.create(
-                model=MODEL, messages=[user_turn(png_data_url(random_image(32, 40, seed=100 + i)))], max_tokens=max_tokens, user=f"c{i}"
+                model=MODEL,
+                messages=[user_turn(png_data_url(random_image(32, 40, seed=100 + i)))],
+                max_tokens=max_tokens,
+                user=f"c{i}",
             )
         except openai.APIStatusError as error:
             results[i] = error
@@ -243,7 +268,9 @@ def _check_own_reports(assistant, results):
     expected = {i: assistant.detect(random_image(32, 40, seed=100 + i)).pred_score for i, _ in answered}
     assert len({round(s, 5) for s in expected.values()}) > len(expected) // 2  # the scores tell the images apart
     for i, reply in answered:
-        assert reply.model_extra["anomaly_report"]["score"] == pytest.approx(expected[i], abs=1e-5), f"client {i} got another report"
+        assert reply.model_extra["anomaly_report"]["score"] == pytest.approx(expected[i], abs=1e-5), (
+            f"client {i} got another report"
+        )
     return answered
 
 
@@ -265,7 +292,9 @@ def test_a_full_queue_answers_429_at_once_and_the_rest_are_served(assistant):
         assert len(_check_own_reports(assistant, results)) >= 2
         assert app.state.admission.active == 0
         # once the rush is over, requests are served again
-        reply = client(port).chat.completions.create(model=MODEL, messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4)
+        reply = client(port).chat.completions.create(
+            model=MODEL, messages=[user_turn(png_data_url(random_image(32, 32)))], max_tokens=4
+        )
         assert reply.choices[0].message.content is not None
 
 
@@ -312,8 +341,21 @@ def test_serve_command_answers_on_loopback(clip_llama, tmp_path):
         port = probe.getsockname()[1]
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
-    command = [sys.executable, "-m", "assistant", "serve", "--model", str(clip_llama), "--port", str(port), "--api-key-file", str(key_file)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "assistant",
+        "serve",
+        "--model",
+        str(clip_llama),
+        "--port",
+        str(port),
+        "--api-key-file",
+        str(key_file),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     try:
         deadline = time.monotonic() + 90
         while True:

@@ -29,7 +29,10 @@ def test_deepspeed_configs_are_json_with_auto_fields():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/train/debug_tiny.yaml", ["lora.r=64", "trainer.lr=1e-3", "lora.modules_to_save=multi_modal_projector", "resume=true"])
+    cfg = load_config(
+        ROOT / "configs/train/debug_tiny.yaml",
+        ["lora.r=64", "trainer.lr=1e-3", "lora.modules_to_save=multi_modal_projector", "resume=true"],
+    )
     assert cfg.lora.r == 64 and cfg.trainer.lr == 1e-3 and cfg.resume is True
     assert cfg.lora.modules_to_save == ["multi_modal_projector"]
 
@@ -65,9 +68,16 @@ def test_the_recipes_model_sections_are_the_librarys_configs():
     from assistant.expert import ExpertConfig
     from assistant.selector import SelectorConfig
 
-    cfg = load_config(ROOT / "configs/train/debug_tiny.yaml",
-                      ["model.expert.feature_layers=2,4", "model.expert.self_level=0", "model.selector.mode=topk",
-                       "calibration.moderate_from=1", "model.suspicion_marker=' with {level} marks: '"])
+    cfg = load_config(
+        ROOT / "configs/train/debug_tiny.yaml",
+        [
+            "model.expert.feature_layers=2,4",
+            "model.expert.self_level=0",
+            "model.selector.mode=topk",
+            "calibration.moderate_from=1",
+            "model.suspicion_marker=' with {level} marks: '",
+        ],
+    )
     assert isinstance(cfg.model.expert, ExpertConfig) and isinstance(cfg.model.selector, SelectorConfig)
     assert isinstance(cfg.calibration, CalibrationConfig)
     assert cfg.model.expert.feature_layers == [2, 4] and cfg.model.selector.mode == "topk"
@@ -108,8 +118,19 @@ def test_unknown_key_in_a_recipe_file(tmp_path):
 
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "train", "stage2", str(ROOT / "configs/train/debug_tiny.yaml"), "lora.rr=3", f"output_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "stage2",
+            str(ROOT / "configs/train/debug_tiny.yaml"),
+            "lora.rr=3",
+            f"output_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: Unknown config key: lora.rr"
@@ -168,7 +189,9 @@ def test_stage1_colour_changes_keep_grey_and_stay_in_range():
     torch.testing.assert_close(back[0, :, 0, 0], torch.full((3,), 0.6))  # grey is unchanged
     assert (back - rgb).abs().max() > 0.05  # the colours did change
     red = torch.tensor([1.0, 0.0, 0.0])
-    torch.testing.assert_close(hue_rotation(2 * torch.pi / 3) @ red, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)  # a third of a turn: red → green
+    torch.testing.assert_close(
+        hue_rotation(2 * torch.pi / 3) @ red, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0
+    )  # a third of a turn: red → green
 
 
 def test_stage1_uneven_lighting_is_smooth_keeps_colour_and_local_contrast():
@@ -243,7 +266,14 @@ def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     mask[rows, rows + 20] = 255  # diagonal, one pixel wide
     Image.fromarray(np.full((100, 130, 3), 128, np.uint8)).save(tmp_path / "scratch.png")
     Image.fromarray(mask).save(tmp_path / "scratch_mask.png")
-    record = Record(image=str(tmp_path / "scratch.png"), label=1, mask=str(tmp_path / "scratch_mask.png"), category="x", split="test", defect_type="scratch")
+    record = Record(
+        image=str(tmp_path / "scratch.png"),
+        label=1,
+        mask=str(tmp_path / "scratch_mask.png"),
+        category="x",
+        split="test",
+        defect_type="scratch",
+    )
     model, processor, _, _ = checkpoint.load(clip_llama)
     target = MaskedImages([record], processor, map_size=64)[0]["masks"]
     assert target.shape == (64, 64)
@@ -263,8 +293,8 @@ def test_batched_scoring_gives_each_image_its_own_scores_and_maps(clip_llama, tm
 
     from assistant import checkpoint
     from data_prep.records import Record
-    from train.self_reference import self_distance_maps
     from train.scoring import score_records
+    from train.self_reference import self_distance_maps
 
     rng = np.random.default_rng(3)
     records = []
@@ -278,8 +308,11 @@ def test_batched_scoring_gives_each_image_its_own_scores_and_maps(clip_llama, tm
     assert np.allclose(one[1], many[1], atol=1e-5) and np.allclose(one[2], many[2], atol=1e-5)
     assert len(set(np.round(one[1], 5))) > 1  # the images do score differently
     level = -1
-    assert np.allclose(self_distance_maps(model, processor, records, 32, level, 3, batch_size=1),
-                       self_distance_maps(model, processor, records, 32, level, 3, batch_size=3), atol=1e-5)
+    assert np.allclose(
+        self_distance_maps(model, processor, records, 32, level, 3, batch_size=1),
+        self_distance_maps(model, processor, records, 32, level, 3, batch_size=3),
+        atol=1e-5,
+    )
 
 
 def test_stage1_area_targets_are_each_cells_defective_fraction(clip_llama, tmp_path):
@@ -297,7 +330,14 @@ def test_stage1_area_targets_are_each_cells_defective_fraction(clip_llama, tmp_p
     mask[80:96, 32:64] = 255  # solid block on whole cells
     Image.fromarray(np.full((128, 128, 3), 128, np.uint8)).save(tmp_path / "d.png")
     Image.fromarray(mask).save(tmp_path / "d_mask.png")
-    record = Record(image=str(tmp_path / "d.png"), label=1, mask=str(tmp_path / "d_mask.png"), category="x", split="test", defect_type="scratch")
+    record = Record(
+        image=str(tmp_path / "d.png"),
+        label=1,
+        mask=str(tmp_path / "d_mask.png"),
+        category="x",
+        split="test",
+        defect_type="scratch",
+    )
     _, processor, _, _ = checkpoint.load(clip_llama)
     area = MaskedImages([record], processor, map_size=64, mask_targets="area")[0]["masks"]
     hard = MaskedImages([record], processor, map_size=64)[0]["masks"]
@@ -355,8 +395,13 @@ def test_cache_fill_drops_broken_files_and_raises_other_errors(clip_llama, tmp_p
     dataset = MaskedImages(records, processor, map_size=16, cache=True)
     problems = dataset.fill_cache(1)
     assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / '1.png'}: image 1.png: unreadable image")
-    assert [r.image for r in dataset.records] == [records[0].image, records[2].image] and sorted(dataset._cache) == [0, 1]
-    assert dataset[1]["pixel_values"].mean() > dataset[0]["pixel_values"].mean()  # the third (brighter) image, now second
+    assert [r.image for r in dataset.records] == [records[0].image, records[2].image] and sorted(dataset._cache) == [
+        0,
+        1,
+    ]
+    assert (
+        dataset[1]["pixel_values"].mean() > dataset[0]["pixel_values"].mean()
+    )  # the third (brighter) image, now second
     failing = MaskedImages(records[:1], processor, map_size=16, cache=True)
     monkeypatch.setattr(processor, "one_tile_pixels", lambda image: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
@@ -377,7 +422,14 @@ def test_cache_of_images_the_processor_tiles_holds_every_crop(clip_llama, tmp_pa
 
     rng = np.random.default_rng(0)
     records = []
-    sizes = {"wide": (40, 130), "tall": (150, 50), "large": (300, 300), "square": (32, 32), "tiled": (64, 64), "small": (20, 20)}
+    sizes = {
+        "wide": (40, 130),
+        "tall": (150, 50),
+        "large": (300, 300),
+        "square": (32, 32),
+        "tiled": (64, 64),
+        "small": (20, 20),
+    }
     for name, (h, w) in sizes.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
         records.append(Record(image=str(tmp_path / f"{name}.png"), label=0, mask=None, category="x", split="test"))

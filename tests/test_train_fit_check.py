@@ -29,7 +29,9 @@ def test_report_covers_both_parts_per_truth(setup, tmp_path, capsys):
     out = tmp_path / "fit.json"
     assert main(["--model", str(model), "--data", str(data), "--n", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("training sample (30 images): image AUROC") and printed[1].startswith("held-out (8 images)")
+    assert printed[0].startswith("training sample (30 images): image AUROC") and printed[1].startswith(
+        "held-out (8 images)"
+    )
     report = strict_json(out.read_text())
     records, _ = read_masked(data)
     types = {r.defect_type for r in records if r.label == ANOMALOUS}

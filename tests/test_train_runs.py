@@ -60,8 +60,15 @@ def full_run(prepared, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     cfg = config(
-        out, f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
-        "stage1_steps=60", "trainer.max_steps=16", "trainer.lr=0.01", "trainer.save_steps=4", "trainer.save_total_limit=2",
+        out,
+        f"model.path={prepared['base']}",
+        f"data.masked={prepared['images']}",
+        f"data.instructions={prepared['instructions']}",
+        "stage1_steps=60",
+        "trainer.max_steps=16",
+        "trainer.lr=0.01",
+        "trainer.save_steps=4",
+        "trainer.save_total_limit=2",
         "calibration.moderate_from=0.7",  # not the old hard-coded 0.5: merging must keep the recipe's bounds
     )
     results = run(cfg)
@@ -76,7 +83,9 @@ def test_stage1_loss_falls_and_thresholds_are_calibrated(full_run):
     config = AnomalyAssistantConfig.from_pretrained(full_run["stage1"])
     report = json.loads((full_run["stage1"] / "calibration.json").read_text())
     assert config.image_threshold == pytest.approx(report["image_threshold"])
-    assert config.suspicion_bounds == pytest.approx((0.7 * config.image_threshold, config.image_threshold))  # the recipe's moderate_from
+    assert config.suspicion_bounds == pytest.approx(
+        (0.7 * config.image_threshold, config.image_threshold)
+    )  # the recipe's moderate_from
     assert config.suspicion_level(config.image_threshold) == "highly"
     assert config.suspicion_level(config.image_threshold * 0.99) != "highly"
 
@@ -125,10 +134,9 @@ def test_checkpoints_are_complete_rotated_and_described(full_run):
 
 
 def test_training_tokens_match_inference_and_labels_cover_only_answers(full_run, prepared):
+    from assistant.processing import as_chat
     from train.build import load_model
     from train.data import IGNORE_INDEX, encode_conversation, read_conversations
-
-    from assistant.processing import as_chat
 
     model, processor, _ = load_model(full_run["stage1"])
     records, _ = read_conversations(prepared["instructions"])
@@ -153,7 +161,9 @@ def test_training_tokens_match_inference_and_labels_cover_only_answers(full_run,
     dataset = Conversations(records[:6], processor, with_levels=True)
     for index, (one, size, _, _) in enumerate(dataset.records):
         item = dataset[index]
-        ids, labels = encode_conversation(processor, one.extra["conversations"], size, level_for(one.label), where_for(one))
+        ids, labels = encode_conversation(
+            processor, one.extra["conversations"], size, level_for(one.label), where_for(one)
+        )
         assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
         pixels = processor.image_processor([load_rgb(one.image)], return_tensors="pt")["pixel_values"][0]
         assert torch.equal(item["pixel_values"], pixels[: len(item["pixel_values"])])
@@ -164,13 +174,15 @@ def test_training_tokens_match_inference_and_labels_cover_only_answers(full_run,
     assert len(forked) == len(alone) == len(records[:12]) > 6
     for (r1, s1, i1, l1), (r2, s2, i2, l2) in zip(forked.records, alone.records):
         assert r1 is r2 and s1 == s2 and i1.tolist() == i2.tolist() and l1.tolist() == l2.tolist()
-        assert i1.tolist() == encode_conversation(processor, r1.extra["conversations"], s1, level_for(r1.label), where_for(r1))[0]
+        assert (
+            i1.tolist()
+            == encode_conversation(processor, r1.extra["conversations"], s1, level_for(r1.label), where_for(r1))[0]
+        )
 
 
 def test_merge_answers_exactly_as_base_plus_adapter(full_run, tmp_path):
-    from train.merge import assistant_with_adapter, merge
-
     from assistant.inference import AnomalyAssistant
+    from train.merge import assistant_with_adapter, merge
 
     out = merge(full_run["stage2"], tmp_path / "merged")
     merged = AnomalyAssistant.from_pretrained(str(out))
@@ -222,15 +234,27 @@ def test_bad_images_are_reported_and_skipped(prepared, capsys):
 
 def run_cli(*args, env=None, **kwargs):
     return subprocess.Popen(
-        [*args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs,
+        [*args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
+        **kwargs,
     )
 
 
 def stage2_args(prepared, out, *extra):
     return [
-        "stage2", str(RECIPE), f"output_dir={out}", f"model.path={prepared['base']}", f"data.instructions={prepared['instructions']}",
-        "trainer.logging_steps=1", "trainer.lr=0.01", "trainer.batch_size=2", *extra,
+        "stage2",
+        str(RECIPE),
+        f"output_dir={out}",
+        f"model.path={prepared['base']}",
+        f"data.instructions={prepared['instructions']}",
+        "trainer.logging_steps=1",
+        "trainer.lr=0.01",
+        "trainer.batch_size=2",
+        *extra,
     ]
 
 
@@ -250,7 +274,10 @@ def test_killed_run_resumes_to_the_same_losses(prepared, tmp_path):
     assert not (tmp_path / "killed" / "stage2" / "adapter").exists()
     resumed = subprocess.run(
         [sys.executable, "-m", "train", *stage2_args(prepared, tmp_path / "killed", *steps), "--resume"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resume from" in resumed.stdout and "checkpoint-" in resumed.stdout
@@ -265,13 +292,27 @@ def test_killed_run_resumes_to_the_same_losses(prepared, tmp_path):
 def test_resume_refuses_to_overwrite_without_flag(prepared, tmp_path):
     (tmp_path / "stage2" / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "stage2" / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    done = subprocess.run([sys.executable, "-m", "train", *stage2_args(prepared, tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "train", *stage2_args(prepared, tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "pass --resume" in done.stderr.strip().splitlines()[-1]
 
 
 def test_torchrun_two_gloo_processes(prepared, tmp_path):
     process = run_cli(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "train",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "train",
         *stage2_args(prepared, tmp_path, "trainer.max_steps=3", "trainer.save_steps=3"),
     )
     output, _ = process.communicate(timeout=240)
@@ -286,8 +327,22 @@ def test_torchrun_two_gloo_processes(prepared, tmp_path):
 def test_deepspeed_zero2_on_cpu(prepared, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
     process = run_cli(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", "-m", "train",
-        *stage2_args(prepared, tmp_path, "trainer.max_steps=2", "trainer.save_steps=2", f"trainer.deepspeed={ROOT / 'configs/deepspeed/zero2.json'}"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29518",
+        "-m",
+        "train",
+        *stage2_args(
+            prepared,
+            tmp_path,
+            "trainer.max_steps=2",
+            "trainer.save_steps=2",
+            f"trainer.deepspeed={ROOT / 'configs/deepspeed/zero2.json'}",
+        ),
         env={"DS_ACCELERATOR": "cpu"},
     )
     output, _ = process.communicate(timeout=300)
@@ -298,10 +353,9 @@ def test_deepspeed_zero2_on_cpu(prepared, tmp_path):
 def test_nan_loss_stops_with_the_step_and_saves_nothing(prepared, tmp_path):
     import torch
 
+    from assistant.modeling import AnomalyAssistantModel
     from train.run import run
     from train.trainer import NonFiniteLoss
-
-    from assistant.modeling import AnomalyAssistantModel
 
     broken = tmp_path / "broken"
     shutil.copytree(prepared["base"], broken)
@@ -309,8 +363,14 @@ def test_nan_loss_stops_with_the_step_and_saves_nothing(prepared, tmp_path):
     with torch.no_grad():
         model.multi_modal_projector.linear_2.bias.fill_(float("nan"))
     model.save_pretrained(broken)
-    cfg = config(tmp_path / "out", "stage=stage2", f"model.path={broken}", f"data.instructions={prepared['instructions']}",
-                 "trainer.max_steps=3", "trainer.save_steps=1")
+    cfg = config(
+        tmp_path / "out",
+        "stage=stage2",
+        f"model.path={broken}",
+        f"data.instructions={prepared['instructions']}",
+        "trainer.max_steps=3",
+        "trainer.save_steps=1",
+    )
     with pytest.raises(NonFiniteLoss, match="step 1"):
         run(cfg)
     assert not (tmp_path / "out" / "stage2").exists() or not any(
@@ -326,13 +386,22 @@ def test_qlora_step_on_a_4bit_language_model(prepared, tmp_path):
     from train.config import ConfigError, ModelInit
     from train.run import run
 
-    base = init_model(ModelInit(text_hidden=64, vocab_size=600), instruction_corpus(prepared["instructions"]), tmp_path / "base64")
+    base = init_model(
+        ModelInit(text_hidden=64, vocab_size=600), instruction_corpus(prepared["instructions"]), tmp_path / "base64"
+    )
     model, _, _ = load_model(base, quantize=True)
     quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised and all(n.startswith("language_model.") for n in quantised)
     del model
-    cfg = config(tmp_path / "out", "stage=stage2", "quantization=4bit", f"model.path={base}",
-                 f"data.instructions={prepared['instructions']}", "trainer.max_steps=2", "trainer.save_steps=2")
+    cfg = config(
+        tmp_path / "out",
+        "stage=stage2",
+        "quantization=4bit",
+        f"model.path={base}",
+        f"data.instructions={prepared['instructions']}",
+        "trainer.max_steps=2",
+        "trainer.save_steps=2",
+    )
     result = run(cfg)
     assert all(np.isfinite(v) for v in losses(tmp_path / "out" / "stage2").values())
     assert (result["stage2"] / "adapter_model.safetensors").is_file()
@@ -357,8 +426,15 @@ def test_gradient_checkpointing_gives_the_same_losses(prepared, tmp_path, monkey
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
 
     def stage2(name, *extra):
-        cfg = config(tmp_path / name, "stage=stage2", f"model.path={prepared['base']}", f"data.instructions={prepared['instructions']}",
-                     "trainer.max_steps=3", "trainer.save_steps=3", *extra)
+        cfg = config(
+            tmp_path / name,
+            "stage=stage2",
+            f"model.path={prepared['base']}",
+            f"data.instructions={prepared['instructions']}",
+            "trainer.max_steps=3",
+            "trainer.save_steps=3",
+            *extra,
+        )
         run(cfg)
         return losses(tmp_path / name / "stage2")
 
@@ -377,8 +453,18 @@ def test_token_pooling_trains_what_inference_reads(prepared, tmp_path):
     from train.run import run
 
     def stage2(name, *extra):
-        return run(config(tmp_path / name, "stage=stage2", f"model.path={prepared['base']}", f"data.instructions={prepared['instructions']}",
-                          "trainer.max_steps=2", "trainer.save_steps=2", "model.image_token_pooling=2", *extra))["stage2"]
+        return run(
+            config(
+                tmp_path / name,
+                "stage=stage2",
+                f"model.path={prepared['base']}",
+                f"data.instructions={prepared['instructions']}",
+                "trainer.max_steps=2",
+                "trainer.save_steps=2",
+                "model.image_token_pooling=2",
+                *extra,
+            )
+        )["stage2"]
 
     # LoRA keeps the base's layout, so a different pooling would train on one token count and answer on another
     with pytest.raises(ConfigError, match="image_token_pooling"):
@@ -390,7 +476,12 @@ def test_token_pooling_trains_what_inference_reads(prepared, tmp_path):
     assert trained.processor.num_image_tokens(size) < base.processor.num_image_tokens(size)
     from PIL import Image
 
-    assert isinstance(trained.chat([{"role": "user", "content": "Is it defective?"}], Image.new("RGB", size), stream=False, max_new_tokens=4), str)
+    assert isinstance(
+        trained.chat(
+            [{"role": "user", "content": "Is it defective?"}], Image.new("RGB", size), stream=False, max_new_tokens=4
+        ),
+        str,
+    )
 
 
 def test_compiled_stage1_matches_eager_and_saves_plain_names(prepared, tmp_path, monkeypatch):
@@ -407,8 +498,16 @@ def test_compiled_stage1_matches_eager_and_saves_plain_names(prepared, tmp_path,
     from train.trainer import last_checkpoint
 
     def stage1(name, *extra):
-        cfg = config(tmp_path / name, "stage=stage1", f"model.path={prepared['base']}", f"data.masked={prepared['images']}",
-                     "stage1_steps=4", "trainer.save_steps=4", "stage1_polish.steps=2", *extra)
+        cfg = config(
+            tmp_path / name,
+            "stage=stage1",
+            f"model.path={prepared['base']}",
+            f"data.masked={prepared['images']}",
+            "stage1_steps=4",
+            "trainer.save_steps=4",
+            "stage1_polish.steps=2",
+            *extra,
+        )
         return run(cfg)["stage1"]
 
     compiled_modules = []
@@ -419,7 +518,7 @@ def test_compiled_stage1_matches_eager_and_saves_plain_names(prepared, tmp_path,
         return original(model, **kwargs)
 
     monkeypatch.setattr(torch, "compile", counting)
-    eager = stage1("eager")
+    stage1("eager")
     assert not compiled_modules
     compiled = stage1("compiled", "stage1_compile=true")
     assert compiled_modules == ["ExpertObjective", "ExpertObjective"]  # the main phase and the polish
@@ -441,12 +540,22 @@ def test_stage1_batch_size_sets_stage_one_batch_only(prepared, tmp_path):
     from train.run import run
     from train.trainer import last_checkpoint
 
-    cfg = config(tmp_path, f"model.path={prepared['base']}", f"data.masked={prepared['images']}",
-                 f"data.instructions={prepared['instructions']}", "stage1_steps=2", "trainer.max_steps=2",
-                 "trainer.save_steps=2", "trainer.batch_size=2", "stage1_batch_size=3")
+    cfg = config(
+        tmp_path,
+        f"model.path={prepared['base']}",
+        f"data.masked={prepared['images']}",
+        f"data.instructions={prepared['instructions']}",
+        "stage1_steps=2",
+        "trainer.max_steps=2",
+        "trainer.save_steps=2",
+        "trainer.batch_size=2",
+        "stage1_batch_size=3",
+    )
     run(cfg)
-    states = {stage: json.loads((Path(last_checkpoint(tmp_path / stage)) / "trainer_state.json").read_text())
-              for stage in ("stage1", "stage2")}
+    states = {
+        stage: json.loads((Path(last_checkpoint(tmp_path / stage)) / "trainer_state.json").read_text())
+        for stage in ("stage1", "stage2")
+    }
     assert states["stage1"]["train_batch_size"] == 3
     assert states["stage2"]["train_batch_size"] == 2
 
@@ -458,8 +567,14 @@ def test_stage1_trains_a_contrast_score_head(prepared, tmp_path):
     from train.config import ConfigError
     from train.run import run
 
-    common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", f"data.instructions={prepared['instructions']}",
-              "stage=stage1", "stage1_steps=2", "trainer.save_steps=2"]
+    common = [
+        f"model.path={prepared['base']}",
+        f"data.masked={prepared['images']}",
+        f"data.instructions={prepared['instructions']}",
+        "stage=stage1",
+        "stage1_steps=2",
+        "trainer.save_steps=2",
+    ]
     with pytest.raises(ConfigError, match="model.expert: expert score_input must be one of"):
         config(tmp_path / "bad", *common, "model.expert.score_input=difference")
     results = run(config(tmp_path / "ok", *common, "model.expert.score_input=contrast"))
@@ -478,8 +593,16 @@ def test_stage1_weight_average_is_saved_and_survives_a_resume(prepared, tmp_path
     from train.run import run
     from train.stage1 import AVERAGE_FILE, TRAINABLE_FILE
 
-    common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", "stage=stage1", "stage1_steps=8",
-              "trainer.save_steps=4", "trainer.save_total_limit=2", "stage1_ema=0.9", "trainer.lr=0.01"]
+    common = [
+        f"model.path={prepared['base']}",
+        f"data.masked={prepared['images']}",
+        "stage=stage1",
+        "stage1_steps=8",
+        "trainer.save_steps=4",
+        "trainer.save_total_limit=2",
+        "stage1_ema=0.9",
+        "trainer.lr=0.01",
+    ]
     with pytest.raises(ConfigError, match="stage1_ema"):
         config(tmp_path / "bad", *common, "stage1_ema=1.0")
     whole = run(config(tmp_path / "whole", *common))["stage1"]
@@ -515,9 +638,18 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
     from train.run import run
     from train.stage1 import TRAINABLE_FILE
 
-    common = [f"model.path={prepared['base']}", f"data.masked={prepared['images']}", "stage=stage1", "stage1_steps=4",
-              "trainer.save_steps=2", "trainer.save_total_limit=2", "trainer.lr=0.01",
-              "stage1_polish.steps=4", "stage1_polish.lr=0.003", "stage1_polish.warmup_ratio=0"]
+    common = [
+        f"model.path={prepared['base']}",
+        f"data.masked={prepared['images']}",
+        "stage=stage1",
+        "stage1_steps=4",
+        "trainer.save_steps=2",
+        "trainer.save_total_limit=2",
+        "trainer.lr=0.01",
+        "stage1_polish.steps=4",
+        "stage1_polish.lr=0.003",
+        "stage1_polish.warmup_ratio=0",
+    ]
     with pytest.raises(ConfigError, match="stage1_polish needs steps"):
         config(tmp_path / "bad", *common, "stage1_polish.steps=0")
     with pytest.raises(ConfigError, match=r"stage1_polish.augment_grain must be in \[0, 0.5\], got 0.6"):
@@ -529,8 +661,15 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
     drawn = []  # the augmentation each phase trains with
     real = train.run.stage1_augment
     monkeypatch.setattr(train.run, "stage1_augment", lambda cfg, model: drawn.append(real(cfg, model)) or drawn[-1])
-    whole = run(config(tmp_path / "whole", *common, "data.augment_hue=0.5", "data.augment_grain=0.05",
-                       "stage1_polish.augment_hue=0.05"))["stage1"]
+    whole = run(
+        config(
+            tmp_path / "whole",
+            *common,
+            "data.augment_hue=0.5",
+            "data.augment_grain=0.05",
+            "stage1_polish.augment_hue=0.05",
+        )
+    )["stage1"]
     assert [(a.hue, a.saturation, a.grain, a.flips) for a in drawn] == [(0.5, 0.0, 0.05, False), (0.05, 0.2, 0.0, True)]
     main_end = load_file(str(tmp_path / "whole" / "stage1" / "checkpoint-4" / TRAINABLE_FILE))
     polish_end = load_file(str(tmp_path / "whole" / "stage1" / "polish" / "checkpoint-4" / TRAINABLE_FILE))
@@ -545,8 +684,16 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
 
     for part in ("checkpoint-2", "polish/checkpoint-2"):  # a main-phase checkpoint is left over from mid-run
         shutil.copytree(tmp_path / "whole" / "stage1" / part, tmp_path / "resumed" / "stage1" / part)
-    resumed = run(config(tmp_path / "resumed", *common, "data.augment_hue=0.5", "data.augment_grain=0.05",
-                         "stage1_polish.augment_hue=0.05", "resume=true"))["stage1"]
+    resumed = run(
+        config(
+            tmp_path / "resumed",
+            *common,
+            "data.augment_hue=0.5",
+            "data.augment_grain=0.05",
+            "stage1_polish.augment_hue=0.05",
+            "resume=true",
+        )
+    )["stage1"]
     assert not (tmp_path / "resumed" / "stage1" / "checkpoint-4").exists()  # the main phase did not run again
     again = load_file(str(resumed / "model.safetensors"))
     for name, value in polish_end.items():
@@ -555,7 +702,8 @@ def test_stage1_polish_is_a_second_phase_that_ends_stage_one_and_resumes(prepare
 
 @pytest.mark.parametrize("workers", [2, 0], ids=["cache-fill-decodes", "decoded-up-front"])
 def test_images_that_do_not_decode_are_skipped_and_the_held_out_split_is_the_one_later_commands_use(
-        prepared, tmp_path, capsys, workers):
+    prepared, tmp_path, capsys, workers
+):
     """Stage 1 draws its split from the header-checked images and decodes each part once (the cache fill decodes the
     training part); a truncated image (a readable header, pixels cut off) is reported and left out wherever it falls.
     `train.self_reference` decodes only the held-out part and gets exactly the images stage 1 calibrated on."""
@@ -566,8 +714,16 @@ def test_images_that_do_not_decode_are_skipped_and_the_held_out_split_is_the_one
 
     images = tmp_path / "images"
     shutil.copytree(prepared["images"], images)
-    cfg = config(tmp_path / "run", f"model.path={prepared['base']}", f"data.masked={images}", "stage=stage1",
-                 "stage1_steps=2", "trainer.save_steps=2", "data.cache_images=true", f"data.cache_workers={workers}")
+    cfg = config(
+        tmp_path / "run",
+        f"model.path={prepared['base']}",
+        f"data.masked={images}",
+        "stage=stage1",
+        "stage1_steps=2",
+        "trainer.save_steps=2",
+        "data.cache_images=true",
+        f"data.cache_workers={workers}",
+    )
     records, _ = read_masked(images, full_check=False)
     train, held_out = split_records(records, cfg.data.val_fraction, cfg.data.split_seed)
     truncated = [held_out[0].image, train[3].image]

@@ -33,7 +33,12 @@ def test_fit_raises_held_out_pixel_auroc_and_the_checkpoint_loads(setup, tmp_pat
     model, data = setup
     before = _files(model)
     out = tmp_path / "final"
-    assert main(["--model", str(model), "--data", str(data), "--out", str(out), "--val-fraction", "0.5", "--weight", "0.8"]) == 0
+    assert (
+        main(
+            ["--model", str(model), "--data", str(data), "--out", str(out), "--val-fraction", "0.5", "--weight", "0.8"]
+        )
+        == 0
+    )
     assert _files(model) == before  # the input checkpoint is untouched
     report = strict_json((out / "self_reference.json").read_text())
     strict_json((out / "calibration.json").read_text())
@@ -51,7 +56,10 @@ def test_fit_raises_held_out_pixel_auroc_and_the_checkpoint_loads(setup, tmp_pat
     assert not np.allclose(loaded.detect(image).anomaly_map, plain.anomaly_map)
 
 
-@pytest.mark.parametrize("case", ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data", "bad_training_config", "bad_few_shot"])
+@pytest.mark.parametrize(
+    "case",
+    ["same_folder", "out_exists", "not_a_checkpoint", "bad_weight", "no_data", "bad_training_config", "bad_few_shot"],
+)
 def test_bad_input_is_one_line_and_nothing_is_overwritten(setup, tmp_path, capsys, case):
     from train.self_reference import main
 
@@ -100,14 +108,16 @@ def test_default_split_is_the_one_training_held_out(setup, tmp_path):
     report = add_self_reference(copy, data, tmp_path / "out")
     records, _ = read_masked(data)
     assert report["held_out"] == len(split_records(records, 0.3, 5)[1])
-    assert report["held_out"] != len(split_records(records, 0.1, 0)[1])  # not the fallback used without a training config
+    assert report["held_out"] != len(
+        split_records(records, 0.1, 0)[1]
+    )  # not the fallback used without a training config
 
 
 def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup, tmp_path):
     from assistant import AnomalyAssistant
+    from assistant.calibration import balanced_accuracy_threshold
     from train.data import read_masked, split_records
     from train.self_reference import main
-    from assistant.calibration import balanced_accuracy_threshold
 
     model, data = setup
     out = {}
@@ -124,7 +134,9 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     labels = np.array([int(r.label == 1) for r in held_out])
     scores = np.array([r.pred_score for r in eight.detect_batch([r.image for r in held_out])])
     assert eight.model.config.image_threshold == pytest.approx(balanced_accuracy_threshold(labels, scores)[1], abs=1e-5)
-    assert reports[8]["calibration"]["image_threshold"] != pytest.approx(reports[1]["calibration"]["image_threshold"], abs=1e-6)
+    assert reports[8]["calibration"]["image_threshold"] != pytest.approx(
+        reports[1]["calibration"]["image_threshold"], abs=1e-6
+    )
 
 
 def test_few_shot_thresholds_put_the_few_shot_verdict_where_calibration_put_it(setup, tmp_path):
@@ -156,7 +168,12 @@ def test_few_shot_thresholds_put_the_few_shot_verdict_where_calibration_put_it(s
     for a, b in zip(few.detect_batch(images[:4]), raw.detect_batch(images[:4])):  # zero-shot: as before
         assert a.pred_score == pytest.approx(b.pred_score) and a.pred_label == b.pred_label
     # refitting without --few-shot drops them: they belonged to the map and scale that were replaced
-    assert main(["--model", str(calibrated), "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            ["--model", str(calibrated), "--data", str(data), "--val-fraction", "0.5", "--out", str(tmp_path / "again")]
+        )
+        == 0
+    )
     assert AnomalyAssistant.from_pretrained(tmp_path / "again").model.config.few_shot_thresholds is None
 
 
@@ -180,14 +197,16 @@ def test_image_threshold_balances_misses_and_false_alarms():
     catch one more defect; the best balanced accuracy does not, and no other threshold balances better."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from eval.metrics import f1_max
     from assistant.calibration import balanced_accuracy_threshold
+    from eval.metrics import f1_max
 
     labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
     scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.2, 0.5, 0.1])
     best, threshold = balanced_accuracy_threshold(labels, scores)
     assert threshold == pytest.approx(0.6)  # the lowest-scored defect is left as a miss
-    assert f1_max(labels, scores)[1] == pytest.approx(0.2)  # F1 buys it with a false alarm on one of the two normal images
+    assert f1_max(labels, scores)[1] == pytest.approx(
+        0.2
+    )  # F1 buys it with a false alarm on one of the two normal images
     candidates = [balanced_accuracy_score(labels, scores >= t) for t in np.unique(scores)]
     assert best == pytest.approx(max(candidates)) == pytest.approx(balanced_accuracy_score(labels, scores >= threshold))
 

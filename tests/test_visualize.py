@@ -108,7 +108,7 @@ def test_boxes_are_outlined_at_their_coordinates_with_a_score_label():
     assert outline[y0, x0:x1].all() and outline[y1 - 1, x0:x1].all()
     assert not outline[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].any()  # hollow
     assert not outline[y0:y1, x1].any() and not outline[y1, x0:x1].any()  # exclusive x1/y1
-    label = np.asarray(result)[: y0, x0 : x1 + 20]
+    label = np.asarray(result)[:y0, x0 : x1 + 20]
     assert coloured(Image.fromarray(label), BOX_COLOUR).sum() > 20  # label above the box
     assert (label.max(axis=-1) < 60).sum() > 5  # with dark (antialiased) text in it
 

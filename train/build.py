@@ -28,11 +28,17 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
         families = tuple(synth.families) or tuple(FAMILIES)
         unknown = [f for f in families if f not in all_families()]
         if unknown:
-            raise ConfigError(f"data.synth.families: unknown family {unknown[0]!r}; choose from {', '.join(all_families())}")
+            raise ConfigError(
+                f"data.synth.families: unknown family {unknown[0]!r}; choose from {', '.join(all_families())}"
+            )
         with atomic_folder(images) as staging:
             # one process per core: every sample depends only on (seed, family, index), so the data are the same
-            write_dataset(staging, SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio), overwrite=True,
-                          workers=default_workers())
+            write_dataset(
+                staging,
+                SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio),
+                overwrite=True,
+                workers=default_workers(),
+            )
     if not instructions.is_file():
         records, _ = build_instructions(read_mvtec(images), data_dir, seed=synth.seed)
         write_instructions(records, instructions, overwrite=True)
@@ -60,8 +66,11 @@ def data_paths(cfg: TrainConfig, run_root: Path) -> tuple[Path | None, Path | No
 def instruction_corpus(instructions: Path | None) -> list[str]:
     from assistant.scratch import DEFAULT_CORPUS
 
-    corpus = list(DEFAULT_CORPUS) + [" with slightly suspicious features: ", " with moderately suspicious features: ",
-                                     " with highly suspicious features: "]
+    corpus = list(DEFAULT_CORPUS) + [
+        " with slightly suspicious features: ",
+        " with moderately suspicious features: ",
+        " with highly suspicious features: ",
+    ]
     if instructions is not None and instructions.is_file():
         for entry in json.loads(instructions.read_text()):
             corpus += [turn["value"].replace("<image>", "") for turn in entry.get("conversations", [])]
@@ -87,22 +96,37 @@ def init_model(init: ModelInit, corpus: list[str], out: Path) -> Path:
         mean_std = (vision.image_mean, vision.image_std)
     else:
         vision = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[init.vision](
-            hidden_size=init.vision_hidden, intermediate_size=init.vision_hidden * 4, num_hidden_layers=init.vision_layers,
-            num_attention_heads=init.vision_heads or max(1, init.vision_hidden // 16), image_size=init.tile, patch_size=init.patch,
+            hidden_size=init.vision_hidden,
+            intermediate_size=init.vision_hidden * 4,
+            num_hidden_layers=init.vision_layers,
+            num_attention_heads=init.vision_heads or max(1, init.vision_hidden // 16),
+            image_size=init.tile,
+            patch_size=init.patch,
         )
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[init.text]
     text = text_cls(
-        vocab_size=len(tokenizer), hidden_size=init.text_hidden, intermediate_size=init.text_hidden * 3,
-        num_hidden_layers=init.text_layers, num_attention_heads=init.text_heads, num_key_value_heads=init.text_heads,
-        max_position_embeddings=4096, tie_word_embeddings=init.text == "qwen2",
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=init.text_hidden,
+        intermediate_size=init.text_hidden * 3,
+        num_hidden_layers=init.text_layers,
+        num_attention_heads=init.text_heads,
+        num_key_value_heads=init.text_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=init.text == "qwen2",
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    processor = image_processor(init.tile, clip_normalisation=init.vision == "clip", max_tiles_side=init.max_tiles_side,
-                                mean_std=mean_std)
+    processor = image_processor(
+        init.tile, clip_normalisation=init.vision == "clip", max_tiles_side=init.max_tiles_side, mean_std=mean_std
+    )
     config = AnomalyAssistantConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default" if init.vision == "clip" else "full",
-        image_grid_pinpoints=processor.image_grid_pinpoints, vision_aspect_ratio="anyres_max_4",
+        image_grid_pinpoints=processor.image_grid_pinpoints,
+        vision_aspect_ratio="anyres_max_4",
     )
     torch.manual_seed(init.seed)
     model = AnomalyAssistantModel(config)
@@ -132,7 +156,9 @@ def quantization_config(model_path: Path):
             )
     skip = ["vision_tower", "expert", "selector", "multi_modal_projector", "lm_head"]
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         llm_int8_skip_modules=skip,
     )
 
@@ -146,8 +172,10 @@ def load_model(path: Path, quantize: bool = False, dtype: torch.dtype = torch.fl
     from assistant.processing import AssistantProcessor
     from assistant.qwen import QwenAssistantConfig, QwenAssistantModel, QwenProcessor
 
-    classes = {"anomaly_assistant": (AnomalyAssistantModel, AssistantProcessor),
-               QwenAssistantConfig.model_type: (QwenAssistantModel, QwenProcessor)}
+    classes = {
+        "anomaly_assistant": (AnomalyAssistantModel, AssistantProcessor),
+        QwenAssistantConfig.model_type: (QwenAssistantModel, QwenProcessor),
+    }
     try:
         if not quantize:
             model, processor, generation, _ = checkpoint.load(path, dtype=dtype)
@@ -160,5 +188,9 @@ def load_model(path: Path, quantize: bool = False, dtype: torch.dtype = torch.fl
     except checkpoint.ModelLoadError as error:
         raise ConfigError(str(error)) from None
     processor = processor_class.from_pretrained(path, model.config)
-    generation = GenerationConfig.from_pretrained(path) if (Path(path) / "generation_config.json").is_file() else GenerationConfig()
+    generation = (
+        GenerationConfig.from_pretrained(path)
+        if (Path(path) / "generation_config.json").is_file()
+        else GenerationConfig()
+    )
     return model.train(), processor, generation

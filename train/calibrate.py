@@ -68,8 +68,37 @@ def batch_mode_calibration(model, processor, records, map_size: int, prepared=No
     return report
 
 
-def recalibrate(model_path, data, out, few_shot: int = 0, batch_mode: bool = False, map_size: int = 64,
-                overwrite: bool = False) -> dict:
+def domain_calibration(model, processor, records, settings, batch_size: int = 16) -> dict:
+    """The out-of-domain threshold again (`Calibration.with_domain`), from the held-out images' distances to the
+    checkpoint's domain bank."""
+    import torch
+
+    from assistant.calibration import Calibration
+    from assistant.domain import embeddings
+
+    from .scoring import Prepared
+
+    if model.domain_bank is None:
+        raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
+    prepared, distances = Prepared(processor, 8), []
+    for _, group in prepared.batches(records, batch_size):
+        vectors = embeddings(model, torch.cat([item[0] for item in group]), [item[1] for item in group])
+        distances.append(model.domain_distance(vectors[:, None, :]))
+    calibration, report = Calibration.of(model.config).with_domain(torch.cat(distances).cpu().numpy(), settings)
+    calibration.write(model.config)
+    return report
+
+
+def recalibrate(
+    model_path,
+    data,
+    out,
+    few_shot: int = 0,
+    batch_mode: bool = False,
+    map_size: int = 64,
+    overwrite: bool = False,
+    domain_margin: float | None = None,
+) -> dict:
     from assistant import checkpoint, jsonutil
 
     from .data import read_held_out
@@ -94,15 +123,33 @@ def recalibrate(model_path, data, out, few_shot: int = 0, batch_mode: bool = Fal
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
     prepared = Prepared(processor, map_size, keep_bytes=2 << 30)
-    report = {"model": str(model_path), "data": str(data), "held_out": len(held_out),
-              "zero_shot": calibrate(model, processor, held_out, map_size, prepared=prepared)}
+    report = {
+        "model": str(model_path),
+        "data": str(data),
+        "held_out": len(held_out),
+        "zero_shot": calibrate(model, processor, held_out, map_size, prepared=prepared),
+    }
     if few_shot:
         report["few_shot"] = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared)
     if batch_mode:
         report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared)
+    if domain_margin is not None:
+        from assistant.calibration import CalibrationConfig
+
+        try:
+            settings = CalibrationConfig(domain_margin=domain_margin)
+        except ValueError as error:
+            raise CalibrateError(str(error)) from None
+        report["domain"] = domain_calibration(model, processor, held_out, settings)
     with atomic_folder(out) as staging:
-        write_model_parts(staging, model, processor, generation, model_path,
-                          ("training_config.yaml", "git_commit.txt", "training_summary.json"))
+        write_model_parts(
+            staging,
+            model,
+            processor,
+            generation,
+            model_path,
+            ("training_config.yaml", "git_commit.txt", "training_summary.json"),
+        )
         (staging / "calibration.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
     return report
 
@@ -110,19 +157,46 @@ def recalibrate(model_path, data, out, few_shot: int = 0, batch_mode: bool = Fal
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a full checkpoint folder with an expert")
-    parser.add_argument("--data", required=True, type=Path, help="the masked images it was trained on (its held-out split is used)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="the masked images it was trained on (its held-out split is used)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="the new checkpoint folder")
-    parser.add_argument("--few-shot", type=int, default=0, metavar="K", help="also fit the few-shot mode with K references")
+    parser.add_argument(
+        "--few-shot", type=int, default=0, metavar="K", help="also fit the few-shot mode with K references"
+    )
     parser.add_argument("--batch-mode", action="store_true", help="also fit the folder (batch) zero-shot mode")
+    parser.add_argument(
+        "--domain-margin",
+        type=float,
+        default=None,
+        metavar="M",
+        help="also refit the out-of-domain threshold: M times the held-out images' 99th-percentile distance",
+    )
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    report = recalibrate(args.model, args.data, args.out, args.few_shot, args.batch_mode, args.map_size, args.overwrite)
+    report = recalibrate(
+        args.model,
+        args.data,
+        args.out,
+        args.few_shot,
+        args.batch_mode,
+        args.map_size,
+        args.overwrite,
+        args.domain_margin,
+    )
+    if "domain" in report:
+        print(
+            f"out-of-domain threshold {report['domain']['domain_threshold']:.3f} (held-out 99th percentile "
+            f"{report['domain']['held_out_q99']:.3f})"
+        )
     for mode in ("zero_shot", "few_shot", "batch"):
         if mode in report:
             fit = report[mode]
-            print(f"{mode}: held-out image AUROC {fit['image_auroc']:.3f}, pixel AUROC {fit['pixel_auroc']:.3f}, "
-                  f"thresholds {fit.get('image_threshold', float('nan')):.3f} / {fit.get('pixel_threshold', float('nan')):.3f}")
+            print(
+                f"{mode}: held-out image AUROC {fit['image_auroc']:.3f}, pixel AUROC {fit['pixel_auroc']:.3f}, "
+                f"thresholds {fit.get('image_threshold', float('nan')):.3f} / {fit.get('pixel_threshold', float('nan')):.3f}"
+            )
     print(f"written to {args.out}")
     return 0
 

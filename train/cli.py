@@ -15,11 +15,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m train", description="Train the anomaly assistant (stage 1: expert, stage 2: instructions).")
+    parser = _Parser(
+        prog="python -m train", description="Train the anomaly assistant (stage 1: expert, stage 2: instructions)."
+    )
     parser.add_argument("items", nargs="*", help="[stage1|stage2|all] CONFIG.yaml [key=value ...]")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
     parser.add_argument("--full", action="store_true", help="stage 2: full fine-tuning instead of LoRA")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # the deepspeed launcher's
     return parser
 
 
@@ -31,7 +35,12 @@ def parse(argv: list[str] | None):
     stray = [i for i in items if "=" not in i]
     if stray:
         raise ConfigError(f"unexpected argument {stray[0]!r}; overrides are key=value")
-    overrides = items + ([f"stage={stage}"] if stage else []) + (["resume=true"] if args.resume else []) + (["full=true"] if args.full else [])
+    overrides = (
+        items
+        + ([f"stage={stage}"] if stage else [])
+        + (["resume=true"] if args.resume else [])
+        + (["full=true"] if args.full else [])
+    )
     return load_config(path, overrides)
 
 

@@ -105,7 +105,9 @@ class DataConfig:
     augment_saturation: float = 0.0
     augment_lighting: float = 0.0
     augment_grain: float = 0.0
-    mask_targets: str = "max"  # stage 1's map targets: max (a cell any defect pixel touches is 1) | area (its defective fraction)
+    mask_targets: str = (
+        "max"  # stage 1's map targets: max (a cell any defect pixel touches is 1) | area (its defective fraction)
+    )
     split_seed: int = 0
 
 
@@ -194,7 +196,7 @@ class TrainConfig:
     #: how stage 1 and stage 2 fit thresholds (`assistant.calibration.CalibrationConfig`)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.quantization not in ("none", "4bit"):
@@ -206,11 +208,15 @@ class TrainConfig:
         if self.model.path is None and self.model.init is None:
             raise ConfigError("give model.path (a checkpoint folder) or a model.init section")
         if self.model.init is not None and self.model.init.vision not in INIT_TOWERS:
-            raise ConfigError(f"model.init.vision must be one of {', '.join(INIT_TOWERS)}, got {self.model.init.vision!r}")
+            raise ConfigError(
+                f"model.init.vision must be one of {', '.join(INIT_TOWERS)}, got {self.model.init.vision!r}"
+            )
         heads = None if self.model.init is None else self.model.init.vision_heads
         if heads is not None and (heads < 1 or self.model.init.vision_hidden % heads):
-            raise ConfigError(f"model.init.vision_heads must divide model.init.vision_hidden "
-                              f"({self.model.init.vision_hidden}), got {heads!r}")
+            raise ConfigError(
+                f"model.init.vision_heads must divide model.init.vision_hidden "
+                f"({self.model.init.vision_hidden}), got {heads!r}"
+            )
         if self.model.init is not None and self.model.init.text not in ("llama", "qwen2"):
             raise ConfigError(f"model.init.text must be llama or qwen2, got {self.model.init.text!r}")
         if not 0.0 < self.data.val_fraction < 1.0:
@@ -223,14 +229,18 @@ class TrainConfig:
         if self.stage1_ema is not None and not 0.0 < self.stage1_ema < 1.0:
             raise ConfigError(f"stage1_ema must be in (0, 1), got {self.stage1_ema}")
         if self.stage1_ema is not None and self.trainer.deepspeed is not None:
-            raise ConfigError("stage1_ema does not work with DeepSpeed (its parameters are partitioned); use DDP (torchrun)")
+            raise ConfigError(
+                "stage1_ema does not work with DeepSpeed (its parameters are partitioned); use DDP (torchrun)"
+            )
         polish = self.stage1_polish
         if polish is not None:
             if polish.steps < 1 or polish.lr <= 0 or not 0.0 <= polish.warmup_ratio < 1.0:
                 raise ConfigError("stage1_polish needs steps ≥ 1, lr > 0 and warmup_ratio in [0, 1)")
             check_augment_ranges("stage1_polish.", polish)
             if self.stage1_ema is not None:
-                raise ConfigError("stage1_polish and stage1_ema cannot be combined (the average would span both phases)")
+                raise ConfigError(
+                    "stage1_polish and stage1_ema cannot be combined (the average would span both phases)"
+                )
         if self.data.cache_workers < 0 or self.trainer.num_workers < 0:
             raise ConfigError("data.cache_workers and trainer.num_workers must be ≥ 0")
         if self.trainer.max_steps < 1 or self.trainer.batch_size < 1 or self.trainer.grad_accum < 1:
@@ -246,11 +256,17 @@ class TrainConfig:
 
 def check_augment_ranges(prefix: str, section) -> None:
     """The stage-1 augmentation ranges, for `data.` and `stage1_polish.` alike (their `augment_*` fields share names)."""
-    for name, low, high, closed, unit in (("hue", 0.0, 0.5, True, " turns"), ("saturation", 0.0, 1.0, False, ""),
-                                          ("lighting", 0.0, 1.0, False, ""), ("grain", 0.0, 0.5, True, "")):
+    for name, low, high, closed, unit in (
+        ("hue", 0.0, 0.5, True, " turns"),
+        ("saturation", 0.0, 1.0, False, ""),
+        ("lighting", 0.0, 1.0, False, ""),
+        ("grain", 0.0, 0.5, True, ""),
+    ):
         value = getattr(section, f"augment_{name}")
         if not (low <= value <= high if closed else low <= value < high):
-            raise ConfigError(f"{prefix}augment_{name} must be in [{low:g}, {high:g}{']' if closed else ')'}{unit}, got {value}")
+            raise ConfigError(
+                f"{prefix}augment_{name} must be in [{low:g}, {high:g}{']' if closed else ')'}{unit}, got {value}"
+            )
 
 
 # -- building dataclasses from plain dicts, strictly ------------------------------------------------
@@ -279,7 +295,7 @@ def _scalar(value):
 
 
 def _coerce(value, tp, key: str):
-    allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else (tp,)
+    allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) else (tp,)
     if value is None:
         if type(None) in allowed:
             return None
@@ -398,7 +414,13 @@ def git_commit() -> str | None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None

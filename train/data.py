@@ -21,6 +21,7 @@ from PIL import Image
 
 from data_prep.records import ReadResult, Record
 
+
 @dataclass
 class Skipped:
     """Inputs left out of training, with the reason for each (printed once and counted)."""
@@ -84,7 +85,9 @@ def read_masked_or_fail(root: str | Path, full_check: bool = True) -> tuple[list
         raise ValueError(f"cannot read masked images from {root}: {error}") from None
     skipped.report(str(root))
     if not records:
-        raise ValueError(f"no masked images in {root} (an MVTec-layout folder, the synthetic generator's output or a VisA root)")
+        raise ValueError(
+            f"no masked images in {root} (an MVTec-layout folder, the synthetic generator's output or a VisA root)"
+        )
     return records, skipped
 
 
@@ -129,11 +132,25 @@ def load_mask(path: str | None, size: tuple[int, int]) -> torch.Tensor:
 #: the names each stage's module holds, reachable from here for the code that imports them from `train.data`
 _STAGE_NAMES = {
     "data_stage1": (
-        "mask_at", "mask_coverage", "MASK_TARGETS", "MaskedImages", "Augment", "grain_field", "hue_rotation", "collate_masked"
+        "mask_at",
+        "mask_coverage",
+        "MASK_TARGETS",
+        "MaskedImages",
+        "Augment",
+        "grain_field",
+        "hue_rotation",
+        "collate_masked",
     ),
     "data_stage2": (
-        "IGNORE_INDEX", "ROLE", "chat_messages", "level_for", "where_for", "encode_conversation", "PARALLEL_ENCODE_FROM",
-        "Conversations", "ConversationCollator",
+        "IGNORE_INDEX",
+        "ROLE",
+        "chat_messages",
+        "level_for",
+        "where_for",
+        "encode_conversation",
+        "PARALLEL_ENCODE_FROM",
+        "Conversations",
+        "ConversationCollator",
     ),
 }
 

@@ -52,7 +52,7 @@ class MaskedImages(Dataset):
         processor,
         map_size: int = 64,
         cache: bool = False,
-        augment: "Augment | None" = None,
+        augment: Augment | None = None,
         mask_targets: str = "max",
     ):
         self.records, self.processor, self.map_size = records, processor, map_size
@@ -63,7 +63,7 @@ class MaskedImages(Dataset):
         self._std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
         self.set_augment(augment)
 
-    def set_augment(self, augment: "Augment | None") -> None:
+    def set_augment(self, augment: Augment | None) -> None:
         """Change the augmentation (stage 1's polish phase); the cached items are the unaugmented ones, so they stay."""
         self.augment = augment if augment is not None and augment.active else None
 

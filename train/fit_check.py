@@ -36,15 +36,21 @@ def part_report(model, processor, records, map_size: int) -> dict:
     from .scoring import score_records
 
     labels, scores, maps, masks = score_records(model, processor, records, map_size)
-    report = {key: value for key, value in fit_report(labels, scores, maps, masks).items()
-              if key in ("n", "n_anomalous", "image_auroc", "pixel_auroc")}
+    report = {
+        key: value
+        for key, value in fit_report(labels, scores, maps, masks).items()
+        if key in ("n", "n_anomalous", "image_auroc", "pixel_auroc")
+    }
     calibration = model.config.calibration
     threshold = calibration.image_threshold
     right = np.array([calibration.is_anomalous(s) for s in scores]) == (labels == 1)
     truths = [r.defect_type or "anomalous" if r.label == 1 else "normal" for r in records]
     total, found = Counter(truths), Counter(t for t, ok in zip(truths, right) if ok)
-    report.update(threshold=threshold, verdict_accuracy=float(right.mean()),
-                  right_per_truth={t: [found[t], total[t]] for t in sorted(total, key=lambda t: (t != "normal", t))})
+    report.update(
+        threshold=threshold,
+        verdict_accuracy=float(right.mean()),
+        right_per_truth={t: [found[t], total[t]] for t in sorted(total, key=lambda t: (t != "normal", t))},
+    )
     return report
 
 
@@ -59,7 +65,9 @@ def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64)
         raise FitCheckError(f"{model_path} is not a checkpoint folder (no config.json)")
     if n < 2:
         raise FitCheckError(f"--n must be at least 2, got {n}")
-    records, _ = read_masked_or_fail(data, full_check=False)  # the split as stage 1 draws it; the parts used decoded below
+    records, _ = read_masked_or_fail(
+        data, full_check=False
+    )  # the split as stage 1 draws it; the parts used decoded below
     val_fraction, split_seed = training_split(model_path) or (0.1, 0)
     train, held_out = split_records(records, val_fraction, split_seed)
     if not train or not held_out:
@@ -72,15 +80,25 @@ def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64)
     model.eval()
     if model.expert is None:
         raise FitCheckError(f"{model_path} has no anomaly expert")
-    return {"model": str(model_path), "data": str(data), "val_fraction": val_fraction, "split_seed": split_seed,
-            "training_sample": part_report(model, processor, sample, map_size),
-            "held_out": part_report(model, processor, held_out, map_size)}
+    return {
+        "model": str(model_path),
+        "data": str(data),
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "training_sample": part_report(model, processor, sample, map_size),
+        "held_out": part_report(model, processor, held_out, map_size),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.fit_check", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a checkpoint folder with an expert")
-    parser.add_argument("--data", required=True, type=Path, help="the masked images it was trained on (MVTec layout, synthetic output or VisA)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="the masked images it was trained on (MVTec layout, synthetic output or VisA)",
+    )
     parser.add_argument("--n", type=int, default=800, help="training images scored (a random sample; default 800)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     parser.add_argument("--out", type=Path, help="also write the report as JSON here (never over an existing file)")
@@ -96,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, key in (("training sample", "training_sample"), ("held-out", "held_out")):
         part = report[key]
         per_truth = ", ".join(f"{t} {a}/{b}" for t, (a, b) in part["right_per_truth"].items())
-        print(f"{name} ({part['n']} images): image AUROC {part['image_auroc']:.3f}, pixel AUROC {part['pixel_auroc']:.3f}, "
-              f"verdicts {part['verdict_accuracy']:.1%} at threshold {part['threshold']:.3f}; right per truth: {per_truth}")
+        print(
+            f"{name} ({part['n']} images): image AUROC {part['image_auroc']:.3f}, pixel AUROC {part['pixel_auroc']:.3f}, "
+            f"verdicts {part['verdict_accuracy']:.1%} at threshold {part['threshold']:.3f}; right per truth: {per_truth}"
+        )
     if args.out is not None:
         args.out.write_text(jsonutil.dumps(report, indent=1) + "\n")
     return 0

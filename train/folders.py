@@ -34,7 +34,9 @@ def atomic_folder(final: Path):
     return manager()
 
 
-def write_model_parts(staging: Path, model, processor, generation, copy_from: Path | None = None, names: tuple[str, ...] = ()) -> None:
+def write_model_parts(
+    staging: Path, model, processor, generation, copy_from: Path | None = None, names: tuple[str, ...] = ()
+) -> None:
     """Model, processor and generation config into `staging`, plus `names` copied from `copy_from`."""
     model.save_pretrained(staging)
     processor.save_pretrained(staging)

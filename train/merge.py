@@ -66,9 +66,18 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, 
     model, processor, generation = load_with_adapter(adapter, base)
     merged = model.merge_and_unload()
     with atomic_folder(out) as staging:
-        write_model_parts(staging, merged, processor, generation, adapter, ("training_config.yaml", "git_commit.txt", "calibration.json"))
+        write_model_parts(
+            staging,
+            merged,
+            processor,
+            generation,
+            adapter,
+            ("training_config.yaml", "git_commit.txt", "calibration.json"),
+        )
         base_path = str(Path(model.peft_config["default"].base_model_name_or_path or base))
-        (staging / "merged_from.json").write_text(json.dumps({"adapter": str(adapter.resolve()), "base": base_path}, indent=1) + "\n")
+        (staging / "merged_from.json").write_text(
+            json.dumps({"adapter": str(adapter.resolve()), "base": base_path}, indent=1) + "\n"
+        )
     return out
 
 

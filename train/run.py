@@ -25,11 +25,21 @@ from assistant.calibration import Calibration, write_report
 
 from .build import data_paths, init_model, instruction_corpus, load_model
 from .config import ConfigError, TrainConfig, git_commit, write_run_info
-from .data import (Augment, ConversationCollator, Conversations, MaskedImages, Skipped, collate_masked, decode_checked,
-                   read_conversations, read_masked, split_records)
+from .data import (
+    Augment,
+    ConversationCollator,
+    Conversations,
+    MaskedImages,
+    Skipped,
+    collate_masked,
+    decode_checked,
+    read_conversations,
+    read_masked,
+    split_records,
+)
+from .folders import atomic_folder, write_model_parts
 from .scoring import calibrate, fit_domain
 from .stage1 import ExpertObjective, WeightAverage, stage1_trainer_class
-from .folders import atomic_folder, write_model_parts
 from .trainer import ReliableTrainer, checkpoint_folders, enable_checkpointing, last_checkpoint, training_arguments
 
 
@@ -47,7 +57,9 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> str | None:
     return found
 
 
-def _save_model_folder(model, processor, generation, folder: Path, cfg: TrainConfig, commit, report: dict | None) -> None:
+def _save_model_folder(
+    model, processor, generation, folder: Path, cfg: TrainConfig, commit, report: dict | None
+) -> None:
     with atomic_folder(folder) as staging:
         write_model_parts(staging, model, processor, generation)
         write_run_info(cfg, staging, commit)
@@ -59,9 +71,14 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
     from assistant.checkpoint import add_expert
 
     run_dir, final = root / "stage1", root / "stage1" / "model"
-    args = training_arguments(cfg, run_dir, cfg.stage1_steps or cfg.trainer.max_steps, cfg.stage1_lr or cfg.trainer.lr,
-                              torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
-                              per_device_train_batch_size=cfg.stage1_batch_size or cfg.trainer.batch_size)
+    args = training_arguments(
+        cfg,
+        run_dir,
+        cfg.stage1_steps or cfg.trainer.max_steps,
+        cfg.stage1_lr or cfg.trainer.lr,
+        torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
+        per_device_train_batch_size=cfg.stage1_batch_size or cfg.trainer.batch_size,
+    )
     if cfg.stage == "all" and cfg.resume and (final / "config.json").is_file():
         _say(args, f"stage 1 already finished: {final}")
         return final
@@ -77,8 +94,9 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
             raise ConfigError(f"model.expert: {error}") from None
         if cfg.model.suspicion_marker is not None:
             model.config.suspicion_marker = cfg.model.suspicion_marker
-        processor = type(processor)(processor.tokenizer, processor.image_processor, model.config,
-                                    processor.chat_template)
+        processor = type(processor)(
+            processor.tokenizer, processor.image_processor, model.config, processor.chat_template
+        )
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
     # default model's 32,000 images: a header check of about 9 s + 0.9 s decoding the held-out part, against a 24.5 s
@@ -92,8 +110,14 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         problems += more
     augment = stage1_augment(cfg, model)
     objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
-    dataset = MaskedImages(train_records, processor, cfg.data.map_size, cache=cfg.data.cache_images, augment=augment,
-                           mask_targets=cfg.data.mask_targets)
+    dataset = MaskedImages(
+        train_records,
+        processor,
+        cfg.data.map_size,
+        cache=cfg.data.cache_images,
+        augment=augment,
+        mask_targets=cfg.data.mask_targets,
+    )
     if fill:
         problems += dataset.fill_cache(cfg.data.cache_workers)
     skipped = Skipped(skipped.problems + problems, skipped.seen)
@@ -108,10 +132,17 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         if resume is not None:
             average.load(resume)
     trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=dataset, data_collator=collate_masked, run_config=cfg, commit=commit,
+        model=objective,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collate_masked,
+        run_config=cfg,
+        commit=commit,
         callbacks=[average] if average is not None else None,  # it saves into each checkpoint before the run info
     )
-    _say(args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}")
+    _say(
+        args, f"stage 1: {len(train_records)} training images, {len(val_records)} held out; resume from {resume or '-'}"
+    )
     if polish_resume is None:
         trainer.train(resume_from_checkpoint=resume)
     else:  # the polish checkpoint holds every trained parameter: the main phase is over
@@ -122,8 +153,9 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         trainer = run_polish(cfg, dataset, model, polish_dir, polish_resume, commit)
     if trainer.is_world_process_zero():
         report = calibrate(model, processor, val_records, cfg.data.map_size, cfg.calibration)
-        report["domain"] = fit_domain(model, processor, [r for r in train_records if r.label != 1], val_records,
-                                      cfg.calibration, seed=cfg.seed)
+        report["domain"] = fit_domain(
+            model, processor, [r for r in train_records if r.label != 1], val_records, cfg.calibration, seed=cfg.seed
+        )
         _save_model_folder(model, processor, generation, final, cfg, commit, report)
         print(f"stage 1: calibration {json.dumps(report)}")
         print(f"stage 1: model written to {final}", flush=True)
@@ -134,20 +166,37 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
 def run_polish(cfg: TrainConfig, dataset, model, polish_dir: Path, resume: str | None, commit: str | None):
     """Stage 1's polish phase (`PolishConfig`): the same loss and data, a new schedule and the milder augmentation."""
     polish = cfg.stage1_polish
-    args = training_arguments(cfg, polish_dir, polish.steps, polish.lr,
-                              torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
-                              per_device_train_batch_size=cfg.stage1_batch_size or cfg.trainer.batch_size,
-                              warmup_steps=int(round(polish.warmup_ratio * polish.steps)))
-    milder = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, augment_flips=polish.augment_flips, augment_hue=polish.augment_hue,
-        augment_saturation=polish.augment_saturation, augment_lighting=polish.augment_lighting,
-        augment_grain=polish.augment_grain))
+    args = training_arguments(
+        cfg,
+        polish_dir,
+        polish.steps,
+        polish.lr,
+        torch_compile=cfg.trainer.torch_compile or cfg.stage1_compile,
+        per_device_train_batch_size=cfg.stage1_batch_size or cfg.trainer.batch_size,
+        warmup_steps=int(round(polish.warmup_ratio * polish.steps)),
+    )
+    milder = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            augment_flips=polish.augment_flips,
+            augment_hue=polish.augment_hue,
+            augment_saturation=polish.augment_saturation,
+            augment_lighting=polish.augment_lighting,
+            augment_grain=polish.augment_grain,
+        ),
+    )
     dataset.set_augment(stage1_augment(milder, model))
     # a new objective module around the same model: accelerate marks the module it prepared (and with stage1_compile
     # the mark reaches the main phase's objective), so reusing that one would leave the polish unprepared, eager
     objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
     trainer = stage1_trainer_class(ReliableTrainer)(
-        model=objective, args=args, train_dataset=dataset, data_collator=collate_masked, run_config=cfg, commit=commit,
+        model=objective,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collate_masked,
+        run_config=cfg,
+        commit=commit,
     )
     _say(args, f"stage 1: polish, {polish.steps} steps at lr {polish.lr:g}; resume from {resume or '-'}")
     trainer.train(resume_from_checkpoint=resume)
@@ -164,12 +213,19 @@ def stage1_augment(cfg: TrainConfig, model) -> Augment:
     from assistant.qwen import QwenAssistantConfig
 
     data = cfg.data
-    augment = Augment(flips=data.augment_flips, hue=data.augment_hue, saturation=data.augment_saturation,
-                      lighting=data.augment_lighting, grain=data.augment_grain)
+    augment = Augment(
+        flips=data.augment_flips,
+        hue=data.augment_hue,
+        saturation=data.augment_saturation,
+        lighting=data.augment_lighting,
+        grain=data.augment_grain,
+    )
     if augment.active and isinstance(model.config, QwenAssistantConfig):
         raise ConfigError("data.augment_* act on image crops; a Qwen2.5-VL base reads flat patches: set them off")
     if data.augment_flips and model.expert.config.views != "base":
-        raise ConfigError("data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image")
+        raise ConfigError(
+            "data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image"
+        )
     return augment
 
 
@@ -213,8 +269,12 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
         skipped.report("stage 2 data")
     to_save = _module_names(model, list(cfg.lora.modules_to_save))
     recalibrate = model.expert is not None and "selector" in to_save
-    train_records, val_records = split_records(records, cfg.data.val_fraction, cfg.data.split_seed) if recalibrate else (records, [])
-    dataset = Conversations(train_records, processor, with_levels=model.expert is not None, max_length=cfg.data.max_length)
+    train_records, val_records = (
+        split_records(records, cfg.data.val_fraction, cfg.data.split_seed) if recalibrate else (records, [])
+    )
+    dataset = Conversations(
+        train_records, processor, with_levels=model.expert is not None, max_length=cfg.data.max_length
+    )
     if args.process_index == 0:
         dataset.skipped.report("stage 2 length")
     if len(dataset) == 0:
@@ -227,27 +287,38 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
         train_model = model
     else:
         from peft import LoraConfig, get_peft_model
-
         from transformers import set_seed
 
         set_seed(cfg.seed)  # LoRA's initialisation: the same adapters in every run and on every rank
         pattern = re.compile(cfg.lora.target_modules)
         if not any(pattern.fullmatch(name) for name, _ in model.named_modules()):
             raise ConfigError(f"lora.target_modules {cfg.lora.target_modules!r} matches no module of the model")
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules, modules_to_save=to_save or None)
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            modules_to_save=to_save or None,
+        )
         train_model = get_peft_model(model, lora)
         train_model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
     if cfg.trainer.gradient_checkpointing:
         enable_checkpointing(model.language_model)
 
     trainer = ReliableTrainer(
-        model=train_model, args=args, train_dataset=dataset, run_config=cfg, commit=commit,
+        model=train_model,
+        args=args,
+        train_dataset=dataset,
+        run_config=cfg,
+        commit=commit,
         data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
     )
     n_trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    _say(args, f"stage 2 ({'full' if cfg.full else 'LoRA'}{', 4-bit base' if cfg.quantization == '4bit' else ''}): "
-               f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}")
+    _say(
+        args,
+        f"stage 2 ({'full' if cfg.full else 'LoRA'}{', 4-bit base' if cfg.quantization == '4bit' else ''}): "
+        f"{len(dataset)} conversations, {n_trainable} trainable parameters; resume from {resume or '-'}",
+    )
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         report = None
@@ -273,9 +344,11 @@ def run_stage2(cfg: TrainConfig, root: Path, instructions: Path, base: Path, com
 def check_chat_template(template: str | None, base: Path) -> None:
     """Stage 2 supervises the assistant text the template marks with `{% generation %}`; refuse one without marks."""
     if isinstance(template, str) and "{% generation" not in template:
-        raise ConfigError(f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 "
-                          "cannot tell the answers it learns from the prompt; give the model a template with the marks "
-                          "(docs/real_models_qwen.md shows one for Qwen2.5-VL)")
+        raise ConfigError(
+            f"the chat template of {base} marks no assistant text ({{% generation %}}), so stage 2 "
+            "cannot tell the answers it learns from the prompt; give the model a template with the marks "
+            "(docs/real_models_qwen.md shows one for Qwen2.5-VL)"
+        )
 
 
 def _base_chat_template(base: Path) -> str | None:

@@ -7,8 +7,6 @@ whose Trainer callback imports transformers' trainer utilities and with them pef
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,7 +76,9 @@ REFERENCE_BANK_BYTES = 1 << 30
 
 
 @torch.no_grad()
-def score_records(model, processor, records, map_size: int, references=None, batch_size: int = 16, prepared: Prepared | None = None):
+def score_records(
+    model, processor, records, map_size: int, references=None, batch_size: int = 16, prepared: Prepared | None = None
+):
     """Image scores, labels, maps and masks (both at map_size²) of `records`, from the detection path (tower + expert,
     the values `encode_images` gives). `references(record)` (optional) gives the normal records each record is
     scored against (the few-shot mode; then one record at a time). Zero-shot, records of the same crop layout are
@@ -100,7 +100,9 @@ def score_records(model, processor, records, map_size: int, references=None, bat
         # LLaVA's pixels are [1, crops, 3, S, S], a Qwen base's flat patches already one image's
         bank = model.reference_bank(pixels[0] if pixels.dim() == 5 else pixels, [size])
         nbytes = sum(level.numel() * level.element_size() for level in bank)
-        if kept + nbytes <= REFERENCE_BANK_BYTES:  # the default model's 320 held-out normals: 4 levels x 288 x 128 floats each, 190 MB
+        if (
+            kept + nbytes <= REFERENCE_BANK_BYTES
+        ):  # the default model's 320 held-out normals: 4 levels x 288 x 128 floats each, 190 MB
             banks[key], kept = bank, kept + nbytes
         return bank
 
@@ -120,8 +122,14 @@ def score_records(model, processor, records, map_size: int, references=None, bat
     return labels, np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def calibrate(model, processor, records, map_size: int, settings: CalibrationConfig | None = None,
-              prepared: Prepared | None = None) -> dict:
+def calibrate(
+    model,
+    processor,
+    records,
+    map_size: int,
+    settings: CalibrationConfig | None = None,
+    prepared: Prepared | None = None,
+) -> dict:
     """Score held-out `records` and fit the zero-shot thresholds (`Calibration.fit`) into `model.config`. Returns the
     fit's report. `settings` default to the model's own `moderate_from` (a refit keeps the checkpoint's suspicion rule)."""
     if settings is None:
@@ -134,8 +142,16 @@ def calibrate(model, processor, records, map_size: int, settings: CalibrationCon
 
 
 @torch.no_grad()
-def fit_domain(model, processor, train_records, held_out_records, settings: CalibrationConfig | None = None,
-               max_train: int = 2000, batch_size: int = 16, seed: int = 0) -> dict:
+def fit_domain(
+    model,
+    processor,
+    train_records,
+    held_out_records,
+    settings: CalibrationConfig | None = None,
+    max_train: int = 2000,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict:
     """The out-of-domain check (`assistant.domain`): a coreset of up to `max_train` training images' embeddings becomes
     `model.domain_bank`, and the held-out images' distances to it set `domain_threshold` (`Calibration.with_domain`)."""
     from assistant.domain import build_bank, embeddings

@@ -30,7 +30,9 @@ class SelfReferenceError(ValueError):
     pass
 
 
-def self_distance_maps(model, processor, records, map_size: int, level: int, k: int, prepared=None, batch_size: int = 16) -> np.ndarray:
+def self_distance_maps(
+    model, processor, records, map_size: int, level: int, k: int, prepared=None, batch_size: int = 16
+) -> np.ndarray:
     """Per record, the self-reference distance map resized to map_size² ([N, S, S], the layout of `score_records`' maps);
     records of the same crop layout `batch_size` at a time."""
     import torch
@@ -48,7 +50,7 @@ def self_distance_maps(model, processor, records, map_size: int, level: int, k: 
             features = levels[level]
             if model.expert.config.views == "base":  # each image's first crop
                 features = features[torch.tensor([0] + counts[:-1]).cumsum(0)]
-                per_image = [features[i:i + 1] for i in range(len(group))]
+                per_image = [features[i : i + 1] for i in range(len(group))]
             else:
                 per_image = list(features.split(counts))
             distance = [self_distance(f, k) for f in per_image]
@@ -56,7 +58,9 @@ def self_distance_maps(model, processor, records, map_size: int, level: int, k: 
     return np.stack(distances)
 
 
-def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 400_000, seed: int = 0) -> tuple[float, float]:
+def fit_scale_bias(
+    distances: np.ndarray, masks: np.ndarray, max_pixels: int = 400_000, seed: int = 0
+) -> tuple[float, float]:
     """Logistic regression of the pixel label on the distance: P(anomalous) = sigmoid(scale · d + bias)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -73,9 +77,8 @@ def fit_scale_bias(distances: np.ndarray, masks: np.ndarray, max_pixels: int = 4
 def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None) -> dict:
     """The few-shot mode's thresholds (`Calibration.with_mode`), written into `model.config`: each held-out image is
     scored against `shots` held-out normal images of its own category (never itself)."""
-    from data_prep.records import ANOMALOUS
-
     from assistant.calibration import Calibration
+    from data_prep.records import ANOMALOUS
 
     from .scoring import score_records
 
@@ -99,8 +102,10 @@ def few_shot_calibration(model, processor, records, map_size: int, shots: int, s
         except ValueError:
             scored = []
     if not scored:
-        raise SelfReferenceError(f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
-                                 f"{shots + 1} normal images per category")
+        raise SelfReferenceError(
+            f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
+            f"{shots + 1} normal images per category"
+        )
     calibration.write(model.config)
     return {"shots": shots, **report}
 
@@ -115,9 +120,20 @@ def training_split(model_path: Path) -> tuple[float, int] | None:
     return float(data["val_fraction"]), int(data.get("split_seed", 0))
 
 
-def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = -1, k: int = 3, val_fraction: float | None = None,
-                       seed: int | None = None, map_size: int = 64, overwrite: bool = False, detection_views: int | None = None,
-                       few_shot: int = 0) -> dict:
+def add_self_reference(
+    model_path,
+    data,
+    out,
+    weight: float = 0.5,
+    level: int = -1,
+    k: int = 3,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    map_size: int = 64,
+    overwrite: bool = False,
+    detection_views: int | None = None,
+    few_shot: int = 0,
+) -> dict:
     """`val_fraction` / `seed` default to the checkpoint's own training split (its `training_config.yaml`), so that
     the fit and the thresholds see only images training held out; without that file, 0.1 and 0.
 
@@ -129,12 +145,14 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     from assistant.metrics import pixel_auroc
 
     from .data import read_held_out
-    from .scoring import Prepared, auroc, calibrate, score_records
     from .folders import atomic_folder, write_model_parts
+    from .scoring import Prepared, auroc, calibrate, score_records
 
     model_path, out = Path(model_path), Path(out)
     if not (model_path / "config.json").is_file():
-        raise SelfReferenceError(f"{model_path} is not a checkpoint folder (no config.json); merge an adapter first with train.merge")
+        raise SelfReferenceError(
+            f"{model_path} is not a checkpoint folder (no config.json); merge an adapter first with train.merge"
+        )
     if out.resolve() == model_path.resolve():
         raise SelfReferenceError("--out must be a new folder, not the --model folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -171,25 +189,45 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
     distances = self_distance_maps(model, processor, held_out, map_size, level, k, prepared)
     scale, bias = fit_scale_bias(distances, masks, seed=seed)
     if scale <= 0:
-        raise SelfReferenceError(f"on {data} the self-reference distance does not rise on defects (fitted scale {scale:.3g}); not added")
+        raise SelfReferenceError(
+            f"on {data} the self-reference distance does not rise on defects (fitted scale {scale:.3g}); not added"
+        )
     model.expert.set_self_reference(weight, scale, bias, level, k)
     model.config.expert_config = model.expert.config.to_dict()
     if detection_views is not None:
         model.config.detection_views = int(detection_views)
     calibration = calibrate(model, processor, held_out, map_size, prepared=prepared)  # scores the held-out split again
-    few_shot_report = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared) if few_shot else None
+    few_shot_report = (
+        few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared) if few_shot else None
+    )
     after = {"image_auroc": calibration["image_auroc"], "pixel_auroc": calibration["pixel_auroc"]}
     report = {
-        "model": str(model_path), "data": str(data), "held_out": len(held_out), "skipped": len(skipped.problems),
-        "weight": weight, "level": level, "k": k, "scale": scale, "bias": bias,
+        "model": str(model_path),
+        "data": str(data),
+        "held_out": len(held_out),
+        "skipped": len(skipped.problems),
+        "weight": weight,
+        "level": level,
+        "k": k,
+        "scale": scale,
+        "bias": bias,
         "detection_views": int(getattr(model.config, "detection_views", 1)),
-        "held_out_before": before, "held_out_after": after, "calibration": calibration,
+        "held_out_before": before,
+        "held_out_after": after,
+        "calibration": calibration,
     }
     if few_shot_report is not None:
         report["few_shot"] = few_shot_report
 
     with atomic_folder(out) as staging:
-        write_model_parts(staging, model, processor, generation, model_path, ("training_config.yaml", "git_commit.txt", "training_summary.json"))
+        write_model_parts(
+            staging,
+            model,
+            processor,
+            generation,
+            model_path,
+            ("training_config.yaml", "git_commit.txt", "training_summary.json"),
+        )
         write_report(calibration, staging)
         (staging / "self_reference.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
     return report
@@ -198,36 +236,72 @@ def add_self_reference(model_path, data, out, weight: float = 0.5, level: int = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.self_reference", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a full checkpoint folder with an expert")
-    parser.add_argument("--data", required=True, type=Path, help="masked images (MVTec layout, synthetic output or VisA)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="masked images (MVTec layout, synthetic output or VisA)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="the new checkpoint folder")
     parser.add_argument("--weight", type=float, default=0.5, help="the self-reference map's share of the expert's map")
-    parser.add_argument("--level", type=int, default=-1, help="the expert feature level compared (index into feature_layers)")
+    parser.add_argument(
+        "--level", type=int, default=-1, help="the expert feature level compared (index into feature_layers)"
+    )
     parser.add_argument("--k", type=int, default=3, help="nearest patches averaged")
-    parser.add_argument("--val-fraction", type=float, default=None,
-                        help="held-out share of --data (default: the model's training split, data.val_fraction in its training_config.yaml, else 0.1)")
-    parser.add_argument("--seed", type=int, default=None, help="split seed (default: the model's data.split_seed, else 0)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="held-out share of --data (default: the model's training split, data.val_fraction in its training_config.yaml, else 0.1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="split seed (default: the model's data.split_seed, else 0)"
+    )
     parser.add_argument("--map-size", type=int, default=64)
-    parser.add_argument("--detection-views", type=int, default=None, choices=[1, 2, 4, 8],
-                        help="flips and quarter turns of each image the new checkpoint scores and averages (default: the model's setting); the thresholds are calibrated for it")
-    parser.add_argument("--few-shot", type=int, default=0, metavar="K",
-                        help="also calibrate the few-shot mode: each held-out image against K held-out normal images of its category")
+    parser.add_argument(
+        "--detection-views",
+        type=int,
+        default=None,
+        choices=[1, 2, 4, 8],
+        help="flips and quarter turns of each image the new checkpoint scores and averages (default: the model's setting); the thresholds are calibrated for it",
+    )
+    parser.add_argument(
+        "--few-shot",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also calibrate the few-shot mode: each held-out image against K held-out normal images of its category",
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        report = add_self_reference(args.model, args.data, args.out, args.weight, args.level, args.k, args.val_fraction,
-                                    args.seed, args.map_size, args.overwrite, args.detection_views, args.few_shot)
+        report = add_self_reference(
+            args.model,
+            args.data,
+            args.out,
+            args.weight,
+            args.level,
+            args.k,
+            args.val_fraction,
+            args.seed,
+            args.map_size,
+            args.overwrite,
+            args.detection_views,
+            args.few_shot,
+        )
     except (SelfReferenceError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     b, a = report["held_out_before"], report["held_out_after"]
     views = f", {report['detection_views']} detection views" if report["detection_views"] > 1 else ""
-    print(f"self-reference added (scale {report['scale']:.2f}, bias {report['bias']:.2f}, weight {report['weight']}{views}); "
-          f"held-out ({report['held_out']} images) pixel AUROC {b['pixel_auroc']:.3f} → {a['pixel_auroc']:.3f}, "
-          f"image AUROC {b['image_auroc']:.3f} → {a['image_auroc']:.3f}; written to {args.out}")
+    print(
+        f"self-reference added (scale {report['scale']:.2f}, bias {report['bias']:.2f}, weight {report['weight']}{views}); "
+        f"held-out ({report['held_out']} images) pixel AUROC {b['pixel_auroc']:.3f} → {a['pixel_auroc']:.3f}, "
+        f"image AUROC {b['image_auroc']:.3f} → {a['image_auroc']:.3f}; written to {args.out}"
+    )
     if "few_shot" in report:
         f = report["few_shot"]
-        print(f"few-shot ({f['shots']} references): held-out image AUROC {f['image_auroc']:.3f}, pixel AUROC {f['pixel_auroc']:.3f}; "
-              f"thresholds {f['image_threshold']:.3f} / {f['pixel_threshold']:.3f}")
+        print(
+            f"few-shot ({f['shots']} references): held-out image AUROC {f['image_auroc']:.3f}, pixel AUROC {f['pixel_auroc']:.3f}; "
+            f"thresholds {f['image_threshold']:.3f} / {f['pixel_threshold']:.3f}"
+        )
     return 0
 
 

@@ -27,7 +27,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 _CHECKPOINTING_ARG = (
-    "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
 )
 
 
@@ -88,8 +90,11 @@ def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every `checkpoint-N` folder in `run_dir`, complete or not, by step."""
     if not run_dir.is_dir():
         return []
-    return sorted((int(p.name.split("-")[-1]), p) for p in run_dir.iterdir()
-                  if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit())
+    return sorted(
+        (int(p.name.split("-")[-1]), p)
+        for p in run_dir.iterdir()
+        if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit()
+    )
 
 
 def is_complete(folder: Path) -> bool:
@@ -139,7 +144,9 @@ class ReliableTrainer(Trainer):
 
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         loss = result[0] if return_outputs else result
         self.check_finite(loss)
         return result

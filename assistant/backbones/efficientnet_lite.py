@@ -170,7 +170,10 @@ class MBConv(nn.Module):
     def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) of the expand (if any), depthwise and project convolutions with their BatchNorms folded in."""
         parts = [(self._expand_conv, self._bn0)] if self.expand else []
-        return [_folded(conv, bn) for conv, bn in parts + [(self._depthwise_conv, self._bn1), (self._project_conv, self._bn2)]]
+        return [
+            _folded(conv, bn)
+            for conv, bn in parts + [(self._depthwise_conv, self._bn1), (self._project_conv, self._bn2)]
+        ]
 
     def frozen_forward(self, x: torch.Tensor, folded) -> torch.Tensor:
         """`forward` in eval mode with no gradients, on `folded()` weights: no BatchNorm pass, ReLU6 in place. The

@@ -69,14 +69,21 @@ def _read_class(class_dir: Path, result: ReadResult, full_check: bool) -> None:
                         result.drop(str(mask), "missing ground-truth mask", record_id)
                         continue
                     used_masks.add(mask)
-                pending.append((path, mask, record_id, Record(
-                    image=str(path),
-                    label=NORMAL if defect == GOOD else ANOMALOUS,
-                    mask=str(mask) if mask is not None else None,
-                    category=category,
-                    split=split,
-                    defect_type=None if defect == GOOD else defect,
-                )))
+                pending.append(
+                    (
+                        path,
+                        mask,
+                        record_id,
+                        Record(
+                            image=str(path),
+                            label=NORMAL if defect == GOOD else ANOMALOUS,
+                            mask=str(mask) if mask is not None else None,
+                            category=category,
+                            split=split,
+                            defect_type=None if defect == GOOD else defect,
+                        ),
+                    )
+                )
     reasons = pair_problems([(path, mask) for path, mask, _, _ in pending], full_check)
     for (path, _, record_id, record), reason in zip(pending, reasons):
         if reason is not None:

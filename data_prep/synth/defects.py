@@ -10,8 +10,8 @@ the mask the output equals the normal image exactly, and every masked pixel diff
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -128,7 +128,14 @@ def crack(image, rng, ctx):
     region = draw_path(image.shape[:2], ys, xs, width=2)
     for _ in range(int(rng.integers(1, 3))):
         k = int(rng.integers(1, len(ys) - 1))
-        by, bx = _walk(rng, (ys[k], xs[k]), angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), length * rng.uniform(0.2, 0.4), 0.5, 6)
+        by, bx = _walk(
+            rng,
+            (ys[k], xs[k]),
+            angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2),
+            length * rng.uniform(0.2, 0.4),
+            0.5,
+            6,
+        )
         region |= draw_path(image.shape[:2], by, bx, width=1)
     candidate = image.copy()
     candidate[region] *= rng.uniform(0.1, 0.35)
@@ -219,7 +226,9 @@ DEFECT_TYPES = tuple(DEFECTS)
 _ON_OBJECT = {"foreign_texture", "scratch", "crack", "stain", "hole", "poisson_patch"}
 
 
-def finalize(normal: np.ndarray, candidate: np.ndarray, core: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def finalize(
+    normal: np.ndarray, candidate: np.ndarray, core: np.ndarray, support: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(image, mask) with the mask exactly the changed pixels (see the module docstring)."""
     rounded = np.clip(np.rint(candidate), 0, 255).astype(np.uint8)
     change = np.abs(rounded.astype(np.int16) - normal.astype(np.int16)).max(axis=-1)
@@ -232,7 +241,9 @@ def finalize(normal: np.ndarray, candidate: np.ndarray, core: np.ndarray, suppor
     return out, mask
 
 
-def apply_defect(normal: np.ndarray, defect_type: str, rng: np.random.Generator, ctx: DefectContext | None = None) -> Defect:
+def apply_defect(
+    normal: np.ndarray, defect_type: str, rng: np.random.Generator, ctx: DefectContext | None = None
+) -> Defect:
     """Draw `defect_type` on the uint8 `normal` image; redrawn until it is visible and non-empty."""
     if defect_type not in DEFECTS:
         raise KeyError(f"unknown defect type {defect_type!r}; choose from {', '.join(DEFECT_TYPES)}")

@@ -7,8 +7,8 @@ the object. `FAMILIES` maps each name to its `Family`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage

@@ -31,7 +31,9 @@ def perlin(shape: tuple[int, int], cells: tuple[float, float], rng: np.random.Ge
     return top + uy * (bottom - top)
 
 
-def fractal(shape: tuple[int, int], cells: float, rng: np.random.Generator, octaves: int = 3, persistence: float = 0.5) -> np.ndarray:
+def fractal(
+    shape: tuple[int, int], cells: float, rng: np.random.Generator, octaves: int = 3, persistence: float = 0.5
+) -> np.ndarray:
     """Sum of `octaves` Perlin layers, each with twice the cells and `persistence` times the amplitude."""
     total = np.zeros(shape, dtype=np.float32)
     amplitude, frequency = 1.0, float(cells)

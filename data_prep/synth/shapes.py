@@ -6,7 +6,9 @@ import numpy as np
 from scipy import ndimage
 
 
-def pick_center(rng: np.random.Generator, size: int, foreground: np.ndarray | None, margin: float = 0.08) -> tuple[float, float]:
+def pick_center(
+    rng: np.random.Generator, size: int, foreground: np.ndarray | None, margin: float = 0.08
+) -> tuple[float, float]:
     """A (y, x) centre: on the foreground when one is given, else anywhere `margin`·size from the border."""
     if foreground is not None and foreground.any():
         flat = np.flatnonzero(foreground)
@@ -16,7 +18,9 @@ def pick_center(rng: np.random.Generator, size: int, foreground: np.ndarray | No
     return float(rng.uniform(low, high)), float(rng.uniform(low, high))
 
 
-def ellipse(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float], angle: float = 0.0) -> np.ndarray:
+def ellipse(
+    shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float], angle: float = 0.0
+) -> np.ndarray:
     """Boolean mask of a rotated ellipse."""
     y = np.arange(shape[0], dtype=np.float32)[:, None] - center[0]
     x = np.arange(shape[1], dtype=np.float32)[None, :] - center[1]
@@ -30,8 +34,12 @@ def draw_path(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray, width: int
     mask = np.zeros(shape, dtype=bool)
     segments = np.hypot(np.diff(ys), np.diff(xs))
     steps = np.maximum(np.ceil(segments * 2).astype(int), 1)
-    fy = np.concatenate([np.linspace(ys[i], ys[i + 1], steps[i], endpoint=False) for i in range(len(steps))] + [ys[-1:]])
-    fx = np.concatenate([np.linspace(xs[i], xs[i + 1], steps[i], endpoint=False) for i in range(len(steps))] + [xs[-1:]])
+    fy = np.concatenate(
+        [np.linspace(ys[i], ys[i + 1], steps[i], endpoint=False) for i in range(len(steps))] + [ys[-1:]]
+    )
+    fx = np.concatenate(
+        [np.linspace(xs[i], xs[i + 1], steps[i], endpoint=False) for i in range(len(steps))] + [xs[-1:]]
+    )
     iy, ix = np.rint(fy).astype(int), np.rint(fx).astype(int)
     inside = (iy >= 0) & (iy < shape[0]) & (ix >= 0) & (ix < shape[1])
     mask[iy[inside], ix[inside]] = True

@@ -1,10 +1,10 @@
 """Write a synthetic dataset in the MVTec AD layout, plus `metadata.jsonl`.
 
-    <out>/<family>/train/good/000.png
-    <out>/<family>/test/good/000.png
-    <out>/<family>/test/<defect_type>/000.png
-    <out>/<family>/ground_truth/<defect_type>/000_mask.png
-    <out>/metadata.jsonl        one line per image: paths, split, label, defect_type, bbox, area, location, size
+<out>/<family>/train/good/000.png
+<out>/<family>/test/good/000.png
+<out>/<family>/test/<defect_type>/000.png
+<out>/<family>/ground_truth/<defect_type>/000_mask.png
+<out>/metadata.jsonl        one line per image: paths, split, label, defect_type, bbox, area, location, size
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class SynthPlan:
         n_test_good = int(round(n_normal * TEST_GOOD_FRACTION)) if n_anomalous else 0
         if n_anomalous and n_normal >= 2:
             n_test_good = max(n_test_good, 1)
-        roles: list[tuple[str, str | None]] = [("train", None)] * (n_normal - n_test_good) + [("test", None)] * n_test_good
+        roles: list[tuple[str, str | None]] = [("train", None)] * (n_normal - n_test_good) + [
+            ("test", None)
+        ] * n_test_good
         roles += [("test", self.defect_types[j % len(self.defect_types)]) for j in range(n_anomalous)]
         return roles
 
@@ -92,7 +94,9 @@ def _plan_files(plan: SynthPlan, family: str) -> list[tuple[int, str, str | None
     return files
 
 
-def _write_one(out: Path, plan: SynthPlan, family: str, index: int, split: str, defect_type: str | None, name: str) -> dict:
+def _write_one(
+    out: Path, plan: SynthPlan, family: str, index: int, split: str, defect_type: str | None, name: str
+) -> dict:
     """Generate and save one image (and its mask); returns its metadata line."""
     normal = _custom_source(plan, family, index, split) if plan.normals else None
     # foreign textures only from this run's families: a family left out of the run stays unseen

@@ -56,7 +56,11 @@ class ADTask(Task):
         samples = [
             Sample(
                 key=Path(r.image).resolve().relative_to(root.resolve()).as_posix(),
-                index=i, image=r.image, label=r.label, category=r.category, mask=r.mask,
+                index=i,
+                image=r.image,
+                label=r.label,
+                category=r.category,
+                mask=r.mask,
             )
             for i, r in enumerate(records)
         ]
@@ -64,7 +68,9 @@ class ADTask(Task):
             references = self._references([r for r in result.records if r.split == "train" and r.label == 0])
             for sample in samples:
                 if sample.category not in references:
-                    raise DataError(f"--shots {self.shots}: class '{sample.category}' has no normal training images to draw from")
+                    raise DataError(
+                        f"--shots {self.shots}: class '{sample.category}' has no normal training images to draw from"
+                    )
                 sample.extra["references"] = references[sample.category]
         return Dataset(samples, [str(p) for p in result.problems], len(samples) + len(result.dropped))
 
@@ -78,7 +84,9 @@ class ADTask(Task):
         chosen = {}
         for category, paths in sorted(by_class.items()):
             if len(paths) < self.shots:
-                raise DataError(f"--shots {self.shots}: class '{category}' has only {len(paths)} normal training images")
+                raise DataError(
+                    f"--shots {self.shots}: class '{category}' has only {len(paths)} normal training images"
+                )
             chosen[category] = random.Random(f"{self.shot_seed}/{category}").sample(sorted(paths), self.shots)
         return chosen
 
@@ -132,7 +140,9 @@ def _resize(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return anomaly_map
     from PIL import Image
 
-    return np.asarray(Image.fromarray(anomaly_map, mode="F").resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(
+        Image.fromarray(anomaly_map, mode="F").resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32
+    )
 
 
 def _mask(path: str | None, shape: tuple[int, int]) -> np.ndarray:

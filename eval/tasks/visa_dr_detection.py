@@ -33,7 +33,12 @@ class DetectionTask(Task):
 
     def score(self, samples: list[Sample], predictions: dict[str, dict], options: dict) -> Scores:
         records = [
-            {"image": s.key.split("#")[0], "truth": bool(s.label), "verdict": predictions[s.key]["verdict"], "response": predictions[s.key]["response"]}
+            {
+                "image": s.key.split("#")[0],
+                "truth": bool(s.label),
+                "verdict": predictions[s.key]["verdict"],
+                "response": predictions[s.key]["response"],
+            }
             for s in samples
         ]
         summary, rows = score_detection(records)

@@ -33,7 +33,9 @@ class ReasoningTask(Task):
 
         pairs = []  # (sample, question number, prediction, reference)
         for sample in samples:
-            for number, (reference, response) in enumerate(zip(sample.extra["answers"], predictions[sample.key]["responses"])):
+            for number, (reference, response) in enumerate(
+                zip(sample.extra["answers"], predictions[sample.key]["responses"])
+            ):
                 if reference is not None:
                     pairs.append((sample, number, response, reference))
         n_questions = sum(len(s.extra["questions"]) for s in samples)
@@ -46,7 +48,9 @@ class ReasoningTask(Task):
         if options.get("similarity", True):
             from ..text_metrics import EmbeddingSimilarity
 
-            values["similarity"] = [float(v) for v in EmbeddingSimilarity()([p[2] for p in pairs], [p[3] for p in pairs])]
+            values["similarity"] = [
+                float(v) for v in EmbeddingSimilarity()([p[2] for p in pairs], [p[3] for p in pairs])
+            ]
         else:
             notes.append("sentence-embedding similarity skipped (--no-similarity)")
         if options.get("judge") is not None:

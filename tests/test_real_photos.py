@@ -1,0 +1,73 @@
+"""The shipped default model on real photographs that ship inside installed packages (no download).
+
+Photos that are not inspection images (a landscape, a flower, a cat, a portrait) must be flagged out of domain, and
+the answer must say so without naming an object from the training families; the location words of any answer are
+the report's own. Real photographed surfaces (scikit-image's brick, grass, gravel) are what the model is for.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from assistant.checkpoint import default_model_path
+from assistant.localize import LOCATION_WORDS
+
+pytestmark = pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="no default model")
+skimage_data = pytest.importorskip("skimage.data")
+
+#: nouns the default model's conversations use for its training families: never said of an out-of-domain photo
+TRAINING_NOUNS = ("wooden board", "wood", "fabric", "metal", "pill", "cap", "brick", "lawn", "foreign particle")
+
+
+def photos() -> dict[str, Image.Image]:
+    from sklearn.datasets import load_sample_image
+
+    found = {name: Image.fromarray(load_sample_image(f"{name}.jpg")) for name in ("china", "flower")}
+    found.update(
+        {name: Image.fromarray(getattr(skimage_data, name)()).convert("RGB") for name in ("astronaut", "chelsea")}
+    )
+    return found
+
+
+@pytest.fixture(scope="module")
+def assistant():
+    from assistant import AnomalyAssistant
+
+    return AnomalyAssistant.from_pretrained("default")
+
+
+def locations_in(text: str) -> set[str]:
+    """The location words a text uses, longest first ("lower center" is not also "center")."""
+    text, found = text.lower(), set()
+    for words in sorted(LOCATION_WORDS, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(words)}\b", text):
+            found.add(words)
+            text = re.sub(rf"\b{re.escape(words)}\b", " ", text)
+    return found
+
+
+@pytest.mark.parametrize("name", ["china", "flower", "astronaut", "chelsea"])
+def test_a_photo_that_is_no_inspection_image_is_flagged_and_the_answer_says_so(assistant, name):
+    image = photos()[name]
+    for question in (None, "Is this a cat?"):
+        report = assistant.analyze(image, question=question, max_new_tokens=48)
+        assert report.out_of_domain is True
+        answer = report.answer.lower()
+        assert "does not look like the surfaces and parts i was trained to inspect" in answer
+        assert not [noun for noun in TRAINING_NOUNS if noun in answer], report.answer
+        assert locations_in(answer) <= ({report.location} if report.location else set())
+
+
+def test_real_surfaces_training_saw_are_in_domain_and_answers_use_the_reports_location(assistant):
+    from data_prep.synth.photos import make_photo_crop
+
+    rng = np.random.default_rng(5)
+    for name in ("brick", "grass"):  # the surfaces training saw (new crops)
+        crop = Image.fromarray(make_photo_crop(name, 256, rng)[0].astype(np.uint8))
+        report = assistant.analyze(crop, max_new_tokens=48)
+        assert report.out_of_domain is False
+        assert locations_in(report.answer) <= ({report.location} if report.location else set()), report.answer
