@@ -11,9 +11,7 @@ AdamW step on the same batches of 8 synthetic 128 px images, and the variants ta
 shared machine does not land on one of them. Prints steps/s per variant and the ratio to the built tower's.
 `model.init.vision_heads` in a recipe picks the head count of a tower built from scratch.
 
-Measured 2026-12-01 (`--rounds 3`): 8 x 16 6.75, 4 x 32 7.37 (1.09x), 2 x 64 8.10 steps/s (1.20x). The default
-model's recipe keeps 8 x 16: trained from scratch with 2 x 64 (run h2, docs/default_model_history.md) the tower
-learned less in the same steps and the whole run showed no clear speed gain.
+Measured figures and what they decided are in docs/benchmarks.md and docs/default_model_history.md.
 """
 
 from __future__ import annotations

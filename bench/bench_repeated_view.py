@@ -13,7 +13,7 @@ same in both. Each step is the real stage-2 update of the embedded default model
 rest frozen, eager as the recipe runs it, fused AdamW) on conversations written by `data_prep.instruct` for a small
 synthetic set; the two variants take turns. Prints steps/s per variant, the ratio, and the sequence lengths.
 
-Measured 2026-12-02: as built 2.22, cut 2.66 steps/s (1.20x); `--rounds 3` 2.22 and 2.57 (1.16x).
+Measured figures: docs/benchmarks.md.
 
 It is a measurement of the LLM's share only: a model without the repeated view would be trained from the start
 without it, and its answers would need checking (docs/default_model_history.md).

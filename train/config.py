@@ -41,7 +41,7 @@ class ModelInit:
     vision_hidden: int = 32
     vision_layers: int = 4
     #: the tower's attention heads (None: one per 16 channels). Fewer, wider heads step faster on CPU
-    #: (bench/bench_heads.py), but the default model's 2 x 64 tower learned less in its steps (history, run h2)
+    #: (bench/bench_heads.py), but a 2 x 64 tower learned less in the same steps (docs/default_model_history.md)
     vision_heads: int | None = None
     tile: int = 32  # vision image size
     patch: int = 8

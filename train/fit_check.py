@@ -91,6 +91,12 @@ def fit_check(model_path, data, n: int = 800, seed: int = 0, map_size: int = 64)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from assistant.errors import run_main
+
+    return run_main(_main, argv, bad_input=(FitCheckError, ValueError))
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.fit_check", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a checkpoint folder with an expert")
     parser.add_argument(
@@ -104,13 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the report as JSON here (never over an existing file)")
     args = parser.parse_args(argv)
     if args.out is not None and args.out.exists():
-        print(f"error: {args.out} already exists", file=sys.stderr)
-        return 2
-    try:
-        report = fit_check(args.model, args.data, args.n, args.seed)
-    except (FitCheckError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise FitCheckError(f"{args.out} already exists")
+    report = fit_check(args.model, args.data, args.n, args.seed)
     for name, key in (("training sample", "training_sample"), ("held-out", "held_out")):
         part = report[key]
         per_truth = ", ".join(f"{t} {a}/{b}" for t, (a, b) in part["right_per_truth"].items())

@@ -82,17 +82,19 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from assistant.errors import run_main
+
+    return run_main(_main, argv, bad_input=(MergeError,))
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.merge", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--base", type=Path, help="base model folder (default: the one recorded in the adapter)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        out = merge(args.adapter, args.out, args.base, args.overwrite)
-    except MergeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = merge(args.adapter, args.out, args.base, args.overwrite)
     print(f"merged {args.adapter} into {out}")
     return 0
 

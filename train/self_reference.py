@@ -192,8 +192,7 @@ def add_self_reference(
         raise SelfReferenceError(
             f"on {data} the self-reference distance does not rise on defects (fitted scale {scale:.3g}); not added"
         )
-    model.expert.set_self_reference(weight, scale, bias, level, k)
-    model.config.expert_config = model.expert.config.to_dict()
+    model.set_self_reference(weight, scale, bias, level, k)
     if detection_views is not None:
         model.config.detection_views = int(detection_views)
     calibration = calibrate(model, processor, held_out, map_size, prepared=prepared)  # scores the held-out split again
@@ -234,6 +233,12 @@ def add_self_reference(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from assistant.errors import run_main
+
+    return run_main(_main, argv, bad_input=(SelfReferenceError, ValueError))
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.self_reference", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a full checkpoint folder with an expert")
     parser.add_argument(
@@ -271,24 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        report = add_self_reference(
-            args.model,
-            args.data,
-            args.out,
-            args.weight,
-            args.level,
-            args.k,
-            args.val_fraction,
-            args.seed,
-            args.map_size,
-            args.overwrite,
-            args.detection_views,
-            args.few_shot,
-        )
-    except (SelfReferenceError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = add_self_reference(
+        args.model,
+        args.data,
+        args.out,
+        args.weight,
+        args.level,
+        args.k,
+        args.val_fraction,
+        args.seed,
+        args.map_size,
+        args.overwrite,
+        args.detection_views,
+        args.few_shot,
+    )
     b, a = report["held_out_before"], report["held_out_after"]
     views = f", {report['detection_views']} detection views" if report["detection_views"] > 1 else ""
     print(
