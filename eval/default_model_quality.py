@@ -7,7 +7,7 @@ The set is drawn fresh from the synthetic generator (`data_prep.synth`) with a s
 used (training uses seed 0), half normal and half anomalous (every defect type in turn), for every family;
 families absent from the checkpoint's `training_config.yaml` (`data.synth.families`) are the *unseen*
 families. Rows: seen and unseen procedural families, seen and unseen real photographed surfaces
-(`data_prep.synth.photos`: defects pasted onto new crops of the photos), and all. Per row:
+(`data_prep.synth.photos`: defects pasted onto new crops of the photos, all at one scale, `PHOTO_SCALE`), and all. Per row:
 
 - image AUROC on the expert's `pred_score`, pixel AUROC on the `anomaly_map` (`eval.metrics`);
 - verdict accuracy: `pred_label` equals the ground truth; false alarms: the share of normal images judged anomalous;
@@ -55,15 +55,33 @@ def answer_claim(answer: str) -> str:
     return "unclear"
 
 
+#: the real-surface rows crop their photos at one scale (this share of the photo's side), as one camera at one distance
+#: frames one product line; training drew the scale at random
+PHOTO_SCALE = 0.5
+
+
+def sample_of(family: str, index: int, seed: int, size: int, defect: str | None):
+    """One generated sample; a photographed surface is cropped at `PHOTO_SCALE`."""
+    from data_prep.synth import make_sample
+    from data_prep.synth.generate import sample_rng
+    from data_prep.synth.photos import PHOTOS, make_photo_crop
+
+    normal = None
+    if family in PHOTOS:
+        crop = make_photo_crop(family, size, sample_rng(seed, family, index, stream=2), scale=PHOTO_SCALE)[0]
+        normal = np.clip(np.rint(crop), 0, 255).astype(np.uint8)
+    return make_sample(family, index, seed, size, defect, normal=normal)
+
+
 def held_out_samples(families: list[str], n: int, seed: int, size: int):
     """(family, PIL image, gt mask bool [H, W], label, defect type or None) for `n` images per family: even index
     normal, odd anomalous (the defect types in turn)."""
-    from data_prep.synth import DEFECT_TYPES, make_sample
+    from data_prep.synth import DEFECT_TYPES
 
     for family in families:
         for index in range(n):
             defect = DEFECT_TYPES[(index // 2) % len(DEFECT_TYPES)] if index % 2 else None
-            sample = make_sample(family, index, seed, size, defect)
+            sample = sample_of(family, index, seed, size, defect)
             mask = sample.mask.astype(bool) if sample.mask is not None else np.zeros((size, size), dtype=bool)
             yield family, Image.fromarray(sample.image), mask, int(sample.mask is not None), defect
 
@@ -146,9 +164,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def reference_images(family: str, shots: int, seed: int, size: int) -> list[Image.Image]:
     """`shots` normal images of `family` for the few-shot mode, drawn with `seed` + 1000 (never a test image)."""
-    from data_prep.synth import make_sample
-
-    return [Image.fromarray(make_sample(family, 2 * i, seed + 1000, size, None).image) for i in range(shots)]
+    return [Image.fromarray(sample_of(family, 2 * i, seed + 1000, size, None).image) for i in range(shots)]
 
 
 def row_name(family: str, unseen: list[str]) -> str:
