@@ -123,7 +123,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         self.domain_bank: torch.Tensor | None = None
         self.post_init()
 
-    def set_self_reference(self, weight: float, scale: float, bias: float, level: int | None = None, k: int | None = None):
+    def set_self_reference(
+        self, weight: float, scale: float, bias: float, level: int | None = None, k: int | None = None
+    ):
         """Turn the expert's self-reference map on (`AnomalyExpert.set_self_reference`); the config that a checkpoint
         saves (`config.expert_config`) is the expert's own, so the two never disagree."""
         self.expert.set_self_reference(weight, scale, bias, level, k)

@@ -33,12 +33,18 @@ def photo(name: str) -> np.ndarray:
     return image if image.ndim == 2 else image[..., :3].mean(-1)
 
 
-def make_photo_crop(name: str, size: int, rng: np.random.Generator, scale: float | None = None) -> tuple[np.ndarray, None]:
+def make_photo_crop(
+    name: str, size: int, rng: np.random.Generator, scale: float | None = None
+) -> tuple[np.ndarray, None]:
     """A normal `size`×`size` RGB float32 image of the photographed surface `name` (textures have no foreground).
     `scale` fixes the crop's side as that share of the photo's (one camera at one distance); None draws it."""
     full = photo(name)
     height, width = full.shape
-    side = int(rng.integers(min(height, width) // 4, min(height, width) + 1)) if scale is None else int(min(height, width) * scale)
+    side = (
+        int(rng.integers(min(height, width) // 4, min(height, width) + 1))
+        if scale is None
+        else int(min(height, width) * scale)
+    )
     top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
     crop = Image.fromarray(full[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
     grey = np.rot90(np.asarray(crop, dtype=np.float32), int(rng.integers(4)))
