@@ -338,10 +338,12 @@ class AnomalyAssistant:
         """Folder zero-shot: every image's patches against the other images' (one preprocessing pass, one scoring)."""
         if len(images) < 2:
             raise ValueError("folder zero-shot scoring needs at least 2 images")
-        pixels = [self.processor.preprocess([image]) for image in images]
-        base = torch.cat([p["pixel_values"][:, 0] for p in pixels])
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.processor.preprocess(images[start : start + batch_size])
+            chunks.append((pixels["pixel_values"], pixels["image_sizes"]))
         with torch.no_grad():
-            crop_maps, scores, distances = self.model.detect_folder(base, batch_size=batch_size)
+            crop_maps, scores, distances = self.model.detect_folder(chunks)
         return self._reports(images, crop_maps, scores, distances)
 
     # -- language ---------------------------------------------------------------------------------

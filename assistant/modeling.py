@@ -388,16 +388,22 @@ class AnomalyAssistantModel(PreTrainedModel):
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
         return crop_maps, scores, self.domain_distance(features[first])
 
-    def detect_folder(self, base, lowest: float = LOWEST, batch_size: int = 16):
-        """Folder zero-shot (`assistant.patch_memory.mutual_distance`): each image's base crop [N, 3, S, S] (its whole
-        image, `preprocess`'s first crop) scored patch by patch against the other images' (MuSc). Needs ≥ 2 images.
-        Returns (crop_maps, scores, domain distances) like `detect`; the map is the mutual distance and the score its
-        maximum, on the zero-shot scale when the "batch" mode is calibrated (`Calibration.rescale`)."""
+    def detect_folder(self, chunks, lowest: float = LOWEST):
+        """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
+        images' (MuSc). `chunks` are (pixel_values, image_sizes) batches as the processor makes them, read through the
+        tower one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
+        `detect`: each image's map on its scored crop is the mutual distance and the score its maximum, on the
+        zero-shot scale when the "batch" mode is calibrated (`Calibration.rescale`)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        parts = [self._tower(base[i : i + batch_size]) for i in range(0, len(base), batch_size)]  # the tower in chunks
-        features = torch.cat([p[0] for p in parts])
-        levels = [torch.cat(level) for level in zip(*[p[1] for p in parts])]
+        features, levels = [], []
+        for pixel_values, image_sizes in chunks:
+            chunk_features, chunk_levels, counts, _ = self._detection_features(pixel_values, image_sizes)
+            first = torch.tensor([0] + counts[:-1]).cumsum(0).to(chunk_features.device)  # each image's whole view
+            features.append(chunk_features[first])
+            levels.append([level[first] for level in chunk_levels])
+        features = torch.cat(features)
+        levels = [torch.cat(level) for level in zip(*levels)]
         maps = mutual_distance(levels, lowest).to(features.device)
         calibration = self.config.calibration
         scores = calibration.rescale(maps.amax(-1), "batch")

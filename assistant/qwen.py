@@ -159,6 +159,7 @@ class QwenAssistantModel(AnomalyAssistantModel):
         else:
             self.expert = None
             self.selector = None
+        self.domain_bank = None  # as the parent's: the out-of-domain check's training embeddings, when loaded
         self.post_init()
 
     @torch.no_grad()
@@ -242,6 +243,7 @@ class QwenAssistantModel(AnomalyAssistantModel):
             encoding.extras.update(grid_thw=torch.cat([reference_grid, grid]), references_shown=shown)
         if self.expert is None:
             return encoding
+        encoding.domain_distances = self.domain_distance(features)
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
             features, levels, [1] * len(image_sizes), reference_pixel_values, reference_image_sizes
         )
@@ -249,17 +251,29 @@ class QwenAssistantModel(AnomalyAssistantModel):
         encoding.anomaly_embeds = [empty] * shown + [self.project_tokens(t) for t in tokens]
         return encoding
 
+    def _detection_features(self, pixel_values, image_sizes):
+        """(last-block features, expert levels, one crop per image, None): the whole image on the expert's grid."""
+        features, levels, counts = self.vision_features(pixel_values, image_sizes)
+        return features, levels, counts, None
+
     def detect(
-        self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_bank=None
+        self,
+        pixel_values,
+        image_sizes,
+        reference_pixel_values=None,
+        reference_image_sizes=None,
+        reference_bank=None,
+        with_domain: bool = False,
     ):
-        """The detection-only path: tower + expert + selector (no merger, no LLM); (crop_maps, scores)."""
+        """The detection-only path: tower + expert + selector (no merger, no LLM); (crop_maps, scores), and the domain
+        distances with `with_domain` (as the parent's)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        features, levels, counts = self.vision_features(pixel_values, image_sizes)
+        features, levels, counts, _ = self._detection_features(pixel_values, image_sizes)
         _, scores, crop_maps = self._look_twice(
             features, levels, counts, reference_pixel_values, reference_image_sizes, None, reference_bank
         )
-        return crop_maps, scores
+        return (crop_maps, scores, self.domain_distance(features)) if with_domain else (crop_maps, scores)
 
     # -- language side ----------------------------------------------------------------------------
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:

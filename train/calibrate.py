@@ -42,9 +42,8 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
         if len(indices) < 2:
             continue
         items = [prepared(records[i]) for i in indices]
-        base = torch.cat([item[0][:, 0] for item in items])
         with torch.no_grad():
-            crop_maps, batch_scores, _ = model.detect_folder(base)
+            crop_maps, batch_scores, _ = model.detect_folder([(item[0], [item[1]]) for item in items])
         maps.extend(small_maps(model, crop_maps, [item[1] for item in items], map_size).float().cpu().numpy())
         masks.extend(item[2] for item in items)
         scores.extend(float(v) for v in batch_scores)
