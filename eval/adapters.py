@@ -98,6 +98,13 @@ class ModelAdapter:
             raise AdapterError(str(error)) from error
         return {"score": report.pred_score, "verdict": report.pred_label, "anomaly_map": report.anomaly_map}
 
+    def detect_folder(self, samples) -> list[dict]:
+        """The folder mode: the samples' images scored against each other (`AnomalyAssistant.detect_batch`)."""
+        if len(samples) < 2:
+            return [self.detect(sample) for sample in samples]
+        reports = self.assistant.detect_batch([s.image for s in samples], zero_shot="batch")
+        return [{"score": r.pred_score, "verdict": r.pred_label, "anomaly_map": r.anomaly_map} for r in reports]
+
 
 class PredictionsAdapter:
     """Responses from a file, looked up by the sample's position or its benchmark image path."""

@@ -63,7 +63,7 @@ def claim(out: Path, manifest: dict) -> None:
             raise RunFolderError(
                 f"--out '{out}' holds another run ({key} {existing.get(key)!r}, not {manifest.get(key)!r}); choose another folder"
             )
-    for key, default in (("shots", 0), ("shot_seed", None), ("templates", None)):
+    for key, default in (("shots", 0), ("shot_seed", None), ("templates", None), ("zero_shot", None)):
         if existing.get(key, default) != manifest.get(key, default):
             raise RunFolderError(
                 f"--out '{out}' holds a run with {key} {existing.get(key, default)!r}, not {manifest.get(key, default)!r}; choose another folder"

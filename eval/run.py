@@ -64,6 +64,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shot-seed", type=int, default=0, help="ad: which K normal images are drawn")
     p.add_argument("--similar-template", action="store_true", help="mmad: the similar templates, not the random ones")
+    p.add_argument(
+        "--zero-shot",
+        choices=["single", "batch"],
+        default="single",
+        help="ad without --shots: each image on its own, or each class's test images against each other (MuSc-style)",
+    )
     add_scoring_arguments(p)
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -148,6 +154,7 @@ def manifest_for(args) -> dict:
         "shots": args.shots,
         "shot_seed": args.shot_seed if args.shots else None,
         "templates": ("similar" if args.similar_template else "random") if args.task == "mmad" else None,
+        "zero_shot": args.zero_shot if args.task == "ad" and not args.shots and args.zero_shot != "single" else None,
         "predictions": str(Path(args.predictions).resolve()) if args.predictions else None,
         "prompt": task.prompt,
         "map_size": args.map_size,
@@ -207,6 +214,7 @@ def run(args) -> int:
     task = get_task(args.task)
     cache.claim(out, manifest_for(args))
     task.shots, task.shot_seed, task.similar_template = args.shots, args.shot_seed, args.similar_template
+    task.zero_shot = args.zero_shot
     dataset = task.load(Path(args.data), need_images=args.model is not None)
     samples = dataset.samples[: args.limit]
     mine = samples[shard[0] :: shard[1]]

@@ -317,6 +317,36 @@ def test_ad_metrics_and_cached_maps(reference_run):
     assert (reference_run / "worst").is_dir() and len(list((reference_run / "worst").glob("*.png"))) == 8
 
 
+def test_ad_batch_mode_scores_each_class_against_itself_and_shards_agree(mvtec, clip_llama, tmp_path, monkeypatch):
+    from assistant.inference import AnomalyAssistant
+
+    folders = []
+    original = AnomalyAssistant.detect_batch
+
+    def spy(self, images, references=None, batch_size=8, zero_shot="single"):
+        folders.append((len(images), zero_shot))
+        return original(self, images, references, batch_size, zero_shot)
+
+    monkeypatch.setattr(AnomalyAssistant, "detect_batch", spy)
+    whole = tmp_path / "whole"
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", whole, "--zero-shot", "batch") == 0
+    assert folders == [(8, "batch")]  # one class: its 8 test images scored together, once
+    assert results(whole)["complete"] and 0.0 <= results(whole)["summary"]["image_AUROC"] <= 1.0
+    sharded = tmp_path / "sharded"
+    for shard in ("0/2", "1/2"):
+        assert (
+            run(
+                "ad", "--data", mvtec, "--model", clip_llama, "--out", sharded, "--zero-shot", "batch", "--shard", shard
+            )
+            == 0
+        )
+    scores = {line["id"]: line["score"] for line in cache_lines(sharded)}
+    assert scores == pytest.approx({line["id"]: line["score"] for line in cache_lines(whole)})
+    assert (
+        run("ad", "--data", mvtec, "--model", clip_llama, "--out", whole) == 2
+    )  # the single mode's run is another run
+
+
 def test_resume_after_limit_and_a_torn_line_infers_nothing_twice(
     tmp_path, mvtec, clip_llama, reference_run, monkeypatch
 ):

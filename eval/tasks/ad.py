@@ -30,6 +30,8 @@ class ADTask(Task):
     #: few-shot: this many normal training images of each test image's class are its references
     shots = 0
     shot_seed = 0
+    #: without shots: "single" (each image on its own) or "batch" (each class's test images scored against each other)
+    zero_shot = "single"
 
     def load(self, data: Path, need_images: bool) -> Dataset:
         from data_prep.check import UnknownFormat, detect_format
@@ -72,6 +74,7 @@ class ADTask(Task):
                         f"--shots {self.shots}: class '{sample.category}' has no normal training images to draw from"
                     )
                 sample.extra["references"] = references[sample.category]
+        self._samples = samples  # the batch mode scores a class's whole test set together
         return Dataset(samples, [str(p) for p in result.problems], len(samples) + len(result.dropped))
 
     def _references(self, normals) -> dict[str, list[str]]:
@@ -91,8 +94,20 @@ class ADTask(Task):
         return chosen
 
     def infer(self, adapter, sample: Sample, save_map) -> dict:
-        found = adapter.detect(sample)
+        if self.zero_shot == "batch" and not self.shots:
+            found = self._folder_result(adapter, sample)
+        else:
+            found = adapter.detect(sample)
         return {"score": found["score"], "verdict": found["verdict"], "map": save_map(sample.key, found["anomaly_map"])}
+
+    def _folder_result(self, adapter, sample: Sample) -> dict:
+        """The batch mode: the first sample of a class scores the class's whole test set (every shard scores the same
+        images, so the result does not depend on sharding); the others read it."""
+        results = self.__dict__.setdefault("_folder_results", {})
+        if sample.key not in results:
+            members = [s for s in self._samples if s.category == sample.category]
+            results.update(zip([s.key for s in members], adapter.detect_folder(members)))
+        return results.pop(sample.key)
 
     def score(self, samples: list[Sample], predictions: dict[str, dict], options: dict) -> Scores:
         load_map = options["load_map"]
