@@ -24,8 +24,10 @@ DEFAULT_CORPUS = [
 ]
 
 
-def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on `corpus`, with the chat and image special tokens."""
+def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400, special_tokens=None, chat_template=None):
+    """A byte-level BPE tokenizer trained on `corpus`, with the chat and image special tokens (this project's, or the
+    given `special_tokens`, the first of them the padding token, and `chat_template`)."""
+    special_tokens = special_tokens or SPECIAL_TOKENS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,7 +36,7 @@ def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -43,9 +45,9 @@ def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=special_tokens[1:],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template or CHAT_TEMPLATE
     return fast
 
 

@@ -138,29 +138,9 @@ QWEN_SPECIAL_TOKENS = [
 
 def qwen_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen2.5-VL's chat and vision special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from .qwen import QWEN_CHAT_TEMPLATE
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-    )
-    fast.chat_template = QWEN_CHAT_TEMPLATE
-    return fast
+    return train_tokenizer(corpus, vocab_size, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE)
 
 
 def tiny_qwen2_5_vl(
