@@ -256,25 +256,6 @@ class QwenAssistantModel(AnomalyAssistantModel):
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
         return features, levels, counts, None
 
-    def detect(
-        self,
-        pixel_values,
-        image_sizes,
-        reference_pixel_values=None,
-        reference_image_sizes=None,
-        reference_bank=None,
-        with_domain: bool = False,
-    ):
-        """The detection-only path: tower + expert + selector (no merger, no LLM); (crop_maps, scores), and the domain
-        distances with `with_domain` (as the parent's)."""
-        if self.expert is None:
-            raise ValueError("this model has no anomaly expert, so it cannot score images")
-        features, levels, counts, _ = self._detection_features(pixel_values, image_sizes)
-        _, scores, crop_maps = self._look_twice(
-            features, levels, counts, reference_pixel_values, reference_image_sizes, None, reference_bank
-        )
-        return (crop_maps, scores, self.domain_distance(features)) if with_domain else (crop_maps, scores)
-
     # -- language side ----------------------------------------------------------------------------
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Qwen's `mm_token_type_ids`: 1 for the image tokens right after `<|vision_start|>`, 0 for the rest.

@@ -740,3 +740,21 @@ def test_images_that_do_not_decode_are_skipped_and_the_held_out_split_is_the_one
     kept, skipped, found = read_held_out(images, cfg.data.val_fraction, cfg.data.split_seed)
     assert calibrated == len(kept) == len(held_out) - 1 and held_out[0].image not in {r.image for r in kept}
     assert found == len(records) and any(held_out[0].image in p for p in skipped.problems)
+
+
+def test_calibrate_fits_the_folder_mode_and_the_domain_threshold_without_touching_the_weights(full_run, prepared, tmp_path):
+    from assistant.calibration import read_calibration
+    from assistant.config import AnomalyAssistantConfig
+    from train.calibrate import main
+
+    model = full_run["stage1"]
+    out = tmp_path / "calibrated"
+    assert main(["--model", str(model), "--data", str(prepared["images"]), "--out", str(out), "--batch-mode",
+                 "--domain-margin", "5"]) == 0
+    config = AnomalyAssistantConfig.from_pretrained(out)
+    assert config.batch_thresholds is not None and read_calibration(out) is not None
+    assert config.calibration == read_calibration(out)
+    before = AnomalyAssistantConfig.from_pretrained(model)
+    assert config.domain_threshold == pytest.approx(before.domain_threshold * 5 / 4)  # margin 4 → 5, same distances
+    assert (out / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert main(["--model", str(model), "--data", str(prepared["images"]), "--out", str(model)]) == 2

@@ -67,27 +67,6 @@ def batch_mode_calibration(model, processor, records, map_size: int, prepared=No
     return report
 
 
-def domain_calibration(model, processor, records, settings, batch_size: int = 16) -> dict:
-    """The out-of-domain threshold again (`Calibration.with_domain`), from the held-out images' distances to the
-    checkpoint's domain bank."""
-    import torch
-
-    from assistant.calibration import Calibration
-    from assistant.domain import embeddings
-
-    from .scoring import Prepared
-
-    if model.domain_bank is None:
-        raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
-    prepared, distances = Prepared(processor, 8), []
-    for _, group in prepared.batches(records, batch_size):
-        vectors = embeddings(model, torch.cat([item[0] for item in group]), [item[1] for item in group])
-        distances.append(model.domain_distance(vectors[:, None, :]))
-    calibration, report = Calibration.of(model.config).with_domain(torch.cat(distances).cpu().numpy(), settings)
-    calibration.write(model.config)
-    return report
-
-
 def recalibrate(
     model_path,
     data,
@@ -98,11 +77,12 @@ def recalibrate(
     overwrite: bool = False,
     domain_margin: float | None = None,
 ) -> dict:
-    from assistant import checkpoint, jsonutil
+    from assistant import checkpoint
+    from assistant.calibration import Calibration, write_report
 
     from .data import read_held_out
     from .folders import atomic_folder, write_model_parts
-    from .scoring import Prepared, calibrate
+    from .scoring import Prepared, calibrate, fit_domain_threshold
     from .self_reference import few_shot_calibration, training_split
 
     model_path, out = Path(model_path), Path(out)
@@ -139,7 +119,9 @@ def recalibrate(
             settings = CalibrationConfig(domain_margin=domain_margin)
         except ValueError as error:
             raise CalibrateError(str(error)) from None
-        report["domain"] = domain_calibration(model, processor, held_out, settings)
+        if model.domain_bank is None:
+            raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
+        report["domain"] = fit_domain_threshold(model, processor, held_out, settings)
     with atomic_folder(out) as staging:
         write_model_parts(
             staging,
@@ -149,7 +131,7 @@ def recalibrate(
             model_path,
             ("training_config.yaml", "git_commit.txt", "training_summary.json"),
         )
-        (staging / "calibration.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
+        write_report(report, staging, Calibration.of(model.config))
     return report
 
 

@@ -142,6 +142,26 @@ def calibrate(
 
 
 @torch.no_grad()
+def embed_records(model, processor, records, batch_size: int = 16) -> torch.Tensor:
+    """Unit domain embeddings [N, H] of `records` (`assistant.domain.embeddings`), `batch_size` at a time."""
+    from assistant.domain import embeddings
+
+    prepared, out = Prepared(processor, 8), []
+    for _, group in prepared.batches(records, batch_size):
+        out.append(embeddings(model, torch.cat([item[0] for item in group]), [item[1] for item in group]))
+    return torch.cat(out)
+
+
+def fit_domain_threshold(model, processor, held_out_records, settings: CalibrationConfig | None = None) -> dict:
+    """`domain_threshold` from the held-out images' distances to `model.domain_bank` (`Calibration.with_domain`)."""
+    vectors = embed_records(model, processor, held_out_records)
+    distances = model.domain_distance(vectors[:, None, :])  # each embedding as a one-patch crop
+    calibration, report = Calibration.of(model.config).with_domain(distances.cpu().numpy(), settings)
+    calibration.write(model.config)
+    return report
+
+
+@torch.no_grad()
 def fit_domain(
     model,
     processor,
@@ -149,29 +169,18 @@ def fit_domain(
     held_out_records,
     settings: CalibrationConfig | None = None,
     max_train: int = 2000,
-    batch_size: int = 16,
     seed: int = 0,
 ) -> dict:
     """The out-of-domain check (`assistant.domain`): a coreset of up to `max_train` training images' embeddings becomes
-    `model.domain_bank`, and the held-out images' distances to it set `domain_threshold` (`Calibration.with_domain`)."""
-    from assistant.domain import build_bank, embeddings
+    `model.domain_bank`, and the held-out images' distances to it set `domain_threshold`."""
+    from assistant.domain import build_bank
 
-    settings = settings or CalibrationConfig()
     if len(train_records) > max_train:
         keep = np.random.default_rng(seed).choice(len(train_records), max_train, replace=False)
         train_records = [train_records[i] for i in sorted(keep)]
     was_training = model.training
     model.eval()
-
-    def embed(records):
-        prepared, out = Prepared(processor, 8), []
-        for _, group in prepared.batches(records, batch_size):
-            out.append(embeddings(model, torch.cat([item[0] for item in group]), [item[1] for item in group]))
-        return torch.cat(out)
-
-    model.domain_bank = build_bank(embed(train_records))
-    distances = model.domain_distance(embed(held_out_records)[:, None, :])  # each embedding as a one-patch crop
-    calibration, report = Calibration.of(model.config).with_domain(distances.cpu().numpy(), settings)
-    calibration.write(model.config)
+    model.domain_bank = build_bank(embed_records(model, processor, train_records))
+    report = fit_domain_threshold(model, processor, held_out_records, settings)
     model.train(was_training)
     return {"bank": int(model.domain_bank.shape[0]), **report}
