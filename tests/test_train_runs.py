@@ -742,15 +742,31 @@ def test_images_that_do_not_decode_are_skipped_and_the_held_out_split_is_the_one
     assert found == len(records) and any(held_out[0].image in p for p in skipped.problems)
 
 
-def test_calibrate_fits_the_folder_mode_and_the_domain_threshold_without_touching_the_weights(full_run, prepared, tmp_path):
+def test_calibrate_fits_the_folder_mode_and_the_domain_threshold_without_touching_the_weights(
+    full_run, prepared, tmp_path
+):
     from assistant.calibration import read_calibration
     from assistant.config import AnomalyAssistantConfig
     from train.calibrate import main
 
     model = full_run["stage1"]
     out = tmp_path / "calibrated"
-    assert main(["--model", str(model), "--data", str(prepared["images"]), "--out", str(out), "--batch-mode",
-                 "--domain-margin", "5"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(prepared["images"]),
+                "--out",
+                str(out),
+                "--batch-mode",
+                "--domain-margin",
+                "5",
+            ]
+        )
+        == 0
+    )
     config = AnomalyAssistantConfig.from_pretrained(out)
     assert config.batch_thresholds is not None and read_calibration(out) is not None
     assert config.calibration == read_calibration(out)
