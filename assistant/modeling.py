@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
-from .patch_memory import LOWEST, mutual_distance, reduce_bank
+from .patch_memory import LOWEST, folder_relative, mutual_distance, reduce_bank
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -392,8 +392,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
         images' (MuSc). `chunks` are (pixel_values, image_sizes) batches as the processor makes them, read through the
         tower one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
-        `detect`: each image's map on its scored crop is the mutual distance and the score its maximum, on the
-        zero-shot scale when the "batch" mode is calibrated (`Calibration.rescale`)."""
+        `detect`: each image's map on its scored crop is the mutual distance relative to the folder's typical one
+        (`folder_relative`) and the score its maximum, on the zero-shot scale when the "batch" mode is calibrated
+        (`Calibration.rescale`)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels = [], []
@@ -404,7 +405,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             levels.append([level[first] for level in chunk_levels])
         features = torch.cat(features)
         levels = [torch.cat(level) for level in zip(*levels)]
-        maps = mutual_distance(levels, lowest).to(features.device)
+        maps = folder_relative(mutual_distance(levels, lowest)).to(features.device)
         calibration = self.config.calibration
         scores = calibration.rescale(maps.amax(-1), "batch")
         maps = calibration.rescale(maps, "batch", pixel=True)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from assistant.cli import main
-from assistant.patch_memory import greedy_coreset, mutual_distance, reduce_bank
+from assistant.patch_memory import folder_relative, greedy_coreset, mutual_distance, reduce_bank
 
 
 def test_mutual_distance_finds_the_patch_no_other_image_has():
@@ -34,6 +34,25 @@ def test_mutual_distance_ignores_a_defect_repeated_in_few_images_with_a_low_inte
     assert float(lowest_one) < 0.01 < float(wider)  # only the low interval's average sees past the twin
     with pytest.raises(ValueError, match="at least two"):
         mutual_distance([images[:1]])
+
+
+def test_one_threshold_serves_a_smooth_and_a_rough_surface_on_the_folder_relative_scale():
+    """A rough surface's normal patches match each other less well than a smooth one's: here every distance in its
+    folder is 4 times the smooth folder's (the same defect contrast). On raw distances its normal images score above
+    the smooth surface's defect, so no threshold serves both; on the relative scale the two folders read the same."""
+    torch.manual_seed(3)
+    kinds = torch.randn(16, 32)
+    images = kinds[torch.randint(16, (10, 25))] + 0.3 * torch.randn(10, 25, 32)
+    images[0, 12] = kinds[0] + 0.7 * torch.randn(32)  # a faint defect
+    smooth = mutual_distance([images])
+    rough = smooth * 4
+    assert float(rough.amax(-1)[1:].min()) > float(smooth.amax(-1)[0])  # no raw threshold splits both folders
+    relative = {name: folder_relative(maps) for name, maps in (("smooth", smooth), ("rough", rough))}
+    assert torch.allclose(relative["smooth"], relative["rough"], atol=1e-5)
+    scores = relative["smooth"].amax(-1)
+    assert float(scores[0]) > 0.7 > float(scores[1:].max())  # the defect's image stands out of its folder
+    assert bool((relative["smooth"].flatten()[smooth.flatten().argsort()].diff() >= 0).all())  # order kept
+    assert float(relative["rough"].min()) >= 0.0 and float(relative["rough"].max()) < 1.0
 
 
 def test_greedy_coreset_covers_the_bank_better_than_a_random_subset():
