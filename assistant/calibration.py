@@ -20,12 +20,17 @@ class CalibrationConfig:
     #: the out-of-domain threshold is this many times the 99th percentile of the held-out images' distances to the
     #: training images (`Calibration.with_domain`): an image that far from everything trained on is flagged
     domain_margin: float = 4.0
+    #: image thresholds: the middle of those within this much balanced accuracy of the best (`image_threshold`);
+    #: 0 keeps the best one's edge, right above the held-out normal images
+    threshold_slack: float = 0.01
 
     def __post_init__(self):
         if not 0.0 < self.moderate_from <= 1.0:
             raise ValueError(f"calibration moderate_from must be in (0, 1], got {self.moderate_from}")
         if self.domain_margin < 1.0:
             raise ValueError(f"calibration domain_margin must be ≥ 1, got {self.domain_margin}")
+        if not 0.0 <= self.threshold_slack < 0.5:
+            raise ValueError(f"calibration threshold_slack must be in [0, 0.5), got {self.threshold_slack}")
 
     @classmethod
     def from_dict(cls, values: dict) -> CalibrationConfig:
@@ -108,7 +113,7 @@ class Calibration:
         no longer hold for the new scores (`with_mode` fits them again); the `previous` domain threshold is kept (it
         reads the vision tower's features, not the expert's scores)."""
         settings = settings or CalibrationConfig()
-        report = fit_report(labels, scores, maps, masks)
+        report = fit_report(labels, scores, maps, masks, settings.threshold_slack)
         if "image_threshold" not in report:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
@@ -122,11 +127,14 @@ class Calibration:
         values["modes"] = changes.get("modes", dict(self.modes))
         return Calibration(**values)
 
-    def with_mode(self, mode: str, labels, scores, maps, masks) -> tuple[Calibration, dict]:
+    def with_mode(
+        self, mode: str, labels, scores, maps, masks, settings: CalibrationConfig | None = None
+    ) -> tuple[Calibration, dict]:
         """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores."""
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
-        report = fit_report(labels, scores, maps, masks)
+        settings = settings or CalibrationConfig()
+        report = fit_report(labels, scores, maps, masks, settings.threshold_slack)
         if "image_threshold" not in report:
             raise ValueError(f"{mode} calibration needs normal and anomalous held-out images")
         pair = [min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold")]
@@ -188,10 +196,11 @@ class Calibration:
         return "slightly" if score < low else "moderately" if score < high else "highly"
 
 
-def fit_report(labels, scores, maps, masks) -> dict:
+def fit_report(labels, scores, maps, masks, slack: float = 0.0) -> dict:
     """AUROCs and, when both classes are present, the image threshold of best balanced accuracy (the mean hit rate on
     defective and normal images: it does not depend on the split's share of defects and it counts false alarms,
-    which F1 ignores) and the F1-max pixel threshold; the image F1-max is reported too."""
+    which F1 ignores), the middle of those within `slack` of it (`image_threshold`), and the F1-max pixel threshold;
+    the image F1-max is reported too."""
     import numpy as np
 
     from .metrics import f1_max, image_auroc, pixel_auroc
@@ -207,7 +216,7 @@ def fit_report(labels, scores, maps, masks) -> dict:
     }
     if both_images:
         report["image_f1_max"] = f1_max(labels, scores)[0]
-        report["image_balanced_accuracy"], report["image_threshold"] = balanced_accuracy_threshold(labels, scores)
+        report["image_balanced_accuracy"], report["image_threshold"] = image_threshold(labels, scores, slack)
         if both_pixels:
             report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1), maps.reshape(-1))
         else:  # no mask marks a defect (or all do): nothing to fit; the threshold flags only the highest-scored pixels
@@ -241,12 +250,40 @@ def read_calibration(folder) -> Calibration | None:
     return Calibration(**stored) if stored else None
 
 
-def balanced_accuracy_threshold(labels, scores) -> tuple[float, float]:
-    """(best balanced accuracy, its threshold) for predicting `score >= threshold`; thresholds are the observed scores."""
+def image_threshold(labels, scores, slack: float = 0.0) -> tuple[float, float]:
+    """(balanced accuracy, threshold) of the image verdict `score >= threshold` fitted on held-out scores.
+
+    The thresholds whose balanced accuracy (`assistant.metrics.balanced_accuracy_threshold`) is within `slack` of the
+    best form a range around it (from the score just below its lowest to its highest); the threshold is that range's
+    middle, in logit terms for scores in [0, 1]. Held-out images of the training surfaces leave a wide gap between
+    normal and defective scores, and the best threshold's edge of it (scikit-learn's) sits right above the normal
+    images: on a surface the expert never saw, normal scores shift up and most cross it, while the middle keeps the
+    margin on both sides. The reported balanced accuracy is the chosen threshold's.
+    """
     import numpy as np
     from sklearn.metrics import roc_curve
 
+    from .metrics import check_image_inputs
+
+    labels, scores = check_image_inputs(labels, scores)
     false_alarm, hit, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    balanced = (hit[1:] + 1 - false_alarm[1:]) / 2  # [0] is the threshold above every score: nothing flagged
+    balanced, thresholds = (hit[1:] + 1 - false_alarm[1:]) / 2, thresholds[1:]  # descending thresholds
     best = int(np.argmax(balanced))
-    return float(balanced[best]), float(thresholds[1:][best])
+    floor = balanced[best] - slack - 1e-12
+    top, bottom = best, best
+    while top > 0 and balanced[top - 1] >= floor:
+        top -= 1
+    while bottom + 1 < len(balanced) and balanced[bottom + 1] >= floor:
+        bottom += 1
+    high = float(thresholds[top])
+    below = scores[scores < thresholds[bottom]]
+    low = float(below.max()) if below.size else float(thresholds[bottom])
+    if 0.0 <= scores.min() and scores.max() <= 1.0:
+        logit = lambda p: float(np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6))))  # noqa: E731
+        threshold = float(1.0 / (1.0 + np.exp(-(logit(low) + logit(high)) / 2)))
+    else:
+        threshold = (low + high) / 2
+    threshold = min(max(threshold, np.nextafter(low, np.inf)), high)  # inside (low, high]: the same verdicts
+    flagged = scores >= threshold
+    accuracy = (flagged[labels == 1].mean() + (~flagged[labels == 0]).mean()) / 2
+    return float(accuracy), threshold

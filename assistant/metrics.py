@@ -5,7 +5,7 @@ Inputs use anomalib's vocabulary: ``pred_score`` (one score per image, higher = 
 shape (nonzero = anomalous pixel). Thresholds are returned apart from the scores they were chosen on.
 
 ``image_auroc``, ``image_ap`` (scikit-learn), ``f1_max`` (max F1 on the PR curve and its threshold),
-``balanced_accuracy_threshold`` (the image verdict's threshold), ``pixel_auroc`` (over all pixels of all images).
+``balanced_accuracy_threshold`` (the best image verdict; calibration fits its threshold from it), ``pixel_auroc`` (over all pixels of all images).
 The evaluation-only metrics (AUPRO, AUPIMO) live in ``eval.metrics``.
 """
 

@@ -115,7 +115,7 @@ def test_default_split_is_the_one_training_held_out(setup, tmp_path):
 
 def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup, tmp_path):
     from assistant import AnomalyAssistant
-    from assistant.calibration import balanced_accuracy_threshold
+    from assistant.calibration import CalibrationConfig, image_threshold
     from train.data import read_masked, split_records
     from train.self_reference import main
 
@@ -129,11 +129,12 @@ def test_detection_views_are_saved_and_the_thresholds_calibrated_for_them(setup,
     assert reports[8]["detection_views"] == 8
     eight = AnomalyAssistant.from_pretrained(out[8])
     assert eight.model.config.detection_views == 8
-    # the threshold is the best balanced accuracy of what the saved checkpoint itself scores on the held-out split
+    # the threshold is fitted (`image_threshold`) on what the saved checkpoint itself scores on the held-out split
     _, held_out = split_records(read_masked(data)[0], 0.5, 0)
     labels = np.array([int(r.label == 1) for r in held_out])
     scores = np.array([r.pred_score for r in eight.detect_batch([r.image for r in held_out])])
-    assert eight.model.config.image_threshold == pytest.approx(balanced_accuracy_threshold(labels, scores)[1], abs=1e-5)
+    fitted = image_threshold(labels, scores, CalibrationConfig().threshold_slack)[1]
+    assert eight.model.config.image_threshold == pytest.approx(fitted, abs=1e-5)
     assert reports[8]["calibration"]["image_threshold"] != pytest.approx(
         reports[1]["calibration"]["image_threshold"], abs=1e-6
     )
@@ -197,7 +198,7 @@ def test_image_threshold_balances_misses_and_false_alarms():
     catch one more defect; the best balanced accuracy does not, and no other threshold balances better."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from assistant.calibration import balanced_accuracy_threshold
+    from assistant.metrics import balanced_accuracy_threshold
     from eval.metrics import f1_max
 
     labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
@@ -209,6 +210,32 @@ def test_image_threshold_balances_misses_and_false_alarms():
     )  # F1 buys it with a false alarm on one of the two normal images
     candidates = [balanced_accuracy_score(labels, scores >= t) for t in np.unique(scores)]
     assert best == pytest.approx(max(candidates)) == pytest.approx(balanced_accuracy_score(labels, scores >= threshold))
+
+
+def test_image_threshold_keeps_a_margin_above_the_held_out_normal_images():
+    """Held-out normal images at 0.02-0.1 and defects at 0.6-0.99: any threshold in (0.1, 0.6] is right on all of
+    them. The fitted one is the middle of that gap (in logit terms), not its edge at 0.6 (a new surface's normal
+    images, scoring a little higher than the training ones, still pass; a defect a little weaker is still caught);
+    with a slack, thresholds a point of balanced accuracy worse widen the range it takes the middle of."""
+    from assistant.calibration import image_threshold
+    from assistant.metrics import balanced_accuracy_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.02, 0.05, 0.1, 0.6, 0.9, 0.95, 0.99])
+    assert balanced_accuracy_threshold(labels, scores) == (pytest.approx(1.0), pytest.approx(0.6))
+    accuracy, threshold = image_threshold(labels, scores)
+    assert accuracy == pytest.approx(1.0)
+    assert threshold == pytest.approx(1 / (1 + np.sqrt(0.9 / 0.1 * 0.4 / 0.6)))  # logit midpoint of 0.1 and 0.6
+    # 100 defects, one scored among the normal images: no threshold is perfect; a slack of 0.01 lets the range's top
+    # pass the two weakest other defects too (each costs 0.005), so its middle moves up but stays inside the gap
+    labels = np.array([0] * 10 + [1] * 100)
+    scores = np.concatenate([np.linspace(0.01, 0.1, 10), [0.05], np.linspace(0.6, 0.99, 99)])
+    strict = image_threshold(labels, scores)
+    slack = image_threshold(labels, scores, slack=0.01)
+    assert strict[0] == pytest.approx(slack[0]) == pytest.approx(0.995)
+    assert 0.1 < strict[1] < slack[1] <= 0.6
+    with pytest.raises(ValueError, match="both normal"):
+        image_threshold([1, 1], [0.2, 0.3])
 
 
 def test_few_shot_scoring_with_kept_reference_features_gives_the_reference_pixels_scores(setup, monkeypatch):
@@ -256,6 +283,6 @@ def test_threshold_report_without_defect_pixels_still_gives_thresholds():
     scores = np.array([0.1, 0.2, 0.7, 0.9])
     maps = rng.random((4, 8, 8)).astype(np.float32)
     report = threshold_report(labels, scores, maps, np.zeros((4, 8, 8), dtype=bool))
-    assert report["image_threshold"] == pytest.approx(0.7)
+    assert 0.2 < report["image_threshold"] < 0.7 and report["image_balanced_accuracy"] == pytest.approx(1.0)
     assert report["pixel_threshold"] == pytest.approx(float(maps.max()))
     assert np.isnan(report["pixel_f1_max"]) and np.isnan(report["pixel_auroc"])

@@ -53,14 +53,14 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def batch_mode_calibration(model, processor, records, map_size: int, prepared=None) -> dict:
+def batch_mode_calibration(model, processor, records, map_size: int, prepared=None, settings=None) -> dict:
     """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`."""
     from assistant.calibration import Calibration
 
     Calibration.of(model.config).without_mode("batch").write(model.config)  # score on the raw folder-mode scale
     scored = batch_mode_scores(model, processor, records, map_size, prepared)
     try:
-        calibration, report = Calibration.of(model.config).with_mode("batch", *scored)
+        calibration, report = Calibration.of(model.config).with_mode("batch", *scored, settings=settings)
     except ValueError as error:
         raise CalibrateError(str(error)) from None
     calibration.write(model.config)
@@ -78,7 +78,8 @@ def recalibrate(
     domain_margin: float | None = None,
 ) -> dict:
     from assistant import checkpoint
-    from assistant.calibration import Calibration, write_report
+    from assistant.calibration import Calibration, CalibrationConfig, write_report
+    from assistant.run_config import ConfigError, config_section, read_run_config
 
     from .data import read_held_out
     from .folders import atomic_folder, write_model_parts
@@ -101,24 +102,30 @@ def recalibrate(
     model, processor, generation, _ = checkpoint.load(model_path)
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
+    try:  # the recipe's calibration settings, the checkpoint's suspicion rule, and --domain-margin when given
+        settings = CalibrationConfig.from_dict(
+            {
+                **config_section(read_run_config(model_path), "calibration"),
+                "moderate_from": model.config.moderate_from or CalibrationConfig.moderate_from,
+                **({} if domain_margin is None else {"domain_margin": domain_margin}),
+            }
+        )
+    except (ConfigError, ValueError) as error:
+        raise CalibrateError(str(error)) from None
     prepared = Prepared(processor, map_size, keep_bytes=2 << 30)
     report = {
         "model": str(model_path),
         "data": str(data),
         "held_out": len(held_out),
-        "zero_shot": calibrate(model, processor, held_out, map_size, prepared=prepared),
+        "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
     if few_shot:
-        report["few_shot"] = few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared)
+        report["few_shot"] = few_shot_calibration(
+            model, processor, held_out, map_size, few_shot, seed, prepared, settings
+        )
     if batch_mode:
-        report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared)
+        report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared, settings)
     if domain_margin is not None:
-        from assistant.calibration import CalibrationConfig
-
-        try:
-            settings = CalibrationConfig(domain_margin=domain_margin)
-        except ValueError as error:
-            raise CalibrateError(str(error)) from None
         if model.domain_bank is None:
             raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
         report["domain"] = fit_domain_threshold(model, processor, held_out, settings)

@@ -74,7 +74,9 @@ def fit_scale_bias(
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
-def few_shot_calibration(model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None) -> dict:
+def few_shot_calibration(
+    model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None, settings=None
+) -> dict:
     """The few-shot mode's thresholds (`Calibration.with_mode`), written into `model.config`: each held-out image is
     scored against `shots` held-out normal images of its own category (never itself)."""
     from assistant.calibration import Calibration
@@ -98,7 +100,7 @@ def few_shot_calibration(model, processor, records, map_size: int, shots: int, s
     if scored:
         scores = score_records(model, processor, scored, map_size, references, prepared=prepared)
         try:
-            calibration, report = calibration.with_mode("few_shot", *scores)
+            calibration, report = calibration.with_mode("few_shot", *scores, settings=settings)
         except ValueError:
             scored = []
     if not scored:
