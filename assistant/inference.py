@@ -118,15 +118,16 @@ def reference_warnings(image: Image.Image, references, histograms: list[np.ndarr
 
 
 def out_of_domain_answer(evidence: dict) -> str:
-    """What the assistant says about an image far from everything it was trained on: that the verdict cannot be
-    trusted, with the score, the threshold and where the map peaks in the report's own words; no object is named."""
+    """What the assistant says about an image far from everything it was trained on: that it cannot judge it
+    reliably, then what the score says (verdict, score, threshold, where the map peaks, in the report's own words)
+    for a user who knows the image is an inspection image; no object and no kind of defect is named."""
     where = f" The map is highest in the {evidence['location']}." if evidence.get("location") else ""
-    side = "above" if evidence["pred_label"] else "below"
+    verdict, side = ("anomalous", "above") if evidence["pred_label"] else ("normal", "below")
     return (
         f"This image does not look like the surfaces and parts I was trained to inspect, so I cannot judge it "
-        f"reliably. Its anomaly score is {evidence['pred_score']:.2f}, {side} the threshold of "
-        f"{evidence['threshold']:.2f}.{where} Please check it yourself, or give me a few normal images of the "
-        f"same kind as references."
+        f"reliably. By its score it is {verdict}: {evidence['pred_score']:.2f}, {side} the threshold of "
+        f"{evidence['threshold']:.2f}.{where} Please check it yourself, or give me a few normal images of the same "
+        f"kind as references."
     )
 
 

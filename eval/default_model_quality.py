@@ -37,11 +37,11 @@ from PIL import Image
 from assistant import jsonutil
 
 _NORMAL = re.compile(
-    r"^(no\b|normal\b)|appears normal|\bis a normal\b|no anomaly|free of defects|passes the inspection|"
+    r"^(no\b|normal\b)|appears normal|\bis a normal\b|\bit is normal\b|no anomaly|free of defects|passes the inspection|"
     r"everything looks as expected|nothing is wrong"
 )
 _DEFECT = re.compile(
-    r"^yes\b|^anomalous\b|not normal|defect found|does not pass|\bi found\b|there is an anomaly|is defective|"
+    r"^yes\b|^anomalous\b|\bit is anomalous\b|not normal|defect found|does not pass|\bi found\b|there is an anomaly|is defective|"
     r"\bis visible\b|\bhas (a|an)\b"
 )
 

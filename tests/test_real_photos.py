@@ -2,7 +2,8 @@
 
 Photos that are not inspection images (a landscape, a flower, a cat, a portrait) must be flagged out of domain, and
 the answer must say so without naming an object from the training families; the location words of any answer are
-the report's own. Real photographed surfaces (scikit-image's brick, grass, gravel) are what the model is for.
+the report's own. Real photographed surfaces (scikit-image's brick, grass, coins, cell, and gravel and tissue, which
+training never saw) are what the model is for.
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ pytestmark = pytest.mark.skipif(not (default_model_path() / "config.json").is_fi
 skimage_data = pytest.importorskip("skimage.data")
 
 #: nouns the default model's conversations use for its training families: never said of an out-of-domain photo
-TRAINING_NOUNS = ("wooden board", "wood", "fabric", "metal", "pill", "cap", "brick", "lawn", "foreign particle")
+TRAINING_NOUNS = (
+    "wooden board",
+    "wood",
+    "fabric",
+    "metal",
+    "pill",
+    "cap",
+    "brick",
+    "lawn",
+    "coin",
+    "cell culture",
+    "foreign particle",
+)
 
 
 def photos() -> dict[str, Image.Image]:
@@ -58,6 +71,7 @@ def test_a_photo_that_is_no_inspection_image_is_flagged_and_the_answer_says_so(a
         assert report.out_of_domain is True
         answer = report.answer.lower()
         assert "does not look like the surfaces and parts i was trained to inspect" in answer
+        assert f"by its score it is {'anomalous' if report.pred_label else 'normal'}" in answer  # the report's verdict
         assert not [noun for noun in TRAINING_NOUNS if noun in answer], report.answer
         assert locations_in(answer) <= ({report.location} if report.location else set())
 
@@ -66,8 +80,22 @@ def test_real_surfaces_training_saw_are_in_domain_and_answers_use_the_reports_lo
     from data_prep.synth.photos import make_photo_crop
 
     rng = np.random.default_rng(5)
-    for name in ("brick", "grass"):  # the surfaces training saw (new crops)
+    for name in ("brick", "grass", "coins", "cell"):  # the surfaces training saw (new crops)
         crop = Image.fromarray(make_photo_crop(name, 256, rng)[0].astype(np.uint8))
         report = assistant.analyze(crop, max_new_tokens=48)
         assert report.out_of_domain is False
         assert locations_in(report.answer) <= ({report.location} if report.location else set()), report.answer
+
+
+def test_real_surfaces_training_never_saw_are_in_domain(assistant):
+    """Gravel and tissue photos (never in training) are inspection-like surfaces, not landscapes: the answer comes
+    from the model, not the out-of-domain notice."""
+    from data_prep.synth.photos import make_photo_crop
+
+    rng = np.random.default_rng(7)
+    for name in ("gravel", "tissue"):
+        crops = [Image.fromarray(make_photo_crop(name, 256, rng, scale=0.5)[0].astype(np.uint8)) for _ in range(3)]
+        for report in assistant.detect_batch(crops):
+            assert report.out_of_domain is False, (name, report.domain_distance)
+        answer = assistant.analyze(crops[0], max_new_tokens=48).answer.lower()
+        assert "does not look like the surfaces" not in answer, answer

@@ -15,7 +15,14 @@ import numpy as np
 from PIL import Image
 
 #: family name → (scikit-image loader name, noun for the conversations)
-PHOTO_SURFACES = {"brick": ("brick", "brick wall"), "grass": ("grass", "lawn"), "gravel": ("gravel", "gravel surface")}
+PHOTO_SURFACES = {
+    "brick": ("brick", "brick wall"),
+    "grass": ("grass", "lawn"),
+    "gravel": ("gravel", "gravel surface"),
+    "coins": ("coins", "coin tray"),
+    "cell": ("cell", "cell culture"),
+    "tissue": ("immunohistochemistry", "tissue section"),
+}
 
 
 class MissingPhotosError(ImportError):
