@@ -27,11 +27,16 @@ IMAGE_TOKEN = "<image>"
 MAX_FOLLOW_UPS = 3
 
 
-def object_noun(category: str) -> str:
-    """How answers name the object: a family's noun, or the category with underscores as spaces."""
+#: with `generic_nouns`, a synthetic family is named by its kind only
+GENERIC_NOUNS = {"texture": "surface", "object": "part"}
+
+
+def object_noun(category: str, generic: bool = False) -> str:
+    """How answers name the object: a family's noun ("wooden board"), or with `generic` its kind ("surface",
+    "part"), or the category with underscores as spaces."""
     known = all_families()
     if category in known:
-        return known[category].noun
+        return GENERIC_NOUNS[known[category].kind] if generic else known[category].noun
     noun = category.replace("_", " ").strip()
     return noun or "object"
 
@@ -63,9 +68,11 @@ def _severity(size: str, kind: pb.DefectKind) -> str:
     return pb.SEVERITIES[step]
 
 
-def conversation(record: Record, rng: random.Random, mask: np.ndarray | None = None) -> tuple[list[dict], dict]:
+def conversation(
+    record: Record, rng: random.Random, mask: np.ndarray | None = None, generic_nouns: bool = False
+) -> tuple[list[dict], dict]:
     """(LLaVA turns, machine-readable fields) for one record; anomalous records need their `mask`."""
-    noun = object_noun(record.category)
+    noun = object_noun(record.category, generic_nouns)
     normal_detail = rng.choice(pb.NORMAL_DETAILS)
     slots = {"noun": noun, "normal": normal_detail, "normal_lower": _lower_first(normal_detail)}
     fields: dict = {"label": record.label, "defect_type": record.defect_type, "location": None, "size": None}
@@ -121,8 +128,11 @@ def _relative(path: str | None, base: Path) -> str | None:
         return str(Path(path).resolve())
 
 
-def build_instructions(source: ReadResult, image_base: str | Path, seed: int = 0) -> tuple[list[dict], ReadResult]:
-    """LLaVA records for every labelled record of `source`, image/mask paths relative to `image_base`.
+def build_instructions(
+    source: ReadResult, image_base: str | Path, seed: int = 0, generic_nouns: bool = False
+) -> tuple[list[dict], ReadResult]:
+    """LLaVA records for every labelled record of `source`, image/mask paths relative to `image_base`; with
+    `generic_nouns` the answers name a synthetic family by its kind (`object_noun`).
 
     Returns (records, accounting): the accounting's problems are the source's plus one per record that
     could not be turned into a conversation (no label, unreadable mask, empty mask).
@@ -148,7 +158,7 @@ def build_instructions(source: ReadResult, image_base: str | Path, seed: int = 0
             if not mask.any():
                 accounting.drop(record.mask, "empty mask for an anomalous image", record_id)
                 continue
-        turns, fields = conversation(record, rng, mask)
+        turns, fields = conversation(record, rng, mask, generic_nouns)
         accounting.n_seen += 1
         out.append(
             {

@@ -77,6 +77,25 @@ def test_phrasing_varies_and_follow_ups_cover_severity_and_cause(conversations):
     assert max(len(r["conversations"]) for r in conversations) >= 6
 
 
+def test_generic_nouns_name_the_kind_never_the_family(conversations, synth_dir):
+    """metal (a texture) and cap (an object): by default the answers name "metal plate"/"bottle cap"; with
+    `generic_nouns` they say "surface" and "part" and no family's noun at all (a model trained so never calls an
+    unseen surface by a training family's name)."""
+    from data_prep.instruct import object_noun
+
+    nouns = (object_noun("metal"), object_noun("cap"))
+    texts = lambda records: [" ".join(t["value"] for t in r["conversations"]).lower() for r in records]  # noqa: E731
+    assert any(nouns[0] in text for text in texts(conversations)) and any(nouns[1] in t for t in texts(conversations))
+    generic, _ = build_instructions(read_mvtec(synth_dir), synth_dir, seed=0, generic_nouns=True)
+    assert len(generic) == len(conversations)
+    named = {"metal": 0, "cap": 0}
+    for record, text in zip(generic, texts(generic)):
+        assert not any(noun in text for noun in nouns), text
+        family = record["image"].split("/")[0]
+        named[family] += ("surface" if family == "metal" else "part") in text
+    assert min(named.values()) > 5  # (some conversations name no object at all)
+
+
 def test_deterministic_from_the_seed(synth_dir):
     source = read_mvtec(synth_dir)
     same_a, _ = build_instructions(source, synth_dir, seed=3)

@@ -40,7 +40,9 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
                 workers=default_workers(),
             )
     if not instructions.is_file():
-        records, _ = build_instructions(read_mvtec(images), data_dir, seed=synth.seed)
+        records, _ = build_instructions(
+            read_mvtec(images), data_dir, seed=synth.seed, generic_nouns=synth.generic_nouns
+        )
         write_instructions(records, instructions, overwrite=True)
     return images, instructions
 

@@ -80,6 +80,9 @@ class SynthData:
     families: list = field(default_factory=list)  # empty: all
     anomaly_ratio: float = 0.5
     seed: int = 0
+    #: the conversations name a family by its kind ("surface", "part") instead of its noun ("wooden board"): a model
+    #: trained on a few families cannot name a surface it never saw, and would otherwise call it one it did
+    generic_nouns: bool = False
 
 
 @dataclass
