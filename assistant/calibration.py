@@ -188,6 +188,21 @@ class Calibration:
 
         return np.where(np.asarray(values) < source, below, above)
 
+    def raise_to(self, values, floor: float | None):
+        """Scores on the zero-shot scale re-mapped so that `floor` lands on the image threshold (linearly on each side
+        of it): the verdict threshold raised to `floor` for one set of normal references whose own leave-one-out
+        scores reach it (`AnomalyAssistantModel.reference_floor`). Unchanged when `floor` is None or at most the
+        threshold; order kept. Works on tensors and floats."""
+        t = self.image_threshold
+        if floor is None or floor <= t:
+            return values
+        floor = min(float(floor), 1 - 1e-6)
+        below = values * (t / floor)
+        above = t + (values - floor) * ((1 - t) / (1 - floor))
+        if hasattr(values, "where"):
+            return below.where(values < floor, above)
+        return below if values < floor else above
+
     def is_anomalous(self, score: float) -> bool:
         return float(score) >= self.image_threshold
 

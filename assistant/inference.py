@@ -85,6 +85,16 @@ def _colour_histogram(image: Image.Image, levels: int = 4) -> np.ndarray:
     return np.bincount(bins.ravel(), minlength=levels**3) / bins.size
 
 
+def floor_warning(floor: float | None, threshold: float) -> list[str]:
+    """The note a report carries when its normal references raised the verdict threshold (`Calibration.raise_to`)."""
+    if floor is None or floor <= threshold:
+        return []
+    return [
+        f"the normal references score up to {floor:.2f} against each other (threshold {threshold:.2f}): only images "
+        f"scoring above them are called anomalous, and the score is given on that scale"
+    ]
+
+
 def reference_warnings(image: Image.Image, references, histograms: list[np.ndarray] | None = None) -> list[str]:
     """Warnings for normal references that do not look like the inspected part.
 
@@ -160,6 +170,8 @@ class AnomalyAssistant:
         self._cache: OrderedDict[str, tuple[VisualEncoding, dict]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        #: the references' leave-one-out floor (`AnomalyAssistantModel.reference_floor`) per set of references
+        self._floors: OrderedDict[str, float | None] = OrderedDict()
         #: conversation KV caches reused across chat turns (0 bytes turns reuse off)
         self.kv_cache = KVCacheStore(max_bytes=kv_cache_bytes, max_entries=kv_cache_entries)
 
@@ -199,6 +211,25 @@ class AnomalyAssistant:
             digest.update(im.tobytes())
         return digest.hexdigest()
 
+    def _reference_floor(self, references: list[Image.Image], refs: dict) -> float | None:
+        """The references' floor for the verdict threshold, computed once per set of references (a few kept)."""
+        digest = hashlib.sha1()
+        for im in references:
+            digest.update(f"{im.size}".encode())
+            digest.update(im.tobytes())
+        key = digest.hexdigest()
+        with self._lock:
+            if key in self._floors:
+                self._floors.move_to_end(key)
+                return self._floors[key]
+        with torch.no_grad():
+            floor = self.model.reference_floor(refs["pixel_values"], refs["image_sizes"])
+        with self._lock:
+            self._floors[key] = floor
+            while len(self._floors) > 8:
+                self._floors.popitem(last=False)
+        return floor
+
     @torch.no_grad()
     def encode(self, image, references=None) -> tuple[Image.Image, VisualEncoding, dict]:
         """Load and encode the image (and normal references) once; reused across chat turns."""
@@ -219,6 +250,10 @@ class AnomalyAssistant:
             refs["pixel_values"] if refs else None,
             refs["image_sizes"] if refs else None,
         )
+        if refs and visual.scores is not None:  # the references' own spread raises the verdict threshold
+            floor = self._reference_floor(references, refs)
+            visual.scores = self.model.config.calibration.raise_to(visual.scores, floor)
+            visual.extras["reference_floor"] = floor
         with self._lock:
             visual.extras["key"] = key
             visual.extras["reference_images"] = shown[: visual.extras.get("references_shown", 0)]
@@ -302,6 +337,8 @@ class AnomalyAssistant:
         if zero_shot == "batch" and not references:
             return self._detect_folder(loaded, batch_size)
         refs = self.processor.preprocess(references) if references else None
+        calibration = self.model.config.calibration
+        floor = self._reference_floor(references, refs) if refs else None
         histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
@@ -315,7 +352,9 @@ class AnomalyAssistant:
                     refs["image_sizes"] if refs else None,
                     with_domain=True,
                 )
-            warnings = [reference_warnings(image, references, histograms) for image in chunk]
+            scores = calibration.raise_to(scores, floor)
+            noted = floor_warning(floor, calibration.image_threshold)
+            warnings = [reference_warnings(image, references, histograms) + noted for image in chunk]
             reports.extend(self._reports(chunk, crop_maps, scores, distances, warnings))
         return reports
 
@@ -470,6 +509,7 @@ class AnomalyAssistant:
             **generate_kwargs,
         )
         warnings = reference_warnings(image, [load_image(r) for r in references or []]) if self.has_expert else []
+        warnings += floor_warning(visual.extras.get("reference_floor"), self.model.config.calibration.image_threshold)
         evidence = self._evidence(image, visual)
         return AnomalyReport(answer=answer.strip(), model=self.name, image=image, warnings=warnings, **evidence)
 

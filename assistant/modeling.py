@@ -288,6 +288,32 @@ class AnomalyAssistantModel(PreTrainedModel):
         _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
         return reduce_bank([nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels])
 
+    @torch.no_grad()
+    def reference_floor(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
+        """The highest few-shot score a normal reference gets against the other references (leave-one-out), on the
+        zero-shot scale, or None with fewer than two references. References that score high against each other
+        vary more than the held-out normal images the few-shot threshold was fitted on (`Calibration.raise_to`).
+        Two tower passes over the references: their banks (`reference_bank`, row-wise per reference) and their
+        scored crops; each is then scored against the others' banks as `detect` would score it."""
+        sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
+        if len(sizes) < 2 or self.expert is None:
+            return None
+        _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
+        banks = [
+            [nn.functional.normalize(crops.flatten(0, 1), dim=-1) for crops in level.split(bank_counts)]
+            for level in bank_levels
+        ]  # [level][reference] → that reference's unit patch rows
+        features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
+        per_features, per_levels = features.split(counts), [level.split(counts) for level in levels]
+        per_crops = crops.split(counts) if crops is not None else [None] * len(sizes)
+        scores = []
+        for i in range(len(sizes)):
+            others = [torch.cat([rows for j, rows in enumerate(level) if j != i]) for level in banks]
+            own = [level[i] for level in per_levels]
+            _, score, _ = self._look_twice(per_features[i], own, [counts[i]], crops=per_crops[i], bank=others)
+            scores.append(float(score[0]))
+        return max(scores)
+
     def _look_twice(
         self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None, bank=None
     ):

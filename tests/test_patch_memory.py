@@ -123,3 +123,16 @@ def test_inspect_batch_mode_on_one_image_says_it_scores_it_alone(same_part_folde
     assert main(["inspect", str(lone), "--model", str(clip_llama), "--out", str(out), "--zero-shot", "batch"]) == 0
     assert "one image: scored on its own" in capsys.readouterr().err
     assert list(read_scores(out)) == ["4.png"]
+
+
+def test_raise_to_moves_the_verdict_threshold_to_the_references_floor_and_keeps_the_order():
+    from assistant.calibration import Calibration
+
+    calibration = Calibration(image_threshold=0.5, pixel_threshold=0.5)
+    scores = torch.tensor([0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0])
+    assert torch.equal(calibration.raise_to(scores, None), scores)
+    assert torch.equal(calibration.raise_to(scores, 0.4), scores)  # a floor under the threshold changes nothing
+    raised = calibration.raise_to(scores, 0.8)
+    assert [calibration.is_anomalous(float(s)) for s in raised] == [False] * 4 + [True] * 3  # 0.8 and above only
+    assert float(raised[4]) == pytest.approx(0.5) and float(raised[-1]) == pytest.approx(1.0)
+    assert bool((raised.diff() > 0).all()) and calibration.raise_to(0.8, 0.8) == pytest.approx(0.5)

@@ -99,3 +99,23 @@ def test_real_surfaces_training_never_saw_are_in_domain(assistant):
             assert report.out_of_domain is False, (name, report.domain_distance)
         answer = assistant.analyze(crops[0], max_new_tokens=48).answer.lower()
         assert "does not look like the surfaces" not in answer, answer
+
+
+def test_references_that_vary_raise_the_threshold_on_a_surface_training_never_saw(assistant):
+    """Four normal gravel crops as references: they score high against each other (gravel varies more than any
+    held-out normal image the few-shot threshold was fitted on), so the threshold rises to their level and the report
+    says so. New normal crops are then passed (with the fixed threshold most were flagged) and a crop with a hole is
+    still caught; references that agree with each other (the pill example's) change nothing."""
+    from eval.default_model_quality import reference_images, sample_of
+
+    references = reference_images("gravel", 4, seed=1, size=256)
+    normals = [Image.fromarray(sample_of("gravel", 2 * i, 11, 256, None).image) for i in range(4)]
+    defective = Image.fromarray(sample_of("gravel", 1, 11, 256, "hole").image)
+    reports = assistant.detect_batch([*normals, defective], references=references)
+    assert [r.pred_label for r in reports] == [False] * 4 + [True]
+    assert all(any("normal references score up to" in w for w in r.warnings) for r in reports)
+    answer = assistant.analyze(normals[0], references=references, max_new_tokens=32)
+    assert answer.pred_label is False and any("normal references score up to" in w for w in answer.warnings)
+
+    pill = assistant.detect("examples/pill_contamination.png", references=["examples/pill_good.png"])
+    assert pill.pred_label is True and pill.warnings == []
