@@ -136,3 +136,29 @@ def test_raise_to_moves_the_verdict_threshold_to_the_references_floor_and_keeps_
     assert [calibration.is_anomalous(float(s)) for s in raised] == [False] * 4 + [True] * 3  # 0.8 and above only
     assert float(raised[4]) == pytest.approx(0.5) and float(raised[-1]) == pytest.approx(1.0)
     assert bool((raised.diff() > 0).all()) and calibration.raise_to(0.8, 0.8) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("views", ["base", "all"])
+def test_reference_floor_is_each_reference_scored_against_the_others_as_detect_scores_it(clip_llama, views):
+    """Three references of different sizes (anyres crops differ): the floor is the highest of each one's few-shot score
+    with the other two as references, computed from two tower passes instead of one `detect` per reference."""
+    from assistant import AnomalyAssistant
+    from conftest import random_image
+
+    assistant = AnomalyAssistant.from_pretrained(clip_llama)
+    assistant.model.expert.config.views = views
+    references = [random_image(48, 48, seed=1), random_image(96, 48, seed=2), random_image(64, 80, seed=3)]
+    scores = []
+    for i, reference in enumerate(references):
+        query = assistant.processor.preprocess([reference])
+        others = assistant.processor.preprocess(references[:i] + references[i + 1 :])
+        with torch.no_grad():
+            _, score = assistant.model.detect(
+                query["pixel_values"], query["image_sizes"], others["pixel_values"], others["image_sizes"]
+            )
+        scores.append(float(score[0]))
+    every = assistant.processor.preprocess(references)
+    floor = assistant.model.reference_floor(every["pixel_values"], every["image_sizes"])
+    assert floor == pytest.approx(max(scores), abs=1e-5)
+    one = assistant.processor.preprocess(references[:1])
+    assert assistant.model.reference_floor(one["pixel_values"], one["image_sizes"]) is None

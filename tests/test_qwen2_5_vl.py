@@ -175,6 +175,20 @@ def test_the_expert_gives_score_map_boxes_and_look_twice_tokens(qwen_expert):
     # references of the same image make every patch "seen"
     image = random_image(56, 56, seed=1)
     assert assistant.detect(image, references=[image]).anomaly_map.mean() < assistant.detect(image).anomaly_map.mean()
+    # references of different sizes are scored against each other as `detect` scores an image (the few-shot floor)
+    others = [random_image(56, 56, seed=2), random_image(84, 56, seed=3)]
+    single = [assistant.processor.preprocess([o]) for o in others]
+    with torch.no_grad():
+        pair = [
+            float(
+                assistant.model.detect(a["pixel_values"], a["image_sizes"], b["pixel_values"], b["image_sizes"])[1][0]
+            )
+            for a, b in ((single[0], single[1]), (single[1], single[0]))
+        ]
+    both = assistant.processor.preprocess(others)
+    assert assistant.model.reference_floor(both["pixel_values"], both["image_sizes"]) == pytest.approx(
+        max(pair), abs=1e-5
+    )
 
 
 def test_expert_checkpoint_saves_and_loads_identically(qwen_expert, tmp_path):
