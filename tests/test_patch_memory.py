@@ -142,8 +142,9 @@ def test_raise_to_moves_the_verdict_threshold_to_the_references_floor_and_keeps_
 def test_reference_floor_is_each_reference_scored_against_the_others_as_detect_scores_it(clip_llama, views):
     """Three references of different sizes (anyres crops differ): the floor is the highest of each one's few-shot score
     with the other two as references, computed from two tower passes instead of one `detect` per reference."""
-    from assistant import AnomalyAssistant
     from conftest import random_image
+
+    from assistant import AnomalyAssistant
 
     assistant = AnomalyAssistant.from_pretrained(clip_llama)
     assistant.model.expert.config.views = views
