@@ -178,30 +178,17 @@ class Calibration:
         pair = self.modes.get(mode)
         if pair is None:
             return values
-        source = pair[1 if pixel else 0]
         target = min(max(self.pixel_threshold if pixel else self.image_threshold, 1e-6), 1 - 1e-6)
-        below = values * (target / source)
-        above = target + (values - source) * ((1 - target) / (1 - source))
-        if hasattr(values, "where"):
-            return below.where(values < source, above)
-        import numpy as np
-
-        return np.where(np.asarray(values) < source, below, above)
+        return _move(values, pair[1 if pixel else 0], target)
 
     def raise_to(self, values, floor: float | None):
         """Scores on the zero-shot scale re-mapped so that `floor` lands on the image threshold (linearly on each side
         of it): the verdict threshold raised to `floor` for one set of normal references whose own leave-one-out
         scores reach it (`AnomalyAssistantModel.reference_floor`). Unchanged when `floor` is None or at most the
         threshold; order kept. Works on tensors and floats."""
-        t = self.image_threshold
-        if floor is None or floor <= t:
+        if floor is None or floor <= self.image_threshold:
             return values
-        floor = min(float(floor), 1 - 1e-6)
-        below = values * (t / floor)
-        above = t + (values - floor) * ((1 - t) / (1 - floor))
-        if hasattr(values, "where"):
-            return below.where(values < floor, above)
-        return below if values < floor else above
+        return _move(values, min(float(floor), 1 - 1e-6), self.image_threshold)
 
     def is_anomalous(self, score: float) -> bool:
         return float(score) >= self.image_threshold
@@ -209,6 +196,18 @@ class Calibration:
     def suspicion_level(self, score: float) -> str:
         low, high = self.suspicion_bounds
         return "slightly" if score < low else "moderately" if score < high else "highly"
+
+
+def _move(values, source: float, target: float):
+    """Values in [0, 1] mapped piecewise-linearly so that `source` lands on `target` (0 and 1 stay put, order kept);
+    tensors, arrays and floats."""
+    below = values * (target / source)
+    above = target + (values - source) * ((1 - target) / (1 - source))
+    if hasattr(values, "where"):
+        return below.where(values < source, above)
+    import numpy as np
+
+    return np.where(np.asarray(values) < source, below, above)
 
 
 def fit_report(labels, scores, maps, masks, slack: float = 0.0) -> dict:
@@ -294,8 +293,8 @@ def image_threshold(labels, scores, slack: float = 0.0) -> tuple[float, float]:
     below = scores[scores < thresholds[bottom]]
     low = float(below.max()) if below.size else float(thresholds[bottom])
     if 0.0 <= scores.min() and scores.max() <= 1.0:
-        logit = lambda p: float(np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6))))  # noqa: E731
-        threshold = float(1.0 / (1.0 + np.exp(-(logit(low) + logit(high)) / 2)))
+        ends = np.clip([low, high], 1e-6, 1 - 1e-6)
+        threshold = float(1.0 / (1.0 + np.exp(-np.log(ends / (1 - ends)).mean())))  # the logits' mean
     else:
         threshold = (low + high) / 2
     threshold = min(max(threshold, np.nextafter(low, np.inf)), high)  # inside (low, high]: the same verdicts

@@ -204,20 +204,18 @@ class AnomalyAssistant:
         return self.model.expert is not None
 
     # -- vision -----------------------------------------------------------------------------------
-    def _key(self, image: Image.Image, references: list[Image.Image]) -> str:
+    @staticmethod
+    def _key(*images: Image.Image) -> str:
+        """A digest of the images' sizes and pixels (the caches' keys)."""
         digest = hashlib.sha1()
-        for im in [image, *references]:
+        for im in images:
             digest.update(f"{im.size}".encode())
             digest.update(im.tobytes())
         return digest.hexdigest()
 
     def _reference_floor(self, references: list[Image.Image], refs: dict) -> float | None:
         """The references' floor for the verdict threshold, computed once per set of references (a few kept)."""
-        digest = hashlib.sha1()
-        for im in references:
-            digest.update(f"{im.size}".encode())
-            digest.update(im.tobytes())
-        key = digest.hexdigest()
+        key = self._key(*references)
         with self._lock:
             if key in self._floors:
                 self._floors.move_to_end(key)
@@ -235,7 +233,7 @@ class AnomalyAssistant:
         """Load and encode the image (and normal references) once; reused across chat turns."""
         image = load_image(image)
         references = [load_image(r) for r in references or []]
-        key = self._key(image, references)
+        key = self._key(image, *references)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)

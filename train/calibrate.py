@@ -82,17 +82,14 @@ def recalibrate(
     from assistant.run_config import ConfigError, config_section, read_run_config
 
     from .data import read_held_out
-    from .folders import atomic_folder, write_model_parts
+    from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
     from .scoring import Prepared, calibrate, fit_domain_threshold
     from .self_reference import few_shot_calibration, training_split
 
     model_path, out = Path(model_path), Path(out)
-    if not (model_path / "config.json").is_file():
-        raise CalibrateError(f"{model_path} is not a checkpoint folder (no config.json)")
-    if out.resolve() == model_path.resolve():
-        raise CalibrateError("--out must be a new folder, not the --model folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CalibrateError(f"{out} exists and is not empty (use --overwrite)")
+    problem = refit_problem(model_path, out, overwrite)
+    if problem:
+        raise CalibrateError(problem)
     if few_shot < 0:
         raise CalibrateError(f"--few-shot must be ≥ 0, got {few_shot}")
     val_fraction, seed = training_split(model_path) or (0.1, 0)
@@ -130,14 +127,7 @@ def recalibrate(
             raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
         report["domain"] = fit_domain_threshold(model, processor, held_out, settings)
     with atomic_folder(out) as staging:
-        write_model_parts(
-            staging,
-            model,
-            processor,
-            generation,
-            model_path,
-            ("training_config.yaml", "git_commit.txt", "training_summary.json"),
-        )
+        write_model_parts(staging, model, processor, generation, model_path, RUN_FILES)
         write_report(report, staging, Calibration.of(model.config))
     return report
 

@@ -11,6 +11,20 @@ import os
 import shutil
 from pathlib import Path
 
+#: the run's files a refit checkpoint (`train.calibrate`, `train.self_reference`) carries over from its source
+RUN_FILES = ("training_config.yaml", "git_commit.txt", "training_summary.json")
+
+
+def refit_problem(model_path: Path, out: Path, overwrite: bool) -> str | None:
+    """Why checkpoint `model_path` cannot be refitted into `out` (one line), or None."""
+    if not (model_path / "config.json").is_file():
+        return f"{model_path} is not a checkpoint folder (no config.json)"
+    if out.resolve() == model_path.resolve():
+        return "--out must be a new folder, not the --model folder"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        return f"{out} exists and is not empty (use --overwrite)"
+    return None
+
 
 def atomic_folder(final: Path):
     """A context giving a staging folder that replaces `final` when the block succeeds."""

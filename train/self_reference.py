@@ -147,18 +147,14 @@ def add_self_reference(
     from assistant.metrics import pixel_auroc
 
     from .data import read_held_out
-    from .folders import atomic_folder, write_model_parts
+    from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
     from .scoring import Prepared, auroc, calibrate, score_records
 
     model_path, out = Path(model_path), Path(out)
-    if not (model_path / "config.json").is_file():
-        raise SelfReferenceError(
-            f"{model_path} is not a checkpoint folder (no config.json); merge an adapter first with train.merge"
-        )
-    if out.resolve() == model_path.resolve():
-        raise SelfReferenceError("--out must be a new folder, not the --model folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SelfReferenceError(f"{out} exists and is not empty (use --overwrite)")
+    problem = refit_problem(model_path, out, overwrite)
+    if problem:
+        hint = "; merge an adapter first with train.merge" if "not a checkpoint folder" in problem else ""
+        raise SelfReferenceError(problem + hint)
     if not 0.0 < weight <= 1.0:
         raise SelfReferenceError(f"--weight must be in (0, 1], got {weight}")
     if few_shot < 0:
@@ -221,14 +217,7 @@ def add_self_reference(
         report["few_shot"] = few_shot_report
 
     with atomic_folder(out) as staging:
-        write_model_parts(
-            staging,
-            model,
-            processor,
-            generation,
-            model_path,
-            ("training_config.yaml", "git_commit.txt", "training_summary.json"),
-        )
+        write_model_parts(staging, model, processor, generation, model_path, RUN_FILES)
         write_report(calibration, staging)
         (staging / "self_reference.json").write_text(jsonutil.dumps(report, indent=1) + "\n")
     return report
