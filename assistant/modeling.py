@@ -47,6 +47,12 @@ def output_cache(output):
 DETECTION_VIEWS = [(0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True)]
 
 
+def bank_rows(level: torch.Tensor) -> torch.Tensor:
+    """One expert level's crops [N, P, H] as few-shot memory rows: their unit patch features [N·P, H]
+    (`reference_bank` joins and may subsample them; `reference_floor` keeps them per reference)."""
+    return nn.functional.normalize(level.flatten(0, 1), dim=-1)
+
+
 def view_of(crops: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
     """Crops [N, C, S, S] seen in one of `DETECTION_VIEWS`."""
     crops = torch.rot90(crops, turns, dims=(-2, -1)) if turns else crops
@@ -286,7 +292,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         scoring many images against references drawn from one pool computes each reference's bank once.
         """
         _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
-        return reduce_bank([nn.functional.normalize(level.flatten(0, 1), dim=-1) for level in reference_levels])
+        return reduce_bank([bank_rows(level) for level in reference_levels])
 
     @torch.no_grad()
     def reference_floor(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
@@ -299,10 +305,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         if len(sizes) < 2 or self.expert is None:
             return None
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
-        banks = [
-            [nn.functional.normalize(crops.flatten(0, 1), dim=-1) for crops in level.split(bank_counts)]
-            for level in bank_levels
-        ]  # [level][reference] → that reference's unit patch rows
+        banks = [[bank_rows(crops) for crops in level.split(bank_counts)] for level in bank_levels]  # [level][ref]
         features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
         per_features, per_levels = features.split(counts), [level.split(counts) for level in levels]
         per_crops = crops.split(counts) if crops is not None else [None] * len(sizes)
@@ -355,8 +358,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         if bank is not None:
             reference_map = reference_distance(levels, bank).to(crop_map.dtype)
             crop_map = (1 - weight) * crop_map + weight * reference_map
-            selection_map = crop_map  # few-shot: the references also steer which tokens are looked at twice
-            crop_significance = crop_map.mean(dim=-1)
+            # the look-twice tokens and the learned score keep the expert's own selection: choosing them by the fused
+            # map let a surface the references cover badly pick the tokens (history: few-shot selection, 2026-12-06)
         tokens, scores, crop_maps = [], [], []
         per_crop = zip(per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts))
         for feats, maps, selection, significance in per_crop:

@@ -224,6 +224,42 @@ def main():
     report(results, "Qwen2_5_VL" if args.base == "qwen2_5_vl" else "LlavaOnevision")
 
 
+def built(start: float, ours, sizes: str, device, dtype) -> None:
+    print(
+        f"built random {sizes} models in {time.perf_counter() - start:.0f} s "
+        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})"
+    )
+
+
+def random_image(args) -> Image.Image:
+    height, width = args.image_size
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def runners(reference, ours, plain_ids, ours_ids, pixel_values, sizes, **reference_inputs):
+    """(run (i), run (ii)): `reference.generate` on the plain prompt with the base's own image inputs, and ours on
+    the prompt with the look-twice placeholders from the same pixels."""
+
+    def run_reference(processors, n, common):
+        with torch.no_grad():
+            reference.generate(
+                input_ids=plain_ids,
+                attention_mask=torch.ones_like(plain_ids),
+                pixel_values=pixel_values,
+                max_new_tokens=n,
+                logits_processor=processors,
+                **reference_inputs,
+                **common,
+            )
+
+    def run_ours(processors, n, common):
+        with torch.no_grad():
+            visual = ours.encode_images(pixel_values, sizes)
+            ours.generate(ours_ids, visual=visual, max_new_tokens=n, logits_processor=processors, **common)
+
+    return run_reference, run_ours
+
+
 def setup_qwen(args, device, dtype):
     """(ours, run (i), run (ii), detection inputs) at Qwen2.5-VL-3B sizes; ours shares every module of (i)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -246,13 +282,9 @@ def setup_qwen(args, device, dtype):
         seed=0,
     )
     ours.eval()
-    print(
-        f"built random Qwen2.5-VL-3B-size models in {time.perf_counter() - build:.0f} s "
-        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})"
-    )
+    built(build, ours, "Qwen2.5-VL-3B-size", device, dtype)
     height, width = args.image_size
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
-    pixels = processor([image], return_tensors="pt")
+    pixels = processor([random_image(args)], return_tensors="pt")
     pixel_values, grid = pixels["pixel_values"].to(device, dtype), pixels["image_grid_thw"].to(device)
     n_image = int(grid.prod()) // 4
     n_anomaly = ours.selector.config.tokens_per_image(1)
@@ -272,24 +304,9 @@ def setup_qwen(args, device, dtype):
     )
     sizes = [(height, width)]
 
-    def run_reference(processors, n, common):
-        with torch.no_grad():
-            reference.generate(
-                input_ids=plain_ids,
-                attention_mask=torch.ones_like(plain_ids),
-                pixel_values=pixel_values,
-                image_grid_thw=grid,
-                mm_token_type_ids=types,
-                max_new_tokens=n,
-                logits_processor=processors,
-                **common,
-            )
-
-    def run_ours(processors, n, common):
-        with torch.no_grad():
-            visual = ours.encode_images(pixel_values, sizes)
-            ours.generate(ours_ids, visual=visual, max_new_tokens=n, logits_processor=processors, **common)
-
+    run_reference, run_ours = runners(
+        reference, ours, plain_ids, ours_ids, pixel_values, sizes, image_grid_thw=grid, mm_token_type_ids=types
+    )
     return ours, run_reference, run_ours, (pixel_values, sizes)
 
 
@@ -311,13 +328,9 @@ def setup_llava(args, device, dtype):
         seed=0,
     )
     ours.eval()
-    print(
-        f"built random 0.5B-size models in {time.perf_counter() - build:.0f} s "
-        f"({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters incl. expert; device {device}, {dtype})"
-    )
-
+    built(build, ours, "0.5B-size", device, dtype)
     height, width = args.image_size
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image = random_image(args)
     processor = LlavaOnevisionImageProcessorPil(
         size={"height": 384, "width": 384},
         image_grid_pinpoints=LLAVA_OV_GRID_PINPOINTS,
@@ -339,23 +352,9 @@ def setup_llava(args, device, dtype):
         f"expert views: {args.expert_views}"
     )
 
-    def run_reference(processors, n, common):
-        with torch.no_grad():
-            reference.generate(
-                input_ids=plain_ids,
-                attention_mask=torch.ones_like(plain_ids),
-                pixel_values=pixel_values,
-                image_sizes=image_sizes,
-                max_new_tokens=n,
-                logits_processor=processors,
-                **common,
-            )
-
-    def run_ours(processors, n, common):
-        with torch.no_grad():
-            visual = ours.encode_images(pixel_values, image_sizes)
-            ours.generate(ours_ids, visual=visual, max_new_tokens=n, logits_processor=processors, **common)
-
+    run_reference, run_ours = runners(
+        reference, ours, plain_ids, ours_ids, pixel_values, image_sizes, image_sizes=image_sizes
+    )
     return ours, run_reference, run_ours, (pixel_values, image_sizes)
 
 

@@ -125,19 +125,6 @@ def test_inspect_batch_mode_on_one_image_says_it_scores_it_alone(same_part_folde
     assert list(read_scores(out)) == ["4.png"]
 
 
-def test_raise_to_moves_the_verdict_threshold_to_the_references_floor_and_keeps_the_order():
-    from assistant.calibration import Calibration
-
-    calibration = Calibration(image_threshold=0.5, pixel_threshold=0.5)
-    scores = torch.tensor([0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0])
-    assert torch.equal(calibration.raise_to(scores, None), scores)
-    assert torch.equal(calibration.raise_to(scores, 0.4), scores)  # a floor under the threshold changes nothing
-    raised = calibration.raise_to(scores, 0.8)
-    assert [calibration.is_anomalous(float(s)) for s in raised] == [False] * 4 + [True] * 3  # 0.8 and above only
-    assert float(raised[4]) == pytest.approx(0.5) and float(raised[-1]) == pytest.approx(1.0)
-    assert bool((raised.diff() > 0).all()) and calibration.raise_to(0.8, 0.8) == pytest.approx(0.5)
-
-
 @pytest.mark.parametrize("views", ["base", "all"])
 def test_reference_floor_is_each_reference_scored_against_the_others_as_detect_scores_it(clip_llama, views):
     """Three references of different sizes (anyres crops differ): the floor is the highest of each one's few-shot score
@@ -163,3 +150,22 @@ def test_reference_floor_is_each_reference_scored_against_the_others_as_detect_s
     assert floor == pytest.approx(max(scores), abs=1e-5)
     one = assistant.processor.preprocess(references[:1])
     assert assistant.model.reference_floor(one["pixel_values"], one["image_sizes"]) is None
+
+
+def test_references_move_the_map_and_score_but_the_expert_chooses_the_look_twice_tokens():
+    """Few-shot on the default model (the pill with its normal reference): the references change the map and the
+    score, while the tokens the LLM looks at twice stay the ones the expert's own selection picks zero-shot, so a
+    surface the references cover badly cannot steer them."""
+    from assistant import AnomalyAssistant
+
+    assistant = AnomalyAssistant.from_pretrained()
+    model = assistant.model
+    query = assistant.processor.preprocess([Image.open("examples/pill_contamination.png").convert("RGB")])
+    reference = assistant.processor.preprocess([Image.open("examples/pill_good.png").convert("RGB")])
+    with torch.no_grad():
+        alone = model.encode_images(query["pixel_values"], query["image_sizes"])
+        few = model.encode_images(
+            query["pixel_values"], query["image_sizes"], reference["pixel_values"], reference["image_sizes"]
+        )
+    assert torch.equal(alone.anomaly_embeds[0], few.anomaly_embeds[0])
+    assert not torch.allclose(alone.crop_maps[0], few.crop_maps[0]) and float(alone.scores[0]) != float(few.scores[0])

@@ -1,0 +1,94 @@
+"""The calibration owner (`assistant.calibration`, `assistant.metrics`): how a verdict threshold is fitted from
+held-out scores, and how the few-shot and reference-floor maps move scores onto the zero-shot scale."""
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_few_shot_rescale_maps_the_few_shot_threshold_onto_the_zero_shot_one():
+    import torch
+
+    from assistant.config import AnomalyAssistantConfig
+
+    config = AnomalyAssistantConfig(image_threshold=0.8, pixel_threshold=0.3, few_shot_thresholds=(0.4, 0.6))
+    values = torch.tensor([0.0, 0.2, 0.4, 0.7, 1.0])
+    assert config.few_shot_rescale(values).tolist() == pytest.approx([0.0, 0.4, 0.8, 0.9, 1.0])
+    assert config.few_shot_rescale(values, pixel=True).tolist() == pytest.approx([0.0, 0.1, 0.2, 0.475, 1.0])
+    assert AnomalyAssistantConfig(image_threshold=0.8).few_shot_rescale(values) is values
+    for bad in ((0.4,), (0.0, 0.5), (0.5, 1.0)):
+        with pytest.raises(ValueError, match="few_shot_thresholds"):
+            AnomalyAssistantConfig(few_shot_thresholds=bad)
+
+
+def test_image_threshold_balances_misses_and_false_alarms():
+    """The image verdict's calibration: with mostly defective held-out images, F1-max would flag normal images to
+    catch one more defect; the best balanced accuracy does not, and no other threshold balances better."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from assistant.metrics import balanced_accuracy_threshold
+    from eval.metrics import f1_max
+
+    labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.2, 0.5, 0.1])
+    best, threshold = balanced_accuracy_threshold(labels, scores)
+    assert threshold == pytest.approx(0.6)  # the lowest-scored defect is left as a miss
+    assert f1_max(labels, scores)[1] == pytest.approx(
+        0.2
+    )  # F1 buys it with a false alarm on one of the two normal images
+    candidates = [balanced_accuracy_score(labels, scores >= t) for t in np.unique(scores)]
+    assert best == pytest.approx(max(candidates)) == pytest.approx(balanced_accuracy_score(labels, scores >= threshold))
+
+
+def test_image_threshold_keeps_a_margin_above_the_held_out_normal_images():
+    """Held-out normal images at 0.02-0.1 and defects at 0.6-0.99: any threshold in (0.1, 0.6] is right on all of
+    them. The fitted one is the middle of that gap (in logit terms), not its edge at 0.6 (a new surface's normal
+    images, scoring a little higher than the training ones, still pass; a defect a little weaker is still caught);
+    with a slack, thresholds a point of balanced accuracy worse widen the range it takes the middle of."""
+    from assistant.calibration import image_threshold
+    from assistant.metrics import balanced_accuracy_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.02, 0.05, 0.1, 0.6, 0.9, 0.95, 0.99])
+    assert balanced_accuracy_threshold(labels, scores) == (pytest.approx(1.0), pytest.approx(0.6))
+    accuracy, threshold = image_threshold(labels, scores)
+    assert accuracy == pytest.approx(1.0)
+    assert threshold == pytest.approx(1 / (1 + np.sqrt(0.9 / 0.1 * 0.4 / 0.6)))  # logit midpoint of 0.1 and 0.6
+    # 100 defects, one scored among the normal images: no threshold is perfect; a slack of 0.01 lets the range's top
+    # pass the two weakest other defects too (each costs 0.005), so its middle moves up but stays inside the gap
+    labels = np.array([0] * 10 + [1] * 100)
+    scores = np.concatenate([np.linspace(0.01, 0.1, 10), [0.05], np.linspace(0.6, 0.99, 99)])
+    strict = image_threshold(labels, scores)
+    slack = image_threshold(labels, scores, slack=0.01)
+    assert strict[0] == pytest.approx(slack[0]) == pytest.approx(0.995)
+    assert 0.1 < strict[1] < slack[1] <= 0.6
+    with pytest.raises(ValueError, match="both normal"):
+        image_threshold([1, 1], [0.2, 0.3])
+
+
+def test_threshold_report_without_defect_pixels_still_gives_thresholds():
+    """Held-out defects with image labels only (empty masks): the image threshold is fitted, and the pixel threshold
+    falls back to the highest map value instead of failing the calibration."""
+    from assistant.calibration import fit_report as threshold_report
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.7, 0.9])
+    maps = rng.random((4, 8, 8)).astype(np.float32)
+    report = threshold_report(labels, scores, maps, np.zeros((4, 8, 8), dtype=bool))
+    assert 0.2 < report["image_threshold"] < 0.7 and report["image_balanced_accuracy"] == pytest.approx(1.0)
+    assert report["pixel_threshold"] == pytest.approx(float(maps.max()))
+    assert np.isnan(report["pixel_f1_max"]) and np.isnan(report["pixel_auroc"])
+
+
+def test_raise_to_moves_the_verdict_threshold_to_the_references_floor_and_keeps_the_order():
+    from assistant.calibration import Calibration
+
+    calibration = Calibration(image_threshold=0.5, pixel_threshold=0.5)
+    scores = torch.tensor([0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0])
+    assert torch.equal(calibration.raise_to(scores, None), scores)
+    assert torch.equal(calibration.raise_to(scores, 0.4), scores)  # a floor under the threshold changes nothing
+    raised = calibration.raise_to(scores, 0.8)
+    assert [calibration.is_anomalous(float(s)) for s in raised] == [False] * 4 + [True] * 3  # 0.8 and above only
+    assert float(raised[4]) == pytest.approx(0.5) and float(raised[-1]) == pytest.approx(1.0)
+    assert bool((raised.diff() > 0).all()) and calibration.raise_to(0.8, 0.8) == pytest.approx(0.5)
