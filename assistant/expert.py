@@ -40,7 +40,8 @@ class ExpertConfig:
     class_dim: int = 512
     predictor_dim: int = 512
     logit_scale: float = 100.0
-    #: weight of the few-shot (reference) map when references are given
+    #: share of the distance to other images' patches in the map: the references' (few-shot) or, in the folder
+    #: mode, the folder's other images' (the rest is the learned map)
     reference_weight: float = 0.5
     #: which crops the expert scores: "base" (the whole image in one view: the detection path runs the
     #: tower on one crop) or "all" (every anyres tile too, as Anomaly-OV: finer maps on large images)

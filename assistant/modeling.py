@@ -421,9 +421,12 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
         images' (MuSc). `chunks` are (pixel_values, image_sizes) batches as the processor makes them, read through the
         tower one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
-        `detect`: each image's map on its scored crop is the mutual distance relative to the folder's typical one
-        (`folder_relative`) and the score its maximum, on the zero-shot scale when the "batch" mode is calibrated
-        (`Calibration.rescale`)."""
+        `detect`: each image's map on its scored crop fuses, as the few-shot mode does (`reference_weight`), the
+        mutual distance and the expert's learned map, each relative to the folder's typical patch
+        (`folder_relative`); the score is the map's maximum, on the zero-shot scale when the "batch" mode is
+        calibrated (`Calibration.rescale`). The learned map ranks the defects of textures whose images differ from
+        each other (real photographed surfaces) far better than the mutual distance alone (history: folder mode,
+        2026-12-06)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels = [], []
@@ -434,7 +437,12 @@ class AnomalyAssistantModel(PreTrainedModel):
             levels.append([level[first] for level in chunk_levels])
         features = torch.cat(features)
         levels = [torch.cat(level) for level in zip(*levels)]
-        maps = folder_relative(mutual_distance(levels, lowest)).to(features.device)
+        learned, _, _ = self.expert(levels, features)  # each image's own zero-shot map [N, P]
+        weight = self.expert.config.reference_weight
+        maps = (1 - weight) * folder_relative(learned.float()) + weight * folder_relative(
+            mutual_distance(levels, lowest)
+        )
+        maps = maps.to(features.device)
         calibration = self.config.calibration
         scores = calibration.rescale(maps.amax(-1), "batch")
         maps = calibration.rescale(maps, "batch", pixel=True)

@@ -169,3 +169,24 @@ def test_references_move_the_map_and_score_but_the_expert_chooses_the_look_twice
         )
     assert torch.equal(alone.anomaly_embeds[0], few.anomaly_embeds[0])
     assert not torch.allclose(alone.crop_maps[0], few.crop_maps[0]) and float(alone.scores[0]) != float(few.scores[0])
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_folder_map_fuses_the_mutual_distance_and_the_learned_map_each_relative_to_the_folder(clip_llama, weight):
+    """The folder mode's map is `reference_weight` of the mutual distance plus the rest of the expert's learned map,
+    each on the folder's own scale (`folder_relative`); the score is the map's maximum (no batch calibration here)."""
+    from conftest import random_image
+
+    from assistant import AnomalyAssistant
+
+    assistant = AnomalyAssistant.from_pretrained(clip_llama)
+    model = assistant.model
+    model.expert.config.reference_weight = weight
+    pixels = assistant.processor.preprocess([random_image(48, 48, seed=s) for s in range(5)])
+    with torch.no_grad():
+        maps, scores, _ = model.detect_folder([(pixels["pixel_values"], pixels["image_sizes"])])
+        features, levels, _, _ = model._detection_features(pixels["pixel_values"], pixels["image_sizes"])
+        learned = model.expert(levels, features)[0]
+    expected = (1 - weight) * folder_relative(learned) + weight * folder_relative(mutual_distance(levels))
+    assert torch.allclose(torch.cat(maps), expected, atol=1e-6)
+    assert torch.allclose(scores, expected.amax(-1), atol=1e-6)
