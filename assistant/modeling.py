@@ -359,7 +359,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             reference_map = reference_distance(levels, bank).to(crop_map.dtype)
             crop_map = (1 - weight) * crop_map + weight * reference_map
             # the look-twice tokens and the learned score keep the expert's own selection: choosing them by the fused
-            # map let a surface the references cover badly pick the tokens (history: few-shot selection, 2026-12-06)
+            # map let a surface the references cover badly pick the tokens (docs/default_model_history.md)
         tokens, scores, crop_maps = [], [], []
         per_crop = zip(per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts))
         for feats, maps, selection, significance in per_crop:
@@ -425,8 +425,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         mutual distance and the expert's learned map, each relative to the folder's typical patch
         (`folder_relative`); the score is the map's maximum, on the zero-shot scale when the "batch" mode is
         calibrated (`Calibration.rescale`). The learned map ranks the defects of textures whose images differ from
-        each other (real photographed surfaces) far better than the mutual distance alone (history: folder mode,
-        2026-12-06)."""
+        each other (real photographed surfaces) far better than the mutual distance alone
+        (docs/default_model_history.md)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels = [], []
