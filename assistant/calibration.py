@@ -20,6 +20,10 @@ class CalibrationConfig:
     #: the out-of-domain threshold is this many times the 99th percentile of the held-out images' distances to the
     #: training images (`Calibration.with_domain`): an image that far from everything trained on is flagged
     domain_margin: float = 4.0
+    #: an in-domain image farther than this many times that 99th percentile is of a kind training did not show
+    #: (`Calibration.is_novel`): its single-image report advises normal references or a folder, the modes whose
+    #: verdicts carry over to new surfaces
+    novel_margin: float = 3.0
     #: image thresholds: the middle of those within this much balanced accuracy of the best (`image_threshold`);
     #: 0 keeps the best one's edge, right above the held-out normal images
     threshold_slack: float = 0.01
@@ -29,6 +33,10 @@ class CalibrationConfig:
             raise ValueError(f"calibration moderate_from must be in (0, 1], got {self.moderate_from}")
         if self.domain_margin < 1.0:
             raise ValueError(f"calibration domain_margin must be ≥ 1, got {self.domain_margin}")
+        if not 1.0 <= self.novel_margin <= self.domain_margin:
+            raise ValueError(
+                f"calibration novel_margin must be in [1, domain_margin = {self.domain_margin}], got {self.novel_margin}"
+            )
         if not 0.0 <= self.threshold_slack < 0.5:
             raise ValueError(f"calibration threshold_slack must be in [0, 0.5), got {self.threshold_slack}")
 
@@ -65,6 +73,8 @@ class Calibration:
     modes: dict = None
     #: an image whose `domain_distance` exceeds this is out of domain (None: no check)
     domain_threshold: float | None = None
+    #: an in-domain image past this is of a new kind (`is_novel`; None: no check)
+    novel_threshold: float | None = None
 
     def __post_init__(self):
         self.modes = {mode: [float(t) for t in pair] for mode, pair in (self.modes or {}).items() if pair is not None}
@@ -75,6 +85,8 @@ class Calibration:
                 raise ValueError(f"{mode}_thresholds must be two thresholds in (0, 1), got {pair}")
         if self.domain_threshold is not None:
             self.domain_threshold = float(self.domain_threshold)
+        if self.novel_threshold is not None:
+            self.novel_threshold = float(self.novel_threshold)
         if self.moderate_from is not None:
             CalibrationConfig(moderate_from=self.moderate_from)  # validates
             self.suspicion_bounds = (self.moderate_from * self.image_threshold, self.image_threshold)
@@ -92,6 +104,7 @@ class Calibration:
             tuple(config.suspicion_bounds),
             modes,
             getattr(config, "domain_threshold", None),
+            getattr(config, "novel_threshold", None),
         )
 
     def write(self, config) -> None:
@@ -102,6 +115,7 @@ class Calibration:
         for mode in MODES:
             setattr(config, f"{mode}_thresholds", self.modes.get(mode))
         config.domain_threshold = self.domain_threshold
+        config.novel_threshold = self.novel_threshold
 
     # -- fitting ----------------------------------------------------------------------------------
     @classmethod
@@ -117,9 +131,13 @@ class Calibration:
         if "image_threshold" not in report:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
-        domain = previous.domain_threshold if previous is not None else None
+        domain = (previous.domain_threshold, previous.novel_threshold) if previous is not None else (None, None)
         return cls(
-            report["image_threshold"], report["pixel_threshold"], settings.moderate_from, domain_threshold=domain
+            report["image_threshold"],
+            report["pixel_threshold"],
+            settings.moderate_from,
+            domain_threshold=domain[0],
+            novel_threshold=domain[1],
         ), report
 
     def replace(self, **changes) -> Calibration:
@@ -147,7 +165,8 @@ class Calibration:
 
     def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple[Calibration, dict]:
         """The out-of-domain threshold from held-out in-domain images' distances to the training images:
-        `settings.domain_margin` times their 99th percentile (no out-of-domain examples are needed to fit it)."""
+        `settings.domain_margin` times their 99th percentile (no out-of-domain examples are needed to fit it), and the
+        new-kind threshold, `settings.novel_margin` times it."""
         import numpy as np
 
         settings = settings or CalibrationConfig()
@@ -156,20 +175,30 @@ class Calibration:
             raise ValueError("the domain threshold needs held-out images")
         q99 = float(np.quantile(distances, 0.99))
         threshold = min(settings.domain_margin * q99, 1.0)
+        novel = min(settings.novel_margin * q99, threshold)
         report = {
             "n": int(distances.size),
             "held_out_q99": q99,
             "held_out_max": float(distances.max()),
             "margin": settings.domain_margin,
             "domain_threshold": threshold,
+            "novel_margin": settings.novel_margin,
+            "novel_threshold": novel,
         }
-        return self.replace(domain_threshold=threshold), report
+        return self.replace(domain_threshold=threshold, novel_threshold=novel), report
 
     def is_out_of_domain(self, distance) -> bool | None:
         """Whether an image's domain distance is past the threshold; None when there is no check."""
         if self.domain_threshold is None or distance is None:
             return None
         return float(distance) > self.domain_threshold
+
+    def is_novel(self, distance) -> bool:
+        """Whether an in-domain image is farther from the training images than `novel_threshold`: a kind of surface or
+        part training did not show, where single-image verdicts are least reliable."""
+        if self.novel_threshold is None or distance is None or self.is_out_of_domain(distance):
+            return False
+        return float(distance) > self.novel_threshold
 
     # -- applying ---------------------------------------------------------------------------------
     def rescale(self, values, mode: str, pixel: bool = False):

@@ -68,7 +68,10 @@ class AnomalyAssistantConfig(PretrainedConfig):
         moderate_from: suspicion_bounds = (moderate_from · image_threshold, image_threshold) when set; None keeps
             the given bounds.
         domain_threshold: an image farther than this from the training images (`AnomalyAssistantModel.domain_distance`)
-            is out of domain; None: no check. All thresholds are fitted and written by `assistant.calibration`.
+            is out of domain; None: no check.
+        novel_threshold: an in-domain image farther than this is of a kind training did not show (its single-image
+            report advises references or a folder); None: no check. All thresholds are fitted and written by
+            `assistant.calibration`.
     """
 
     model_type = "anomaly_assistant"
@@ -97,6 +100,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         batch_thresholds: tuple[float, float] | None = None,
         moderate_from: float | None = None,
         domain_threshold: float | None = None,
+        novel_threshold: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -126,6 +130,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
             suspicion_bounds,
             {"few_shot": few_shot_thresholds, "batch": batch_thresholds},
             domain_threshold,
+            novel_threshold,
         ).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")

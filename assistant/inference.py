@@ -95,6 +95,18 @@ def floor_warning(floor: float | None, threshold: float) -> list[str]:
     ]
 
 
+def novelty_warning(calibration, distance) -> list[str]:
+    """The note a single-image report carries when the image is in domain but of a kind training did not show
+    (`Calibration.is_novel`): there the single-image verdict is the least reliable of the three modes."""
+    if not calibration.is_novel(distance):
+        return []
+    return [
+        f"this kind of surface is new to the model (distance {float(distance):.2f} to its training images; seen kinds "
+        f"stay under {calibration.novel_threshold:.2f}): single-image verdicts are least reliable here; give 2-4 "
+        f"images of good parts as normal references, or score a folder of such images together"
+    ]
+
+
 def reference_warnings(image: Image.Image, references, histograms: list[np.ndarray] | None = None) -> list[str]:
     """Warnings for normal references that do not look like the inspected part.
 
@@ -353,6 +365,8 @@ class AnomalyAssistant:
             scores = calibration.raise_to(scores, floor)
             noted = floor_warning(floor, calibration.image_threshold)
             warnings = [reference_warnings(image, references, histograms) + noted for image in chunk]
+            if not references and distances is not None:
+                warnings = [found + novelty_warning(calibration, d) for found, d in zip(warnings, distances.tolist())]
             reports.extend(self._reports(chunk, crop_maps, scores, distances, warnings))
         return reports
 
@@ -509,6 +523,8 @@ class AnomalyAssistant:
         warnings = reference_warnings(image, [load_image(r) for r in references or []]) if self.has_expert else []
         warnings += floor_warning(visual.extras.get("reference_floor"), self.model.config.calibration.image_threshold)
         evidence = self._evidence(image, visual)
+        if not references:
+            warnings += novelty_warning(self.model.config.calibration, evidence["domain_distance"])
         return AnomalyReport(answer=answer.strip(), model=self.name, image=image, warnings=warnings, **evidence)
 
     def visualize(self, report: AnomalyReport, image=None) -> Image.Image:

@@ -92,3 +92,22 @@ def test_raise_to_moves_the_verdict_threshold_to_the_references_floor_and_keeps_
     assert [calibration.is_anomalous(float(s)) for s in raised] == [False] * 4 + [True] * 3  # 0.8 and above only
     assert float(raised[4]) == pytest.approx(0.5) and float(raised[-1]) == pytest.approx(1.0)
     assert bool((raised.diff() > 0).all()) and calibration.raise_to(0.8, 0.8) == pytest.approx(0.5)
+
+
+def test_domain_fit_sets_the_new_kind_threshold_between_the_held_out_images_and_out_of_domain():
+    """Held-out distances with a 99th percentile q: out of domain past domain_margin · q, a new kind past
+    novel_margin · q; in between an image is in domain but new (`is_novel`), beyond it only out of domain."""
+    from assistant.calibration import Calibration, CalibrationConfig
+
+    distances = np.linspace(0.0, 0.05, 101)  # 99th percentile 0.0495
+    calibration, report = Calibration().with_domain(distances, CalibrationConfig(domain_margin=6.0, novel_margin=2.0))
+    q99 = float(np.quantile(distances, 0.99))
+    assert calibration.domain_threshold == pytest.approx(6 * q99) and calibration.novel_threshold == pytest.approx(
+        2 * q99
+    )
+    assert report["novel_threshold"] == pytest.approx(2 * q99)
+    assert [calibration.is_novel(d) for d in (0.05, 0.1, 0.2, 0.4, None)] == [False, True, True, False, False]
+    assert calibration.is_out_of_domain(0.4) is True
+    assert Calibration().is_novel(0.5) is False  # no domain fit, no check
+    with pytest.raises(ValueError, match="novel_margin"):
+        CalibrationConfig(domain_margin=4.0, novel_margin=5.0)
