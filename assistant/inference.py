@@ -107,6 +107,17 @@ def novelty_warning(calibration, distance) -> list[str]:
     ]
 
 
+def report_warnings(
+    image: Image.Image, references, calibration, floor: float | None, distance, histograms=None
+) -> list[str]:
+    """Every warning a report carries, the one place that decides them: with normal references, those that do not
+    look like the part and a raised threshold (`floor_warning`); without, a kind of surface new to the model
+    (`novelty_warning`)."""
+    if references:
+        return reference_warnings(image, references, histograms) + floor_warning(floor, calibration.image_threshold)
+    return novelty_warning(calibration, distance)
+
+
 def reference_warnings(image: Image.Image, references, histograms: list[np.ndarray] | None = None) -> list[str]:
     """Warnings for normal references that do not look like the inspected part.
 
@@ -363,10 +374,10 @@ class AnomalyAssistant:
                     with_domain=True,
                 )
             scores = calibration.raise_to(scores, floor)
-            noted = floor_warning(floor, calibration.image_threshold)
-            warnings = [reference_warnings(image, references, histograms) + noted for image in chunk]
-            if not references and distances is not None:
-                warnings = [found + novelty_warning(calibration, d) for found, d in zip(warnings, distances.tolist())]
+            far = distances.tolist() if distances is not None else [None] * len(chunk)
+            warnings = [
+                report_warnings(image, references, calibration, floor, d, histograms) for image, d in zip(chunk, far)
+            ]
             reports.extend(self._reports(chunk, crop_maps, scores, distances, warnings))
         return reports
 
@@ -520,11 +531,18 @@ class AnomalyAssistant:
             max_new_tokens=max_new_tokens,
             **generate_kwargs,
         )
-        warnings = reference_warnings(image, [load_image(r) for r in references or []]) if self.has_expert else []
-        warnings += floor_warning(visual.extras.get("reference_floor"), self.model.config.calibration.image_threshold)
         evidence = self._evidence(image, visual)
-        if not references:
-            warnings += novelty_warning(self.model.config.calibration, evidence["domain_distance"])
+        warnings = (
+            report_warnings(
+                image,
+                [load_image(r) for r in references or []],
+                self.model.config.calibration,
+                visual.extras.get("reference_floor"),
+                evidence["domain_distance"],
+            )
+            if self.has_expert
+            else []
+        )
         return AnomalyReport(answer=answer.strip(), model=self.name, image=image, warnings=warnings, **evidence)
 
     def visualize(self, report: AnomalyReport, image=None) -> Image.Image:
