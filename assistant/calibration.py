@@ -131,14 +131,12 @@ class Calibration:
         if "image_threshold" not in report:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
-        domain = (previous.domain_threshold, previous.novel_threshold) if previous is not None else (None, None)
-        return cls(
-            report["image_threshold"],
-            report["pixel_threshold"],
-            settings.moderate_from,
-            domain_threshold=domain[0],
-            novel_threshold=domain[1],
-        ), report
+        fitted = cls(report["image_threshold"], report["pixel_threshold"], settings.moderate_from)
+        if previous is not None:
+            fitted = fitted.replace(
+                domain_threshold=previous.domain_threshold, novel_threshold=previous.novel_threshold
+            )
+        return fitted, report
 
     def replace(self, **changes) -> Calibration:
         values = {**asdict(self), **changes}

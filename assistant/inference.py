@@ -522,6 +522,7 @@ class AnomalyAssistant:
         question = question if question is not None else DEFAULT_QUESTION
         if not question.strip():
             raise ValueError("the question is empty")
+        references = [load_image(r) for r in references or []]  # read once: encode, chat and the warnings share them
         image, visual, pixels = self.encode(image, references)
         answer = self.chat(
             [{"role": "user", "content": question}],
@@ -535,7 +536,7 @@ class AnomalyAssistant:
         warnings = (
             report_warnings(
                 image,
-                [load_image(r) for r in references or []],
+                references,
                 self.model.config.calibration,
                 visual.extras.get("reference_floor"),
                 evidence["domain_distance"],
