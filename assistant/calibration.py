@@ -75,6 +75,9 @@ class Calibration:
     domain_threshold: float | None = None
     #: an in-domain image past this is of a new kind (`is_novel`; None: no check)
     novel_threshold: float | None = None
+    #: the zero-shot verdict threshold for such an image scored on its own (`for_new_kinds`): the highest of the
+    #: held-out thresholds that are as good as the chosen one (`threshold_range`); None: the image threshold
+    novel_image_threshold: float | None = None
 
     def __post_init__(self):
         self.modes = {mode: [float(t) for t in pair] for mode, pair in (self.modes or {}).items() if pair is not None}
@@ -87,6 +90,10 @@ class Calibration:
             self.domain_threshold = float(self.domain_threshold)
         if self.novel_threshold is not None:
             self.novel_threshold = float(self.novel_threshold)
+        if self.novel_image_threshold is not None:
+            self.novel_image_threshold = float(self.novel_image_threshold)
+            if not 0.0 < self.novel_image_threshold < 1.0:
+                raise ValueError(f"novel_image_threshold must be in (0, 1), got {self.novel_image_threshold}")
         if self.moderate_from is not None:
             CalibrationConfig(moderate_from=self.moderate_from)  # validates
             self.suspicion_bounds = (self.moderate_from * self.image_threshold, self.image_threshold)
@@ -105,6 +112,7 @@ class Calibration:
             modes,
             getattr(config, "domain_threshold", None),
             getattr(config, "novel_threshold", None),
+            getattr(config, "novel_image_threshold", None),
         )
 
     def write(self, config) -> None:
@@ -116,6 +124,7 @@ class Calibration:
             setattr(config, f"{mode}_thresholds", self.modes.get(mode))
         config.domain_threshold = self.domain_threshold
         config.novel_threshold = self.novel_threshold
+        config.novel_image_threshold = self.novel_image_threshold
 
     # -- fitting ----------------------------------------------------------------------------------
     @classmethod
@@ -125,13 +134,17 @@ class Calibration:
         """Zero-shot thresholds fitted on held-out scores (`fit_report`): (calibration, report); the calibration is None
         when the split lacks normal or anomalous images. Mode thresholds fitted to an earlier model are dropped: they
         no longer hold for the new scores (`with_mode` fits them again); the `previous` domain threshold is kept (it
-        reads the vision tower's features, not the expert's scores)."""
+        reads the vision tower's features, not the expert's scores). The threshold for a new kind of surface is the
+        top of the held-out range (`threshold_range`), clipped into (image threshold, 1)."""
         settings = settings or CalibrationConfig()
         report = fit_report(labels, scores, maps, masks, settings.threshold_slack)
         if "image_threshold" not in report:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
-        fitted = cls(report["image_threshold"], report["pixel_threshold"], settings.moderate_from)
+        top = min(max(report["image_threshold_range"][1], report["image_threshold"]), 1 - 1e-4)
+        fitted = cls(
+            report["image_threshold"], report["pixel_threshold"], settings.moderate_from, novel_image_threshold=top
+        )
         if previous is not None:
             fitted = fitted.replace(
                 domain_threshold=previous.domain_threshold, novel_threshold=previous.novel_threshold
@@ -217,6 +230,21 @@ class Calibration:
             return values
         return _move(values, min(float(floor), 1 - 1e-6), self.image_threshold)
 
+    def for_new_kinds(self, values, distances):
+        """Single-image zero-shot scores [N] (tensor) with each image of a new kind (`is_novel`) re-mapped so that
+        `novel_image_threshold` lands on the image threshold (as `raise_to` does for references): on a surface training
+        did not show, normal scores shift up, so the verdict takes the most cautious threshold the held-out images
+        cannot tell from the chosen one. Unchanged without distances or that threshold; order kept within each
+        group."""
+        top = self.novel_image_threshold
+        if distances is None or top is None or top <= self.image_threshold:
+            return values
+        novel = [self.is_novel(float(d)) for d in distances]
+        if not any(novel):
+            return values
+        moved = self.raise_to(values, top)
+        return moved.where(values.new_tensor(novel, dtype=bool), values)
+
     def is_anomalous(self, score: float) -> bool:
         return float(score) >= self.image_threshold
 
@@ -258,6 +286,7 @@ def fit_report(labels, scores, maps, masks, slack: float = 0.0) -> dict:
     if both_images:
         report["image_f1_max"] = f1_max(labels, scores)[0]
         report["image_balanced_accuracy"], report["image_threshold"] = image_threshold(labels, scores, slack)
+        report["image_threshold_range"] = list(threshold_range(labels, scores, slack))
         if both_pixels:
             report["pixel_f1_max"], report["pixel_threshold"] = f1_max(masks.reshape(-1), maps.reshape(-1))
         else:  # no mask marks a defect (or all do): nothing to fit; the threshold flags only the highest-scored pixels
@@ -291,16 +320,10 @@ def read_calibration(folder) -> Calibration | None:
     return Calibration(**stored) if stored else None
 
 
-def image_threshold(labels, scores, slack: float = 0.0) -> tuple[float, float]:
-    """(balanced accuracy, threshold) of the image verdict `score >= threshold` fitted on held-out scores.
-
-    The thresholds whose balanced accuracy (`assistant.metrics.balanced_accuracy_threshold`) is within `slack` of the
-    best form a range around it (from the score just below its lowest to its highest); the threshold is that range's
-    middle, in logit terms for scores in [0, 1]. Held-out images of the training surfaces leave a wide gap between
-    normal and defective scores, and the best threshold's edge of it (scikit-learn's) sits right above the normal
-    images: on a surface the expert never saw, normal scores shift up and most cross it, while the middle keeps the
-    margin on both sides. The reported balanced accuracy is the chosen threshold's.
-    """
+def threshold_range(labels, scores, slack: float = 0.0) -> tuple[float, float]:
+    """(low, high): the image thresholds whose balanced accuracy on held-out scores is within `slack` of the best
+    (`score >= threshold` flags), from the highest score just below the lowest of them (exclusive) to the highest
+    (inclusive). Any threshold in (low, high] gives the held-out images the same verdicts, up to `slack`."""
     import numpy as np
     from sklearn.metrics import roc_curve
 
@@ -316,9 +339,26 @@ def image_threshold(labels, scores, slack: float = 0.0) -> tuple[float, float]:
         top -= 1
     while bottom + 1 < len(balanced) and balanced[bottom + 1] >= floor:
         bottom += 1
-    high = float(thresholds[top])
     below = scores[scores < thresholds[bottom]]
-    low = float(below.max()) if below.size else float(thresholds[bottom])
+    return (float(below.max()) if below.size else float(thresholds[bottom])), float(thresholds[top])
+
+
+def image_threshold(labels, scores, slack: float = 0.0) -> tuple[float, float]:
+    """(balanced accuracy, threshold) of the image verdict `score >= threshold` fitted on held-out scores.
+
+    The thresholds whose balanced accuracy (`assistant.metrics.balanced_accuracy_threshold`) is within `slack` of the
+    best form a range around it (`threshold_range`); the threshold is that range's middle, in logit terms for scores
+    in [0, 1]. Held-out images of the training surfaces leave a wide gap between normal and defective scores, and the
+    best threshold's edge of it (scikit-learn's) sits right above the normal images: on a surface the expert never
+    saw, normal scores shift up and most cross it, while the middle keeps the margin on both sides. The reported
+    balanced accuracy is the chosen threshold's.
+    """
+    import numpy as np
+
+    from .metrics import check_image_inputs
+
+    labels, scores = check_image_inputs(labels, scores)
+    low, high = threshold_range(labels, scores, slack)
     if 0.0 <= scores.min() and scores.max() <= 1.0:
         ends = np.clip([low, high], 1e-6, 1 - 1e-6)
         threshold = float(1.0 / (1.0 + np.exp(-np.log(ends / (1 - ends)).mean())))  # the logits' mean

@@ -70,8 +70,10 @@ class AnomalyAssistantConfig(PretrainedConfig):
         domain_threshold: an image farther than this from the training images (`AnomalyAssistantModel.domain_distance`)
             is out of domain; None: no check.
         novel_threshold: an in-domain image farther than this is of a kind training did not show (its single-image
-            report advises references or a folder); None: no check. All thresholds are fitted and written by
-            `assistant.calibration`.
+            report advises references or a folder); None: no check.
+        novel_image_threshold: the zero-shot verdict threshold for such an image scored on its own (its score is
+            given on the image threshold's scale, `Calibration.for_new_kinds`); None: the image threshold. All
+            thresholds are fitted and written by `assistant.calibration`.
     """
 
     model_type = "anomaly_assistant"
@@ -101,6 +103,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         moderate_from: float | None = None,
         domain_threshold: float | None = None,
         novel_threshold: float | None = None,
+        novel_image_threshold: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -131,6 +134,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
             {"few_shot": few_shot_thresholds, "batch": batch_thresholds},
             domain_threshold,
             novel_threshold,
+            novel_image_threshold,
         ).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")

@@ -97,13 +97,20 @@ def floor_warning(floor: float | None, threshold: float) -> list[str]:
 
 def novelty_warning(calibration, distance) -> list[str]:
     """The note a single-image report carries when the image is in domain but of a kind training did not show
-    (`Calibration.is_novel`): there the single-image verdict is the least reliable of the three modes."""
+    (`Calibration.is_novel`): there the single-image verdict is the least reliable of the three modes, and its
+    threshold is the cautious one (`Calibration.for_new_kinds`)."""
     if not calibration.is_novel(distance):
         return []
+    top, threshold = calibration.novel_image_threshold, calibration.image_threshold
+    raised = (
+        f"; its threshold is raised to {top:.2f} (the score is given on the {threshold:.2f} scale)"
+        if top is not None and top > threshold
+        else ""
+    )
     return [
         f"this kind of surface is new to the model (distance {float(distance):.2f} to its training images; seen kinds "
-        f"stay under {calibration.novel_threshold:.2f}): single-image verdicts are least reliable here; give 2-4 "
-        f"images of good parts as normal references, or score a folder of such images together"
+        f"stay under {calibration.novel_threshold:.2f}): single-image verdicts are least reliable here{raised}; give "
+        f"2-4 images of good parts as normal references, or score a folder of such images together"
     ]
 
 
@@ -271,10 +278,13 @@ class AnomalyAssistant:
             refs["pixel_values"] if refs else None,
             refs["image_sizes"] if refs else None,
         )
+        calibration = self.model.config.calibration
         if refs and visual.scores is not None:  # the references' own spread raises the verdict threshold
             floor = self._reference_floor(references, refs)
-            visual.scores = self.model.config.calibration.raise_to(visual.scores, floor)
+            visual.scores = calibration.raise_to(visual.scores, floor)
             visual.extras["reference_floor"] = floor
+        elif visual.scores is not None:  # a kind of surface training did not show takes the cautious threshold
+            visual.scores = calibration.for_new_kinds(visual.scores, visual.domain_distances)
         with self._lock:
             visual.extras["key"] = key
             visual.extras["reference_images"] = shown[: visual.extras.get("references_shown", 0)]
@@ -373,7 +383,7 @@ class AnomalyAssistant:
                     refs["image_sizes"] if refs else None,
                     with_domain=True,
                 )
-            scores = calibration.raise_to(scores, floor)
+            scores = calibration.raise_to(scores, floor) if refs else calibration.for_new_kinds(scores, distances)
             far = distances.tolist() if distances is not None else [None] * len(chunk)
             warnings = [
                 report_warnings(image, references, calibration, floor, d, histograms) for image, d in zip(chunk, far)

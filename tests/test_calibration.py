@@ -111,3 +111,34 @@ def test_domain_fit_sets_the_new_kind_threshold_between_the_held_out_images_and_
     assert Calibration().is_novel(0.5) is False  # no domain fit, no check
     with pytest.raises(ValueError, match="novel_margin"):
         CalibrationConfig(domain_margin=4.0, novel_margin=5.0)
+
+
+def test_a_new_kind_of_surface_takes_the_top_of_the_held_out_threshold_range():
+    """The fit keeps, beside the middle of the thresholds as good as the best, their top (`threshold_range`) for
+    images of a new kind; `for_new_kinds` re-maps only those images' scores so that top lands on the image
+    threshold (order kept), and leaves every score alone without a distance or that threshold."""
+    import numpy as np
+    import torch
+
+    from assistant.calibration import Calibration, threshold_range
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.05, 0.1, 0.2, 0.3, 0.7, 0.8, 0.9, 0.95])
+    low, high = threshold_range(labels, scores, slack=0.0)
+    assert (low, high) == (0.3, 0.7)  # any threshold in (0.3, 0.7] splits them alike
+    maps = np.zeros((8, 4, 4))
+    masks = np.zeros((8, 4, 4), dtype=bool)
+    masks[4:, 0, 0] = True
+    maps[4:, 0, 0] = 1.0
+    fitted, report = Calibration.fit(labels, scores, maps, masks)
+    assert report["image_threshold_range"] == [0.3, 0.7]
+    assert fitted.image_threshold < fitted.novel_image_threshold == 0.7
+    calibration = fitted.replace(domain_threshold=0.2, novel_threshold=0.1)
+    values = torch.tensor([0.6, 0.6, 0.6, 0.8])
+    moved = calibration.for_new_kinds(values, torch.tensor([0.05, 0.15, 0.3, 0.15]))
+    assert moved[0] == 0.6 and moved[2] == 0.6  # seen kind; out of domain (the notice speaks for it)
+    assert moved[1] < calibration.image_threshold < moved[3]  # 0.6 is below the top now, 0.8 above it
+    assert torch.equal(calibration.for_new_kinds(values, None), values)
+    assert torch.equal(
+        calibration.replace(novel_image_threshold=None).for_new_kinds(values, torch.full((4,), 0.15)), values
+    )
