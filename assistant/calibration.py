@@ -231,15 +231,15 @@ class Calibration:
         return _move(values, min(float(floor), 1 - 1e-6), self.image_threshold)
 
     def for_new_kinds(self, values, distances):
-        """Single-image zero-shot scores [N] (tensor) with each image of a new kind (`is_novel`) re-mapped so that
-        `novel_image_threshold` lands on the image threshold (as `raise_to` does for references): on a surface training
-        did not show, normal scores shift up, so the verdict takes the most cautious threshold the held-out images
-        cannot tell from the chosen one. Unchanged without distances or that threshold; order kept within each
-        group."""
+        """Single-image zero-shot scores [N] (tensor) with each image past the new-kind distance (`is_novel`, or
+        farther: out of domain) re-mapped so that `novel_image_threshold` lands on the image threshold (as `raise_to`
+        does for references): on a surface training did not show, normal scores shift up, so the verdict takes the
+        most cautious threshold the held-out images cannot tell from the chosen one. Unchanged without distances or
+        that threshold; order kept within each group."""
         top = self.novel_image_threshold
-        if distances is None or top is None or top <= self.image_threshold:
+        if distances is None or top is None or top <= self.image_threshold or self.novel_threshold is None:
             return values
-        novel = [self.is_novel(float(d)) for d in distances]
+        novel = [float(d) > self.novel_threshold for d in distances]
         if not any(novel):
             return values
         moved = self.raise_to(values, top)

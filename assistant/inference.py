@@ -96,10 +96,10 @@ def floor_warning(floor: float | None, threshold: float) -> list[str]:
 
 
 def novelty_warning(calibration, distance) -> list[str]:
-    """The note a single-image report carries when the image is in domain but of a kind training did not show
-    (`Calibration.is_novel`): there the single-image verdict is the least reliable of the three modes, and its
-    threshold is the cautious one (`Calibration.for_new_kinds`)."""
-    if not calibration.is_novel(distance):
+    """The note a single-image report carries when the image lies past the new-kind distance: in domain but of a kind
+    training did not show (`Calibration.is_novel`), where the single-image verdict is the least reliable of the three
+    modes, or out of domain altogether; either way its threshold is the cautious one (`Calibration.for_new_kinds`)."""
+    if distance is None or calibration.novel_threshold is None or float(distance) <= calibration.novel_threshold:
         return []
     top, threshold = calibration.novel_image_threshold, calibration.image_threshold
     raised = (
@@ -107,6 +107,11 @@ def novelty_warning(calibration, distance) -> list[str]:
         if top is not None and top > threshold
         else ""
     )
+    if calibration.is_out_of_domain(distance):
+        return [
+            f"this image is far from everything the model was trained on (distance {float(distance):.2f}; out of "
+            f"domain past {calibration.domain_threshold:.2f}): its verdict is unreliable{raised}"
+        ]
     return [
         f"this kind of surface is new to the model (distance {float(distance):.2f} to its training images; seen kinds "
         f"stay under {calibration.novel_threshold:.2f}): single-image verdicts are least reliable here{raised}; give "

@@ -136,8 +136,8 @@ def test_a_new_kind_of_surface_takes_the_top_of_the_held_out_threshold_range():
     calibration = fitted.replace(domain_threshold=0.2, novel_threshold=0.1)
     values = torch.tensor([0.6, 0.6, 0.6, 0.8])
     moved = calibration.for_new_kinds(values, torch.tensor([0.05, 0.15, 0.3, 0.15]))
-    assert moved[0] == 0.6 and moved[2] == 0.6  # seen kind; out of domain (the notice speaks for it)
-    assert moved[1] < calibration.image_threshold < moved[3]  # 0.6 is below the top now, 0.8 above it
+    assert moved[0] == 0.6  # a kind training showed
+    assert moved[1] == moved[2] < calibration.image_threshold < moved[3]  # new kind, out of domain: 0.6 below the top
     assert torch.equal(calibration.for_new_kinds(values, None), values)
     assert torch.equal(
         calibration.replace(novel_image_threshold=None).for_new_kinds(values, torch.full((4,), 0.15)), values
