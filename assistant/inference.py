@@ -115,7 +115,8 @@ def novelty_warning(calibration, distance) -> list[str]:
     return [
         f"this kind of surface is new to the model (distance {float(distance):.2f} to its training images; seen kinds "
         f"stay under {calibration.novel_threshold:.2f}): single-image verdicts are least reliable here{raised}; give "
-        f"2-4 images of good parts as normal references, or score a folder of such images together"
+        f"4-8 images of good parts as normal references (2 are too few here), or score a folder of such images "
+        f"together"
     ]
 
 
