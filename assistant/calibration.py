@@ -204,12 +204,15 @@ class Calibration:
             return None
         return float(distance) > self.domain_threshold
 
+    def is_past_new_kind(self, distance) -> bool:
+        """Whether an image is farther from the training images than `novel_threshold`, in domain or not; False
+        without a distance or that threshold."""
+        return self.novel_threshold is not None and distance is not None and float(distance) > self.novel_threshold
+
     def is_novel(self, distance) -> bool:
         """Whether an in-domain image is farther from the training images than `novel_threshold`: a kind of surface or
         part training did not show, where single-image verdicts are least reliable."""
-        if self.novel_threshold is None or distance is None or self.is_out_of_domain(distance):
-            return False
-        return float(distance) > self.novel_threshold
+        return self.is_past_new_kind(distance) and not self.is_out_of_domain(distance)
 
     # -- applying ---------------------------------------------------------------------------------
     def rescale(self, values, mode: str, pixel: bool = False):
@@ -237,9 +240,9 @@ class Calibration:
         most cautious threshold the held-out images cannot tell from the chosen one. Unchanged without distances or
         that threshold; order kept within each group."""
         top = self.novel_image_threshold
-        if distances is None or top is None or top <= self.image_threshold or self.novel_threshold is None:
+        if distances is None or top is None or top <= self.image_threshold:
             return values
-        novel = [float(d) > self.novel_threshold for d in distances]
+        novel = [self.is_past_new_kind(float(d)) for d in distances]
         if not any(novel):
             return values
         moved = self.raise_to(values, top)

@@ -99,7 +99,7 @@ def novelty_warning(calibration, distance) -> list[str]:
     """The note a single-image report carries when the image lies past the new-kind distance: in domain but of a kind
     training did not show (`Calibration.is_novel`), where the single-image verdict is the least reliable of the three
     modes, or out of domain altogether; either way its threshold is the cautious one (`Calibration.for_new_kinds`)."""
-    if distance is None or calibration.novel_threshold is None or float(distance) <= calibration.novel_threshold:
+    if not calibration.is_past_new_kind(distance):
         return []
     top, threshold = calibration.novel_image_threshold, calibration.image_threshold
     raised = (
