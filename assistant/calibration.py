@@ -78,6 +78,9 @@ class Calibration:
     #: the zero-shot verdict threshold for such an image scored on its own (`for_new_kinds`): the highest of the
     #: held-out thresholds that are as good as the chosen one (`threshold_range`); None: the image threshold
     novel_image_threshold: float | None = None
+    #: the same for the folder mode, on its raw scale: the top of the batch fit's range (`with_mode`); None: its
+    #: threshold
+    novel_batch_threshold: float | None = None
 
     def __post_init__(self):
         self.modes = {mode: [float(t) for t in pair] for mode, pair in (self.modes or {}).items() if pair is not None}
@@ -90,10 +93,12 @@ class Calibration:
             self.domain_threshold = float(self.domain_threshold)
         if self.novel_threshold is not None:
             self.novel_threshold = float(self.novel_threshold)
-        if self.novel_image_threshold is not None:
-            self.novel_image_threshold = float(self.novel_image_threshold)
-            if not 0.0 < self.novel_image_threshold < 1.0:
-                raise ValueError(f"novel_image_threshold must be in (0, 1), got {self.novel_image_threshold}")
+        for name in ("novel_image_threshold", "novel_batch_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, float(value))
+                if not 0.0 < float(value) < 1.0:
+                    raise ValueError(f"{name} must be in (0, 1), got {value}")
         if self.moderate_from is not None:
             CalibrationConfig(moderate_from=self.moderate_from)  # validates
             self.suspicion_bounds = (self.moderate_from * self.image_threshold, self.image_threshold)
@@ -113,6 +118,7 @@ class Calibration:
             getattr(config, "domain_threshold", None),
             getattr(config, "novel_threshold", None),
             getattr(config, "novel_image_threshold", None),
+            getattr(config, "novel_batch_threshold", None),
         )
 
     def write(self, config) -> None:
@@ -125,6 +131,7 @@ class Calibration:
         config.domain_threshold = self.domain_threshold
         config.novel_threshold = self.novel_threshold
         config.novel_image_threshold = self.novel_image_threshold
+        config.novel_batch_threshold = self.novel_batch_threshold
 
     # -- fitting ----------------------------------------------------------------------------------
     @classmethod
@@ -159,7 +166,8 @@ class Calibration:
     def with_mode(
         self, mode: str, labels, scores, maps, masks, settings: CalibrationConfig | None = None
     ) -> tuple[Calibration, dict]:
-        """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores."""
+        """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores; for
+        the folder (batch) mode also the top of its range for new kinds of surface (`for_new_kinds`)."""
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
         settings = settings or CalibrationConfig()
@@ -168,11 +176,17 @@ class Calibration:
             raise ValueError(f"{mode} calibration needs normal and anomalous held-out images")
         pair = [min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold")]
         report["image_threshold"], report["pixel_threshold"] = pair
-        return self.replace(modes={**self.modes, mode: pair}), report
+        changes = {"modes": {**self.modes, mode: pair}}
+        if mode == "batch":
+            changes["novel_batch_threshold"] = min(max(report["image_threshold_range"][1], pair[0]), 1 - 1e-4)
+        return self.replace(**changes), report
 
     def without_mode(self, mode: str) -> Calibration:
         """This calibration with `mode`'s thresholds cleared (its scores then stay on their raw scale)."""
-        return self.replace(modes={k: v for k, v in self.modes.items() if k != mode})
+        changes = {"modes": {k: v for k, v in self.modes.items() if k != mode}}
+        if mode == "batch":
+            changes["novel_batch_threshold"] = None
+        return self.replace(**changes)
 
     def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple[Calibration, dict]:
         """The out-of-domain threshold from held-out in-domain images' distances to the training images:
@@ -233,13 +247,23 @@ class Calibration:
             return values
         return _move(values, min(float(floor), 1 - 1e-6), self.image_threshold)
 
-    def for_new_kinds(self, values, distances):
-        """Single-image zero-shot scores [N] (tensor) with each image past the new-kind distance (`is_novel`, or
-        farther: out of domain) re-mapped so that `novel_image_threshold` lands on the image threshold (as `raise_to`
-        does for references): on a surface training did not show, normal scores shift up, so the verdict takes the
-        most cautious threshold the held-out images cannot tell from the chosen one. Unchanged without distances or
-        that threshold; order kept within each group."""
-        top = self.novel_image_threshold
+    def novel_top(self, mode: str = "single") -> float | None:
+        """The verdict threshold on the zero-shot scale for an image past the new-kind distance, scored on its own
+        ("single") or in a folder ("batch"); None when the mode has none."""
+        if mode == "single":
+            return self.novel_image_threshold
+        if mode == "batch":
+            top = self.novel_batch_threshold
+            return None if top is None or "batch" not in self.modes else float(self.rescale(top, "batch"))
+        raise ValueError(f"new-kind thresholds exist for the single and batch modes, not {mode!r}")
+
+    def for_new_kinds(self, values, distances, mode: str = "single"):
+        """Zero-shot scores [N] (tensor) of one image each ("single") or of a folder ("batch"), with each image past
+        the new-kind distance (`is_novel`, or farther: out of domain) re-mapped so that its mode's top (`novel_top`)
+        lands on the image threshold (as `raise_to` does for references): on a surface training did not show, normal
+        scores shift up, so the verdict takes the most cautious threshold the held-out images cannot tell from the
+        chosen one. Unchanged without distances or that threshold; order kept within each group."""
+        top = self.novel_top(mode)
         if distances is None or top is None or top <= self.image_threshold:
             return values
         novel = [self.is_past_new_kind(float(d)) for d in distances]

@@ -72,8 +72,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
         novel_threshold: an in-domain image farther than this is of a kind training did not show (its single-image
             report advises references or a folder); None: no check.
         novel_image_threshold: the zero-shot verdict threshold for such an image scored on its own (its score is
-            given on the image threshold's scale, `Calibration.for_new_kinds`); None: the image threshold. All
-            thresholds are fitted and written by `assistant.calibration`.
+            given on the image threshold's scale, `Calibration.for_new_kinds`); None: the image threshold.
+        novel_batch_threshold: the same for the folder mode, on its raw scale; None: its threshold. All thresholds
+            are fitted and written by `assistant.calibration`.
     """
 
     model_type = "anomaly_assistant"
@@ -104,6 +105,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         domain_threshold: float | None = None,
         novel_threshold: float | None = None,
         novel_image_threshold: float | None = None,
+        novel_batch_threshold: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -135,6 +137,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
             domain_threshold,
             novel_threshold,
             novel_image_threshold,
+            novel_batch_threshold,
         ).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")

@@ -95,13 +95,14 @@ def floor_warning(floor: float | None, threshold: float) -> list[str]:
     ]
 
 
-def novelty_warning(calibration, distance) -> list[str]:
-    """The note a single-image report carries when the image lies past the new-kind distance: in domain but of a kind
-    training did not show (`Calibration.is_novel`), where the single-image verdict is the least reliable of the three
-    modes, or out of domain altogether; either way its threshold is the cautious one (`Calibration.for_new_kinds`)."""
+def novelty_warning(calibration, distance, mode: str = "single") -> list[str]:
+    """The note a report scored without references carries when the image lies past the new-kind distance: in domain
+    but of a kind training did not show (`Calibration.is_novel`), or out of domain altogether. Its threshold is then
+    the cautious one (`Calibration.for_new_kinds`); scored on its own ("single"), the note also advises references or
+    a folder, the modes whose verdicts carry over to new surfaces."""
     if not calibration.is_past_new_kind(distance):
         return []
-    top, threshold = calibration.novel_image_threshold, calibration.image_threshold
+    top, threshold = calibration.novel_top(mode), calibration.image_threshold
     raised = (
         f"; its threshold is raised to {top:.2f} (the score is given on the {threshold:.2f} scale)"
         if top is not None and top > threshold
@@ -112,11 +113,15 @@ def novelty_warning(calibration, distance) -> list[str]:
             f"this image is far from everything the model was trained on (distance {float(distance):.2f}; out of "
             f"domain past {calibration.domain_threshold:.2f}): its verdict is unreliable{raised}"
         ]
-    return [
+    new_kind = (
         f"this kind of surface is new to the model (distance {float(distance):.2f} to its training images; seen kinds "
-        f"stay under {calibration.novel_threshold:.2f}): single-image verdicts are least reliable here{raised}; give "
-        f"4-8 images of good parts as normal references (2 are too few here), or score a folder of such images "
-        f"together"
+        f"stay under {calibration.novel_threshold:.2f})"
+    )
+    if mode == "batch":
+        return [new_kind + raised]
+    return [
+        f"{new_kind}: single-image verdicts are least reliable here{raised}; give 4-8 images of good parts as normal "
+        f"references (2 are too few here), or score a folder of such images together"
     ]
 
 
@@ -423,7 +428,11 @@ class AnomalyAssistant:
             chunks.append((pixels["pixel_values"], pixels["image_sizes"]))
         with torch.no_grad():
             crop_maps, scores, distances = self.model.detect_folder(chunks)
-        return self._reports(images, crop_maps, scores, distances)
+        calibration = self.model.config.calibration
+        scores = calibration.for_new_kinds(scores, distances, "batch")
+        far = distances.tolist() if distances is not None else [None] * len(images)
+        warnings = [novelty_warning(calibration, d, "batch") for d in far]
+        return self._reports(images, crop_maps, scores, distances, warnings)
 
     # -- language ---------------------------------------------------------------------------------
     def _inputs(self, messages, image: Image.Image, visual: VisualEncoding, pixels: dict):

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
-from .patch_memory import LOWEST, folder_relative, mutual_distance, reduce_bank
+from .patch_memory import LEARNED_SCORE_SHARE, LOWEST, folder_relative, mutual_distance, reduce_bank
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -417,14 +417,15 @@ class AnomalyAssistantModel(PreTrainedModel):
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
         return crop_maps, scores, self.domain_distance(features[first])
 
-    def detect_folder(self, chunks, lowest: float = LOWEST):
+    def detect_folder(self, chunks, lowest: float = LOWEST, score_share: float = LEARNED_SCORE_SHARE):
         """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
         images' (MuSc). `chunks` are (pixel_values, image_sizes) batches as the processor makes them, read through the
         tower one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
         `detect`: each image's map on its scored crop fuses, as the few-shot mode does (`reference_weight`), the
         mutual distance and the expert's learned map, each relative to the folder's typical patch
-        (`folder_relative`); the score is the map's maximum, on the zero-shot scale when the "batch" mode is
-        calibrated (`Calibration.rescale`). The learned map ranks the defects of textures whose images differ from
+        (`folder_relative`); the score is `score_share` of the expert's learned image score (as zero-shot, absolute)
+        and the rest the map's maximum, on the zero-shot scale when the "batch" mode is calibrated
+        (`Calibration.rescale`). The learned map and score rank the defects of textures whose images differ from
         each other (real photographed surfaces) far better than the mutual distance alone
         (docs/default_model_history.md)."""
         if self.expert is None:
@@ -437,14 +438,16 @@ class AnomalyAssistantModel(PreTrainedModel):
             levels.append([level[first] for level in chunk_levels])
         features = torch.cat(features)
         levels = [torch.cat(level) for level in zip(*levels)]
-        learned, _, _ = self.expert(levels, features)  # each image's own zero-shot map [N, P]
+        # each image's own zero-shot map [N, P] and learned score [N], as the single-image mode gives them
+        _, learned_scores, learned = self._look_once(features, levels, [1] * features.shape[0])
         weight = self.expert.config.reference_weight
-        maps = (1 - weight) * folder_relative(learned.float()) + weight * folder_relative(
+        maps = (1 - weight) * folder_relative(torch.cat(learned).float()) + weight * folder_relative(
             mutual_distance(levels, lowest)
         )
         maps = maps.to(features.device)
+        scores = score_share * learned_scores.float().to(maps.device) + (1 - score_share) * maps.amax(-1)
         calibration = self.config.calibration
-        scores = calibration.rescale(maps.amax(-1), "batch")
+        scores = calibration.rescale(scores, "batch")
         maps = calibration.rescale(maps, "batch", pixel=True)
         return [m[None] for m in maps], scores, self.domain_distance(features)
 

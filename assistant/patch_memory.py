@@ -30,6 +30,11 @@ import torch.nn.functional as F
 LOWEST = 0.2
 #: the folder's typical patch distance: this quantile of all its patches' distances (`folder_relative`)
 TYPICAL = 0.75
+#: the folder mode's image score: this share of the expert's learned image score (absolute, on the zero-shot scale)
+#: and the rest the fused map's maximum. Chosen on the training surfaces' images (docs/default_model_history.md):
+#: the learned score ranks real surfaces' defects better than any map's maximum, and being absolute, it does not
+#: move with the folder's other images
+LEARNED_SCORE_SHARE = 0.25
 #: a reference bank above this many patches is cut to a coreset of this size
 MAX_BANK = 16384
 

@@ -142,3 +142,24 @@ def test_a_new_kind_of_surface_takes_the_top_of_the_held_out_threshold_range():
     assert torch.equal(
         calibration.replace(novel_image_threshold=None).for_new_kinds(values, torch.full((4,), 0.15)), values
     )
+
+
+def test_the_folder_mode_keeps_its_own_top_for_new_kinds_on_its_raw_scale():
+    """The batch fit keeps the top of its own range; `novel_top("batch")` gives it on the zero-shot scale (where the
+    folder's scores are compared), clearing the mode clears it, and a mode without such a top is an error."""
+    import numpy as np
+    import pytest
+
+    from assistant.calibration import Calibration
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.6, 0.62, 0.65, 0.7, 0.85, 0.9, 0.92, 0.95])  # a folder mode's raw scale
+    maps, masks = np.zeros((8, 4, 4)), np.zeros((8, 4, 4), dtype=bool)
+    maps[4:, 0, 0], masks[4:, 0, 0] = 1.0, True
+    calibration, report = Calibration(image_threshold=0.5).with_mode("batch", labels, scores, maps, masks)
+    assert report["image_threshold_range"] == [0.7, 0.85] and calibration.novel_batch_threshold == 0.85
+    top = calibration.novel_top("batch")
+    assert top == pytest.approx(float(calibration.rescale(0.85, "batch"))) and 0.5 < top < 1.0
+    assert calibration.without_mode("batch").novel_top("batch") is None
+    with pytest.raises(ValueError, match="single and batch"):
+        calibration.novel_top("few_shot")

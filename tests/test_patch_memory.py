@@ -174,19 +174,25 @@ def test_references_move_the_map_and_score_but_the_expert_chooses_the_look_twice
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 def test_folder_map_fuses_the_mutual_distance_and_the_learned_map_each_relative_to_the_folder(clip_llama, weight):
     """The folder mode's map is `reference_weight` of the mutual distance plus the rest of the expert's learned map,
-    each on the folder's own scale (`folder_relative`); the score is the map's maximum (no batch calibration here)."""
+    each on the folder's own scale (`folder_relative`); the score is `LEARNED_SCORE_SHARE` of each image's learned
+    score, as the single-image mode gives it, plus the rest of the map's maximum (no batch calibration here)."""
     from conftest import random_image
 
     from assistant import AnomalyAssistant
+    from assistant.patch_memory import LEARNED_SCORE_SHARE
 
     assistant = AnomalyAssistant.from_pretrained(clip_llama)
     model = assistant.model
     model.expert.config.reference_weight = weight
-    pixels = assistant.processor.preprocess([random_image(48, 48, seed=s) for s in range(5)])
+    images = [random_image(48, 48, seed=s) for s in range(5)]
+    pixels = assistant.processor.preprocess(images)
     with torch.no_grad():
         maps, scores, _ = model.detect_folder([(pixels["pixel_values"], pixels["image_sizes"])])
         features, levels, _, _ = model._detection_features(pixels["pixel_values"], pixels["image_sizes"])
         learned = model.expert(levels, features)[0]
     expected = (1 - weight) * folder_relative(learned) + weight * folder_relative(mutual_distance(levels))
     assert torch.allclose(torch.cat(maps), expected, atol=1e-6)
-    assert torch.allclose(scores, expected.amax(-1), atol=1e-6)
+    single = torch.tensor([report.pred_score for report in assistant.detect_batch(images)])
+    share = LEARNED_SCORE_SHARE
+    assert 0 < share < 1
+    assert torch.allclose(scores, share * single + (1 - share) * expected.amax(-1), atol=1e-5)
