@@ -3,6 +3,8 @@
     <out>/scores.csv      path, score, label, overlay, error (one row per image file, unreadable ones too)
     <out>/overlays/       the evidence overlay of each readable image (heatmap, contours, boxes, verdict)
     <out>/problems.txt    each unreadable file and why (empty when there is none)
+    <out>/warnings.txt    each image's report warnings (a kind of surface new to the model, references that vary or
+                          do not look like the part), a line each (empty when there is none)
     <out>/index.html      the overlays as a gallery, most anomalous first, then the unreadable files
 
 An unreadable file is reported and skipped; it never stops the run. Uses the detection-only path
@@ -32,6 +34,7 @@ class Inspected:
     label: bool | None = None
     overlay: str | None = None  # relative to the output folder
     error: str | None = None
+    warnings: tuple[str, ...] = ()  # the report's warnings (`AnomalyReport.warnings`)
 
 
 def find_images(folder: Path, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
@@ -119,6 +122,7 @@ def inspect_folder(
         )
         for (number, path, item, _), report in zip(loaded, reports):
             item.score, item.label = report.pred_score, report.pred_label
+            item.warnings = tuple(report.warnings)
             item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
             assistant.visualize(report).save(out / item.overlay)
         for number, item in enumerate(items, start=start):
@@ -128,6 +132,7 @@ def inspect_folder(
         start += len(group)
     write_csv(results, out / "scores.csv")
     write_problems(results, out / "problems.txt")
+    write_warnings(results, out / "warnings.txt")
     (out / "index.html").write_text(gallery(results, folder), encoding="utf-8")
     return results
 
@@ -168,6 +173,10 @@ def write_csv(results: list[Inspected], path: Path) -> None:
 
 def write_problems(results: list[Inspected], path: Path) -> None:
     path.write_text("".join(f"{item.path}: {item.error}\n" for item in results if item.error), encoding="utf-8")
+
+
+def write_warnings(results: list[Inspected], path: Path) -> None:
+    path.write_text("".join(f"{item.path}: {w}\n" for item in results for w in item.warnings), encoding="utf-8")
 
 
 def gallery(results: list[Inspected], folder: Path) -> str:

@@ -233,6 +233,13 @@ def _inspect(args) -> int:
     print(
         f"{len(results) - failed} images scored, {anomalous} anomalous, {failed} unreadable; see {out / 'index.html'}"
     )
+    warned = [item for item in results if item.warnings]
+    if warned:
+        print(
+            f"note: {len(warned)} of {len(results) - failed} reports carry a warning (the first: {warned[0].warnings[0]}); "
+            f"all in {out / 'warnings.txt'}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -38,6 +38,7 @@ def test_inspect_writes_scores_overlays_gallery_and_lists_the_broken_file(tmp_pa
     assert sorted(rows) == ["a.png", "b.jpg", "broken.png", "x <&> 'odd'.png"]  # not recursive, .txt skipped
     assert rows["broken.png"]["score"] == "" and "truncated" in rows["broken.png"]["error"]
     assert (out / "problems.txt").read_text().startswith("broken.png: ")
+    assert (out / "warnings.txt").read_text() == ""  # no domain bank, no references: nothing to warn about
     for name in ("a.png", "b.jpg", "x <&> 'odd'.png"):
         row = rows[name]
         assert 0.0 <= float(row["score"]) <= 1.0 and row["label"] in ("normal", "anomalous") and row["error"] == ""

@@ -178,3 +178,22 @@ def test_a_surface_training_never_saw_is_judged_at_the_cautious_threshold_alone(
         assert all(r.domain_distance > shipped.novel_threshold for r in cautious)  # all judged at the top
         assert all(any(raised in w for w in r.warnings) for r in cautious)
         assert not any(any("raised" in w for w in r.warnings) for r in plain)
+
+
+def test_inspect_lists_each_report_warning_for_a_folder_of_a_surface_training_never_saw(tmp_path, capsys):
+    """`inspect` on a folder of tissue crops (folder mode from 8 images): every report is past the new-kind distance,
+    so warnings.txt has a line for each image, and the run ends with a note that points to it."""
+    from assistant.cli import main
+    from eval.default_model_quality import sample_of
+
+    folder = tmp_path / "tissue"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(sample_of("tissue", 2 * i, 13, 256, None).image).save(folder / f"crop_{i}.png")
+    out = tmp_path / "report"
+    assert main(["inspect", str(folder), "--out", str(out)]) == 0
+    lines = (out / "warnings.txt").read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == [f"crop_{i}.png" for i in range(8)]
+    assert all("threshold is raised" in line for line in lines)
+    err = capsys.readouterr().err
+    assert "each against the folder's other images" in err and "8 of 8 reports carry a warning" in err
