@@ -148,9 +148,11 @@ class Calibration:
         if "image_threshold" not in report:
             report["note"] = "the held-out split needs normal and anomalous images; thresholds left unchanged"
             return None, report
-        top = min(max(report["image_threshold_range"][1], report["image_threshold"]), 1 - 1e-4)
         fitted = cls(
-            report["image_threshold"], report["pixel_threshold"], settings.moderate_from, novel_image_threshold=top
+            report["image_threshold"],
+            report["pixel_threshold"],
+            settings.moderate_from,
+            novel_image_threshold=_range_top(report),
         )
         if previous is not None:
             fitted = fitted.replace(
@@ -178,7 +180,7 @@ class Calibration:
         report["image_threshold"], report["pixel_threshold"] = pair
         changes = {"modes": {**self.modes, mode: pair}}
         if mode == "batch":
-            changes["novel_batch_threshold"] = min(max(report["image_threshold_range"][1], pair[0]), 1 - 1e-4)
+            changes["novel_batch_threshold"] = _range_top(report)
         return self.replace(**changes), report
 
     def without_mode(self, mode: str) -> Calibration:
@@ -278,6 +280,12 @@ class Calibration:
     def suspicion_level(self, score: float) -> str:
         low, high = self.suspicion_bounds
         return "slightly" if score < low else "moderately" if score < high else "highly"
+
+
+def _range_top(report: dict) -> float:
+    """The top of a fit's range of equally good image thresholds (`threshold_range`), kept at or above the chosen
+    threshold and below 1: the verdict threshold for images of a new kind (`Calibration.novel_top`)."""
+    return min(max(report["image_threshold_range"][1], report["image_threshold"]), 1 - 1e-4)
 
 
 def _move(values, source: float, target: float):
