@@ -81,6 +81,10 @@ class Calibration:
     #: the same for the folder mode, on its raw scale: the top of the batch fit's range (`with_mode`); None: its
     #: threshold
     novel_batch_threshold: float | None = None
+    #: the folder mode: the highest median zero-shot score of a held-out folder's normal images (a folder per
+    #: training surface, `with_typical_top`); a folder whose typical image (`typical_score`), or a set of normal
+    #: references whose median, scores above it has its learned scores shifted down (`anchor`); None: never
+    typical_score_top: float | None = None
 
     def __post_init__(self):
         self.modes = {mode: [float(t) for t in pair] for mode, pair in (self.modes or {}).items() if pair is not None}
@@ -93,7 +97,7 @@ class Calibration:
             self.domain_threshold = float(self.domain_threshold)
         if self.novel_threshold is not None:
             self.novel_threshold = float(self.novel_threshold)
-        for name in ("novel_image_threshold", "novel_batch_threshold"):
+        for name in ("novel_image_threshold", "novel_batch_threshold", "typical_score_top"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, float(value))
@@ -119,6 +123,7 @@ class Calibration:
             getattr(config, "novel_threshold", None),
             getattr(config, "novel_image_threshold", None),
             getattr(config, "novel_batch_threshold", None),
+            getattr(config, "typical_score_top", None),
         )
 
     def write(self, config) -> None:
@@ -132,6 +137,7 @@ class Calibration:
         config.novel_threshold = self.novel_threshold
         config.novel_image_threshold = self.novel_image_threshold
         config.novel_batch_threshold = self.novel_batch_threshold
+        config.typical_score_top = self.typical_score_top
 
     # -- fitting ----------------------------------------------------------------------------------
     @classmethod
@@ -189,6 +195,24 @@ class Calibration:
         if mode == "batch":
             changes["novel_batch_threshold"] = None
         return self.replace(**changes)
+
+    def with_typical_top(self, folder_scores, folder_labels) -> tuple[Calibration, dict]:
+        """This calibration plus `typical_score_top`: from held-out folders' zero-shot learned scores and labels (one
+        sequence each per folder, a folder per training surface), the highest median score of a folder's normal
+        images. A folder whose defects are at most half of it has its typical image (`typical_score`) at or below
+        its normal images' median, so no training surface's folder is shifted by `anchor_folder`, nor are normal
+        references of a training surface whose median is typical (`anchor`)."""
+        import numpy as np
+
+        medians = []
+        for scores, labels in zip(folder_scores, folder_labels):
+            normal = np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0]
+            if normal.size:
+                medians.append(float(np.median(normal)))
+        if not medians:
+            raise ValueError("the folder mode's typical score needs held-out folders with normal images")
+        report = {"normal_medians": medians, "typical_score_top": max(medians)}
+        return self.replace(typical_score_top=max(medians)), report
 
     def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple[Calibration, dict]:
         """The out-of-domain threshold from held-out in-domain images' distances to the training images:
@@ -274,12 +298,57 @@ class Calibration:
         moved = self.raise_to(values, top)
         return moved.where(values.new_tensor(novel, dtype=bool), values)
 
+    def anchor(self, scores, typical: float):
+        """Learned zero-shot scores (tensor) of images of one kind shifted down, in logit terms, by as much as
+        `typical`, the score of that kind's typical normal image, lies above `typical_score_top`; unchanged when it
+        does not, or without that field. Order kept.
+
+        The learned score is an absolute judgement, fitted on the training surfaces: on a surface far from them it
+        calls nearly every image anomalous (crops of a photographed moon surface: normal ones at 0.99) while still
+        ranking the defects first. Images known to be normal (few-shot references, their median) or presumed so
+        (most of a folder, `anchor_folder`) tell how far the surface's scores moved up; the shift brings them back
+        to the highest median a training surface's normal images score."""
+        import torch
+
+        if self.typical_score_top is None or typical is None:
+            return scores
+        shift = _logit(float(typical)) - _logit(self.typical_score_top)
+        if shift <= 0:
+            return scores
+        return torch.sigmoid(torch.logit(scores.float().clamp(1e-6, 1 - 1e-6)) - shift).to(scores.dtype)
+
+    def anchor_folder(self, scores):
+        """A folder's learned zero-shot scores [N] (tensor), `anchor`ed at its typical image's score
+        (`typical_score`: most images of a folder are normal, the folder mode's premise)."""
+        if len(scores) == 0:
+            return scores
+        return self.anchor(scores, typical_score(scores))
+
     def is_anomalous(self, score: float) -> bool:
         return float(score) >= self.image_threshold
 
     def suspicion_level(self, score: float) -> str:
         low, high = self.suspicion_bounds
         return "slightly" if score < low else "moderately" if score < high else "highly"
+
+
+#: a folder's typical image (`typical_score`): this quantile of its images' learned scores; the lower quartile is
+#: a normal image's as long as at most three quarters of the folder are defective
+TYPICAL_QUANTILE = 0.25
+
+
+def typical_score(scores) -> float:
+    """The score of a folder's typical image: the `TYPICAL_QUANTILE` quantile of its images' scores."""
+    import numpy as np
+
+    return float(np.quantile(np.asarray([float(v) for v in scores], dtype=np.float64), TYPICAL_QUANTILE))
+
+
+def _logit(p: float) -> float:
+    import math
+
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
 
 
 def _range_top(report: dict) -> float:

@@ -73,8 +73,10 @@ class AnomalyAssistantConfig(PretrainedConfig):
             report advises references or a folder); None: no check.
         novel_image_threshold: the zero-shot verdict threshold for such an image scored on its own (its score is
             given on the image threshold's scale, `Calibration.for_new_kinds`); None: the image threshold.
-        novel_batch_threshold: the same for the folder mode, on its raw scale; None: its threshold. All thresholds
-            are fitted and written by `assistant.calibration`.
+        novel_batch_threshold: the same for the folder mode, on its raw scale; None: its threshold.
+        typical_score_top: the highest median learned score of a held-out folder's normal images; a folder whose
+            typical image, or normal references whose median, scores above it has its learned scores shifted down
+            (`Calibration.anchor`); None: never. All thresholds are fitted and written by `assistant.calibration`.
     """
 
     model_type = "anomaly_assistant"
@@ -106,6 +108,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         novel_threshold: float | None = None,
         novel_image_threshold: float | None = None,
         novel_batch_threshold: float | None = None,
+        typical_score_top: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -138,6 +141,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
             novel_threshold,
             novel_image_threshold,
             novel_batch_threshold,
+            typical_score_top,
         ).write(self)
         if int(image_token_pooling) < 1:
             raise ValueError(f"image_token_pooling must be >= 1, got {image_token_pooling}")

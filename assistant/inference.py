@@ -211,8 +211,9 @@ class AnomalyAssistant:
         self._cache: OrderedDict[str, tuple[VisualEncoding, dict]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        #: the references' leave-one-out floor (`AnomalyAssistantModel.reference_floor`) per set of references
-        self._floors: OrderedDict[str, float | None] = OrderedDict()
+        #: the references' leave-one-out floor and median learned score (`AnomalyAssistantModel.reference_stats`) per
+        #: set of references
+        self._reference_sets: OrderedDict[str, tuple] = OrderedDict()
         #: conversation KV caches reused across chat turns (0 bytes turns reuse off)
         self.kv_cache = KVCacheStore(max_bytes=kv_cache_bytes, max_entries=kv_cache_entries)
 
@@ -254,20 +255,21 @@ class AnomalyAssistant:
             digest.update(im.tobytes())
         return digest.hexdigest()
 
-    def _reference_floor(self, references: list[Image.Image], refs: dict) -> float | None:
-        """The references' floor for the verdict threshold, computed once per set of references (a few kept)."""
+    def _reference_stats(self, references: list[Image.Image], refs: dict) -> tuple:
+        """The references' (floor for the verdict threshold, median learned score), computed once per set of
+        references (a few kept)."""
         key = self._key(*references)
         with self._lock:
-            if key in self._floors:
-                self._floors.move_to_end(key)
-                return self._floors[key]
+            if key in self._reference_sets:
+                self._reference_sets.move_to_end(key)
+                return self._reference_sets[key]
         with torch.no_grad():
-            floor = self.model.reference_floor(refs["pixel_values"], refs["image_sizes"])
+            stats = self.model.reference_stats(refs["pixel_values"], refs["image_sizes"])
         with self._lock:
-            self._floors[key] = floor
-            while len(self._floors) > 8:
-                self._floors.popitem(last=False)
-        return floor
+            self._reference_sets[key] = stats
+            while len(self._reference_sets) > 8:
+                self._reference_sets.popitem(last=False)
+        return stats
 
     @torch.no_grad()
     def encode(self, image, references=None) -> tuple[Image.Image, VisualEncoding, dict]:
@@ -283,15 +285,16 @@ class AnomalyAssistant:
         pixels = self.processor.preprocess([image])
         shown = references[: getattr(self.model.config, "references_as_images", 0)]  # references the LLM sees as images
         refs = self.processor.preprocess(references) if references and (self.has_expert or shown) else None
+        floor, typical = self._reference_stats(references, refs) if refs and self.has_expert else (None, None)
         visual = self.model.encode_images(
             pixels["pixel_values"],
             pixels["image_sizes"],
             refs["pixel_values"] if refs else None,
             refs["image_sizes"] if refs else None,
+            reference_typical=typical,
         )
         calibration = self.model.config.calibration
         if refs and visual.scores is not None:  # the references' own spread raises the verdict threshold
-            floor = self._reference_floor(references, refs)
             visual.scores = calibration.raise_to(visual.scores, floor)
             visual.extras["reference_floor"] = floor
         elif visual.scores is not None:  # a kind of surface training did not show takes the cautious threshold
@@ -380,7 +383,7 @@ class AnomalyAssistant:
             return self._detect_folder(loaded, batch_size)
         refs = self.processor.preprocess(references) if references else None
         calibration = self.model.config.calibration
-        floor = self._reference_floor(references, refs) if refs else None
+        floor, typical = self._reference_stats(references, refs) if refs else (None, None)
         histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
@@ -393,6 +396,7 @@ class AnomalyAssistant:
                     refs["pixel_values"] if refs else None,
                     refs["image_sizes"] if refs else None,
                     with_domain=True,
+                    reference_typical=typical,
                 )
             scores = calibration.raise_to(scores, floor) if refs else calibration.for_new_kinds(scores, distances)
             far = distances.tolist() if distances is not None else [None] * len(chunk)

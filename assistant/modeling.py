@@ -243,11 +243,12 @@ class AnomalyAssistantModel(PreTrainedModel):
         image_sizes,
         reference_pixel_values: torch.Tensor | None = None,
         reference_image_sizes=None,
+        reference_typical: float | None = None,
     ) -> VisualEncoding:
         """Image tokens for the LLM, and — with an expert — anomaly maps, scores and look-twice tokens.
 
         `reference_*` are normal images of the same object (the few-shot mode); they apply to every image
-        in the batch.
+        in the batch (`reference_typical`: their `reference_typical`, computed when not given).
         """
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
@@ -276,7 +277,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
             crops = crops[first.to(crops.device)] if crops is not None else None
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
-            features, levels, counts, reference_pixel_values, reference_image_sizes, crops
+            features, levels, counts, reference_pixel_values, reference_image_sizes, crops, typical=reference_typical
         )
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
@@ -295,42 +296,75 @@ class AnomalyAssistantModel(PreTrainedModel):
         return reduce_bank([bank_rows(level) for level in reference_levels])
 
     @torch.no_grad()
-    def reference_floor(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
-        """The highest few-shot score a normal reference gets against the other references (leave-one-out), on the
-        zero-shot scale, or None with fewer than two references. References that score high against each other
-        vary more than the held-out normal images the few-shot threshold was fitted on (`Calibration.raise_to`).
-        Two tower passes over the references: their banks (`reference_bank`, row-wise per reference) and their
-        scored crops; each is then scored against the others' banks as `detect` would score it."""
-        sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
-        if len(sizes) < 2 or self.expert is None:
+    def reference_typical(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
+        """The few-shot references' median zero-shot learned score (`Calibration.anchor`: how far a surface's normal
+        images score above the training surfaces'); None without an expert. One tower pass over the references."""
+        if self.expert is None:
             return None
+        sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
+        features, levels, counts, _ = self._detection_features(reference_pixel_values, sizes)
+        _, scores, _ = self._look_once(features, levels, counts)
+        return float(scores.float().median())
+
+    @torch.no_grad()
+    def reference_stats(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
+        """(floor, typical) of one set of normal references. `floor`: the highest few-shot score a reference gets
+        against the other references (leave-one-out), on the zero-shot scale, or None with fewer than two
+        references; references that score high against each other vary more than the held-out normal images the
+        few-shot threshold was fitted on (`Calibration.raise_to`). `typical`: `reference_typical`. Two tower passes
+        over the references: their banks (`reference_bank`, row-wise per reference) and their scored crops; each
+        is then scored against the others' banks as `detect` would score it."""
+        sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
+        if self.expert is None:
+            return None, None
+        features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
+        _, learned, _ = self._look_once(features, levels, counts)
+        typical = float(learned.float().median())
+        if len(sizes) < 2:
+            return None, typical
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
         banks = [[bank_rows(crops) for crops in level.split(bank_counts)] for level in bank_levels]  # [level][ref]
-        features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
         per_features, per_levels = features.split(counts), [level.split(counts) for level in levels]
         per_crops = crops.split(counts) if crops is not None else [None] * len(sizes)
         scores = []
         for i in range(len(sizes)):
             others = [torch.cat([rows for j, rows in enumerate(level) if j != i]) for level in banks]
             own = [level[i] for level in per_levels]
-            _, score, _ = self._look_twice(per_features[i], own, [counts[i]], crops=per_crops[i], bank=others)
+            _, score, _ = self._look_twice(
+                per_features[i], own, [counts[i]], crops=per_crops[i], bank=others, typical=typical
+            )
             scores.append(float(score[0]))
-        return max(scores)
+        return max(scores), typical
+
+    def reference_floor(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
+        """The floor of `reference_stats`."""
+        return self.reference_stats(reference_pixel_values, reference_image_sizes)[0]
 
     def _look_twice(
-        self, features, levels, counts, reference_pixel_values=None, reference_image_sizes=None, crops=None, bank=None
+        self,
+        features,
+        levels,
+        counts,
+        reference_pixel_values=None,
+        reference_image_sizes=None,
+        crops=None,
+        bank=None,
+        typical=None,
     ):
         """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`.
 
         In eval mode with `config.detection_views` > 1 and the `crops` [N, 3, S, S] the features came from,
         the maps and scores are averaged over that many views of the crops (`DETECTION_VIEWS`); the tokens
-        are always those of the crops as given. `bank` (`reference_bank`) replaces the reference pixels.
+        are always those of the crops as given. `bank` (`reference_bank`) and `typical` (`reference_typical`)
+        replace the reference pixels; `typical` is computed from the pixels when not given.
         """
         if bank is None and reference_pixel_values is not None:
             bank = self.reference_bank(reference_pixel_values, reference_image_sizes)
+            if typical is None:
+                typical = self.reference_typical(reference_pixel_values, reference_image_sizes)
         elif bank is not None:
             bank = reduce_bank(bank)
-        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank)
+        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical)
         if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
         views = self.config.detection_views
@@ -338,7 +372,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         scores = scores.float()
         for turns, mirrored in DETECTION_VIEWS[1:views]:
             view_features, view_levels = self._tower(view_of(crops, turns, mirrored))
-            _, view_scores, view_maps = self._look_once(view_features, view_levels, counts, bank)
+            _, view_scores, view_maps = self._look_once(view_features, view_levels, counts, bank, typical)
             scores = scores + view_scores.float()
             crop_maps = [total + map_back(maps.float(), turns, mirrored) for total, maps in zip(crop_maps, view_maps)]
         dtype = view_maps[0].dtype
@@ -348,8 +382,10 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Whether the expert averages more views than the crops as given (`config.detection_views`, not in training)."""
         return self.config.detection_views > 1 and not self.training
 
-    def _look_once(self, features, levels, counts, bank=None):
-        """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level."""
+    def _look_once(self, features, levels, counts, bank=None, typical=None):
+        """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level, `typical`
+        their median learned score, which shifts the learned score back when it is above the training surfaces'
+        (`Calibration.anchor`)."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
@@ -368,6 +404,8 @@ class AnomalyAssistantModel(PreTrainedModel):
             if (
                 reference_map is not None
             ):  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
+                if typical is not None:
+                    score = self.config.calibration.anchor(score, typical)
                 score = self.config.few_shot_rescale((1 - weight) * score + weight * maps.max())
                 maps = self.config.few_shot_rescale(maps, pixel=True)
             tokens.append(chosen)
@@ -399,18 +437,26 @@ class AnomalyAssistantModel(PreTrainedModel):
         reference_image_sizes=None,
         reference_bank=None,
         with_domain: bool = False,
+        reference_typical: float | None = None,
     ):
         """The detection-only path: vision tower + expert + selector, no projector, no LLM.
 
         With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores), the same
         values `encode_images` gives, and with `with_domain` also each image's `domain_distance` (None without a
-        domain bank). The few-shot references come as pixels or as their `reference_bank`.
+        domain bank). The few-shot references come as pixels or as their `reference_bank` and `reference_typical`.
         """
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels, counts, crops = self._detection_features(pixel_values, image_sizes)
         _, scores, crop_maps = self._look_twice(
-            features, levels, counts, reference_pixel_values, reference_image_sizes, crops, reference_bank
+            features,
+            levels,
+            counts,
+            reference_pixel_values,
+            reference_image_sizes,
+            crops,
+            reference_bank,
+            reference_typical,
         )
         if not with_domain:
             return crop_maps, scores
@@ -425,7 +471,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         mutual distance and the expert's learned map, each relative to the folder's typical patch
         (`folder_relative`); the score is `score_share` of the expert's learned image score (as zero-shot, absolute)
         and the rest the map's maximum, on the zero-shot scale when the "batch" mode is calibrated
-        (`Calibration.rescale`). The learned map and score rank the defects of textures whose images differ from
+        (`Calibration.rescale`). The learned scores are first shifted down when the folder's typical image scores
+        above every training surface's (`Calibration.anchor_folder`): the expert calls most images of a surface
+        far from its training anomalous. The learned map and score rank the defects of textures whose images differ from
         each other (real photographed surfaces) far better than the mutual distance alone
         (docs/default_model_history.md)."""
         if self.expert is None:
@@ -440,13 +488,14 @@ class AnomalyAssistantModel(PreTrainedModel):
         levels = [torch.cat(level) for level in zip(*levels)]
         # each image's own zero-shot map [N, P] and learned score [N], as the single-image mode gives them
         _, learned_scores, learned = self._look_once(features, levels, [1] * features.shape[0])
+        calibration = self.config.calibration
+        learned_scores = calibration.anchor_folder(learned_scores.float())
         weight = self.expert.config.reference_weight
         maps = (1 - weight) * folder_relative(torch.cat(learned).float()) + weight * folder_relative(
             mutual_distance(levels, lowest)
         )
         maps = maps.to(features.device)
-        scores = score_share * learned_scores.float().to(maps.device) + (1 - score_share) * maps.amax(-1)
-        calibration = self.config.calibration
+        scores = score_share * learned_scores.to(maps.device) + (1 - score_share) * maps.amax(-1)
         scores = calibration.rescale(scores, "batch")
         maps = calibration.rescale(maps, "batch", pixel=True)
         return [m[None] for m in maps], scores, self.domain_distance(features)

@@ -224,7 +224,7 @@ class QwenAssistantModel(AnomalyAssistantModel):
         return merger(tokens.repeat_interleave(self.vision_tower.spatial_merge_size**2, dim=0))
 
     def encode_images(
-        self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None
+        self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_typical=None
     ) -> VisualEncoding:
         """Image tokens for the LLM and, with an expert, maps, scores and look-twice tokens (see the parent)."""
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
@@ -245,7 +245,12 @@ class QwenAssistantModel(AnomalyAssistantModel):
             return encoding
         encoding.domain_distances = self.domain_distance(features)
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
-            features, levels, [1] * len(image_sizes), reference_pixel_values, reference_image_sizes
+            features,
+            levels,
+            [1] * len(image_sizes),
+            reference_pixel_values,
+            reference_image_sizes,
+            typical=reference_typical,
         )
         empty = merged[0].new_zeros(0, merged[0].shape[-1])
         encoding.anomaly_embeds = [empty] * shown + [self.project_tokens(t) for t in tokens]

@@ -7,7 +7,8 @@ The set is drawn fresh from the synthetic generator (`data_prep.synth`) with a s
 used (training uses seed 0), half normal and half anomalous (every defect type in turn), for every family;
 families absent from the checkpoint's `training_config.yaml` (`data.synth.families`) are the *unseen*
 families. Rows: seen and unseen procedural families, seen and unseen real photographed surfaces
-(`data_prep.synth.photos`: defects pasted onto new crops of the photos, all at one scale, `PHOTO_SCALE`), and all. Per row:
+(`data_prep.synth.photos`: defects pasted onto new crops of the photos, all at one scale, `PHOTO_SCALE`), far real
+surfaces (`FAR_SURFACES`: photos as far from the training surfaces as landscapes are), and all. Per row:
 
 - image AUROC on the expert's `pred_score`, pixel AUROC on the `anomaly_map` (`eval.metrics`);
 - verdict accuracy: `pred_label` equals the ground truth; false alarms: the share of normal images judged anomalous;
@@ -168,9 +169,12 @@ def reference_images(family: str, shots: int, seed: int, size: int) -> list[Imag
 
 
 def row_name(family: str, unseen: list[str]) -> str:
-    """The table row a family belongs to: seen or unseen, procedural or real photographed surface."""
-    from data_prep.synth.photos import PHOTOS
+    """The table row a family belongs to: seen or unseen, procedural or real photographed surface; the far real
+    surfaces (`FAR_SURFACES`, never trained on) have their own row."""
+    from data_prep.synth.photos import FAR_SURFACES, PHOTOS
 
+    if family in FAR_SURFACES and family in unseen:
+        return "far real surfaces"
     return f"{'unseen' if family in unseen else 'seen'} {'real surfaces' if family in PHOTOS else 'synthetic families'}"
 
 
@@ -218,7 +222,13 @@ def evaluate(
             item["claim"] = answer_claim(item["answer"])
         items.append(item)
     rows = {}
-    for name in ("seen synthetic families", "seen real surfaces", "unseen synthetic families", "unseen real surfaces"):
+    for name in (
+        "seen synthetic families",
+        "seen real surfaces",
+        "unseen synthetic families",
+        "unseen real surfaces",
+        "far real surfaces",
+    ):
         members = [f for f in families if row_name(f, unseen) == name]
         if members:
             rows[f"{name} ({', '.join(members)})"] = row_metrics([it for it in items if it["family"] in members])

@@ -148,6 +148,55 @@ def test_a_folder_of_a_surface_training_never_saw_flags_the_defect_and_fewer_nor
     assert all(any("threshold is raised" in w for w in r.warnings) for r in reports)  # all past the new-kind distance
 
 
+def test_a_folder_of_a_far_surface_is_not_called_anomalous_throughout(assistant):
+    """A folder of fixed crops of a surface far from every training surface (scikit-image's moon photo, kept out of
+    training and of every threshold fit): the expert's learned score calls nearly every crop anomalous, and the
+    folder mode shifts it back by as much as the folder's typical crop scores above a typical normal training image
+    (`Calibration.anchor_folder`). The crop with a hole still ranks first and is flagged, and at most two of the
+    nine normal crops are, against most of them without the shift (over 60 crops of moon and retina photos, the
+    folder mode's false alarms fell from 50% to 15%, docs/default_model.md)."""
+    from assistant.calibration import Calibration
+    from eval.default_model_quality import sample_of
+
+    normals = [Image.fromarray(sample_of("moon", 2 * i, 12, 256, None).image) for i in range(9)]
+    folder = [*normals[:4], Image.fromarray(sample_of("moon", 1, 12, 256, "hole").image), *normals[4:]]
+    config = assistant.model.config
+    shipped = Calibration.of(config)
+    assert shipped.typical_score_top is not None
+    reports = assistant.detect_batch(folder, zero_shot="batch")
+    try:
+        shipped.replace(typical_score_top=None).write(config)
+        unshifted = assistant.detect_batch(folder, zero_shot="batch")
+    finally:
+        shipped.write(config)
+    assert reports[4].pred_label and max(range(len(reports)), key=lambda i: reports[i].pred_score) == 4
+    flagged = [sum(r.pred_label for i, r in enumerate(group) if i != 4) for group in (reports, unshifted)]
+    assert flagged[0] <= 2 and flagged[1] >= 6, flagged
+
+
+def test_normal_references_of_a_far_surface_shift_the_learned_score_back(assistant):
+    """With 4 normal references of the far moon surface, whose own learned scores are high (the expert calls the
+    surface anomalous), each image's learned score is shifted back by as much (`Calibration.anchor`): fewer of nine
+    normal crops are flagged than without the shift, and the crop with a hole is still flagged."""
+    from assistant.calibration import Calibration
+    from eval.default_model_quality import reference_images, sample_of
+
+    normals = [Image.fromarray(sample_of("moon", 2 * i, 14, 256, None).image) for i in range(9)]
+    images = [*normals, Image.fromarray(sample_of("moon", 1, 14, 256, "hole").image)]
+    references = reference_images("moon", 4, 14, 256)
+    config = assistant.model.config
+    shipped = Calibration.of(config)
+    reports = assistant.detect_batch(images, references=references)
+    try:
+        shipped.replace(typical_score_top=None).write(config)
+        unshifted = assistant.detect_batch(images, references=references)
+    finally:
+        shipped.write(config)
+    assert reports[-1].pred_label
+    flagged = [sum(r.pred_label for r in group[:9]) for group in (reports, unshifted)]
+    assert flagged[0] < flagged[1], flagged
+
+
 def test_a_surface_training_never_saw_is_judged_at_the_cautious_threshold_alone(assistant):
     """Scored on its own, an image of a kind of surface training did not show is called anomalous only above the
     top of the held-out thresholds that are as good as the chosen one (`Calibration.for_new_kinds`), and its report

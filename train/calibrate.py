@@ -4,7 +4,8 @@
         --out runs/default_model/final --few-shot 4 --batch-mode
 
 The held-out split is the one the checkpoint's training held out (`data.val_fraction` and `data.split_seed` from its
-`training_config.yaml`). The zero-shot thresholds are fitted again (`assistant.calibration.Calibration.fit`); with
+`training_config.yaml`). The zero-shot thresholds are fitted again (`assistant.calibration.Calibration.fit`), and
+how high the training surfaces' normal images score (`Calibration.with_typical_top`); with
 `--few-shot K` each held-out image is scored against K held-out normal images of its category and the few-shot
 thresholds are fitted on those scores; with `--batch-mode` each category's held-out images are scored against each
 other (the folder mode, `AnomalyAssistantModel.detect_folder`) and its thresholds are fitted. The new checkpoint goes
@@ -53,14 +54,45 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def batch_mode_calibration(model, processor, records, map_size: int, prepared=None, settings=None) -> dict:
-    """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`."""
+def typical_calibration(model, processor, records, map_size: int, prepared=None) -> dict:
+    """The highest median zero-shot learned score of a held-out category's normal images
+    (`Calibration.with_typical_top`), written into `model.config`: how high the normal images of a training surface
+    score, against which the folder and few-shot modes judge a new surface's (`Calibration.anchor`)."""
+    import torch
+
     from assistant.calibration import Calibration
 
-    Calibration.of(model.config).without_mode("batch").write(model.config)  # score on the raw folder-mode scale
+    from .scoring import Prepared
+
+    prepared = prepared or Prepared(processor, map_size)
+    scores, labels = {}, {}
+    for record in records:
+        pixels, size, _ = prepared(record)
+        with torch.no_grad():
+            score = float(model.detect(pixels, [size])[1][0])
+        scores.setdefault(record.category, []).append(score)
+        labels.setdefault(record.category, []).append(int(record.label == 1))
+    try:
+        calibration, report = Calibration.of(model.config).with_typical_top(
+            list(scores.values()), list(labels.values())
+        )
+    except ValueError as error:
+        raise CalibrateError(str(error)) from None
+    calibration.write(model.config)
+    return report
+
+
+def batch_mode_calibration(model, processor, records, map_size: int, prepared=None, settings=None) -> dict:
+    """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`. They are fitted on
+    unshifted folder scores (no `Calibration.anchor_folder`): up to three quarters of a held-out folder are
+    defective, past the folder mode's premise that most of a folder is normal."""
+    from assistant.calibration import Calibration
+
+    kept = Calibration.of(model.config)
+    kept.without_mode("batch").replace(typical_score_top=None).write(model.config)  # the raw folder-mode scale
     scored = batch_mode_scores(model, processor, records, map_size, prepared)
     try:
-        calibration, report = Calibration.of(model.config).with_mode("batch", *scored, settings=settings)
+        calibration, report = kept.without_mode("batch").with_mode("batch", *scored, settings=settings)
     except ValueError as error:
         raise CalibrateError(str(error)) from None
     calibration.write(model.config)
@@ -116,6 +148,7 @@ def recalibrate(
         "held_out": len(held_out),
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
+    report["typical"] = typical_calibration(model, processor, held_out, map_size, prepared)
     if few_shot:
         report["few_shot"] = few_shot_calibration(
             model, processor, held_out, map_size, few_shot, seed, prepared, settings

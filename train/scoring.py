@@ -92,14 +92,16 @@ def score_records(
     scores, maps, masks, banks, kept = [], [], [], {}, 0
 
     def bank_of(record):
+        """(bank, learned zero-shot score) of one reference record."""
         nonlocal kept
         key = (record.image, record.mask)
         if key in banks:
             return banks[key]
         pixels, size, _ = prepared(record)
         # LLaVA's pixels are [1, crops, 3, S, S], a Qwen base's flat patches already one image's
-        bank = model.reference_bank(pixels[0] if pixels.dim() == 5 else pixels, [size])
-        nbytes = sum(level.numel() * level.element_size() for level in bank)
+        pixels = pixels[0] if pixels.dim() == 5 else pixels
+        bank = model.reference_bank(pixels, [size]), model.reference_typical(pixels, [size])
+        nbytes = sum(level.numel() * level.element_size() for level in bank[0])
         if (
             kept + nbytes <= REFERENCE_BANK_BYTES
         ):  # the default model's 320 held-out normals: 4 levels x 288 x 128 floats each, 190 MB
@@ -109,11 +111,12 @@ def score_records(
     for start, group in prepared.batches(records, 1 if references is not None else max(1, batch_size)):
         pixels = torch.cat([item[0] for item in group])
         sizes = [item[1] for item in group]
-        bank = None
+        bank = typical = None
         if references is not None:
             parts = [bank_of(r) for r in references(records[start])]
-            bank = [torch.cat(level) for level in zip(*parts)] if parts else None
-        crop_maps, batch_scores = model.detect(pixels, sizes, reference_bank=bank)
+            bank = [torch.cat(level) for level in zip(*(part[0] for part in parts))] if parts else None
+            typical = float(np.median([part[1] for part in parts])) if parts else None
+        crop_maps, batch_scores = model.detect(pixels, sizes, reference_bank=bank, reference_typical=typical)
         maps.extend(small_maps(model, crop_maps, sizes, map_size).float().cpu().numpy())
         masks.extend(item[2] for item in group)
         scores.extend(float(v) for v in batch_scores)

@@ -1,7 +1,7 @@
 """Real photographed surfaces as normal-image families: random crops of photos that ship inside installed packages.
 
 scikit-image's wheel carries `brick`, `grass` and `gravel` (512×512 greyscale photographs, CC0, see its
-`skimage/data/README.txt`). Each sample is a square crop of random size (a quarter of the photo's side up to all of
+`skimage/data/README.txt`) and the other photos named in `PHOTO_SURFACES` (colour ones are turned grey). Each sample is a square crop of random size (a quarter of the photo's side up to all of
 it, so the texture's scale varies), turned and mirrored at random, with mild brightness, contrast and tint changes.
 A family name here can stand wherever a procedural family does (`data_prep.synth.families.family`).
 """
@@ -22,7 +22,14 @@ PHOTO_SURFACES = {
     "coins": ("coins", "coin tray"),
     "cell": ("cell", "cell culture"),
     "tissue": ("immunohistochemistry", "tissue section"),
+    "moon": ("moon", "lunar surface"),
+    "retina": ("retina", "fundus photograph"),
 }
+#: surfaces kept out of every training recipe and every threshold fit, far from the training surfaces (as far from
+#: them as landscapes are, by the domain check's distance): scikit-image's `moon` (public domain) and `retina` (CC0)
+#: photos, for the evaluation's far-surface row (`eval.default_model_quality`), where a model meets what a new kind
+#: of inspection image looks like to it
+FAR_SURFACES = ("moon", "retina")
 
 
 class MissingPhotosError(ImportError):
