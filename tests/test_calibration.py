@@ -167,8 +167,8 @@ def test_the_folder_mode_keeps_its_own_top_for_new_kinds_on_its_raw_scale():
 
 def test_a_folder_whose_typical_image_scores_above_every_training_folder_is_shifted_back():
     """`with_typical_top` keeps the highest median score of a held-out folder's normal images; `anchor_folder`
-    leaves a folder alone while its typical image is at or below it, and otherwise shifts its scores down in logit
-    terms so that the typical image lands on it, keeping their order (a folder of a surface the expert calls
+    leaves a folder alone while its typical image (10th percentile) is at or below it, and otherwise shifts its
+    scores down in logit terms so that the typical image lands on it, keeping their order (a folder of a surface the expert calls
     anomalous throughout, its defect still the highest); normal references' median moves scores the same way."""
     import pytest
     import torch
@@ -176,21 +176,21 @@ def test_a_folder_whose_typical_image_scores_above_every_training_folder_is_shif
     from assistant.calibration import Calibration
 
     held_out = [[0.01, 0.02, 0.03, 0.9, 0.95], [0.04, 0.05, 0.06, 0.8, 0.9, 0.95]]
-    labels = [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]  # the second folder's lower quartile is a defect's
+    labels = [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]  # only the normal images count
     calibration, report = Calibration(image_threshold=0.5).with_typical_top(held_out, labels)
     assert report["normal_medians"] == pytest.approx([0.02, 0.05]) and calibration.typical_score_top == 0.05
     assert Calibration.of(_written(calibration)).typical_score_top == 0.05  # stored in the config
 
     familiar = torch.tensor([0.01, 0.03, 0.04, 0.05, 0.9])
     assert torch.equal(calibration.anchor_folder(familiar), familiar)
-    saturated = torch.tensor([0.96, 0.98, 0.98, 0.99, 0.9999])
+    saturated = torch.tensor([0.96, 0.98, *[0.985] * 8, 0.9999])  # its 10th percentile: 0.98
     shifted = calibration.anchor_folder(saturated)
     assert float(shifted[1]) == pytest.approx(0.05, abs=1e-4)  # the typical image back at the top
     assert torch.all(shifted[1:] >= shifted[:-1]) and float(shifted[-1]) > 0.9  # order kept, the outlier stays high
     assert torch.equal(calibration.replace(typical_score_top=None).anchor_folder(saturated), saturated)
     assert calibration.without_mode("batch").typical_score_top == 0.05  # the few-shot mode uses it too
     references = torch.tensor([0.96, 0.9999])  # scored with normal references whose median is 0.98
-    assert torch.allclose(calibration.anchor(references, 0.98), shifted[[0, 4]])
+    assert torch.allclose(calibration.anchor(references, 0.98), shifted[[0, 10]])
     with pytest.raises(ValueError, match="held-out folders"):
         calibration.with_typical_top([[0.9]], [[1]])
 
