@@ -160,6 +160,7 @@ def test_few_shot_thresholds_put_the_few_shot_verdict_where_calibration_put_it(s
         assistant.model.reference_stats = lambda *args: (None, None)  # (that is tested in test_real_photos.py)
     assert few.model.config.few_shot_thresholds == pytest.approx([report["image_threshold"], report["pixel_threshold"]])
     assert raw.model.config.few_shot_thresholds is None
+    assert few.model.config.typical_score_top is not None  # refitted with the zero-shot scores it judges surfaces by
     _, held_out = split_records(read_masked(data)[0], 0.5, 0)
     references = [r.image for r in held_out if r.label != 1 and r.category == held_out[0].category][:3]
     images = [r.image for r in held_out if r.category == held_out[0].category]

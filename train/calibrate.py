@@ -54,34 +54,6 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def typical_calibration(model, processor, records, map_size: int, prepared=None) -> dict:
-    """The highest median zero-shot learned score of a held-out category's normal images
-    (`Calibration.with_typical_top`), written into `model.config`: how high the normal images of a training surface
-    score, against which the folder and few-shot modes judge a new surface's (`Calibration.anchor`)."""
-    import torch
-
-    from assistant.calibration import Calibration
-
-    from .scoring import Prepared
-
-    prepared = prepared or Prepared(processor, map_size)
-    scores, labels = {}, {}
-    for record in records:
-        pixels, size, _ = prepared(record)
-        with torch.no_grad():
-            score = float(model.detect(pixels, [size])[1][0])
-        scores.setdefault(record.category, []).append(score)
-        labels.setdefault(record.category, []).append(int(record.label == 1))
-    try:
-        calibration, report = Calibration.of(model.config).with_typical_top(
-            list(scores.values()), list(labels.values())
-        )
-    except ValueError as error:
-        raise CalibrateError(str(error)) from None
-    calibration.write(model.config)
-    return report
-
-
 def batch_mode_calibration(model, processor, records, map_size: int, prepared=None, settings=None) -> dict:
     """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`. They are fitted on
     unshifted folder scores (no `Calibration.anchor_folder`): up to three quarters of a held-out folder are
@@ -115,7 +87,7 @@ def recalibrate(
 
     from .data import read_held_out
     from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
-    from .scoring import Prepared, calibrate, fit_domain_threshold
+    from .scoring import Prepared, calibrate, fit_domain_threshold, typical_calibration
     from .self_reference import few_shot_calibration, training_split
 
     model_path, out = Path(model_path), Path(out)
@@ -148,7 +120,10 @@ def recalibrate(
         "held_out": len(held_out),
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
-    report["typical"] = typical_calibration(model, processor, held_out, map_size, prepared)
+    try:
+        report["typical"] = typical_calibration(model, processor, held_out, map_size, prepared)
+    except ValueError as error:
+        raise CalibrateError(str(error)) from None
     if few_shot:
         report["few_shot"] = few_shot_calibration(
             model, processor, held_out, map_size, few_shot, seed, prepared, settings

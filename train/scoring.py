@@ -125,6 +125,23 @@ def score_records(
     return labels, np.array(scores), np.stack(maps), np.stack(masks)
 
 
+def typical_calibration(model, processor, records, map_size: int, prepared=None) -> dict:
+    """The highest median zero-shot learned score of a held-out category's normal images
+    (`Calibration.with_typical_top`), written into `model.config`: how high the normal images of a training surface
+    score, against which the folder and few-shot modes judge a new surface's (`Calibration.anchor`)."""
+    prepared = prepared or Prepared(processor, map_size)
+    scores, labels = {}, {}
+    for record in records:
+        pixels, size, _ = prepared(record)
+        with torch.no_grad():
+            score = float(model.detect(pixels, [size])[1][0])
+        scores.setdefault(record.category, []).append(score)
+        labels.setdefault(record.category, []).append(int(record.label == 1))
+    calibration, report = Calibration.of(model.config).with_typical_top(list(scores.values()), list(labels.values()))
+    calibration.write(model.config)
+    return report
+
+
 def calibrate(
     model,
     processor,
