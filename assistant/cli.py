@@ -39,7 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         "--expert", default=None, help="Anomaly-OV expert weights (.pth) to add to a LLaVA-OneVision model"
     )
     ask.add_argument(
-        "--reference", nargs="+", default=[], metavar="IMG", help="images of the same object known to be normal"
+        "--reference",
+        nargs="+",
+        default=[],
+        metavar="IMG",
+        help="images of the same object known to be normal, or folders of them",
     )
     ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ask.add_argument(
@@ -132,6 +136,23 @@ def _check_output(path: str | None, overwrite: bool) -> Path | None:
     return out
 
 
+def _reference_paths(entries: list[str]) -> list[Path]:
+    """`ask --reference` entries as image paths: a folder stands for the image files in it (as `inspect --reference`)."""
+    from .batch import find_images
+
+    paths = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            found = find_images(path)
+            if not found:
+                raise UsageError(f"no image files in --reference '{entry}'")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
 def _ask(args) -> int:
     from .imageio import load_image
     from .limits import MAX_QUESTION_CHARS
@@ -141,7 +162,7 @@ def _ask(args) -> int:
         raise UsageError("--max-new-tokens must be at least 1")
     heatmap = _check_output(args.heatmap, args.overwrite)
     image = load_image(args.image)
-    references = [load_image(r) for r in args.reference]
+    references = [load_image(path) for path in _reference_paths(args.reference)]
 
     _quiet_libraries()  # inputs are checked above before torch and transformers load (seconds)
     from .inference import AnomalyAssistant

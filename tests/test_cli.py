@@ -91,6 +91,26 @@ def test_a_reference_of_another_kind_of_part_is_warned_about(clip_llama, tmp_pat
     assert code == 0 and out.startswith("verdict: ") and "warning: reference 1 may show another kind of part" in err
 
 
+def test_a_reference_folder_stands_for_its_images(clip_llama, tmp_path, capsys):
+    """`ask --reference DIR` uses the image files in DIR, as `inspect --reference` does: the same report as listing
+    them; an empty folder is a one-line error."""
+    query, good = tmp_path / "query.png", tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(np.full((48, 48, 3), (200, 180, 40), np.uint8)).save(query)
+    for i, tint in enumerate((205, 195)):
+        Image.fromarray(np.full((48, 48, 3), (tint, 178, 44), np.uint8)).save(good / f"good_{i}.png")
+    (good / "notes.txt").write_text("not an image")
+    base = ["ask", str(query), "--model", str(clip_llama), "--json", "--max-new-tokens", "3"]
+    code, by_folder, err = run([*base, "--reference", str(good)], capsys)
+    assert code == 0, err
+    code, by_files, err = run([*base, "--reference", str(good / "good_0.png"), str(good / "good_1.png")], capsys)
+    assert code == 0 and json.loads(by_folder)["score"] == json.loads(by_files)["score"], err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run([*base, "--reference", str(empty)], capsys)
+    assert code == 2 and "no image files in --reference" in err and err.count("\n") == 1
+
+
 def test_json_for_a_model_without_expert(llava_ov, image_file, capsys):
     code, out, _ = run(["ask", str(image_file), "--model", str(llava_ov), "--json", "--max-new-tokens", "4"], capsys)
     report = json.loads(out)
