@@ -66,9 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--similar-template", action="store_true", help="mmad: the similar templates, not the random ones")
     p.add_argument(
         "--zero-shot",
-        choices=["single", "batch"],
-        default="single",
-        help="ad without --shots: each image on its own, or each class's test images against each other (MuSc-style)",
+        choices=["auto", "single", "batch"],
+        default="auto",
+        help="ad without --shots: each class's test images against each other (MuSc-style, batch) or each image on its "
+        "own (single); auto: batch for a class of at least 8 test images",
     )
     add_scoring_arguments(p)
     p.add_argument(

@@ -297,7 +297,7 @@ def mvtec(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_run(mvtec, clip_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out) == 0
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--zero-shot", "single") == 0
     return out
 
 
@@ -347,18 +347,43 @@ def test_ad_batch_mode_scores_each_class_against_itself_and_shards_agree(mvtec, 
     )  # the single mode's run is another run
 
 
+def test_ad_scores_a_class_of_8_test_images_together_by_default_and_a_smaller_one_image_by_image(
+    mvtec, clip_llama, tmp_path, monkeypatch
+):
+    """Without --zero-shot, a class with at least 8 test images is scored as a folder (each image against the class's
+    others), as `inspect` does for a folder, and a class with fewer one image at a time."""
+    from assistant.inference import AnomalyAssistant
+
+    modes = []
+    original = AnomalyAssistant.detect_batch
+
+    def spy(self, images, references=None, batch_size=8, zero_shot="single"):
+        modes.append((len(images), zero_shot))
+        return original(self, images, references, batch_size, zero_shot)
+
+    monkeypatch.setattr(AnomalyAssistant, "detect_batch", spy)
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", tmp_path / "eight") == 0
+    assert modes == [(8, "batch")]
+    modes.clear()
+    counter = CountingDetect(monkeypatch)
+    small = write_mvtec(tmp_path / "small", n_good=3, n_bad=3)
+    assert run("ad", "--data", small, "--model", clip_llama, "--out", tmp_path / "six") == 0
+    assert len(counter.calls) == 6 and all(mode == "single" for _, mode in modes)  # (`detect` is a batch of one)
+
+
 def test_resume_after_limit_and_a_torn_line_infers_nothing_twice(
     tmp_path, mvtec, clip_llama, reference_run, monkeypatch
 ):
     out = tmp_path / "run"
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--limit", "3") == 0
+    single = ["--zero-shot", "single"]  # each image on its own: one detect call per image inferred
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--limit", "3", *single) == 0
     assert len(cache_lines(out)) == 3 and results(out)["n_missing"] == 5
     first = (out / "predictions.jsonl").read_bytes()
     with open(out / "predictions.jsonl", "a") as handle:  # killed in the middle of writing sample 4
         handle.write('{"id": "bottle/test/good/000.png", "sco')
 
     counter = CountingDetect(monkeypatch)
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out) == 0
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, *single) == 0
     assert len(counter.calls) == 5
     assert (out / "predictions.jsonl").read_bytes().startswith(first)
     ids = [line["id"] for line in cache_lines(out)]
@@ -367,7 +392,7 @@ def test_resume_after_limit_and_a_torn_line_infers_nothing_twice(
     assert results(out)["per_class"] == results(reference_run)["per_class"]
 
     counter.calls.clear()  # a third run finds everything cached
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out) == 0
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, *single) == 0
     assert counter.calls == []
 
 
@@ -388,6 +413,8 @@ def test_resume_after_killing_the_process(tmp_path, clip_llama, monkeypatch):
         str(out),
         "--mode",
         "infer",
+        "--zero-shot",
+        "single",  # one image at a time, so that a kill lands between cached lines
     ]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache_file = out / "predictions.jsonl"
@@ -402,7 +429,7 @@ def test_resume_after_killing_the_process(tmp_path, clip_llama, monkeypatch):
     assert 2 <= len(done_before) < 40, "the run should have been killed part way"
 
     counter = CountingDetect(monkeypatch)
-    assert run("ad", "--data", data, "--model", clip_llama, "--out", out) == 0
+    assert run("ad", "--data", data, "--model", clip_llama, "--out", out, "--zero-shot", "single") == 0
     inferred = {Path(call).relative_to(data).as_posix() for call in counter.calls}
     assert len(counter.calls) == 40 - len(done_before) and not inferred & done_before
     ids = [line["id"] for line in cache_lines(out)]
@@ -411,12 +438,16 @@ def test_resume_after_killing_the_process(tmp_path, clip_llama, monkeypatch):
 
 def test_shards_merged_equal_one_run(tmp_path, mvtec, clip_llama, reference_run, capsys):
     out = tmp_path / "run"
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shard", "0/2") == 0
+    single = ["--zero-shot", "single"]  # as the reference run
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shard", "0/2", *single) == 0
     assert not (out / "results.json").exists()  # the other shard is not done yet
     assert "eval.report" in capsys.readouterr().err
     monkeypatch_env = {"RANK": "1", "WORLD_SIZE": "2"}
     assert eval_run.parse_shard(None, monkeypatch_env) == (1, 2)
-    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shard", "1/2", "--mode", "infer") == 0
+    assert (
+        run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shard", "1/2", "--mode", "infer", *single)
+        == 0
+    )
     assert sorted(p.name for p in out.glob("predictions*.jsonl")) == [
         "predictions.shard-0-of-2.jsonl",
         "predictions.shard-1-of-2.jsonl",

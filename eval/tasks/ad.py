@@ -30,8 +30,9 @@ class ADTask(Task):
     #: few-shot: this many normal training images of each test image's class are its references
     shots = 0
     shot_seed = 0
-    #: without shots: "single" (each image on its own) or "batch" (each class's test images scored against each other)
-    zero_shot = "single"
+    #: without shots: "single" (each image on its own), "batch" (each class's test images scored against each other)
+    #: or "auto" (batch for a class of at least `BATCH_MODE_MIN_IMAGES` test images, as `inspect` chooses for a folder)
+    zero_shot = "auto"
 
     def load(self, data: Path, need_images: bool) -> Dataset:
         from data_prep.check import UnknownFormat, detect_format
@@ -93,8 +94,16 @@ class ADTask(Task):
             chosen[category] = random.Random(f"{self.shot_seed}/{category}").sample(sorted(paths), self.shots)
         return chosen
 
+    def class_mode(self, category: str) -> str:
+        """How a class's test images are scored without shots: "single" or "batch" (`assistant.batch.choose_zero_shot`
+        on the class's whole test set)."""
+        from assistant.batch import choose_zero_shot
+
+        size = sum(s.category == category for s in self._samples)
+        return choose_zero_shot(self.zero_shot, size, bool(self.shots))[0]
+
     def infer(self, adapter, sample: Sample, save_map) -> dict:
-        if self.zero_shot == "batch" and not self.shots:
+        if not self.shots and self.class_mode(sample.category) == "batch":
             found = self._folder_result(adapter, sample)
         else:
             found = adapter.detect(sample)
