@@ -20,7 +20,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
-from .patch_memory import LEARNED_SCORE_SHARE, LOWEST, folder_relative, mutual_distance, reduce_bank
+from .patch_memory import (
+    LEARNED_SCORE_SHARE,
+    LOWEST,
+    ReferenceTypical,
+    folder_relative,
+    mutual_distance,
+    reduce_bank,
+    relative_to,
+)
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -243,7 +251,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         image_sizes,
         reference_pixel_values: torch.Tensor | None = None,
         reference_image_sizes=None,
-        reference_typical: float | None = None,
+        reference_typical=None,
     ) -> VisualEncoding:
         """Image tokens for the LLM, and — with an expert — anomaly maps, scores and look-twice tokens.
 
@@ -296,30 +304,37 @@ class AnomalyAssistantModel(PreTrainedModel):
         return reduce_bank([bank_rows(level) for level in reference_levels])
 
     @torch.no_grad()
-    def reference_typical(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
-        """The few-shot references' median zero-shot learned score (`Calibration.anchor`: how far a surface's normal
-        images score above the training surfaces'); None without an expert. One tower pass over the references."""
+    def reference_typical(self, reference_pixel_values: torch.Tensor, reference_image_sizes):
+        """How the few-shot references score on their own (`ReferenceTypical`: their median zero-shot learned score,
+        for `Calibration.anchor`, and their learned maps' typical patch); None without an expert. One tower pass
+        over the references."""
         if self.expert is None:
             return None
+        return ReferenceTypical.of(*self.reference_learned(reference_pixel_values, reference_image_sizes))
+
+    @torch.no_grad()
+    def reference_learned(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
+        """The references' zero-shot learned scores [N] and crop maps, as `detect` gives them without references."""
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
         features, levels, counts, _ = self._detection_features(reference_pixel_values, sizes)
-        _, scores, _ = self._look_once(features, levels, counts)
-        return float(scores.float().median())
+        _, scores, maps = self._look_once(features, levels, counts)
+        return scores, maps
 
     @torch.no_grad()
     def reference_stats(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
         """(floor, typical) of one set of normal references. `floor`: the highest few-shot score a reference gets
         against the other references (leave-one-out), on the zero-shot scale, or None with fewer than two
         references; references that score high against each other vary more than the held-out normal images the
-        few-shot threshold was fitted on (`Calibration.raise_to`). `typical`: `reference_typical`. Two tower passes
+        few-shot threshold was fitted on (`Calibration.raise_to`). `typical`: `reference_typical` of them all (each
+        reference's leave-one-out score reads the others' own). Two tower passes
         over the references: their banks (`reference_bank`, row-wise per reference) and their scored crops; each
         is then scored against the others' banks as `detect` would score it."""
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
         if self.expert is None:
             return None, None
         features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
-        _, learned, _ = self._look_once(features, levels, counts)
-        typical = float(learned.float().median())
+        _, learned, learned_maps = self._look_once(features, levels, counts)
+        typical = ReferenceTypical.of(learned, learned_maps)
         if len(sizes) < 2:
             return None, typical
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
@@ -330,8 +345,10 @@ class AnomalyAssistantModel(PreTrainedModel):
         for i in range(len(sizes)):
             others = [torch.cat([rows for j, rows in enumerate(level) if j != i]) for level in banks]
             own = [level[i] for level in per_levels]
+            rest = [j for j in range(len(sizes)) if j != i]  # the others, as `detect` reads them for this reference
+            rest_typical = ReferenceTypical.of(learned[rest], [learned_maps[j] for j in rest])
             _, score, _ = self._look_twice(
-                per_features[i], own, [counts[i]], crops=per_crops[i], bank=others, typical=typical
+                per_features[i], own, [counts[i]], crops=per_crops[i], bank=others, typical=rest_typical
             )
             scores.append(float(score[0]))
         return max(scores), typical
@@ -384,8 +401,9 @@ class AnomalyAssistantModel(PreTrainedModel):
 
     def _look_once(self, features, levels, counts, bank=None, typical=None):
         """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level, `typical`
-        their median learned score, which shifts the learned score back when it is above the training surfaces'
-        (`Calibration.anchor`)."""
+        how they score on their own (`ReferenceTypical`): the learned map joins the reference distance relative to
+        their typical patch, and the learned score is shifted back when their median is above the training
+        surfaces' (`Calibration.anchor`)."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
@@ -393,7 +411,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         reference_map = None
         if bank is not None:
             reference_map = reference_distance(levels, bank).to(crop_map.dtype)
-            crop_map = (1 - weight) * crop_map + weight * reference_map
+            learned_map = crop_map if typical is None else relative_to(crop_map, typical.patch)
+            crop_map = (1 - weight) * learned_map + weight * reference_map
             # the look-twice tokens and the learned score keep the expert's own selection: choosing them by the fused
             # map let a surface the references cover badly pick the tokens (docs/default_model_history.md)
         tokens, scores, crop_maps = [], [], []
@@ -405,7 +424,7 @@ class AnomalyAssistantModel(PreTrainedModel):
                 reference_map is not None
             ):  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
                 if typical is not None:
-                    score = self.config.calibration.anchor(score, typical)
+                    score = self.config.calibration.anchor(score, typical.score)
                 score = self.config.few_shot_rescale((1 - weight) * score + weight * maps.max())
                 maps = self.config.few_shot_rescale(maps, pixel=True)
             tokens.append(chosen)
@@ -437,7 +456,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         reference_image_sizes=None,
         reference_bank=None,
         with_domain: bool = False,
-        reference_typical: float | None = None,
+        reference_typical=None,
     ):
         """The detection-only path: vision tower + expert + selector, no projector, no LLM.
 

@@ -22,6 +22,7 @@ when many images are defective.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,33 @@ def mutual_distance(levels: list[torch.Tensor], lowest: float = LOWEST, block: i
     return (out / len(levels)).clamp(0.0, 1.0)
 
 
+def typical_patch(maps: torch.Tensor, typical: float = TYPICAL) -> float:
+    """The typical patch of some maps: the `typical` quantile of all their values."""
+    return float(torch.quantile(maps.float().flatten(), typical))
+
+
+def relative_to(maps: torch.Tensor, q: float) -> torch.Tensor:
+    """Maps relative to a typical patch value `q`: d / (d + q), in [0, 1), 0.5 at `q`, order kept."""
+    return maps / (maps + max(float(q), 1e-6))
+
+
 def folder_relative(maps: torch.Tensor, typical: float = TYPICAL) -> torch.Tensor:
-    """A folder's mutual-distance maps [N, P] relative to its own typical patch: d / (d + q) with q the `typical`
-    quantile of every patch distance in the folder; in [0, 1), 0.5 at the typical distance, order kept within the
-    folder. Measured on held-out folders (docs/default_model_history.md): one threshold on raw distances flagged 80%
-    of grass photos' normal images while passing 45% of procedural pills' defects; on this scale neither happens."""
-    q = torch.quantile(maps.float().flatten(), typical).clamp_min(1e-6)
-    return maps / (maps + q)
+    """A folder's mutual-distance maps [N, P] relative to its own typical patch (`typical_patch`, `relative_to`).
+    Measured on held-out folders (docs/default_model_history.md): one threshold on raw distances flagged 80% of grass
+    photos' normal images while passing 45% of procedural pills' defects; on this scale neither happens."""
+    return relative_to(maps, typical_patch(maps, typical))
+
+
+class ReferenceTypical(NamedTuple):
+    """How a set of normal references scores on its own (`AnomalyAssistantModel.reference_typical`): the median of
+    their learned image scores (`Calibration.anchor`) and the typical patch of their learned maps (`typical_patch`),
+    relative to which the few-shot mode reads an image's learned map, as the folder mode reads it relative to the
+    folder's."""
+
+    score: float
+    patch: float
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, maps: list[torch.Tensor]) -> ReferenceTypical:
+        """From the references' learned scores [N] and learned crop maps."""
+        return cls(float(scores.float().median()), typical_patch(torch.cat([m.flatten() for m in maps])))

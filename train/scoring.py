@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from assistant.calibration import Calibration, CalibrationConfig
 from assistant.maps import image_anomaly_map
+from assistant.patch_memory import ReferenceTypical
 
 
 def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> torch.Tensor:
@@ -92,7 +93,7 @@ def score_records(
     scores, maps, masks, banks, kept = [], [], [], {}, 0
 
     def bank_of(record):
-        """(bank, learned zero-shot score) of one reference record."""
+        """(bank, learned zero-shot scores, learned maps) of one reference record."""
         nonlocal kept
         key = (record.image, record.mask)
         if key in banks:
@@ -100,7 +101,7 @@ def score_records(
         pixels, size, _ = prepared(record)
         # LLaVA's pixels are [1, crops, 3, S, S], a Qwen base's flat patches already one image's
         pixels = pixels[0] if pixels.dim() == 5 else pixels
-        bank = model.reference_bank(pixels, [size]), model.reference_typical(pixels, [size])
+        bank = model.reference_bank(pixels, [size]), *model.reference_learned(pixels, [size])
         nbytes = sum(level.numel() * level.element_size() for level in bank[0])
         if (
             kept + nbytes <= REFERENCE_BANK_BYTES
@@ -115,7 +116,11 @@ def score_records(
         if references is not None:
             parts = [bank_of(r) for r in references(records[start])]
             bank = [torch.cat(level) for level in zip(*(part[0] for part in parts))] if parts else None
-            typical = float(np.median([part[1] for part in parts])) if parts else None
+            typical = (
+                ReferenceTypical.of(torch.cat([part[1] for part in parts]), [m for part in parts for m in part[2]])
+                if parts
+                else None
+            )
         crop_maps, batch_scores = model.detect(pixels, sizes, reference_bank=bank, reference_typical=typical)
         maps.extend(small_maps(model, crop_maps, sizes, map_size).float().cpu().numpy())
         masks.extend(item[2] for item in group)
