@@ -339,10 +339,10 @@ TYPICAL_QUANTILE = 0.1
 
 
 def typical_score(scores) -> float:
-    """The score of a folder's typical image: the `TYPICAL_QUANTILE` quantile of its images' scores."""
-    import numpy as np
+    """The score of a folder's typical image: the `TYPICAL_QUANTILE` quantile of its images' scores (a tensor)."""
+    import torch
 
-    return float(np.quantile(np.asarray([float(v) for v in scores], dtype=np.float64), TYPICAL_QUANTILE))
+    return float(torch.quantile(scores.float().cpu(), TYPICAL_QUANTILE))
 
 
 def _logit(p: float) -> float:

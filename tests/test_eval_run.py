@@ -82,6 +82,21 @@ def cached_scores(out: Path) -> dict:
     return {line["id"]: line["score"] for line in cache_lines(out)}
 
 
+def spy_detect_batch(monkeypatch) -> list:
+    """Records (number of images, zero_shot) of every AnomalyAssistant.detect_batch call, while calling the real one."""
+    from assistant.inference import AnomalyAssistant
+
+    calls = []
+    original = AnomalyAssistant.detect_batch
+
+    def spy(self, images, references=None, batch_size=8, zero_shot="single"):
+        calls.append((len(images), zero_shot))
+        return original(self, images, references, batch_size, zero_shot)
+
+    monkeypatch.setattr(AnomalyAssistant, "detect_batch", spy)
+    return calls
+
+
 class CountingDetect:
     """Counts calls of AnomalyAssistant.detect, per image, while calling the real one."""
 
@@ -318,16 +333,7 @@ def test_ad_metrics_and_cached_maps(reference_run):
 
 
 def test_ad_batch_mode_scores_each_class_against_itself_and_shards_agree(mvtec, clip_llama, tmp_path, monkeypatch):
-    from assistant.inference import AnomalyAssistant
-
-    folders = []
-    original = AnomalyAssistant.detect_batch
-
-    def spy(self, images, references=None, batch_size=8, zero_shot="single"):
-        folders.append((len(images), zero_shot))
-        return original(self, images, references, batch_size, zero_shot)
-
-    monkeypatch.setattr(AnomalyAssistant, "detect_batch", spy)
+    folders = spy_detect_batch(monkeypatch)
     whole = tmp_path / "whole"
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", whole, "--zero-shot", "batch") == 0
     assert folders == [(8, "batch")]  # one class: its 8 test images scored together, once
@@ -342,9 +348,7 @@ def test_ad_batch_mode_scores_each_class_against_itself_and_shards_agree(mvtec, 
         )
     scores = {line["id"]: line["score"] for line in cache_lines(sharded)}
     assert scores == pytest.approx({line["id"]: line["score"] for line in cache_lines(whole)})
-    assert (
-        run("ad", "--data", mvtec, "--model", clip_llama, "--out", whole) == 2
-    )  # the single mode's run is another run
+    assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", whole) == 2  # the default (auto) is another run
 
 
 def test_ad_scores_a_class_of_8_test_images_together_by_default_and_a_smaller_one_image_by_image(
@@ -352,16 +356,7 @@ def test_ad_scores_a_class_of_8_test_images_together_by_default_and_a_smaller_on
 ):
     """Without --zero-shot, a class with at least 8 test images is scored as a folder (each image against the class's
     others), as `inspect` does for a folder, and a class with fewer one image at a time."""
-    from assistant.inference import AnomalyAssistant
-
-    modes = []
-    original = AnomalyAssistant.detect_batch
-
-    def spy(self, images, references=None, batch_size=8, zero_shot="single"):
-        modes.append((len(images), zero_shot))
-        return original(self, images, references, batch_size, zero_shot)
-
-    monkeypatch.setattr(AnomalyAssistant, "detect_batch", spy)
+    modes = spy_detect_batch(monkeypatch)
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", tmp_path / "eight") == 0
     assert modes == [(8, "batch")]
     modes.clear()

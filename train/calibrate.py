@@ -87,7 +87,7 @@ def recalibrate(
 
     from .data import read_held_out
     from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
-    from .scoring import Prepared, calibrate, fit_domain_threshold, typical_calibration
+    from .scoring import Prepared, calibrate, fit_domain_threshold
     from .self_reference import few_shot_calibration, training_split
 
     model_path, out = Path(model_path), Path(out)
@@ -120,10 +120,6 @@ def recalibrate(
         "held_out": len(held_out),
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
-    try:
-        report["typical"] = typical_calibration(model, processor, held_out, map_size, prepared)
-    except ValueError as error:
-        raise CalibrateError(str(error)) from None
     if few_shot:
         report["few_shot"] = few_shot_calibration(
             model, processor, held_out, map_size, few_shot, seed, prepared, settings

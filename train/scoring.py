@@ -130,23 +130,6 @@ def score_records(
     return labels, np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def typical_calibration(model, processor, records, map_size: int, prepared=None) -> dict:
-    """The highest median zero-shot learned score of a held-out category's normal images
-    (`Calibration.with_typical_top`), written into `model.config`: how high the normal images of a training surface
-    score, against which the folder and few-shot modes judge a new surface's (`Calibration.anchor`)."""
-    prepared = prepared or Prepared(processor, map_size)
-    scores, labels = {}, {}
-    for record in records:
-        pixels, size, _ = prepared(record)
-        with torch.no_grad():
-            score = float(model.detect(pixels, [size])[1][0])
-        scores.setdefault(record.category, []).append(score)
-        labels.setdefault(record.category, []).append(int(record.label == 1))
-    calibration, report = Calibration.of(model.config).with_typical_top(list(scores.values()), list(labels.values()))
-    calibration.write(model.config)
-    return report
-
-
 def calibrate(
     model,
     processor,
@@ -155,13 +138,22 @@ def calibrate(
     settings: CalibrationConfig | None = None,
     prepared: Prepared | None = None,
 ) -> dict:
-    """Score held-out `records` and fit the zero-shot thresholds (`Calibration.fit`) into `model.config`. Returns the
-    fit's report. `settings` default to the model's own `moderate_from` (a refit keeps the checkpoint's suspicion rule)."""
+    """Score held-out `records` and fit the zero-shot thresholds (`Calibration.fit`) into `model.config`, and from the
+    same scores how high each category's normal images score (`Calibration.with_typical_top`, under the report's
+    "typical"). Returns the fit's report. `settings` default to the model's own `moderate_from` (a refit keeps the
+    checkpoint's suspicion rule)."""
     if settings is None:
         settings = CalibrationConfig(model.config.moderate_from or CalibrationConfig.moderate_from)
-    scored = score_records(model, processor, records, map_size, prepared=prepared)
-    calibration, report = Calibration.fit(*scored, settings, previous=Calibration.of(model.config))
+    labels, scores, maps, masks = score_records(model, processor, records, map_size, prepared=prepared)
+    calibration, report = Calibration.fit(labels, scores, maps, masks, settings, previous=Calibration.of(model.config))
     if calibration is not None:
+        categories = [record.category for record in records]
+        folders = {
+            category: [i for i, c in enumerate(categories) if c == category] for category in dict.fromkeys(categories)
+        }
+        calibration, report["typical"] = calibration.with_typical_top(
+            [scores[i] for i in folders.values()], [labels[i] for i in folders.values()]
+        )
         calibration.write(model.config)
     return report
 

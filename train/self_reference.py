@@ -148,7 +148,7 @@ def add_self_reference(
 
     from .data import read_held_out
     from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
-    from .scoring import Prepared, auroc, calibrate, score_records, typical_calibration
+    from .scoring import Prepared, auroc, calibrate, score_records
 
     model_path, out = Path(model_path), Path(out)
     problem = refit_problem(model_path, out, overwrite)
@@ -194,7 +194,6 @@ def add_self_reference(
     if detection_views is not None:
         model.config.detection_views = int(detection_views)
     calibration = calibrate(model, processor, held_out, map_size, prepared=prepared)  # scores the held-out split again
-    calibration["typical"] = typical_calibration(model, processor, held_out, map_size, prepared)
     few_shot_report = (
         few_shot_calibration(model, processor, held_out, map_size, few_shot, seed, prepared) if few_shot else None
     )
