@@ -51,7 +51,8 @@ def find_images(folder: Path, recursive: bool = False, exclude: Path | None = No
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-#: the folder (batch) zero-shot mode scores groups of at most this many images (its cost grows with the square)
+#: the folder (batch) zero-shot mode scores groups of at most this many images, held in memory together with their
+#: maps (the cost grows linearly past `assistant.patch_memory.MAX_PEERS` images)
 BATCH_MODE_MAX_IMAGES = 256
 
 

@@ -23,6 +23,7 @@ from .loss import fused_loss_applies, linear_cross_entropy
 from .patch_memory import (
     LEARNED_SCORE_SHARE,
     LOWEST,
+    MAX_PEERS,
     ReferenceTypical,
     folder_relative,
     mutual_distance,
@@ -482,10 +483,13 @@ class AnomalyAssistantModel(PreTrainedModel):
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
         return crop_maps, scores, self.domain_distance(features[first])
 
-    def detect_folder(self, chunks, lowest: float = LOWEST, score_share: float = LEARNED_SCORE_SHARE):
+    def detect_folder(
+        self, chunks, lowest: float = LOWEST, score_share: float = LEARNED_SCORE_SHARE, peers: int = MAX_PEERS
+    ):
         """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
-        images' (MuSc). `chunks` are (pixel_values, image_sizes) batches as the processor makes them, read through the
-        tower one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
+        images' (MuSc; in a folder of more than `peers` + 1 images, against the same `peers` of them). `chunks` are
+        (pixel_values, image_sizes) batches as the processor makes them, read through the tower and the expert one
+        at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
         `detect`: each image's map on its scored crop fuses, as the few-shot mode does (`reference_weight`), the
         mutual distance and the expert's learned map, each relative to the folder's typical patch
         (`folder_relative`); the score is `score_share` of the expert's learned image score (as zero-shot, absolute)
@@ -497,21 +501,24 @@ class AnomalyAssistantModel(PreTrainedModel):
         (docs/default_model_history.md)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        features, levels = [], []
+        features, levels, learned, learned_scores = [], [], [], []
         for pixel_values, image_sizes in chunks:
             chunk_features, chunk_levels, counts, _ = self._detection_features(pixel_values, image_sizes)
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(chunk_features.device)  # each image's whole view
-            features.append(chunk_features[first])
-            levels.append([level[first] for level in chunk_levels])
+            chunk_features, chunk_levels = chunk_features[first], [level[first] for level in chunk_levels]
+            # each image's own zero-shot map [P] and learned score, as the single-image mode gives them
+            _, chunk_scores, chunk_maps = self._look_once(chunk_features, chunk_levels, [1] * len(first))
+            features.append(chunk_features)
+            levels.append(chunk_levels)
+            learned.extend(chunk_maps)
+            learned_scores.append(chunk_scores)
         features = torch.cat(features)
         levels = [torch.cat(level) for level in zip(*levels)]
-        # each image's own zero-shot map [N, P] and learned score [N], as the single-image mode gives them
-        _, learned_scores, learned = self._look_once(features, levels, [1] * features.shape[0])
         calibration = self.config.calibration
-        learned_scores = calibration.anchor_folder(learned_scores.float())
+        learned_scores = calibration.anchor_folder(torch.cat(learned_scores).float())
         weight = self.expert.config.reference_weight
         maps = (1 - weight) * folder_relative(torch.cat(learned).float()) + weight * folder_relative(
-            mutual_distance(levels, lowest)
+            mutual_distance(levels, lowest, peers=peers)
         )
         maps = maps.to(features.device)
         scores = score_share * learned_scores.to(maps.device) + (1 - score_share) * maps.amax(-1)

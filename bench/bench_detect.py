@@ -7,8 +7,9 @@
 
 With `--model default` (or a checkpoint folder) it times `AnomalyAssistant` on 256×256 images with torch's threads
 set to `--threads` (2): zero-shot one image at a time (what `ask` does without its text), few-shot with 4 normal
-references, the folder mode (each image against the others) at 50 and 200 images, and `anomaly-assistant ask` end to
-end in a fresh process (start-up, model load and the answer included).
+references, the folder mode (each image against the others, at most `MAX_PEERS` of them) at 50, 200 and 1,000 images
+(`--folder-sizes`; `--all-pairs` also times each folder above the peer sample against all its other images, the
+baseline), and `anomaly-assistant ask` end to end in a fresh process (start-up, model load and the answer included).
 
 The tower has LLaVA-OneVision-0.5B's sizes (SigLIP-so400m-patch14-384) with random weights; the expert
 has Anomaly-OV's sizes and scores the base view (`views="base"`). The LLM plays no part in detection, so
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from assistant.checkpoint import ANOMALY_OV_LAYERS
 from assistant.config import LLAVA_OV_GRID_PINPOINTS, AnomalyAssistantConfig
 from assistant.expert import ExpertConfig
 from assistant.modeling import AnomalyAssistantModel
+from assistant.patch_memory import MAX_PEERS
 from assistant.selector import SelectorConfig
 
 
@@ -93,12 +96,23 @@ def model_modes(args) -> None:
     print(
         f"  few-shot, 4 references          {rate(lambda: [assistant.detect(im, references=references) for im in single], 20):7.2f} images/s"
     )
-    for n in (50, 200):
+    for n in args.folder_sizes:
         folder = images(n)
         start = time.perf_counter()
         assistant.detect_batch(folder, zero_shot="batch", batch_size=16)
         seconds = time.perf_counter() - start
-        print(f"  folder mode, {n:3d} images          {n / seconds:7.2f} images/s ({seconds:.1f} s in all)")
+        print(f"  folder mode, {n:4d} images         {n / seconds:7.2f} images/s ({seconds:.1f} s in all)")
+        if n > MAX_PEERS + 1 and args.all_pairs:  # the baseline: every image against all the others
+            model = assistant.model
+            model.detect_folder = partial(model.detect_folder, peers=n - 1)
+            start = time.perf_counter()
+            assistant.detect_batch(folder, zero_shot="batch", batch_size=16)
+            baseline = time.perf_counter() - start
+            del model.detect_folder  # back to the class's method
+            print(
+                f"    against all {n - 1} others instead of {MAX_PEERS}: {baseline:.1f} s "
+                f"({baseline / seconds:.2f}x the sampled peers' time)"
+            )
     command = shutil.which("anomaly-assistant")
     argv = [command] if command else [sys.executable, "-m", "assistant"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +134,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     parser.add_argument("--detection-views", type=int, default=1, choices=[1, 2, 4, 8])
+    parser.add_argument(
+        "--folder-sizes", type=int, nargs="+", default=[50, 200, 1000], help="folder-mode sizes timed with --model"
+    )
+    parser.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="with --model, also time each folder above the peer sample against all its other images (the baseline)",
+    )
     args = parser.parse_args()
     if args.model is not None:
         return model_modes(args)

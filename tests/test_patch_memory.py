@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from assistant.cli import main
-from assistant.patch_memory import folder_relative, greedy_coreset, mutual_distance, reduce_bank
+from assistant.patch_memory import folder_relative, greedy_coreset, mutual_distance, peer_sample, reduce_bank
 
 
 def test_mutual_distance_finds_the_patch_no_other_image_has():
@@ -34,6 +34,29 @@ def test_mutual_distance_ignores_a_defect_repeated_in_few_images_with_a_low_inte
     assert float(lowest_one) < 0.01 < float(wider)  # only the low interval's average sees past the twin
     with pytest.raises(ValueError, match="at least two"):
         mutual_distance([images[:1]])
+
+
+def test_a_large_folder_is_scored_against_one_fixed_sample_of_its_images():
+    """Above `peers` + 1 images every image is compared with the same sample of the folder (linear cost): the defect
+    is still found, a rerun scores the same, and an image's score is what all-pairs scoring over the sample and it
+    gives."""
+    torch.manual_seed(4)
+    normal = torch.randn(16, 32)
+    images = normal[torch.randint(16, (30, 25))] + 0.01 * torch.randn(30, 25, 32)
+    chosen = peer_sample(30, peers=8)
+    assert len(chosen) == 8 and torch.equal(chosen, peer_sample(30, peers=8)) and len(set(chosen.tolist())) == 8
+    outside = next(i for i in range(30) if i not in chosen.tolist())
+    images[outside, 7] = torch.randn(32) * 3  # a defect in an image that is not among the peers
+    distance = mutual_distance([images], peers=8)
+    assert torch.equal(distance, mutual_distance([images], peers=8))
+    assert int(distance.flatten().argmax()) == outside * 25 + 7
+    # an image outside the sample scores as it would in a folder of the sample and itself
+    small = mutual_distance([images[torch.cat([chosen, torch.tensor([outside])])]], lowest=0.2)
+    assert torch.allclose(distance[outside], small[-1], atol=1e-6)
+    # a folder within the sample size is scored all against all, as before
+    assert torch.equal(peer_sample(9, peers=8), torch.arange(9))
+    with pytest.raises(ValueError, match="at least 1"):
+        peer_sample(30, peers=0)
 
 
 def test_one_threshold_serves_a_smooth_and_a_rough_surface_on_the_folder_relative_scale():
