@@ -211,8 +211,8 @@ class AnomalyAssistant:
         self._cache: OrderedDict[str, tuple[VisualEncoding, dict]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        #: the references' leave-one-out floor and median learned score (`AnomalyAssistantModel.reference_stats`) per
-        #: set of references
+        #: the references' leave-one-out floor, typical scores and memory bank (`AnomalyAssistantModel.reference_set`)
+        #: per set of references
         self._reference_sets: OrderedDict[str, tuple] = OrderedDict()
         #: conversation KV caches reused across chat turns (0 bytes turns reuse off)
         self.kv_cache = KVCacheStore(max_bytes=kv_cache_bytes, max_entries=kv_cache_entries)
@@ -255,21 +255,21 @@ class AnomalyAssistant:
             digest.update(im.tobytes())
         return digest.hexdigest()
 
-    def _reference_stats(self, references: list[Image.Image], refs: dict) -> tuple:
-        """The references' (floor for the verdict threshold, median learned score), computed once per set of
-        references (a few kept)."""
+    def _reference_set(self, references: list[Image.Image], refs: dict):
+        """The references' floor for the verdict threshold, typical scores and memory bank
+        (`AnomalyAssistantModel.reference_set`), computed once per set of references (a few sets kept)."""
         key = self._key(*references)
         with self._lock:
             if key in self._reference_sets:
                 self._reference_sets.move_to_end(key)
                 return self._reference_sets[key]
         with torch.no_grad():
-            stats = self.model.reference_stats(refs["pixel_values"], refs["image_sizes"])
+            found = self.model.reference_set(refs["pixel_values"], refs["image_sizes"])
         with self._lock:
-            self._reference_sets[key] = stats
+            self._reference_sets[key] = found
             while len(self._reference_sets) > 8:
                 self._reference_sets.popitem(last=False)
-        return stats
+        return found
 
     @torch.no_grad()
     def encode(self, image, references=None) -> tuple[Image.Image, VisualEncoding, dict]:
@@ -285,13 +285,14 @@ class AnomalyAssistant:
         pixels = self.processor.preprocess([image])
         shown = references[: getattr(self.model.config, "references_as_images", 0)]  # references the LLM sees as images
         refs = self.processor.preprocess(references) if references and (self.has_expert or shown) else None
-        floor, typical = self._reference_stats(references, refs) if refs and self.has_expert else (None, None)
+        floor, typical, bank = self._reference_set(references, refs) if refs and self.has_expert else (None,) * 3
         visual = self.model.encode_images(
             pixels["pixel_values"],
             pixels["image_sizes"],
             refs["pixel_values"] if refs else None,
             refs["image_sizes"] if refs else None,
             reference_typical=typical,
+            reference_bank=bank,
         )
         calibration = self.model.config.calibration
         if refs and visual.scores is not None:  # the references' own spread raises the verdict threshold
@@ -383,7 +384,7 @@ class AnomalyAssistant:
             return self._detect_folder(loaded, batch_size)
         refs = self.processor.preprocess(references) if references else None
         calibration = self.model.config.calibration
-        floor, typical = self._reference_stats(references, refs) if refs else (None, None)
+        floor, typical, bank = self._reference_set(references, refs) if refs else (None,) * 3
         histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
@@ -396,6 +397,7 @@ class AnomalyAssistant:
                     refs["pixel_values"] if refs else None,
                     refs["image_sizes"] if refs else None,
                     with_domain=True,
+                    reference_bank=bank,
                     reference_typical=typical,
                 )
             scores = calibration.raise_to(scores, floor) if refs else calibration.for_new_kinds(scores, distances)

@@ -24,7 +24,9 @@ from .patch_memory import (
     LEARNED_SCORE_SHARE,
     LOWEST,
     MAX_PEERS,
+    ReferenceSet,
     ReferenceTypical,
+    bank_keep,
     folder_relative,
     mutual_distance,
     reduce_bank,
@@ -253,11 +255,13 @@ class AnomalyAssistantModel(PreTrainedModel):
         reference_pixel_values: torch.Tensor | None = None,
         reference_image_sizes=None,
         reference_typical=None,
+        reference_bank=None,
     ) -> VisualEncoding:
         """Image tokens for the LLM, and — with an expert — anomaly maps, scores and look-twice tokens.
 
         `reference_*` are normal images of the same object (the few-shot mode); they apply to every image
-        in the batch (`reference_typical`: their `reference_typical`, computed when not given).
+        in the batch (`reference_typical` and `reference_bank`: theirs, as `reference_set` gives them, computed when
+        not given).
         """
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
@@ -286,7 +290,14 @@ class AnomalyAssistantModel(PreTrainedModel):
             features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
             crops = crops[first.to(crops.device)] if crops is not None else None
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
-            features, levels, counts, reference_pixel_values, reference_image_sizes, crops, typical=reference_typical
+            features,
+            levels,
+            counts,
+            reference_pixel_values,
+            reference_image_sizes,
+            crops,
+            bank=reference_bank,
+            typical=reference_typical,
         )
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
@@ -322,29 +333,38 @@ class AnomalyAssistantModel(PreTrainedModel):
         return scores, maps
 
     @torch.no_grad()
-    def reference_stats(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
-        """(floor, typical) of one set of normal references. `floor`: the highest few-shot score a reference gets
-        against the other references (leave-one-out), on the zero-shot scale, or None with fewer than two
-        references; references that score high against each other vary more than the held-out normal images the
-        few-shot threshold was fitted on (`Calibration.raise_to`). `typical`: `reference_typical` of them all (each
-        reference's leave-one-out score reads the others' own). Two tower passes
-        over the references: their banks (`reference_bank`, row-wise per reference) and their scored crops; each
-        is then scored against the others' banks as `detect` would score it."""
+    def reference_set(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> ReferenceSet:
+        """What scoring against one set of normal references needs, computed once (`ReferenceSet`): `floor`, the
+        highest few-shot score a reference gets against the other references (leave-one-out), on the zero-shot
+        scale, or None with fewer than two references: references that score high against each other vary more
+        than the held-out normal images the few-shot threshold was fitted on (`Calibration.raise_to`); `typical`,
+        `reference_typical` of them all (each reference's leave-one-out score reads the others' own); and `bank`,
+        their memory bank as `reference_bank` gives it, for `detect` and `encode_images`.
+
+        Two tower passes over the references: their banks and their scored crops. Each reference is scored against
+        the others' rows of the bank. Above `MAX_BANK` rows the coreset is built once for the whole set, and each
+        reference is scored against the others' rows in it. Building a coreset for each reference instead took
+        minutes for 40 references of several crops each."""
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
         if self.expert is None:
-            return None, None
+            return ReferenceSet(None, None, None)
         features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
         _, learned, learned_maps = self._look_once(features, levels, counts)
         typical = ReferenceTypical.of(learned, learned_maps)
-        if len(sizes) < 2:
-            return None, typical
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
-        banks = [[bank_rows(crops) for crops in level.split(bank_counts)] for level in bank_levels]  # [level][ref]
+        bank = [bank_rows(level) for level in bank_levels]
+        rows = bank_levels[0].shape[1]  # patches per crop
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(bank_counts) * rows).to(bank[0].device)
+        keep = bank_keep(bank)
+        if keep is not None:
+            bank, owner = [level[keep] for level in bank], owner[keep]
+        if len(sizes) < 2:
+            return ReferenceSet(None, typical, bank)
         per_features, per_levels = features.split(counts), [level.split(counts) for level in levels]
         per_crops = crops.split(counts) if crops is not None else [None] * len(sizes)
         scores = []
         for i in range(len(sizes)):
-            others = [torch.cat([rows for j, rows in enumerate(level) if j != i]) for level in banks]
+            others = [level[owner != i] for level in bank]
             own = [level[i] for level in per_levels]
             rest = [j for j in range(len(sizes)) if j != i]  # the others, as `detect` reads them for this reference
             rest_typical = ReferenceTypical.of(learned[rest], [learned_maps[j] for j in rest])
@@ -352,11 +372,11 @@ class AnomalyAssistantModel(PreTrainedModel):
                 per_features[i], own, [counts[i]], crops=per_crops[i], bank=others, typical=rest_typical
             )
             scores.append(float(score[0]))
-        return max(scores), typical
+        return ReferenceSet(max(scores), typical, bank)
 
     def reference_floor(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> float | None:
-        """The floor of `reference_stats`."""
-        return self.reference_stats(reference_pixel_values, reference_image_sizes)[0]
+        """The floor of `reference_set`."""
+        return self.reference_set(reference_pixel_values, reference_image_sizes).floor
 
     def _look_twice(
         self,

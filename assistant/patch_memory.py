@@ -74,13 +74,20 @@ def greedy_coreset(bank: torch.Tensor, size: int, projection_dim: int = 128, see
     return chosen
 
 
-def reduce_bank(bank: list[torch.Tensor], max_size: int = MAX_BANK) -> list[torch.Tensor]:
-    """A multi-level reference bank (per level [M, H], rows aligned across levels) cut to at most `max_size` rows by
-    `greedy_coreset` on the levels concatenated; unchanged when it is small enough."""
+def bank_keep(bank: list[torch.Tensor], max_size: int = MAX_BANK) -> torch.Tensor | None:
+    """The rows of a multi-level reference bank (per level [M, H], rows aligned across levels) that `reduce_bank`
+    keeps: `greedy_coreset` on the levels concatenated, or None when the bank is small enough to keep whole."""
     if bank[0].shape[0] <= max_size:
-        return bank
-    keep = greedy_coreset(torch.cat([unit(level) for level in bank], dim=-1), max_size)
-    return [level[keep] for level in bank]
+        return None
+    return greedy_coreset(torch.cat([unit(level) for level in bank], dim=-1), max_size)
+
+
+def reduce_bank(bank: list[torch.Tensor], max_size: int = MAX_BANK) -> list[torch.Tensor]:
+    """A multi-level reference bank cut to at most `max_size` rows (`bank_keep`); unchanged when it is small enough.
+    Building the coreset costs far more than one search of the whole bank (`max_size` passes over it), so a caller
+    scoring many images against one set of references reduces its bank once (`AnomalyAssistantModel.reference_set`)."""
+    keep = bank_keep(bank, max_size)
+    return bank if keep is None else [level[keep] for level in bank]
 
 
 def peer_sample(n: int, peers: int = MAX_PEERS, seed: int = 0) -> torch.Tensor:
@@ -143,6 +150,16 @@ def folder_relative(maps: torch.Tensor, typical: float = TYPICAL) -> torch.Tenso
     Measured on held-out folders (docs/default_model_history.md): one threshold on raw distances flagged 80% of grass
     photos' normal images while passing 45% of procedural pills' defects; on this scale neither happens."""
     return relative_to(maps, typical_patch(maps, typical))
+
+
+class ReferenceSet(NamedTuple):
+    """What `AnomalyAssistantModel.reference_set` computes once per set of normal references: the leave-one-out
+    `floor` for the verdict threshold (None with one reference), their `typical` (`ReferenceTypical`), and their
+    memory `bank` (per expert level, unit patch rows, cut to a coreset above `MAX_BANK` rows)."""
+
+    floor: float | None
+    typical: ReferenceTypical | None
+    bank: list[torch.Tensor] | None
 
 
 class ReferenceTypical(NamedTuple):

@@ -224,7 +224,13 @@ class QwenAssistantModel(AnomalyAssistantModel):
         return merger(tokens.repeat_interleave(self.vision_tower.spatial_merge_size**2, dim=0))
 
     def encode_images(
-        self, pixel_values, image_sizes, reference_pixel_values=None, reference_image_sizes=None, reference_typical=None
+        self,
+        pixel_values,
+        image_sizes,
+        reference_pixel_values=None,
+        reference_image_sizes=None,
+        reference_typical=None,
+        reference_bank=None,
     ) -> VisualEncoding:
         """Image tokens for the LLM and, with an expert, maps, scores and look-twice tokens (see the parent)."""
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
@@ -250,6 +256,7 @@ class QwenAssistantModel(AnomalyAssistantModel):
             [1] * len(image_sizes),
             reference_pixel_values,
             reference_image_sizes,
+            bank=reference_bank,
             typical=reference_typical,
         )
         empty = merged[0].new_zeros(0, merged[0].shape[-1])

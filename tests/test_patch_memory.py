@@ -175,6 +175,44 @@ def test_reference_floor_is_each_reference_scored_against_the_others_as_detect_s
     assert assistant.model.reference_floor(one["pixel_values"], one["image_sizes"]) is None
 
 
+def test_a_large_reference_set_builds_its_coreset_once_for_every_image(clip_llama, monkeypatch):
+    """Above `MAX_BANK` rows the references' bank is cut to a coreset, which costs far more than a search: it is built
+    once per set of references (not once per batch of images, nor once per reference for the leave-one-out floor),
+    and the images are scored against the same coreset that scoring with the references' pixels builds."""
+    from conftest import random_image
+
+    from assistant import AnomalyAssistant, patch_memory
+
+    assistant = AnomalyAssistant.from_pretrained(clip_llama)
+    model = assistant.model
+    references = [random_image(48, 48, seed=10 + i) for i in range(5)]
+    refs = assistant.processor.preprocess(references)
+    with torch.no_grad():
+        rows = model.reference_bank(refs["pixel_values"], refs["image_sizes"])[0].shape[0]
+    small = rows // 2  # the coreset applies to this set
+    monkeypatch.setattr(patch_memory.bank_keep, "__defaults__", (small,))
+    monkeypatch.setattr(patch_memory.reduce_bank, "__defaults__", (small,))
+    built = []
+    coreset = patch_memory.greedy_coreset
+    monkeypatch.setattr(patch_memory, "greedy_coreset", lambda *a, **k: built.append(1) or coreset(*a, **k))
+    images = [random_image(48, 48, seed=20 + i) for i in range(5)]
+    reports = assistant.detect_batch(images, references=references, batch_size=2)  # three batches
+    assert len(built) == 1
+    found = assistant._reference_set(references, refs)
+    assert len(built) == 1 and found.floor is not None and found.bank[0].shape[0] == small
+    query = assistant.processor.preprocess(images[:1])
+    with torch.no_grad():
+        from_pixels = model.detect(
+            query["pixel_values"], query["image_sizes"], refs["pixel_values"], refs["image_sizes"]
+        )
+        cached = model.detect(
+            query["pixel_values"], query["image_sizes"], reference_bank=found.bank, reference_typical=found.typical
+        )
+    assert torch.allclose(from_pixels[1], cached[1]) and torch.allclose(from_pixels[0][0], cached[0][0])
+    calibration = model.config.calibration
+    assert reports[0].pred_score == pytest.approx(float(calibration.raise_to(cached[1], found.floor)[0]), abs=1e-6)
+
+
 def test_references_move_the_map_and_score_but_the_expert_chooses_the_look_twice_tokens():
     """Few-shot on the default model (the pill with its normal reference): the references change the map and the
     score, while the tokens the LLM looks at twice stay the ones the expert's own selection picks zero-shot, so a
