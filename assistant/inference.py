@@ -255,14 +255,16 @@ class AnomalyAssistant:
             digest.update(im.tobytes())
         return digest.hexdigest()
 
-    def _reference_set(self, references: list[Image.Image], refs: dict):
+    def _reference_set(self, references: list[Image.Image], refs: dict | None = None):
         """The references' floor for the verdict threshold, typical scores and memory bank
-        (`AnomalyAssistantModel.reference_set`), computed once per set of references (a few sets kept)."""
+        (`AnomalyAssistantModel.reference_set`), computed once per set of references (a few sets kept); `refs`, their
+        preprocessed pixels, are made here when not given and the set is not cached."""
         key = self._key(*references)
         with self._lock:
             if key in self._reference_sets:
                 self._reference_sets.move_to_end(key)
                 return self._reference_sets[key]
+        refs = refs if refs is not None else self.processor.preprocess(references)
         with torch.no_grad():
             found = self.model.reference_set(refs["pixel_values"], refs["image_sizes"])
         with self._lock:
@@ -382,9 +384,12 @@ class AnomalyAssistant:
         references = [load_image(r) for r in references or []]
         if zero_shot == "batch" and not references:
             return self._detect_folder(loaded, batch_size)
-        refs = self.processor.preprocess(references) if references else None
         calibration = self.model.config.calibration
-        floor, typical, bank = self._reference_set(references, refs) if refs else (None,) * 3
+        # the references are read once per set (`_reference_set`): each batch needs only their bank and statistics
+        floor, typical, bank = self._reference_set(references) if references else (None,) * 3
+        refs = (
+            self.processor.preprocess(references) if references and bank is None else None
+        )  # no bank: scored from pixels
         histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
@@ -400,7 +405,7 @@ class AnomalyAssistant:
                     reference_bank=bank,
                     reference_typical=typical,
                 )
-            scores = calibration.raise_to(scores, floor) if refs else calibration.for_new_kinds(scores, distances)
+            scores = calibration.raise_to(scores, floor) if references else calibration.for_new_kinds(scores, distances)
             far = distances.tolist() if distances is not None else [None] * len(chunk)
             warnings = [
                 report_warnings(image, references, calibration, floor, d, histograms) for image, d in zip(chunk, far)
