@@ -81,9 +81,9 @@ class Calibration:
     #: the same for the folder mode, on its raw scale: the top of the batch fit's range (`with_mode`); None: its
     #: threshold
     novel_batch_threshold: float | None = None
-    #: the folder mode: the highest median zero-shot score of a held-out folder's normal images (a folder per
-    #: training surface, `with_typical_top`); a folder whose typical image (`typical_score`), or a set of normal
-    #: references whose median, scores above it has its learned scores shifted down (`anchor`); None: never
+    #: the folder and few-shot modes: the highest median zero-shot score of a held-out folder's normal images (a
+    #: folder per training surface, `with_typical_top`); a folder whose typical image (`typical_score`), or a set of
+    #: normal references whose median, scores above it has its learned scores shifted down (`anchor`); None: never
     typical_score_top: float | None = None
 
     def __post_init__(self):

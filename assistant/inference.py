@@ -387,9 +387,6 @@ class AnomalyAssistant:
         calibration = self.model.config.calibration
         # the references are read once per set (`_reference_set`): each batch needs only their bank and statistics
         floor, typical, bank = self._reference_set(references) if references else (None,) * 3
-        refs = (
-            self.processor.preprocess(references) if references and bank is None else None
-        )  # no bank: scored from pixels
         histograms = [_colour_histogram(reference) for reference in references]  # once for every image
         reports = []
         for start in range(0, len(loaded), batch_size):
@@ -399,8 +396,6 @@ class AnomalyAssistant:
                 crop_maps, scores, distances = self.model.detect(
                     pixels["pixel_values"],
                     pixels["image_sizes"],
-                    refs["pixel_values"] if refs else None,
-                    refs["image_sizes"] if refs else None,
                     with_domain=True,
                     reference_bank=bank,
                     reference_typical=typical,

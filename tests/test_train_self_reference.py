@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-from assistant.patch_memory import ReferenceSet
 from data_prep.synth import SynthPlan, write_dataset
 from tests.conftest import strict_json
 
@@ -158,7 +157,8 @@ def test_few_shot_thresholds_put_the_few_shot_verdict_where_calibration_put_it(s
     assert report["shots"] == 3 and report["n"] == 60 and 0 < report["n_anomalous"] < 60
     few, raw = AnomalyAssistant.from_pretrained(calibrated), AnomalyAssistant.from_pretrained(plain)
     for assistant in (few, raw):  # the calibrated mapping alone: no raising to the references' own spread here
-        assistant.model.reference_set = lambda *args: ReferenceSet(None, None, None)  # (tested in test_real_photos.py)
+        found = assistant.model.reference_set  # its floor is tested in test_real_photos.py
+        assistant.model.reference_set = lambda *args, found=found: found(*args)._replace(floor=None)
     assert few.model.config.few_shot_thresholds == pytest.approx([report["image_threshold"], report["pixel_threshold"]])
     assert raw.model.config.few_shot_thresholds is None
     assert few.model.config.typical_score_top is not None  # refitted with the zero-shot scores it judges surfaces by

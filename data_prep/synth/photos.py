@@ -1,8 +1,9 @@
 """Real photographed surfaces as normal-image families: random crops of photos that ship inside installed packages.
 
 scikit-image's wheel carries `brick`, `grass` and `gravel` (512×512 greyscale photographs, CC0, see its
-`skimage/data/README.txt`) and the other photos named in `PHOTO_SURFACES` (colour ones are turned grey). Each sample is a square crop of random size (a quarter of the photo's side up to all of
-it, so the texture's scale varies), turned and mirrored at random, with mild brightness, contrast and tint changes.
+`skimage/data/README.txt`) and the other photos named in `PHOTO_SURFACES` (colour ones are turned grey). Each sample
+is a square crop of random size (a quarter of the photo's side up to all of it, so the texture's scale varies),
+turned and mirrored at random, with mild brightness, contrast and tint changes.
 A family name here can stand wherever a procedural family does (`data_prep.synth.families.family`).
 """
 
