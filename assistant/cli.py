@@ -3,6 +3,7 @@
     anomaly-assistant ask part.png                       # the embedded default model
     anomaly-assistant ask part.png -q "Where is the defect?" --heatmap overlay.png
     anomaly-assistant ask part.png --model ./my-checkpoint --reference good1.png good2.png --json
+    anomaly-assistant ask part.png --server http://127.0.0.1:8000   # a running `serve` answers: no model loads here
     anomaly-assistant inspect ./parts --reference ./good --model ./my-checkpoint --out ./inspection [--recursive]
     anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
     anomaly-assistant serve --model ./my-checkpoint --api-key-env ANOMALY_KEY    # OpenAI-compatible, http://127.0.0.1:8000/v1
@@ -58,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.7)
     ask.add_argument("--top-p", type=float, default=0.9)
     ask.add_argument("--seed", type=int, default=0, help="random seed for --sample")
+    ask.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="ask a running `anomaly-assistant serve` at this address (e.g. http://127.0.0.1:8000) instead of "
+        "loading the model here: no torch or transformers to import, an answer in about a second",
+    )
+    ask.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=None,
+        help="with --server: the server's API key, read from this variable",
+    )
 
     inspect = sub.add_parser("inspect", help="score every image of a folder: scores.csv, overlays, an HTML gallery")
     inspect.add_argument("folder", help="the folder of images to inspect")
@@ -154,13 +168,18 @@ def _reference_paths(entries: list[str]) -> list[Path]:
 
 
 def _ask(args) -> int:
-    from .imageio import load_image
     from .limits import MAX_QUESTION_CHARS
 
     question = checked_question(args.question, MAX_QUESTION_CHARS)  # left out or blank: the default question
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     heatmap = _check_output(args.heatmap, args.overwrite)
+    if args.server is not None:
+        return _ask_server(args, question, heatmap)
+    if args.api_key_env is not None:
+        raise UsageError("--api-key-env is the key of a server: give --server too")
+    from .imageio import load_image
+
     image = load_image(args.image)
     references = [load_image(path) for path in _reference_paths(args.reference)]
 
@@ -179,29 +198,97 @@ def _ask(args) -> int:
     written = None
     if heatmap is not None:
         if report.anomaly_map is None:
-            print(
-                f"note: the model '{args.model}' has no anomaly expert, so there is no heatmap to write",
-                file=sys.stderr,
-            )
+            _no_heatmap(args.model)
         else:
-            heatmap.parent.mkdir(parents=True, exist_ok=True)
-            tmp = heatmap.with_name(f".{heatmap.name}.partial{heatmap.suffix}")
-            assistant.visualize(report).save(tmp)
-            os.replace(tmp, heatmap)
-            written = str(heatmap)
-    if args.json:
-        print(json.dumps(report.to_dict(heatmap=written)))
-        return 0
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if report.pred_score is not None:
-        verdict = "ANOMALOUS" if report.pred_label else "normal"
-        where = f", {report.location}" if report.location else ""
-        print(f"verdict: {verdict} (score {report.pred_score:.3f}, threshold {report.threshold:.3f}{where})")
-    print(report.answer)
-    if written:
-        print(f"heatmap: {written}")
+            written = _write_heatmap(heatmap, assistant.visualize(report).save)
+    _print_answer(report.answer, report.evidence(), written, args.json)
     return 0
+
+
+def _ask_server(args, question: str | None, heatmap: Path | None) -> int:
+    """`ask --server`: the same command, answered by a running server (`assistant.client`); no model loads here."""
+    from .client import ask_server
+    from .limits import DEFAULT_QUESTION
+
+    if args.expert is not None or args.device != "cpu":
+        raise UsageError("--expert and --device choose a model loaded here; with --server the server's model answers")
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env, "").strip()
+        if not api_key:
+            raise UsageError(f"the environment variable {args.api_key_env} given to --api-key-env is unset or empty")
+    from .imageio import load_image
+
+    references = _reference_paths(args.reference)
+    for path in [args.image, *references]:
+        load_image(path)  # a bad file is refused here, as a local run would, before anything is sent
+    answer, report = ask_server(
+        args.server,
+        Path(args.image),
+        references,
+        question or DEFAULT_QUESTION,
+        model=None if args.model == "default" else args.model,  # left as is: whatever the server serves
+        api_key=api_key,
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature if args.sample else 0.0,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    png = report.pop("heatmap_png", None)
+    written = None
+    if heatmap is not None:
+        if png is None:
+            _no_heatmap(report.get("model") or args.server)
+        else:
+            written = _write_heatmap(heatmap, lambda path: _save_png(png, path))
+    _print_answer(answer, report, written, args.json)
+    return 0
+
+
+def _save_png(png_base64: str, path: Path) -> None:
+    import base64
+
+    data = base64.b64decode(png_base64)
+    if path.suffix.lower() == ".png":
+        path.write_bytes(data)
+        return
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.convert("RGB").save(path)
+
+
+def _no_heatmap(model: str) -> None:
+    print(f"note: the model '{model}' has no anomaly expert, so there is no heatmap to write", file=sys.stderr)
+
+
+def _write_heatmap(heatmap: Path, save) -> str:
+    """Write the overlay through a temporary file beside `heatmap`, so a failed write leaves nothing half done."""
+    heatmap.parent.mkdir(parents=True, exist_ok=True)
+    tmp = heatmap.with_name(f".{heatmap.name}.partial{heatmap.suffix}")
+    save(tmp)
+    os.replace(tmp, heatmap)
+    return str(heatmap)
+
+
+def _print_answer(answer: str, evidence: dict, heatmap: str | None, as_json: bool) -> None:
+    """What `ask` prints, the same whether the model ran here or on a server: `evidence` is `AnomalyReport.evidence`."""
+    if as_json:
+        from .jsonutil import answer_record
+
+        print(json.dumps(answer_record(answer, evidence, heatmap)))
+        return
+    for warning in evidence["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if evidence["score"] is not None:
+        verdict = "ANOMALOUS" if evidence["anomalous"] else "normal"
+        where = f", {evidence['location']}" if evidence["location"] else ""
+        print(f"verdict: {verdict} (score {evidence['score']:.3f}, threshold {evidence['threshold']:.3f}{where})")
+    print(answer)
+    if heatmap:
+        print(f"heatmap: {heatmap}")
 
 
 def _inspect(args) -> int:

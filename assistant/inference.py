@@ -20,7 +20,7 @@ from transformers import GenerationConfig, TextIteratorStreamer
 
 from . import checkpoint
 from .imageio import load_image
-from .limits import MAX_QUESTION_CHARS
+from .limits import DEFAULT_QUESTION, MAX_QUESTION_CHARS
 from .localize import boxes_from_mask, location_words
 from .maps import image_anomaly_map
 from .modeling import VisualEncoding, output_cache
@@ -31,8 +31,6 @@ from .sessions import KVCacheStore
 ZERO_SHOT_MODES = ("single", "batch")
 #: a folder of at least this many images is scored in the batch mode by default (`anomaly-assistant inspect`)
 BATCH_MODE_MIN_IMAGES = 8
-
-DEFAULT_QUESTION = "Is there any anomaly in this image? If so, where is it and what does it look like?"
 
 
 @dataclass
@@ -69,7 +67,9 @@ class AnomalyReport:
 
     def to_dict(self, heatmap: str | None = None) -> dict:
         """The answer and the evidence; `heatmap` is where the overlay was written, if it was."""
-        return {"answer": self.answer, **self.evidence(), "heatmap": heatmap}
+        from .jsonutil import answer_record
+
+        return answer_record(self.answer, self.evidence(), heatmap)
 
 
 #: a reference whose colour histogram shares less than this with the query's is another kind of part

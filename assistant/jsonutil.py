@@ -27,3 +27,9 @@ def finite(value):
 def dumps(value, **kwargs) -> str:
     """`json.dumps` that writes undefined numbers as null and refuses anything else non-standard."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def answer_record(answer: str, evidence: dict, heatmap: str | None = None) -> dict:
+    """One answer as `ask --json` prints it and the app shows it: the answer, the evidence
+    (`AnomalyReport.evidence`) and where the overlay was written, if it was."""
+    return {"answer": answer, **evidence, "heatmap": heatmap}

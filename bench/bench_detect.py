@@ -10,7 +10,8 @@ set to `--threads` (2): zero-shot one image at a time (what `ask` does without i
 references, and with 40 (the set's bank cut to a coreset once, against the baseline of rebuilding it each call); the
 folder mode (each image against the others, at most `MAX_PEERS` of them) at 50, 200 and 1,000 images
 (`--folder-sizes`; `--all-pairs` also times each folder above the peer sample against all its other images, the
-baseline); and `anomaly-assistant ask` end to end in a fresh process (start-up, model load and the answer included).
+baseline); and `anomaly-assistant ask` end to end in a fresh process (start-up, model load and the answer included),
+against `ask --server` with the same model already served (`anomaly-assistant serve`).
 
 The tower has LLaVA-OneVision-0.5B's sizes (SigLIP-so400m-patch14-384) with random weights; the expert
 has Anomaly-OV's sizes and scores the base view (`views="base"`). The LLM plays no part in detection, so
@@ -137,7 +138,49 @@ def model_modes(args) -> None:
         images(1)[0].save(path)
         start = time.perf_counter()
         subprocess.run([*argv, "ask", str(path), "--model", args.model], check=True, capture_output=True)
-        print(f"  anomaly-assistant ask, end to end {time.perf_counter() - start:6.2f} s (fresh process)")
+        fresh = time.perf_counter() - start
+        print(f"  anomaly-assistant ask, end to end {fresh:6.2f} s (fresh process)")
+        served = ask_with_server(argv, path, args.model)
+        print(
+            f"  ask --server, end to end         {served:6.2f} s (median of 3; a running `serve` of the same model; "
+            f"{fresh / served:.1f}x faster)"
+        )
+
+
+def ask_with_server(argv: list[str], path, model: str) -> float:
+    """Median wall time of `ask --server` against `anomaly-assistant serve` started here (its start-up not counted)."""
+    import socket
+    import statistics
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [*argv, "serve", "--model", model, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("anomaly-assistant serve did not come up")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.25)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run(
+                [*argv, "ask", str(path), "--server", f"http://127.0.0.1:{port}"], check=True, capture_output=True
+            )
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main():

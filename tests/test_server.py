@@ -377,3 +377,76 @@ def test_serve_command_answers_on_loopback(clip_llama, tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _ask_cli(port, *argv, key_var="ANOMALY_TEST_KEY", key=KEY):
+    """`anomaly-assistant ask ... --server` in a fresh process; it also says whether torch was imported there."""
+    code = (
+        "import sys\n"
+        "from assistant.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    command = [sys.executable, "-c", code, "ask", *argv, "--server", f"http://127.0.0.1:{port}"]
+    command += ["--api-key-env", key_var] if key_var else []
+    env = {**os.environ, key_var or "UNUSED_VAR": key}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_ask_with_server_prints_what_a_local_ask_prints_without_loading_a_model(server, assistant, tmp_path):
+    image_path, reference_path = tmp_path / "part.png", tmp_path / "good.png"
+    image, reference = random_image(48, 64, seed=5), random_image(48, 64, seed=6)
+    image.save(image_path)
+    reference.save(reference_path)
+    heatmap = tmp_path / "out" / "overlay.png"
+
+    done = _ask_cli(server, str(image_path), "--reference", str(reference_path), "--json", "--heatmap", str(heatmap))
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stderr  # the reason it answers in about a second
+    printed = json.loads(done.stdout)
+    # the same answer and evidence as the library's own `ask` path on the served model (16: the server's token cap)
+    local = assistant.analyze(image, None, references=[reference], max_new_tokens=16)
+    expected = local.to_dict(heatmap=str(heatmap))
+    assert printed["answer"] == expected["answer"] and printed["answer"]
+    assert printed["score"] == pytest.approx(expected["score"], abs=1e-5)
+    assert {k: printed[k] for k in ("anomalous", "threshold", "boxes", "location", "model", "heatmap")} == {
+        k: expected[k] for k in ("anomalous", "threshold", "boxes", "location", "model", "heatmap")
+    }
+    assert set(printed) == set(expected)
+    with Image.open(heatmap) as overlay:  # the server's overlay, written where --heatmap said
+        assert overlay.format == "PNG" and overlay.width == image.width
+    assert not list(heatmap.parent.glob(".*partial*"))
+
+    # the plain output: the verdict line and the answer, as a local run prints them
+    done = _ask_cli(server, str(image_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    single = assistant.analyze(image, None, max_new_tokens=16)
+    verdict = "ANOMALOUS" if single.pred_label else "normal"
+    assert lines[0].startswith(f"verdict: {verdict} (score {single.pred_score:.3f}, threshold {single.threshold:.3f}")
+    assert lines[1:] == [single.answer]
+
+
+def test_ask_with_server_fails_in_one_line_when_the_server_cannot_answer(server, tmp_path):
+    image_path = tmp_path / "part.png"
+    random_image(32, 32).save(image_path)
+    heatmap = tmp_path / "keep.png"
+    heatmap.write_bytes(b"mine")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+
+    cases = [
+        (_ask_cli(closed, str(image_path)), "anomaly-assistant serve"),
+        (_ask_cli(server, str(image_path), key="wrong-key"), "(401)"),
+        (_ask_cli(server, str(image_path), key_var=None), "(401)"),  # no key given to a server that wants one
+        (_ask_cli(server, str(tmp_path / "missing.png")), "no such file"),
+        (_ask_cli(server, str(image_path), "--heatmap", str(heatmap)), "already exists"),
+        (_ask_cli(server, str(image_path), "--model", "another"), "does not exist"),
+    ]
+    for done, message in cases:
+        err = done.stderr.replace("torch imported: False", "").strip()
+        assert done.returncode == 2, err
+        assert err.startswith("error:") and message in err and "\n" not in err, err
+    assert heatmap.read_bytes() == b"mine"  # nothing the user gave is written over
