@@ -280,11 +280,11 @@ def _print_answer(answer: str, evidence: dict, heatmap: str | None, as_json: boo
 
         print(json.dumps(answer_record(answer, evidence, heatmap)))
         return
-    for warning in evidence["warnings"]:
+    for warning in evidence.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
-    if evidence["score"] is not None:
+    if evidence.get("score") is not None:
         verdict = "ANOMALOUS" if evidence["anomalous"] else "normal"
-        where = f", {evidence['location']}" if evidence["location"] else ""
+        where = f", {evidence['location']}" if evidence.get("location") else ""
         print(f"verdict: {verdict} (score {evidence['score']:.3f}, threshold {evidence['threshold']:.3f}{where})")
     print(answer)
     if heatmap:
