@@ -1,7 +1,12 @@
 """Batch inspection: score every image of a folder and write a browsable report.
 
-    <out>/scores.csv      path, score, label, overlay, error (one row per image file, unreadable ones too)
+    <out>/scores.csv      path, score, label, overlay, error, threshold, location, out_of_domain, map (one row per
+                          image file, unreadable ones too)
+    <out>/reports.jsonl   one JSON object per image file: its path and its report's evidence (`AnomalyReport.evidence`:
+                          score, verdict, threshold, boxes, location, out_of_domain, warnings), overlay, map, error
     <out>/overlays/       the evidence overlay of each readable image (heatmap, contours, boxes, verdict)
+    <out>/maps/           with `save_maps`: each readable image's anomaly map at the image's size, as a 16-bit
+                          grey PNG (the map's value in [0, 1] times 65535)
     <out>/problems.txt    each unreadable file and why (empty when there is none)
     <out>/warnings.txt    each image's report warnings (a kind of surface new to the model, references that vary or
                           do not look like the part), a line each (empty when there is none)
@@ -25,6 +30,9 @@ from .imageio import ImageInputError, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 OVERLAYS = "overlays"
+MAPS = "maps"
+#: a saved map's grey level for a map value of 1 (16-bit PNG)
+MAP_SCALE = 65535
 
 
 @dataclass
@@ -35,6 +43,8 @@ class Inspected:
     overlay: str | None = None  # relative to the output folder
     error: str | None = None
     warnings: tuple[str, ...] = ()  # the report's warnings (`AnomalyReport.warnings`)
+    evidence: dict | None = None  # the report's `AnomalyReport.evidence`
+    map: str | None = None  # the saved map, relative to the output folder
 
 
 def find_images(folder: Path, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
@@ -81,17 +91,21 @@ def inspect_folder(
     log=None,
     batch_size: int = 8,
     zero_shot: str = "single",
+    save_maps: bool = False,
 ) -> list[Inspected]:
     """Score each image of `folder` with `assistant` (normal `references` optional) and write the report to `out`.
 
     Images go through the tower and the expert `batch_size` at a time (`AnomalyAssistant.detect_batch`). `zero_shot`
     ("single", "batch" or "auto", `choose_zero_shot`) says how images are scored without references; in the batch
-    mode the images are scored against each other in groups of at most `BATCH_MODE_MAX_IMAGES`.
+    mode the images are scored against each other in groups of at most `BATCH_MODE_MAX_IMAGES`. `save_maps` also
+    writes each anomaly map (`save_map`).
     """
     folder, out = Path(folder), Path(out)
     log = log if log is not None else sys.stderr
     images = find_images(folder, recursive, exclude=out)
     (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
+    if save_maps:
+        (out / MAPS).mkdir(exist_ok=True)
     references = list(references) or None
     mode, note = choose_zero_shot(zero_shot, len(images), bool(references))
     print(
@@ -124,14 +138,19 @@ def inspect_folder(
         for (number, path, item, _), report in zip(loaded, reports):
             item.score, item.label = report.pred_score, report.pred_label
             item.warnings = tuple(report.warnings)
+            item.evidence = report.evidence()
             item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
             assistant.visualize(report).save(out / item.overlay)
+            if save_maps and report.anomaly_map is not None:
+                item.map = f"{MAPS}/{number:05d}-{_safe_stem(path)}.png"
+                save_map(report.anomaly_map, out / item.map)
         for number, item in enumerate(items, start=start):
             state = item.error if item.error else f"score {item.score:.3f}{' ANOMALOUS' if item.label else ''}"
             print(f"[{number}/{len(images)}] {item.path}: {state}", file=log, flush=True)
         results.extend(items)
         start += len(group)
     write_csv(results, out / "scores.csv")
+    write_reports(results, out / "reports.jsonl")
     write_problems(results, out / "problems.txt")
     write_warnings(results, out / "warnings.txt")
     (out / "index.html").write_text(gallery(results, folder), encoding="utf-8")
@@ -162,14 +181,51 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60] or "image"
 
 
+def save_map(anomaly_map, path: Path) -> None:
+    """An anomaly map [H, W] in [0, 1] as a 16-bit grey PNG: read it back with ``np.asarray(Image.open(path)) /
+    MAP_SCALE`` (a step of 1/65535)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.clip(np.asarray(anomaly_map, dtype=np.float64), 0.0, 1.0)
+    Image.fromarray(np.rint(values * MAP_SCALE).astype(np.uint16)).save(path)
+
+
 def write_csv(results: list[Inspected], path: Path) -> None:
+    """One row per file; the columns after ``error`` came later, so readers by position keep working."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "label", "overlay", "error"])
+        writer.writerow(["path", "score", "label", "overlay", "error", "threshold", "location", "out_of_domain", "map"])
         for item in results:
             label = "" if item.label is None else ("anomalous" if item.label else "normal")
             score = "" if item.score is None else f"{item.score:.6f}"
-            writer.writerow([item.path, score, label, item.overlay or "", item.error or ""])
+            evidence = item.evidence or {}
+            threshold = "" if evidence.get("threshold") is None else f"{evidence['threshold']:.6f}"
+            domain = evidence.get("out_of_domain")
+            writer.writerow(
+                [
+                    item.path,
+                    score,
+                    label,
+                    item.overlay or "",
+                    item.error or "",
+                    threshold,
+                    evidence.get("location") or "",
+                    "" if domain is None else str(bool(domain)).lower(),
+                    item.map or "",
+                ]
+            )
+
+
+def write_reports(results: list[Inspected], path: Path) -> None:
+    """One strict-JSON line per file: its path, its report's evidence, where its overlay and map went, or its error."""
+    from .jsonutil import dumps
+
+    with open(path, "w", encoding="utf-8") as handle:
+        for item in results:
+            record = {"path": item.path, **(item.evidence or {})}
+            record.update(overlay=item.overlay, map=item.map, error=item.error)
+            handle.write(dumps(record) + "\n")
 
 
 def write_problems(results: list[Inspected], path: Path) -> None:

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="score every image of a folder: scores.csv, overlays, an HTML gallery")
     inspect.add_argument("folder", help="the folder of images to inspect")
-    inspect.add_argument("--out", required=True, help="new (or empty) folder for scores.csv, overlays/, index.html")
+    inspect.add_argument(
+        "--out", required=True, help="new (or empty) folder for scores.csv, reports.jsonl, overlays/, index.html"
+    )
     inspect.add_argument(
         "--reference", default=None, metavar="DIR", help="a folder of images of the same object known to be normal"
     )
@@ -93,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="without --reference: score each image on its own (single) or against the folder's other images (batch, "
         "MuSc-style); auto: batch from 8 images on",
+    )
+    inspect.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write each anomaly map to maps/ as a 16-bit grey PNG at the image's size (value x 65535)",
     )
     inspect.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
 
@@ -335,6 +342,7 @@ def _inspect(args) -> int:
         recursive=args.recursive,
         batch_size=args.batch_size,
         zero_shot=args.zero_shot,
+        save_maps=args.save_maps,
     )
     failed = sum(item.error is not None for item in results)
     anomalous = sum(bool(item.label) for item in results)

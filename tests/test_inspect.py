@@ -114,3 +114,42 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, folder, clip_llama, cap
 def test_a_model_without_expert_is_refused(tmp_path, folder, llava_ov, capsys):
     assert main(["inspect", str(folder), "--model", str(llava_ov), "--out", str(tmp_path / "out")]) == 2
     assert "no anomaly expert" in capsys.readouterr().err
+
+
+def test_reports_and_maps_carry_each_images_evidence(tmp_path, folder, clip_llama):
+    import json
+
+    import numpy as np
+
+    from assistant.batch import MAP_SCALE
+    from assistant.inference import AnomalyAssistant
+
+    out = tmp_path / "report"
+    argv = ["inspect", str(folder), "--model", str(clip_llama), "--out", str(out), "--zero-shot", "single"]
+    assert main([*argv, "--save-maps"]) == 0
+
+    rows = {row["path"]: row for row in read_rows(out)}
+    records = {r["path"]: r for r in map(json.loads, (out / "reports.jsonl").read_text().splitlines())}
+    assert set(records) == set(rows)  # one line per file, the unreadable one too
+    assert records["broken.png"]["error"] and records["broken.png"]["map"] is None
+    assistant = AnomalyAssistant.from_pretrained(str(clip_llama))
+    for name in ("a.png", "b.jpg"):
+        record, row = records[name], rows[name]
+        expected = assistant.detect(folder / name)
+        assert record["score"] == pytest.approx(expected.pred_score, abs=1e-5)
+        assert record["anomalous"] == expected.pred_label
+        assert [b["box"] for b in record["boxes"]] == [b["box"] for b in expected.boxes]
+        assert [b["score"] for b in record["boxes"]] == pytest.approx([b["score"] for b in expected.boxes], abs=1e-5)
+        assert record["overlay"] == row["overlay"] and record["map"] == row["map"] and record["error"] is None
+        assert float(row["threshold"]) == pytest.approx(expected.threshold, abs=1e-6)
+        assert row["location"] == (expected.location or "")
+        with Image.open(out / row["map"]) as saved:  # the model's map at the image's size, 16-bit
+            assert saved.size == Image.open(folder / name).size
+            values = np.asarray(saved, dtype=np.float64) / MAP_SCALE
+        assert np.abs(values - np.asarray(expected.anomaly_map, dtype=np.float64)).max() <= 1 / MAP_SCALE
+
+    # without --save-maps no map is written, and the columns say so
+    out2 = tmp_path / "report2"
+    assert main(["inspect", str(folder), "--model", str(clip_llama), "--out", str(out2)]) == 0
+    assert not (out2 / "maps").exists()
+    assert all(row["map"] == "" for row in read_rows(out2))
