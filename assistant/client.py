@@ -7,7 +7,7 @@ server's OpenAI-style request (`assistant.server`) and returns the answer with t
 `ask --json` prints locally, so the command's output does not depend on where the model ran.
 
 Errors are `UsageError`s (one line, exit 2) when the request or the address is at fault, `ServerError`
-(exit 1) when the server failed.
+(exit 1) when the server failed or is busy (429: try again).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def _call(url: str, api_key: str | None, body: dict | None = None, timeout: floa
             payload = response.read()
     except urllib.error.HTTPError as error:
         message = _error_message(error)
+        if error.code == 429:  # busy: nothing wrong with the request, try again
+            raise ServerError(f"the server is busy (429): {message}") from None
         if error.code < 500:
             raise UsageError(f"the server refused the request ({error.code}): {message}") from None
         raise ServerError(f"the server failed ({error.code}): {message}") from None
