@@ -20,6 +20,7 @@ from transformers import GenerationConfig, TextIteratorStreamer
 
 from . import checkpoint
 from .imageio import load_image
+from .jsonutil import answer_record
 from .limits import DEFAULT_QUESTION, MAX_QUESTION_CHARS
 from .localize import boxes_from_mask, location_words
 from .maps import image_anomaly_map
@@ -67,8 +68,6 @@ class AnomalyReport:
 
     def to_dict(self, heatmap: str | None = None) -> dict:
         """The answer and the evidence; `heatmap` is where the overlay was written, if it was."""
-        from .jsonutil import answer_record
-
         return answer_record(self.answer, self.evidence(), heatmap)
 
 
@@ -286,8 +285,10 @@ class AnomalyAssistant:
                 return image, visual, pixels
         pixels = self.processor.preprocess([image])
         shown = references[: getattr(self.model.config, "references_as_images", 0)]  # references the LLM sees as images
-        refs = self.processor.preprocess(references) if references and (self.has_expert or shown) else None
-        floor, typical, bank = self._reference_set(references, refs) if refs and self.has_expert else (None,) * 3
+        # the references' pixels only where the LLM sees them; the expert reads the set's cached bank and statistics
+        # (`_reference_set`), so a further image asked about with the same references does not preprocess them again
+        refs = self.processor.preprocess(references) if references and shown else None
+        floor, typical, bank = self._reference_set(references, refs) if references and self.has_expert else (None,) * 3
         visual = self.model.encode_images(
             pixels["pixel_values"],
             pixels["image_sizes"],
@@ -297,7 +298,7 @@ class AnomalyAssistant:
             reference_bank=bank,
         )
         calibration = self.model.config.calibration
-        if refs and visual.scores is not None:  # the references' own spread raises the verdict threshold
+        if references and visual.scores is not None:  # the references' own spread raises the verdict threshold
             visual.scores = calibration.raise_to(visual.scores, floor)
             visual.extras["reference_floor"] = floor
         elif visual.scores is not None:  # a kind of surface training did not show takes the cautious threshold
