@@ -38,13 +38,22 @@ MAP_SCALE = 65535
 @dataclass
 class Inspected:
     path: str  # relative to the inspected folder, with '/' separators
-    score: float | None = None
-    label: bool | None = None
+    evidence: dict | None = None  # the report's `AnomalyReport.evidence`; None for an unreadable file
     overlay: str | None = None  # relative to the output folder
-    error: str | None = None
-    warnings: tuple[str, ...] = ()  # the report's warnings (`AnomalyReport.warnings`)
-    evidence: dict | None = None  # the report's `AnomalyReport.evidence`
     map: str | None = None  # the saved map, relative to the output folder
+    error: str | None = None
+
+    @property
+    def score(self) -> float | None:
+        return None if self.evidence is None else self.evidence["score"]
+
+    @property
+    def label(self) -> bool | None:
+        return None if self.evidence is None else self.evidence["anomalous"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [] if self.evidence is None else self.evidence["warnings"]
 
 
 def find_images(folder: Path, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
@@ -136,8 +145,6 @@ def inspect_folder(
             else []
         )
         for (number, path, item, _), report in zip(loaded, reports):
-            item.score, item.label = report.pred_score, report.pred_label
-            item.warnings = tuple(report.warnings)
             item.evidence = report.evidence()
             item.overlay = f"{OVERLAYS}/{number:05d}-{_safe_stem(path)}.png"
             assistant.visualize(report).save(out / item.overlay)
