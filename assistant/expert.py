@@ -11,6 +11,9 @@ Anomaly-OV's look-twice idea, with parameter names that load its released expert
   the anomalous prompt, averaged over levels.
 
 `final_predictor` turns the look-twice tokens chosen by `assistant.selector` into the image score.
+Per-image input (`input_norm="image"`, the default model's; off in Anomaly-OV's weights): the patch adaptors read
+each crop's features relative to its own median patch (`relative_to_image`), so the map marks what is unusual within
+the image rather than what is unfamiliar about the whole surface.
 Zero-shot self-reference (`self_weight` > 0; off in Anomaly-OV's weights): each patch's distance to the
 most similar patches of the *same* crop outside its 3×3 neighbourhood (one feature level), turned into
 a probability by a learned scale and bias and blended into the map. Normal texture repeats itself and a
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SCORE_INPUTS = ("tokens", "contrast")
+INPUT_NORMS = ("absolute", "image")
 
 
 @dataclass
@@ -56,6 +60,9 @@ class ExpertConfig:
     #: pooled tokens minus the image's normal-looking context, `normal_context`: the head judges how the
     #: suspicious region differs from the rest of the same image rather than what the image is)
     score_input: str = "tokens"
+    #: what the patch adaptors read: "absolute" (the tower's features as they are) or "image" (each crop's
+    #: features minus its median patch, over the crop's typical deviation: `relative_to_image`)
+    input_norm: str = "absolute"
 
     def __post_init__(self):
         if self.views not in ("base", "all"):
@@ -70,6 +77,8 @@ class ExpertConfig:
             raise ValueError("expert self_k must be ≥ 1")
         if self.score_input not in SCORE_INPUTS:
             raise ValueError(f"expert score_input must be one of {SCORE_INPUTS}, got {self.score_input!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"expert input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> ExpertConfig:
@@ -152,6 +161,8 @@ class AnomalyExpert(nn.Module):
         prompts = self.prompts(base_features)
         maps = []
         for features, adaptor, prompt in zip(multi_level, self.patch_adaptors, prompts):
+            if self.config.input_norm == "image":
+                features = relative_to_image(features)
             patches = F.normalize(adaptor(features), dim=-1)  # [N, P, E]
             logits = self.config.logit_scale * torch.bmm(patches, prompt)  # [N, P, 2]
             maps.append(logits.softmax(dim=-1)[..., 1])
@@ -176,6 +187,14 @@ class AnomalyExpert(nn.Module):
         if self.config.score_input == "contrast":
             pooled = pooled - normal_context(features, anomaly_map).to(pooled.dtype)
         return torch.sigmoid(self.final_predictor(pooled)).squeeze(-1)
+
+
+def relative_to_image(features: torch.Tensor) -> torch.Tensor:
+    """Each crop's patch features [N, P, H] minus the crop's median patch (per channel), divided by the crop's
+    root-mean-square deviation from it: what is unusual within the image, on one scale for every surface."""
+    centred = features - features.median(dim=1, keepdim=True).values
+    spread = centred.float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)
+    return centred / spread.to(centred.dtype)
 
 
 def normal_context(features: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
