@@ -69,16 +69,21 @@ def _severity(size: str, kind: pb.DefectKind) -> str:
 
 
 def conversation(
-    record: Record, rng: random.Random, mask: np.ndarray | None = None, generic_nouns: bool = False
+    record: Record,
+    rng: random.Random,
+    mask: np.ndarray | None = None,
+    generic_nouns: bool = False,
+    generic_defects: bool = False,
 ) -> tuple[list[dict], dict]:
-    """(LLaVA turns, machine-readable fields) for one record; anomalous records need their `mask`."""
+    """(LLaVA turns, machine-readable fields) for one record; anomalous records need their `mask`. With
+    `generic_defects` every defect is described in the generic kind's words, whatever its type."""
     noun = object_noun(record.category, generic_nouns)
     normal_detail = rng.choice(pb.NORMAL_DETAILS)
     slots = {"noun": noun, "normal": normal_detail, "normal_lower": _lower_first(normal_detail)}
     fields: dict = {"label": record.label, "defect_type": record.defect_type, "location": None, "size": None}
     anomalous = record.label == ANOMALOUS
     if anomalous:
-        kind = pb.KINDS[pb.defect_kind(record.defect_type)]
+        kind = pb.KINDS["generic" if generic_defects else pb.defect_kind(record.defect_type)]
         where, size = location_words(mask), relative_size(mask)
         slots.update(
             what=rng.choice(kind.names),
@@ -129,10 +134,15 @@ def _relative(path: str | None, base: Path) -> str | None:
 
 
 def build_instructions(
-    source: ReadResult, image_base: str | Path, seed: int = 0, generic_nouns: bool = False
+    source: ReadResult,
+    image_base: str | Path,
+    seed: int = 0,
+    generic_nouns: bool = False,
+    generic_defects: bool = False,
 ) -> tuple[list[dict], ReadResult]:
     """LLaVA records for every labelled record of `source`, image/mask paths relative to `image_base`; with
-    `generic_nouns` the answers name a synthetic family by its kind (`object_noun`).
+    `generic_nouns` the answers name a synthetic family by its kind (`object_noun`); with `generic_defects` they
+    describe every defect in the generic kind's words.
 
     Returns (records, accounting): the accounting's problems are the source's plus one per record that
     could not be turned into a conversation (no label, unreadable mask, empty mask).
@@ -158,7 +168,7 @@ def build_instructions(
             if not mask.any():
                 accounting.drop(record.mask, "empty mask for an anomalous image", record_id)
                 continue
-        turns, fields = conversation(record, rng, mask, generic_nouns)
+        turns, fields = conversation(record, rng, mask, generic_nouns, generic_defects)
         accounting.n_seen += 1
         out.append(
             {

@@ -96,6 +96,32 @@ def test_generic_nouns_name_the_kind_never_the_family(conversations, synth_dir):
     assert min(named.values()) > 5  # (some conversations name no object at all)
 
 
+def test_generic_defects_describe_every_type_alike(conversations, synth_dir):
+    """By default a defect is described by its type ("a crack", "a stain"); with `generic_defects` every type gets the
+    generic kind's words and no type's own, while verdicts and locations stay as they were."""
+    from data_prep import phrasebook as pb
+
+    def type_words(kind):
+        return [name.lower() for name in pb.KINDS[kind].names + pb.KINDS[kind].looks + pb.KINDS[kind].causes]
+
+    specific = {kind for kind in pb.KINDS if kind != "generic"}
+    text = lambda record: " ".join(t["value"] for t in record["conversations"][1::2]).lower()  # noqa: E731
+    typed = [r for r in conversations if r.get("defect_type")]
+    assert typed and any(any(w in text(r) for k in specific for w in type_words(k)) for r in typed)
+    generic, _ = build_instructions(read_mvtec(synth_dir), synth_dir, seed=0, generic_defects=True)
+    assert len(generic) == len(conversations)
+    described = 0
+    for before, after in zip(conversations, generic):
+        assert after.get("location") == before.get("location") and after.get("label") == before.get("label")
+        answers = text(after)
+        for kind in specific:
+            assert not any(
+                phrase in answers for phrase in (p.lower() for p in pb.KINDS[kind].looks + pb.KINDS[kind].causes)
+            ), answers
+        described += any(w in answers for w in type_words("generic"))
+    assert described > 5
+
+
 def test_deterministic_from_the_seed(synth_dir):
     source = read_mvtec(synth_dir)
     same_a, _ = build_instructions(source, synth_dir, seed=3)

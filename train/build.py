@@ -41,7 +41,11 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
             )
     if not instructions.is_file():
         records, _ = build_instructions(
-            read_mvtec(images), data_dir, seed=synth.seed, generic_nouns=synth.generic_nouns
+            read_mvtec(images),
+            data_dir,
+            seed=synth.seed,
+            generic_nouns=synth.generic_nouns,
+            generic_defects=synth.generic_defects,
         )
         write_instructions(records, instructions, overwrite=True)
     return images, instructions

@@ -83,6 +83,10 @@ class SynthData:
     #: the conversations name a family by its kind ("surface", "part") instead of its noun ("wooden board"): a model
     #: trained on a few families cannot name a surface it never saw, and would otherwise call it one it did
     generic_nouns: bool = False
+    #: the conversations describe every defect in the generic kind's words ("an irregular region", "it differs
+    #: visibly from a normal sample") instead of its type's ("a fine crack"): a small model that cannot tell the types
+    #: apart would otherwise name one type for all of them
+    generic_defects: bool = False
 
 
 @dataclass
