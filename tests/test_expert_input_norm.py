@@ -45,6 +45,8 @@ def test_a_surfaces_overall_look_does_not_move_the_map_with_per_image_input(inpu
 
 
 def test_per_image_input_survives_save_and_load(tmp_path):
+    # a checkpoint saved with the option scores with it after loading: the same weights read absolutely give
+    # another map
     from assistant import AnomalyAssistant
     from assistant.testing import tiny_assistant, tiny_config
 
@@ -52,11 +54,12 @@ def test_per_image_input_survives_save_and_load(tmp_path):
     path = tiny_assistant(tmp_path / "m", expert_config=expert)
     assert json.loads((path / "config.json").read_text())["expert_config"]["input_norm"] == "image"
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    first = AnomalyAssistant.from_pretrained(path).detect(image)
-    again = AnomalyAssistant.from_pretrained(path).detect(image)
-    assert AnomalyAssistant.from_pretrained(path).model.expert.config.input_norm == "image"
-    assert again.pred_score == pytest.approx(first.pred_score, abs=1e-6)
-    np.testing.assert_allclose(again.anomaly_map, first.anomaly_map, atol=1e-6)
+    loaded = AnomalyAssistant.from_pretrained(path)
+    assert loaded.model.expert.config.input_norm == "image"
+    relative = loaded.detect(image).anomaly_map
+    absolute = AnomalyAssistant.from_pretrained(path)
+    absolute.model.expert.config = ExpertConfig.from_dict({**expert, "input_norm": "absolute"})
+    assert not np.allclose(absolute.detect(image).anomaly_map, relative, atol=1e-4)
 
 
 def test_bad_input_norm_is_rejected():
