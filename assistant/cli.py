@@ -4,6 +4,7 @@
     anomaly-assistant ask part.png -q "Where is the defect?" --heatmap overlay.png
     anomaly-assistant ask part.png --model ./my-checkpoint --reference good1.png good2.png --json
     anomaly-assistant ask part.png --server http://127.0.0.1:8000   # a running `serve` answers: no model loads here
+    ANOMALY_ASSISTANT_SERVER=http://127.0.0.1:8000 anomaly-assistant ask part.png   # the same, for every `ask`
     anomaly-assistant inspect ./parts --reference ./good --model ./my-checkpoint --out ./inspection [--recursive]
     anomaly-assistant convert-expert --base ./llava-onevision-qwen2-0.5b-ov-hf --expert pretrained_expert_05b.pth --out ./anomaly-ov-0.5b
     anomaly-assistant serve --model ./my-checkpoint --api-key-env ANOMALY_KEY    # OpenAI-compatible, http://127.0.0.1:8000/v1
@@ -22,6 +23,9 @@ import sys
 from pathlib import Path
 
 from .errors import UsageError, checked_question, run_main
+
+#: a running server's address that every `ask` uses unless --server or --local says otherwise
+SERVER_ENV = "ANOMALY_ASSISTANT_SERVER"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URL",
         help="ask a running `anomaly-assistant serve` at this address (e.g. http://127.0.0.1:8000) instead of "
-        "loading the model here: no torch or transformers to import, an answer in about a second",
+        f"loading the model here: no torch or transformers to import, an answer in about a second (default: "
+        f"${SERVER_ENV} when set)",
     )
+    ask.add_argument("--local", action="store_true", help=f"load the model here even when ${SERVER_ENV} names a server")
     ask.add_argument(
         "--api-key-env",
         metavar="VAR",
@@ -181,6 +187,8 @@ def _ask(args) -> int:
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     heatmap = _check_output(args.heatmap, args.overwrite)
+    args.server_from_env = args.server is None and not args.local
+    args.server = _server_of(args)
     if args.server is not None:
         return _ask_server(args, question, heatmap)
     if args.api_key_env is not None:
@@ -212,13 +220,25 @@ def _ask(args) -> int:
     return 0
 
 
+def _server_of(args) -> str | None:
+    """The server `ask` talks to: --server, else $ANOMALY_ASSISTANT_SERVER unless --local; None: load the model here."""
+    if args.local:
+        if args.server is not None:
+            raise UsageError("--local loads the model here and --server asks a server: give one of them")
+        return None
+    if args.server is not None:
+        return args.server
+    return os.environ.get(SERVER_ENV, "").strip() or None
+
+
 def _ask_server(args, question: str | None, heatmap: Path | None) -> int:
     """`ask --server`: the same command, answered by a running server (`assistant.client`); no model loads here."""
     from .client import ask_server
     from .limits import DEFAULT_QUESTION
 
     if args.expert is not None or args.device != "cpu":
-        raise UsageError("--expert and --device choose a model loaded here; with --server the server's model answers")
+        where = f"${SERVER_ENV} (add --local to load the model here)" if args.server_from_env else "--server"
+        raise UsageError(f"--expert and --device choose a model loaded here; with {where} the server's model answers")
     api_key = None
     if args.api_key_env is not None:
         api_key = os.environ.get(args.api_key_env, "").strip()

@@ -379,8 +379,9 @@ def test_serve_command_answers_on_loopback(clip_llama, tmp_path):
             process.wait()
 
 
-def _ask_cli(port, *argv, key_var="ANOMALY_TEST_KEY", key=KEY):
-    """`anomaly-assistant ask ... --server` in a fresh process; it also says whether torch was imported there."""
+def _ask_cli(port, *argv, key_var="ANOMALY_TEST_KEY", key=KEY, via_env=False):
+    """`anomaly-assistant ask ... --server` in a fresh process (`via_env`: the address in $ANOMALY_ASSISTANT_SERVER
+    instead); it also says whether torch was imported there."""
     code = (
         "import sys\n"
         "from assistant.cli import main\n"
@@ -388,9 +389,11 @@ def _ask_cli(port, *argv, key_var="ANOMALY_TEST_KEY", key=KEY):
         "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
-    command = [sys.executable, "-c", code, "ask", *argv, "--server", f"http://127.0.0.1:{port}"]
+    address = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", code, "ask", *argv, *([] if via_env else ["--server", address])]
     command += ["--api-key-env", key_var] if key_var else []
-    env = {**os.environ, key_var or "UNUSED_VAR": key}
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_ASSISTANT_SERVER"}
+    env.update({key_var or "UNUSED_VAR": key}, **({"ANOMALY_ASSISTANT_SERVER": address} if via_env else {}))
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -450,3 +453,23 @@ def test_ask_with_server_fails_in_one_line_when_the_server_cannot_answer(server,
         assert done.returncode == 2, err
         assert err.startswith("error:") and message in err and "\n" not in err, err
     assert heatmap.read_bytes() == b"mine"  # nothing the user gave is written over
+
+
+def test_the_server_named_in_the_environment_answers_every_ask(server, assistant, tmp_path):
+    image_path = tmp_path / "part.png"
+    image = random_image(48, 64, seed=7)
+    image.save(image_path)
+
+    done = _ask_cli(server, str(image_path), "--json", via_env=True)  # no --server on the command line
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["answer"] == assistant.analyze(image, None, max_new_tokens=16).answer
+
+    # an option that only a model loaded here can honour says where the server came from and how to load here
+    done = _ask_cli(server, str(image_path), "--device", "cuda", via_env=True)
+    err = done.stderr.replace("torch imported: False", "").strip()
+    assert done.returncode == 2 and "ANOMALY_ASSISTANT_SERVER" in err and "--local" in err and "\n" not in err, err
+    done = _ask_cli(server, str(image_path), "--local")  # --local and --server together
+    err = done.stderr.replace("torch imported: False", "").strip()
+    assert done.returncode == 2 and err.startswith("error: --local") and "\n" not in err, err
