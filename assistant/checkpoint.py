@@ -176,9 +176,36 @@ def add_expert(
     hidden = config.vision_config.hidden_size
     config.expert_config = expert_config.to_dict()
     config.selector_config = selector_config.to_dict()
-    model.expert = AnomalyExpert(expert_config, hidden, config.patches_per_side**2).to(device, dtype)
+    from .modeling import expert_fine_channels
+
+    fine = expert_fine_channels(config.vision_config, expert_config)
+    model.expert = AnomalyExpert(expert_config, hidden, config.patches_per_side**2, fine).to(device, dtype)
     model.selector = LookTwiceSelector(selector_config, hidden).to(device, dtype)
     return model
+
+
+def add_fine_head(model: AnomalyAssistantModel, expert_config: ExpertConfig, seed: int | None = None) -> None:
+    """Give a model's trained expert a freshly initialised fine head (`expert_config`'s fine stages, width and
+    weight), in place; the rest of the expert is kept."""
+    from .expert import FineHead
+    from .modeling import expert_fine_channels
+
+    if model.expert is None:
+        raise ValueError("the model has no expert to add a fine head to")
+    values = {**model.expert.config.to_dict()}
+    values.update(
+        fine_stages=list(expert_config.fine_stages),
+        fine_width=expert_config.fine_width,
+        fine_weight=expert_config.fine_weight,
+    )
+    config = ExpertConfig.from_dict(values)
+    channels = expert_fine_channels(model.config.vision_config, config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    reference = model.expert.positive_embedding
+    model.expert.fine_head = FineHead(channels, config.fine_width).to(reference.device, reference.dtype)
+    model.expert.config = config
+    model.config.expert_config = config.to_dict()
 
 
 # -- (d) Anomaly-OV's expert --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def load_bank(model, folder) -> None:
 @torch.no_grad()
 def embeddings(model, pixel_values, image_sizes) -> torch.Tensor:
     """Unit domain embeddings [B, H] of a batch of preprocessed images (their base crops)."""
-    features, _, _, _ = model._detection_features(pixel_values, image_sizes)
+    features = model._detection_features(pixel_values, image_sizes)[0]
     return model.domain_embedding(features)
 
 

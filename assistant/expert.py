@@ -63,6 +63,12 @@ class ExpertConfig:
     #: what the patch adaptors read: "absolute" (the tower's features as they are) or "image" (each crop's
     #: features minus its median patch, over the crop's typical deviation: `relative_to_image`)
     input_norm: str = "absolute"
+    #: a fine head (`FineHead`): the EfficientNet-Lite tower's stages it reads at their own resolution ([] : none;
+    #: [1, 2]: the stride-4 and stride-8 stages on the stride-4 grid), its width, and its share of the map and the
+    #: score (a mean in logit terms with the learned ones)
+    fine_stages: list[int] = field(default_factory=list)
+    fine_width: int = 32
+    fine_weight: float = 0.25
 
     def __post_init__(self):
         if self.views not in ("base", "all"):
@@ -79,6 +85,10 @@ class ExpertConfig:
             raise ValueError(f"expert score_input must be one of {SCORE_INPUTS}, got {self.score_input!r}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"expert input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if not 0.0 <= self.fine_weight <= 1.0:
+            raise ValueError(f"expert fine_weight must be in [0, 1], got {self.fine_weight}")
+        if self.fine_width < 1:
+            raise ValueError(f"expert fine_width must be ≥ 1, got {self.fine_width}")
 
     @classmethod
     def from_dict(cls, values: dict) -> ExpertConfig:
@@ -96,8 +106,40 @@ def evenly_spaced_layers(num_hidden_layers: int, count: int = 4) -> list[int]:
     return sorted({max(1, round(num_hidden_layers * (i + 1) / count)) for i in range(count)})
 
 
+class FineHead(nn.Module):
+    """Segments defects on the tower's finer stages (stride 4): dilated 3×3 convolutions over features relative to
+    each crop (`relative_to_image`), a receptive field of about 120 pixels. The expert's own map lies on the 16×16
+    patch grid; thin lines on busy surfaces hardly move it (docs/default_model_history.md)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=4, dilation=4),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, fine_features: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] → the anomaly probability [N, H, W]."""
+        n, c, h, w = fine_features.shape
+        relative = relative_to_image(fine_features.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, c, h, w)
+        return torch.sigmoid(self.net(relative.to(self.net[0].weight.dtype))).squeeze(1)
+
+
+def blend_fine(values: torch.Tensor, fine: torch.Tensor, weight: float) -> torch.Tensor:
+    """Probabilities `values` and the fine head's `fine` (same shape) averaged in logit terms, `weight` for `fine`."""
+    values_logit, fine_logit = torch.logit(values.clamp(1e-6, 1 - 1e-6)), torch.logit(fine.clamp(1e-6, 1 - 1e-6))
+    return torch.sigmoid((1 - weight) * values_logit + weight * fine_logit.to(values_logit.dtype))
+
+
 class AnomalyExpert(nn.Module):
-    def __init__(self, config: ExpertConfig, vision_hidden_size: int, num_patches: int):
+    def __init__(self, config: ExpertConfig, vision_hidden_size: int, num_patches: int, fine_channels: int = 0):
         super().__init__()
         self.config = config
         e, c, h = config.embedding_dim, config.class_dim, vision_hidden_size
@@ -112,6 +154,10 @@ class AnomalyExpert(nn.Module):
         self.final_predictor = nn.Sequential(
             nn.Linear(h, config.predictor_dim), nn.GELU(), nn.Linear(config.predictor_dim, 1)
         )
+        if config.fine_stages:
+            if fine_channels < 1:
+                raise ValueError("an expert with fine_stages needs the channels of those stages (fine_channels)")
+            self.fine_head = FineHead(fine_channels, config.fine_width)
         if config.self_weight > 0:
             # probability = sigmoid(scale · distance + bias); distances of a trained tower lie around 0.05–0.3
             self.self_calibration = nn.Parameter(torch.tensor([20.0, -3.0]))

@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AnomalyAssistantConfig
-from .expert import AnomalyExpert, ExpertConfig, reference_distance
+from .expert import AnomalyExpert, ExpertConfig, blend_fine, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
 from .patch_memory import (
     LEARNED_SCORE_SHARE,
@@ -126,8 +126,12 @@ class AnomalyAssistantModel(PreTrainedModel):
         if config.has_expert:
             if layers != 1:
                 raise ValueError("the anomaly expert needs a single vision_feature_layer")
+            expert_config = ExpertConfig.from_dict(config.expert_config)
             self.expert = AnomalyExpert(
-                ExpertConfig.from_dict(config.expert_config), vision.hidden_size, config.patches_per_side**2
+                expert_config,
+                vision.hidden_size,
+                config.patches_per_side**2,
+                expert_fine_channels(vision, expert_config),
             )
             self.selector = LookTwiceSelector(
                 SelectorConfig.from_dict(config.selector_config or {}), vision.hidden_size
@@ -186,19 +190,19 @@ class AnomalyAssistantModel(PreTrainedModel):
         tile = self.config.vision_config.image_size
         return [num_crops(tuple(size), self.config.image_grid_pinpoints, tile) for size in image_sizes]
 
-    def vision_features(
-        self, pixel_values: torch.Tensor, image_sizes
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image."""
+    def vision_features(self, pixel_values: torch.Tensor, image_sizes, with_fine: bool = False) -> tuple:
+        """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image;
+        `with_fine`: also the fine head's maps [N, h, w] (None without a fine head)."""
         counts = self.crops_per_image(image_sizes)
         crops = self._flat_crops(pixel_values, counts)
         read, index = self._distinct_crops(crops, counts)
         if read is None:
-            projector_input, levels = self._tower(crops)
+            projector_input, levels, fine = self._tower(crops)
         else:  # the same features as reading every crop, and the same gradients (indexing sums them back)
-            projector_input, levels = self._tower(crops[read])
+            projector_input, levels, fine = self._tower(crops[read])
             projector_input, levels = projector_input[index], [level[index] for level in levels]
-        return projector_input, levels, counts
+            fine = fine[index] if fine is not None else None
+        return (projector_input, levels, counts, fine) if with_fine else (projector_input, levels, counts)
 
     @staticmethod
     def _distinct_crops(crops: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -236,17 +240,22 @@ class AnomalyAssistantModel(PreTrainedModel):
             raise ValueError(f"got {pixel_values.shape[0]} crops for images that need {sum(counts)}")
         return pixel_values
 
-    def _tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Crops [N, 3, S, S] → projector-layer features [N, P, H] and the expert's feature levels."""
+    def _tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Crops [N, 3, S, S] → projector-layer features [N, P, H], the expert's feature levels and the fine head's
+        maps [N, h, w] (None without a fine head)."""
         pixel_values = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        fine_stages = self.expert.config.fine_stages if self.expert is not None else []
+        extra = {"fine_stages": fine_stages} if fine_stages else {}
+        output = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **extra)
+        hidden = output.hidden_states
+        fine = self.expert.fine_head(output.fine_features) if fine_stages else None
         layer = self.config.vision_feature_layer
         if isinstance(layer, int):
             projector_input = self._select(hidden[layer])
         else:
             projector_input = self._select(torch.cat([hidden[i] for i in layer], dim=-1))
         levels = [self._select(hidden[i]) for i in self.expert.config.feature_layers] if self.expert is not None else []
-        return projector_input, levels
+        return projector_input, levels, fine
 
     def encode_images(
         self,
@@ -264,7 +273,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         not given).
         """
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
-        features, levels, counts = self.vision_features(pixel_values, image_sizes)
+        features, levels, counts, fine = self.vision_features(pixel_values, image_sizes, with_fine=True)
         projected = self.multi_modal_projector(features)
         projected = pool_crops(projected, self.config.patches_per_side, self.config.image_token_pooling).split(counts)
         tile, side = self.config.vision_config.image_size, self.config.llm_patches_per_side
@@ -289,6 +298,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert.config.views == "base":  # the expert sees each image's first crop, the whole image
             features, levels, counts = features[first], [level[first] for level in levels], [1] * len(counts)
             crops = crops[first.to(crops.device)] if crops is not None else None
+            fine = fine[first] if fine is not None else None
         tokens, encoding.scores, encoding.crop_maps = self._look_twice(
             features,
             levels,
@@ -298,6 +308,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             crops,
             bank=reference_bank,
             typical=reference_typical,
+            fine=fine,
         )
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
@@ -328,8 +339,8 @@ class AnomalyAssistantModel(PreTrainedModel):
     def reference_learned(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
         """The references' zero-shot learned scores [N] and crop maps, as `detect` gives them without references."""
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
-        features, levels, counts, _ = self._detection_features(reference_pixel_values, sizes)
-        _, scores, maps = self._look_once(features, levels, counts)
+        features, levels, counts, _, fine = self._detection_features(reference_pixel_values, sizes)
+        _, scores, maps = self._look_once(features, levels, counts, fine=fine)
         return scores, maps
 
     @torch.no_grad()
@@ -348,8 +359,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
         if self.expert is None:
             return ReferenceSet(None, None, None)
-        features, levels, counts, crops = self._detection_features(reference_pixel_values, sizes)
-        _, learned, learned_maps = self._look_once(features, levels, counts)
+        features, levels, counts, crops, fine = self._detection_features(reference_pixel_values, sizes)
+        _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine)
         typical = ReferenceTypical.of(learned, learned_maps)
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
         bank = [bank_rows(level) for level in bank_levels]
@@ -362,6 +373,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             return ReferenceSet(None, typical, bank)
         per_features, per_levels = features.split(counts), [level.split(counts) for level in levels]
         per_crops = crops.split(counts) if crops is not None else [None] * len(sizes)
+        per_fine = fine.split(counts) if fine is not None else [None] * len(sizes)
         scores = []
         for i in range(len(sizes)):
             others = [level[owner != i] for level in bank]
@@ -369,7 +381,13 @@ class AnomalyAssistantModel(PreTrainedModel):
             rest = [j for j in range(len(sizes)) if j != i]  # the others, as `detect` reads them for this reference
             rest_typical = ReferenceTypical.of(learned[rest], [learned_maps[j] for j in rest])
             _, score, _ = self._look_twice(
-                per_features[i], own, [counts[i]], crops=per_crops[i], bank=others, typical=rest_typical
+                per_features[i],
+                own,
+                [counts[i]],
+                crops=per_crops[i],
+                bank=others,
+                typical=rest_typical,
+                fine=per_fine[i],
             )
             scores.append(float(score[0]))
         return ReferenceSet(max(scores), typical, bank)
@@ -388,8 +406,10 @@ class AnomalyAssistantModel(PreTrainedModel):
         crops=None,
         bank=None,
         typical=None,
+        fine=None,
     ):
-        """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`.
+        """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`; `fine`: the fine
+        head's maps of the crops [N, h, w], as `_tower` gives them.
 
         In eval mode with `config.detection_views` > 1 and the `crops` [N, 3, S, S] the features came from,
         the maps and scores are averaged over that many views of the crops (`DETECTION_VIEWS`); the tokens
@@ -402,15 +422,15 @@ class AnomalyAssistantModel(PreTrainedModel):
                 typical = self.reference_typical(reference_pixel_values, reference_image_sizes)
         elif bank is not None:
             bank = reduce_bank(bank)
-        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical)
+        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical, fine)
         if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
         views = self.config.detection_views
         crop_maps = [maps.float() for maps in crop_maps]
         scores = scores.float()
         for turns, mirrored in DETECTION_VIEWS[1:views]:
-            view_features, view_levels = self._tower(view_of(crops, turns, mirrored))
-            _, view_scores, view_maps = self._look_once(view_features, view_levels, counts, bank, typical)
+            view_features, view_levels, view_fine = self._tower(view_of(crops, turns, mirrored))
+            _, view_scores, view_maps = self._look_once(view_features, view_levels, counts, bank, typical, view_fine)
             scores = scores + view_scores.float()
             crop_maps = [total + map_back(maps.float(), turns, mirrored) for total, maps in zip(crop_maps, view_maps)]
         dtype = view_maps[0].dtype
@@ -420,14 +440,24 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Whether the expert averages more views than the crops as given (`config.detection_views`, not in training)."""
         return self.config.detection_views > 1 and not self.training
 
-    def _look_once(self, features, levels, counts, bank=None, typical=None):
+    def _look_once(self, features, levels, counts, bank=None, typical=None, fine=None):
         """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level, `typical`
         how they score on their own (`ReferenceTypical`): the learned map joins the reference distance relative to
         their typical patch, and the learned score is shifted back when their median is above the training
-        surfaces' (`Calibration.anchor`)."""
+        surfaces' (`Calibration.anchor`). With a fine head, its maps `fine` [N, h, w] join the learned map (each patch
+        its cell's maximum) and the learned score (the image's maximum), `blend_fine`; the look-twice tokens keep the
+        expert's own selection."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
+        fine_weight = self.expert.config.fine_weight
+        if fine is not None:
+            side = self.config.patches_per_side
+            fine_cells = nn.functional.adaptive_max_pool2d(fine[:, None].float(), side).flatten(1).to(crop_map.dtype)
+            crop_map = blend_fine(crop_map, fine_cells, fine_weight).to(crop_map.dtype)
+            fine_max = fine.flatten(1).amax(-1).split(counts)
+        else:
+            fine_max = [None] * len(counts)
         weight = self.expert.config.reference_weight
         reference_map = None
         if bank is not None:
@@ -437,10 +467,14 @@ class AnomalyAssistantModel(PreTrainedModel):
             # the look-twice tokens and the learned score keep the expert's own selection: choosing them by the fused
             # map let a surface the references cover badly pick the tokens (docs/default_model_history.md)
         tokens, scores, crop_maps = [], [], []
-        per_crop = zip(per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts))
-        for feats, maps, selection, significance in per_crop:
+        per_crop = zip(
+            per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts), fine_max
+        )
+        for feats, maps, selection, significance, image_fine in per_crop:
             chosen, weights = self.selector(feats, selection, significance)
             score = self.expert.score(chosen, weights, feats, selection)
+            if image_fine is not None:
+                score = blend_fine(score, image_fine.amax(), fine_weight).to(score.dtype)
             if (
                 reference_map is not None
             ):  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
@@ -454,8 +488,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         return tokens, torch.stack(scores), crop_maps
 
     def _detection_features(self, pixel_values, image_sizes):
-        """(projector-layer features, expert levels, crop counts, crops for more views or None) of the crops the
-        expert scores: each image's base crop with `views="base"`, every crop otherwise."""
+        """(projector-layer features, expert levels, crop counts, crops for more views or None, the fine head's maps or
+        None) of the crops the expert scores: each image's base crop with `views="base"`, every crop otherwise."""
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         if self.expert.config.views == "base":
             counts = self.crops_per_image(image_sizes)
@@ -464,10 +498,11 @@ class AnomalyAssistantModel(PreTrainedModel):
             else:
                 first = torch.tensor([0] + counts[:-1]).cumsum(0)
                 base = pixel_values[first]
-            features, levels = self._tower(base)
-            return features, levels, [1] * len(image_sizes), base if self._scores_views() else None
-        features, levels, counts = self.vision_features(pixel_values, image_sizes)
-        return features, levels, counts, self._flat_crops(pixel_values, counts) if self._scores_views() else None
+            features, levels, fine = self._tower(base)
+            return features, levels, [1] * len(image_sizes), base if self._scores_views() else None, fine
+        features, levels, counts, fine = self.vision_features(pixel_values, image_sizes, with_fine=True)
+        crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None
+        return features, levels, counts, crops, fine
 
     def detect(
         self,
@@ -478,16 +513,18 @@ class AnomalyAssistantModel(PreTrainedModel):
         reference_bank=None,
         with_domain: bool = False,
         reference_typical=None,
+        with_fine: bool = False,
     ):
         """The detection-only path: vision tower + expert + selector, no projector, no LLM.
 
         With `views="base"` the tower runs on each image's base crop alone. Returns (crop_maps, scores), the same
         values `encode_images` gives, and with `with_domain` also each image's `domain_distance` (None without a
         domain bank). The few-shot references come as pixels or as their `reference_bank` and `reference_typical`.
+        `with_fine` (stage 1's loss): (crop_maps, scores, the fine head's maps [N, h, w] or None) instead.
         """
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        features, levels, counts, crops = self._detection_features(pixel_values, image_sizes)
+        features, levels, counts, crops, fine = self._detection_features(pixel_values, image_sizes)
         _, scores, crop_maps = self._look_twice(
             features,
             levels,
@@ -497,7 +534,10 @@ class AnomalyAssistantModel(PreTrainedModel):
             crops,
             reference_bank,
             reference_typical,
+            fine,
         )
+        if with_fine:
+            return crop_maps, scores, fine
         if not with_domain:
             return crop_maps, scores
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
@@ -523,11 +563,12 @@ class AnomalyAssistantModel(PreTrainedModel):
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels, learned, learned_scores = [], [], [], []
         for pixel_values, image_sizes in chunks:
-            chunk_features, chunk_levels, counts, _ = self._detection_features(pixel_values, image_sizes)
+            chunk_features, chunk_levels, counts, _, fine = self._detection_features(pixel_values, image_sizes)
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(chunk_features.device)  # each image's whole view
             chunk_features, chunk_levels = chunk_features[first], [level[first] for level in chunk_levels]
+            fine = fine[first] if fine is not None else None
             # each image's own zero-shot map [P] and learned score, as the single-image mode gives them
-            _, chunk_scores, chunk_maps = self._look_once(chunk_features, chunk_levels, [1] * len(first))
+            _, chunk_scores, chunk_maps = self._look_once(chunk_features, chunk_levels, [1] * len(first), fine=fine)
             features.append(chunk_features)
             levels.append(chunk_levels)
             learned.extend(chunk_maps)
@@ -662,3 +703,12 @@ class AnomalyAssistantModel(PreTrainedModel):
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), **generate_kwargs
         )
+
+
+def expert_fine_channels(vision_config, expert_config: ExpertConfig) -> int:
+    """Channels the expert's fine head reads from this tower (0 without a fine head)."""
+    if not expert_config.fine_stages:
+        return 0
+    from .backbones.tower import fine_channels
+
+    return fine_channels(vision_config, list(expert_config.fine_stages))

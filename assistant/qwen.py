@@ -264,9 +264,10 @@ class QwenAssistantModel(AnomalyAssistantModel):
         return encoding
 
     def _detection_features(self, pixel_values, image_sizes):
-        """(last-block features, expert levels, one crop per image, None): the whole image on the expert's grid."""
+        """(last-block features, expert levels, one crop per image, None, None): the whole image on the expert's grid
+        (no fine head: it reads the EfficientNet-Lite tower's finer stages)."""
         features, levels, counts = self.vision_features(pixel_values, image_sizes)
-        return features, levels, counts, None
+        return features, levels, counts, None, None
 
     # -- language side ----------------------------------------------------------------------------
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -249,7 +249,7 @@ def test_folder_map_fuses_the_mutual_distance_and_the_learned_map_each_relative_
     pixels = assistant.processor.preprocess(images)
     with torch.no_grad():
         maps, scores, _ = model.detect_folder([(pixels["pixel_values"], pixels["image_sizes"])])
-        features, levels, _, _ = model._detection_features(pixels["pixel_values"], pixels["image_sizes"])
+        features, levels = model._detection_features(pixels["pixel_values"], pixels["image_sizes"])[:2]
         learned = model.expert(levels, features)[0]
     expected = (1 - weight) * folder_relative(learned) + weight * folder_relative(mutual_distance(levels))
     assert torch.allclose(torch.cat(maps), expected, atol=1e-6)

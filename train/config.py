@@ -125,6 +125,7 @@ class LossConfig:
     focal_gamma: float = 2.0
     dice_weight: float = 1.0
     score_weight: float = 1.0
+    fine_weight: float = 1.0  # the expert's fine head (`model.expert.fine_stages`): focal + dice on its own map
 
 
 @dataclass
@@ -189,6 +190,9 @@ class TrainConfig:
     stage1_lr: float | None = None  # stage "all": stage 1's learning rate (default trainer.lr)
     stage1_batch_size: int | None = None  # stage "all": stage 1's per-device batch size (default trainer.batch_size)
     stage1_train_vision: bool = False  # stage 1 also trains the vision tower (a model built from scratch)
+    #: stage 1 trains only the parameters under these name prefixes (e.g. [expert.fine_head.]: a fine head added to
+    #: a trained expert, which stays as it is); None: the expert and the selector
+    stage1_trainable: list[str] | None = None
     stage1_compile: bool = False  # stage 1 runs under torch.compile (as trainer.torch_compile, for stage 1 only)
     #: stage 1 keeps an exponential moving average of the trained weights with this decay (e.g. 0.999) and
     #: calibrates and saves the average instead of the last weights (`train.stage1.WeightAverage`)

