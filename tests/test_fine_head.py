@@ -157,3 +157,16 @@ def test_stage1_refuses_to_train_nothing(tmp_path):
 
     with pytest.raises(ConfigError, match="train nothing"):
         run(_config(tmp_path / "none", "stage1_steps=1", "stage1_trainable=[no_such_module.]"))
+
+
+def test_stage1_trains_a_fine_head_with_a_new_expert(tmp_path):
+    from conftest import random_image
+
+    from assistant import AnomalyAssistant
+    from train.run import run
+
+    model = run(_config(tmp_path / "joint", "stage1_steps=3", "model.expert.fine_stages=[1,2]"))["stage1"]
+    weights = load_file(model / "model.safetensors")
+    assert any(k.startswith("expert.fine_head.") for k in weights) and any(k.startswith("selector.") for k in weights)
+    report = AnomalyAssistant.from_pretrained(str(model)).detect(random_image(64, 64, seed=4))  # with its head
+    assert 0.0 <= report.pred_score <= 1.0 and report.anomaly_map.shape == (64, 64)
