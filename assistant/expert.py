@@ -89,6 +89,8 @@ class ExpertConfig:
             raise ValueError(f"expert fine_weight must be in [0, 1], got {self.fine_weight}")
         if self.fine_width < 1:
             raise ValueError(f"expert fine_width must be ≥ 1, got {self.fine_width}")
+        if self.fine_stages and self.views != "base":
+            raise ValueError("a fine head reads each image's whole view: it needs expert views 'base'")
 
     @classmethod
     def from_dict(cls, values: dict) -> ExpertConfig:

@@ -98,6 +98,10 @@ def test_a_fine_head_on_a_tower_without_finer_stages_is_refused():
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises(ValueError, match="EfficientNet-Lite"):
         _tiny_model(vision=vision)
+    from assistant.expert import ExpertConfig
+
+    with pytest.raises(ValueError, match="views 'base'"):  # its map is trained against each whole image's mask
+        ExpertConfig(feature_layers=[0, 1], fine_stages=[1, 2], views="all")
 
 
 def _config(out, *overrides):
