@@ -197,9 +197,9 @@ class AnomalyAssistantModel(PreTrainedModel):
         crops = self._flat_crops(pixel_values, counts)
         read, index = self._distinct_crops(crops, counts)
         if read is None:
-            projector_input, levels, fine = self._tower(crops)
+            projector_input, levels, fine = self._tower(crops, with_fine)
         else:  # the same features as reading every crop, and the same gradients (indexing sums them back)
-            projector_input, levels, fine = self._tower(crops[read])
+            projector_input, levels, fine = self._tower(crops[read], with_fine)
             projector_input, levels = projector_input[index], [level[index] for level in levels]
             fine = fine[index] if fine is not None else None
         return (projector_input, levels, counts, fine) if with_fine else (projector_input, levels, counts)
@@ -240,11 +240,13 @@ class AnomalyAssistantModel(PreTrainedModel):
             raise ValueError(f"got {pixel_values.shape[0]} crops for images that need {sum(counts)}")
         return pixel_values
 
-    def _tower(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    def _tower(
+        self, pixel_values: torch.Tensor, with_fine: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Crops [N, 3, S, S] → projector-layer features [N, P, H], the expert's feature levels and the fine head's
-        maps [N, h, w] (None without a fine head)."""
+        maps [N, h, w] (None without a fine head, or without `with_fine`: a reference bank has no use for them)."""
         pixel_values = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
-        fine_stages = self.expert.config.fine_stages if self.expert is not None else []
+        fine_stages = self.expert.config.fine_stages if self.expert is not None and with_fine else []
         extra = {"fine_stages": fine_stages} if fine_stages else {}
         output = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **extra)
         hidden = output.hidden_states

@@ -30,7 +30,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 
 from .config import AnomalyAssistantConfig
 from .expert import AnomalyExpert, ExpertConfig
-from .modeling import AnomalyAssistantModel, VisualEncoding, _cache_kwarg
+from .modeling import AnomalyAssistantModel, VisualEncoding, _cache_kwarg, expert_fine_channels
 from .processing import AssistantProcessor, read_chat_template
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -152,9 +152,9 @@ class QwenAssistantModel(AnomalyAssistantModel):
         self.language_model = base
         if config.has_expert:
             hidden = config.vision_config.hidden_size
-            self.expert = AnomalyExpert(
-                ExpertConfig.from_dict(config.expert_config), hidden, config.patches_per_side**2
-            )
+            expert_config = ExpertConfig.from_dict(config.expert_config)
+            fine = expert_fine_channels(config.vision_config, expert_config)  # refuses a fine head: no finer stages
+            self.expert = AnomalyExpert(expert_config, hidden, config.patches_per_side**2, fine)
             self.selector = LookTwiceSelector(SelectorConfig.from_dict(config.selector_config or {}), hidden)
         else:
             self.expert = None
