@@ -1,18 +1,17 @@
-"""Research probe, not part of the shipped model: does a small convolutional head on the tower's finer stages rank the
-defects of unseen real surfaces better than the shipped expert?
+"""Research probe: does the expert's fine head (`assistant.expert.FineHead`) rank the defects of unseen real
+surfaces better than the expert's own learned score?
 
-The shipped expert reads the tower's features on the 16×16 patch grid (stride 16), and the default model's card
-names thin lines on busy surfaces (gravel, tissue) as its main miss. This probe reads EfficientNet-Lite0's stride-4
-and stride-8 stages (the stride-8 one resized onto the stride-4 grid, 64×64 for a 256-pixel crop), each crop
-relative to its own median position (as `assistant.expert.relative_to_image` does on the grid), and trains a small
-head of dilated 3×3 convolutions (receptive field about 120 pixels) to segment the pasted defects of the default
-model's training families (focal + dice loss). Its image score is the map's maximum.
+The expert's map lies on the 16×16 patch grid (stride 16); thin lines on busy surfaces (gravel, tissue) hardly move
+it. This probe trains a fresh `FineHead` on the tower's `fine_features` (its stride-4 and stride-8 stages on the
+stride-4 grid, 64×64 for a 256-pixel crop) of crops of the training families, with stage 1's loss on the head's map
+(`train.stage1`), and scores with the map's maximum. The model given supplies the tower and the expert's own score
+(its fine head, if any, is left out).
 
-It prints, per row of `eval.default_model_quality` and per family: image AUROC of the shipped model's learned score,
-of the head alone and of their mean in logit terms (weights 0.25 / 0.5), and false alarms at a threshold fitted on
-the training families of another seed (the middle of the thresholds within 0.01 of the best balanced accuracy for
-the seen rows, their top for carpet, unseen and far surfaces, as `assistant.calibration` places them). Figures and
-what they decided: docs/default_model_history.md.
+It prints, per row of `eval.default_model_quality` and per family: image AUROC of the expert's learned score, of the
+head alone and of their mean in logit terms (the head's weight 0.25 / 0.5, as `assistant.expert.blend_fine`), and
+false alarms at a threshold fitted on the training families of another seed (the middle of the thresholds within
+0.01 of the best balanced accuracy for the seen rows, their top for carpet, unseen and far surfaces, as
+`assistant.calibration` places them). Figures and what they decided: docs/default_model_history.md.
 
     python -m eval.probe_fine_head --train-n 120 --steps 1500 --n 60 --seed 1 --fit-seed 2     # about 15 min, 2 cores
 """
@@ -26,9 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
+from assistant.expert import ExpertConfig, FineHead, blend_fine
 from eval.default_model_quality import held_out_samples
+from train.config import LossConfig
+from train.stage1 import dice_loss, focal_loss
 
 TRAIN = ["wood", "fabric", "metal", "pill", "cap", "brick", "grass", "coins", "cell"]
 ROWS = {
@@ -39,32 +40,8 @@ ROWS = {
     "far": ["moon", "retina"],
 }
 NEW_KINDS = {"carpet", "unseen real", "far"}  # judged at the top of the equally good thresholds, as new kinds are
+FINE_STAGES = [1, 2]  # the stride-4 and stride-8 stages, as the default model's head reads them
 TRAINING_SEED = 1000  # the head's own training crops; the quality rows use seeds 1 and 2
-
-
-class FineHead(nn.Module):
-    def __init__(self, channels: int, width: int = 32):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=4, dilation=4),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, 1, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def relative(features: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] minus each crop's median position per channel, over the crop's RMS deviation from it."""
-    centred = features - features.flatten(2).median(-1).values[..., None, None]
-    return centred / centred.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
 
 
 class Probe:
@@ -73,23 +50,14 @@ class Probe:
 
         self.assistant = AnomalyAssistant.from_pretrained(model)
         self.model = self.assistant.model.eval()
-        self.backbone = self.model.vision_tower.backbone
-        mean = torch.tensor(self.backbone_config("image_mean")).view(1, 3, 1, 1)
-        std = torch.tensor(self.backbone_config("image_std")).view(1, 3, 1, 1)
-        self.mean, self.std = mean, std
-
-    def backbone_config(self, name: str):
-        return getattr(type(self.model.vision_tower.config), name)
 
     @torch.no_grad()
     def fine_features(self, images) -> torch.Tensor:
+        """The tower's raw fine features [N, 64, 64, 64] of 256-pixel crops (fp16, to keep 1,000 crops in memory)."""
         out = []
         for i in range(0, len(images), 20):
-            pixels = np.stack([np.asarray(im.convert("RGB")) for im in images[i : i + 20]])
-            x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std
-            stride4, stride8 = self.backbone.stage_features(x, [1, 2])
-            resized = F.interpolate(stride8, size=stride4.shape[-2:], mode="bilinear", align_corners=False)
-            out.append(relative(torch.cat([stride4, resized], 1).float()).half())
+            pixels = self.assistant.processor.preprocess(images[i : i + 20])["pixel_values"][:, 0]
+            out.append(self.model.vision_tower(pixels, fine_stages=FINE_STAGES).fine_features.half())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -98,7 +66,7 @@ class Probe:
         for i in range(0, len(images), 20):
             px = self.assistant.processor.preprocess(images[i : i + 20])
             features, levels, counts = self.model._detection_features(px["pixel_values"], px["image_sizes"])[:3]
-            _, scores, _ = self.model._look_once(features, levels, counts)
+            _, scores, _ = self.model._look_once(features, levels, counts)  # the expert's own score, no fine head
             out.append(scores.float())
         return torch.cat(out).numpy()
 
@@ -106,11 +74,13 @@ class Probe:
 def crops(families, n, seed):
     samples = list(held_out_samples(families, n, seed, 256))
     masks = torch.from_numpy(np.stack([s[2] for s in samples])).float()[:, None]
-    return [s[1] for s in samples], F.max_pool2d(masks, 4), np.array([s[3] for s in samples])
+    return [s[1] for s in samples], F.max_pool2d(masks, 4)[:, 0], np.array([s[3] for s in samples])
 
 
 def train_head(features: torch.Tensor, masks: torch.Tensor, steps: int, batch: int = 16) -> FineHead:
-    head = FineHead(features.shape[1])
+    """The library's head trained as stage 1 trains it (`train.stage1`: focal + dice on its map), under flips."""
+    loss = LossConfig()
+    head = FineHead(features.shape[1], ExpertConfig().fine_width)
     optimizer = torch.optim.AdamW(head.parameters(), 2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
     start = time.time()
@@ -121,24 +91,15 @@ def train_head(features: torch.Tensor, masks: torch.Tensor, steps: int, batch: i
             x, y = x.flip(-1), y.flip(-1)
         if step % 3 == 1:
             x, y = x.flip(-2), y.flip(-2)
-        logit = head(x)
-        p = torch.sigmoid(logit)
-        bce = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
-        focal = (bce * ((1 - p) * y + p * (1 - y)).pow(2)).mean()
-        dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
-        loss = 10 * focal + dice
+        p = head(x)
+        value = focal_loss(p, y, loss.focal_alpha, loss.focal_gamma) + dice_loss(p, y)
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
         if step % 250 == 0 or step == steps - 1:
-            print(f"step {step}: loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
+            print(f"step {step}: loss {value.item():.3f} ({time.time() - start:.0f} s)", flush=True)
     return head.eval()
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def main(argv=None) -> int:
@@ -161,7 +122,7 @@ def main(argv=None) -> int:
         for family in families:
             images, _, labels = crops([family], n, seed)
             with torch.no_grad():
-                fine = torch.sigmoid(head(probe.fine_features(images).float())).amax((1, 2, 3)).numpy()
+                fine = head(probe.fine_features(images).float()).amax((1, 2)).numpy()
             out[family] = (labels, probe.learned_scores(images), fine)
         return out
 
@@ -170,7 +131,7 @@ def main(argv=None) -> int:
     for weight in (0.0, 0.25, 0.5, 1.0):
 
         def score(item, weight=weight):
-            return (1 - weight) * logit(item[1]) + weight * logit(item[2])
+            return blend_fine(torch.from_numpy(item[1]).double(), torch.from_numpy(item[2]).double(), weight).numpy()
 
         labels = np.concatenate([fit[f][0] for f in TRAIN])
         values = np.concatenate([score(fit[f]) for f in TRAIN])
