@@ -13,7 +13,7 @@ false alarms at a threshold fitted on the training families of another seed (the
 0.01 of the best balanced accuracy for the seen rows, their top for carpet, unseen and far surfaces, as
 `assistant.calibration` places them). Figures and what they decided: docs/default_model_history.md.
 
-    python -m eval.probe_fine_head --train-n 120 --steps 1500 --n 60 --seed 1 --fit-seed 2     # about 15 min, 2 cores
+    python -m train.probe_fine_head --train-n 120 --steps 1500 --n 60 --seed 1 --fit-seed 2     # about 15 min, 2 cores
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from sklearn.metrics import roc_auc_score
 
 from assistant.expert import ExpertConfig, FineHead, blend_fine
 from eval.default_model_quality import held_out_samples
-from train.config import LossConfig
-from train.stage1 import dice_loss, focal_loss
+
+from .config import LossConfig
+from .stage1 import dice_loss, focal_loss
 
 TRAIN = ["wood", "fabric", "metal", "pill", "cap", "brick", "grass", "coins", "cell"]
 ROWS = {
