@@ -55,6 +55,29 @@ def test_samples_are_deterministic_from_the_seed():
     assert not np.array_equal(a.image, c.image)
 
 
+def test_a_generated_normal_too_flat_for_the_defect_is_drawn_again_and_a_given_one_is_refused(monkeypatch):
+    # a crop of a photo's empty black sky cannot show a dark crack: the family draws another crop, while a normal
+    # the caller gave is never replaced
+    import data_prep.synth.generate as generate
+    from data_prep.synth.defects import InvisibleDefectError
+
+    black = np.zeros((64, 64, 3), dtype=np.uint8)
+    drawn = []
+
+    def flat_then_textured(family, size, rng):
+        drawn.append(family)
+        if len(drawn) == 1:
+            return black, None
+        return make_normal("wood", size, rng)
+
+    monkeypatch.setattr(generate, "make_normal", flat_then_textured)
+    sample = generate.make_sample("wood", 0, seed=5, size=64, defect_type="crack")
+    assert len(drawn) == 2 and sample.normal.std() > 3
+    assert np.abs(sample.image[sample.mask].astype(int) - sample.normal[sample.mask]).max(-1).mean() >= 6
+    with pytest.raises(InvisibleDefectError, match="visible crack"):
+        generate.make_sample("wood", 0, seed=5, size=64, defect_type="crack", normal=black)
+
+
 def test_a_run_takes_foreign_textures_only_from_its_own_families(tmp_path, monkeypatch):
     # a held-out family must not enter training as the foreign texture of a defect either
     import data_prep.synth.generate as generate

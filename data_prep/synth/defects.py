@@ -241,6 +241,10 @@ def finalize(
     return out, mask
 
 
+class InvisibleDefectError(RuntimeError):
+    """No attempt drew a visible defect: the image is too flat or too dark to show this type."""
+
+
 def apply_defect(
     normal: np.ndarray, defect_type: str, rng: np.random.Generator, ctx: DefectContext | None = None
 ) -> Defect:
@@ -261,4 +265,4 @@ def apply_defect(
         change = np.abs(out[mask].astype(np.float32) - normal[mask]).max(axis=-1).mean()
         if change >= MIN_MEAN_CHANGE:
             return Defect(out, mask, defect_type, bbox(mask), area)
-    raise RuntimeError(f"could not draw a visible {defect_type} in {MAX_ATTEMPTS} attempts")
+    raise InvisibleDefectError(f"could not draw a visible {defect_type} in {MAX_ATTEMPTS} attempts")

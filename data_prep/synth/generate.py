@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .defects import DefectContext, apply_defect
+from .defects import DefectContext, InvisibleDefectError, apply_defect
 from .families import FAMILIES, all_families, make_normal
 
 
@@ -51,6 +51,10 @@ def donor_source(family: str | None, size: int, rng: np.random.Generator, donors
     return donor
 
 
+#: a generated normal on which a defect type cannot be drawn visibly is drawn again this many times
+NORMAL_REDRAWS = 4
+
+
 def make_sample(
     family: str,
     index: int,
@@ -64,10 +68,18 @@ def make_sample(
     """Sample `index` of `family`: a procedural normal (or the given `normal`), with `defect_type` applied when set;
     foreign textures come from the families in `donors` (default: all of them)."""
     rng = sample_rng(seed, family, index)
+    redraws = 0 if normal is not None else NORMAL_REDRAWS
     if normal is None:
         normal, foreground = make_normal(family, size, rng)
     if defect_type is None:
         return Sample(family, normal, normal)
-    ctx = DefectContext(foreground=foreground, donor=donor_source(family, normal.shape[0], rng, donors))
-    defect = apply_defect(normal, defect_type, rng, ctx)
+    for attempt in range(redraws + 1):
+        ctx = DefectContext(foreground=foreground, donor=donor_source(family, normal.shape[0], rng, donors))
+        try:
+            defect = apply_defect(normal, defect_type, rng, ctx)
+            break
+        except InvisibleDefectError:
+            if attempt == redraws:
+                raise
+            normal, foreground = make_normal(family, size, rng)  # e.g. a crop of a photo's empty sky
     return Sample(family, normal, defect.image, defect.mask, defect_type, defect.bbox, defect.area)
