@@ -27,6 +27,11 @@ class CalibrationConfig:
     #: image thresholds: the middle of those within this much balanced accuracy of the best (`image_threshold`);
     #: 0 keeps the best one's edge, right above the held-out normal images
     threshold_slack: float = 0.01
+    #: `typical_score_top` is this quantile of the training surfaces' median normal scores (`with_typical_top`): 1.0
+    #: their highest, so no training surface is shifted; lower values shift the scores of a new surface's normal
+    #: references or folder further down (fewer false alarms, more misses). The highest is one surface's median of a
+    #: few held-out images, and moved from 0.015 to 0.28 between training runs (docs/default_model_history.md)
+    typical_quantile: float = 1.0
 
     def __post_init__(self):
         if not 0.0 < self.moderate_from <= 1.0:
@@ -39,6 +44,8 @@ class CalibrationConfig:
             )
         if not 0.0 <= self.threshold_slack < 0.5:
             raise ValueError(f"calibration threshold_slack must be in [0, 0.5), got {self.threshold_slack}")
+        if not 0.0 <= self.typical_quantile <= 1.0:
+            raise ValueError(f"calibration typical_quantile must be in [0, 1], got {self.typical_quantile}")
 
     @classmethod
     def from_dict(cls, values: dict) -> CalibrationConfig:
@@ -196,14 +203,18 @@ class Calibration:
             changes["novel_batch_threshold"] = None
         return self.replace(**changes)
 
-    def with_typical_top(self, folder_scores, folder_labels) -> tuple[Calibration, dict]:
+    def with_typical_top(
+        self, folder_scores, folder_labels, settings: CalibrationConfig | None = None
+    ) -> tuple[Calibration, dict]:
         """This calibration plus `typical_score_top`: from held-out folders' zero-shot learned scores and labels (one
-        sequence each per folder, a folder per training surface), the highest median score of a folder's normal
-        images. A folder whose defects are at most 80% of it has its typical image (`typical_score`) at or below
-        its normal images' median, so no training surface's folder is shifted by `anchor_folder`, nor are normal
-        references of a training surface whose median is typical (`anchor`)."""
+        sequence each per folder, a folder per training surface), the median score of each folder's normal images,
+        and of those medians the quantile `settings.typical_quantile` (default: the highest). At the highest, a folder
+        whose defects are at most 80% of it has its typical image (`typical_score`) at or below its normal images'
+        median, so no training surface's folder is shifted by `anchor_folder`, nor are normal references of a
+        training surface whose median is typical (`anchor`)."""
         import numpy as np
 
+        settings = settings or CalibrationConfig()
         medians = []
         for scores, labels in zip(folder_scores, folder_labels):
             normal = np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0]
@@ -211,8 +222,9 @@ class Calibration:
                 medians.append(float(np.median(normal)))
         if not medians:
             raise ValueError("the folder mode's typical score needs held-out folders with normal images")
-        report = {"normal_medians": medians, "typical_score_top": max(medians)}
-        return self.replace(typical_score_top=max(medians)), report
+        top = float(np.quantile(medians, settings.typical_quantile))
+        report = {"normal_medians": medians, "typical_quantile": settings.typical_quantile, "typical_score_top": top}
+        return self.replace(typical_score_top=top), report
 
     def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple[Calibration, dict]:
         """The out-of-domain threshold from held-out in-domain images' distances to the training images:

@@ -195,6 +195,28 @@ def test_a_folder_whose_typical_image_scores_above_every_training_folder_is_shif
         calibration.with_typical_top([[0.9]], [[1]])
 
 
+def test_typical_top_can_be_a_lower_quantile_of_the_surfaces_medians_so_one_high_surface_does_not_set_it():
+    # one training surface whose normal images score high (0.3) would otherwise leave new surfaces' scores unshifted
+    import pytest
+    import torch
+
+    from assistant.calibration import Calibration, CalibrationConfig
+
+    held_out = [[0.01, 0.01, 0.9], [0.02, 0.02, 0.9], [0.3, 0.3, 0.95]]
+    labels = [[0, 0, 1], [0, 0, 1], [0, 0, 1]]
+    highest, _ = Calibration(image_threshold=0.5).with_typical_top(held_out, labels)
+    middle, report = Calibration(image_threshold=0.5).with_typical_top(
+        held_out, labels, CalibrationConfig(typical_quantile=0.5)
+    )
+    assert highest.typical_score_top == pytest.approx(0.3) and middle.typical_score_top == pytest.approx(0.02)
+    assert report["typical_quantile"] == 0.5 and report["typical_score_top"] == pytest.approx(0.02)
+    references = torch.tensor([0.2, 0.4, 0.95])  # a new surface's images, its normal references' median 0.3
+    assert torch.equal(highest.anchor(references, 0.3), references)  # not shifted at all
+    assert torch.all(middle.anchor(references, 0.3) < references)  # shifted down, order kept
+    with pytest.raises(ValueError, match="typical_quantile must be in"):
+        CalibrationConfig(typical_quantile=1.5)
+
+
 def _written(calibration):
     from types import SimpleNamespace
 

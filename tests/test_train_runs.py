@@ -774,3 +774,22 @@ def test_calibrate_fits_the_folder_mode_and_the_domain_threshold_without_touchin
     assert config.domain_threshold == pytest.approx(before.domain_threshold * 5 / 4)  # margin 4 → 5, same distances
     assert (out / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
     assert main(["--model", str(model), "--data", str(prepared["images"]), "--out", str(model)]) == 2
+
+
+def test_calibrate_takes_typical_score_top_at_the_quantile_asked_for(full_run, prepared, tmp_path, capsys):
+    import json
+
+    from assistant.config import AnomalyAssistantConfig
+    from train.calibrate import main
+
+    model, data = str(full_run["stage1"]), str(prepared["images"])
+    out = tmp_path / "lowest"
+    assert main(["--model", model, "--data", data, "--out", str(out), "--typical-quantile", "0"]) == 0
+    typical = json.loads((out / "calibration.json").read_text())["zero_shot"]["typical"]
+    assert AnomalyAssistantConfig.from_pretrained(out).typical_score_top == pytest.approx(
+        min(typical["normal_medians"])
+    )
+    assert "typical_score_top" in capsys.readouterr().out  # printed with the surfaces' medians
+    bad = tmp_path / "bad"
+    assert main(["--model", model, "--data", data, "--out", str(bad), "--typical-quantile", "2"]) == 2
+    assert "typical_quantile must be in [0, 1], got 2.0" in capsys.readouterr().err and not bad.exists()

@@ -80,6 +80,7 @@ def recalibrate(
     map_size: int = 64,
     overwrite: bool = False,
     domain_margin: float | None = None,
+    typical_quantile: float | None = None,
 ) -> dict:
     from assistant import checkpoint
     from assistant.calibration import Calibration, CalibrationConfig, write_report
@@ -103,12 +104,13 @@ def recalibrate(
     model, processor, generation, _ = checkpoint.load(model_path)
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
-    try:  # the recipe's calibration settings, the checkpoint's suspicion rule, and --domain-margin when given
+    try:  # the recipe's calibration settings, the checkpoint's suspicion rule, and --domain-margin etc. when given
         settings = CalibrationConfig.from_dict(
             {
                 **config_section(read_run_config(model_path), "calibration"),
                 "moderate_from": model.config.moderate_from or CalibrationConfig.moderate_from,
                 **({} if domain_margin is None else {"domain_margin": domain_margin}),
+                **({} if typical_quantile is None else {"typical_quantile": typical_quantile}),
             }
         )
     except (ConfigError, ValueError) as error:
@@ -154,6 +156,15 @@ def _main(argv: list[str] | None = None) -> int:
         metavar="M",
         help="also refit the out-of-domain threshold: M times the held-out images' 99th-percentile distance",
     )
+    parser.add_argument(
+        "--typical-quantile",
+        type=float,
+        default=None,
+        metavar="Q",
+        help="typical_score_top as this quantile of the training surfaces' median normal scores (default: the recipe's "
+        "calibration.typical_quantile, 1.0 = the highest); lower: fewer false alarms on new surfaces with references "
+        "or in a folder, more misses",
+    )
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -166,6 +177,7 @@ def _main(argv: list[str] | None = None) -> int:
         args.map_size,
         args.overwrite,
         args.domain_margin,
+        args.typical_quantile,
     )
     if "domain" in report:
         print(
@@ -179,6 +191,13 @@ def _main(argv: list[str] | None = None) -> int:
                 f"{mode}: held-out image AUROC {fit['image_auroc']:.3f}, pixel AUROC {fit['pixel_auroc']:.3f}, "
                 f"thresholds {fit.get('image_threshold', float('nan')):.3f} / {fit.get('pixel_threshold', float('nan')):.3f}"
             )
+    if "typical" in report.get("zero_shot", {}):
+        typical = report["zero_shot"]["typical"]
+        medians = ", ".join(f"{m:.3f}" for m in typical["normal_medians"])
+        print(
+            f"typical_score_top {typical['typical_score_top']:.3f} (quantile {typical['typical_quantile']} of the "
+            f"surfaces' median normal scores {medians})"
+        )
     print(f"written to {args.out}")
     return 0
 

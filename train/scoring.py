@@ -152,7 +152,7 @@ def calibrate(
             category: [i for i, c in enumerate(categories) if c == category] for category in dict.fromkeys(categories)
         }
         calibration, report["typical"] = calibration.with_typical_top(
-            [scores[i] for i in folders.values()], [labels[i] for i in folders.values()]
+            [scores[i] for i in folders.values()], [labels[i] for i in folders.values()], settings
         )
         calibration.write(model.config)
     return report
