@@ -789,7 +789,8 @@ def test_calibrate_takes_typical_score_top_at_the_quantile_asked_for(full_run, p
     assert AnomalyAssistantConfig.from_pretrained(out).typical_score_top == pytest.approx(
         min(typical["normal_medians"])
     )
-    assert "typical_score_top" in capsys.readouterr().out  # printed with the surfaces' medians
+    printed = capsys.readouterr().out  # printed with each surface's median, by name
+    assert "typical_score_top" in printed and f"{typical['surfaces'][0]} {typical['normal_medians'][0]:.3f}" in printed
     bad = tmp_path / "bad"
     assert main(["--model", model, "--data", data, "--out", str(bad), "--typical-quantile", "2"]) == 2
     assert "typical_quantile must be in [0, 1], got 2.0" in capsys.readouterr().err and not bad.exists()

@@ -154,6 +154,7 @@ def calibrate(
         calibration, report["typical"] = calibration.with_typical_top(
             [scores[i] for i in folders.values()], [labels[i] for i in folders.values()], settings
         )
+        report["typical"]["surfaces"] = list(folders)  # the category of each of normal_medians, in order
         calibration.write(model.config)
     return report
 
