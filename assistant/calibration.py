@@ -30,7 +30,7 @@ class CalibrationConfig:
     #: `typical_score_top` is this quantile of the training surfaces' median normal scores (`with_typical_top`): 1.0
     #: their highest, so no training surface is shifted; lower values shift the scores of a new surface's normal
     #: references or folder further down (fewer false alarms, more misses). The highest is one surface's median of a
-    #: few held-out images, and moved from 0.015 to 0.28 between training runs (docs/default_model_history.md)
+    #: few held-out images, so one surface can set it (docs/training.md)
     typical_quantile: float = 1.0
 
     def __post_init__(self):

@@ -154,7 +154,8 @@ def calibrate(
         calibration, report["typical"] = calibration.with_typical_top(
             [scores[i] for i in folders.values()], [labels[i] for i in folders.values()], settings
         )
-        report["typical"]["surfaces"] = list(folders)  # the category of each of normal_medians, in order
+        # the category of each of normal_medians, in order (a category without normal images has none)
+        report["typical"]["surfaces"] = [c for c, found in folders.items() if any(labels[i] == 0 for i in found)]
         calibration.write(model.config)
     return report
 
