@@ -204,26 +204,30 @@ class Calibration:
         return self.replace(**changes)
 
     def with_typical_top(
-        self, folder_scores, folder_labels, settings: CalibrationConfig | None = None
+        self, folder_scores, folder_labels, settings: CalibrationConfig | None = None, names=None
     ) -> tuple[Calibration, dict]:
         """This calibration plus `typical_score_top`: from held-out folders' zero-shot learned scores and labels (one
         sequence each per folder, a folder per training surface), the median score of each folder's normal images,
         and of those medians the quantile `settings.typical_quantile` (default: the highest). At the highest, a folder
         whose defects are at most 80% of it has its typical image (`typical_score`) at or below its normal images'
         median, so no training surface's folder is shifted by `anchor_folder`, nor are normal references of a
-        training surface whose median is typical (`anchor`)."""
+        training surface whose median is typical (`anchor`). With the folders' `names`, the report's "surfaces"
+        names each of its "normal_medians" (a folder without normal images has neither)."""
         import numpy as np
 
         settings = settings or CalibrationConfig()
-        medians = []
-        for scores, labels in zip(folder_scores, folder_labels):
+        medians, surfaces = [], []
+        for scores, labels, name in zip(folder_scores, folder_labels, names or [None] * len(folder_scores)):
             normal = np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0]
             if normal.size:
                 medians.append(float(np.median(normal)))
+                surfaces.append(name)
         if not medians:
             raise ValueError("the folder mode's typical score needs held-out folders with normal images")
         top = float(np.quantile(medians, settings.typical_quantile))
         report = {"normal_medians": medians, "typical_quantile": settings.typical_quantile, "typical_score_top": top}
+        if names is not None:
+            report["surfaces"] = surfaces
         return self.replace(typical_score_top=top), report
 
     def with_domain(self, held_out_distances, settings: CalibrationConfig | None = None) -> tuple[Calibration, dict]:

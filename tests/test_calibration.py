@@ -206,8 +206,9 @@ def test_typical_top_can_be_a_lower_quantile_of_the_surfaces_medians_so_one_high
     labels = [[0, 0, 1], [0, 0, 1], [0, 0, 1]]
     highest, _ = Calibration(image_threshold=0.5).with_typical_top(held_out, labels)
     middle, report = Calibration(image_threshold=0.5).with_typical_top(
-        held_out, labels, CalibrationConfig(typical_quantile=0.5)
+        held_out + [[0.9]], labels + [[1]], CalibrationConfig(typical_quantile=0.5), ["a", "b", "c", "defects only"]
     )
+    assert report["surfaces"] == ["a", "b", "c"]  # each median named; a folder without normal images has none
     assert highest.typical_score_top == pytest.approx(0.3) and middle.typical_score_top == pytest.approx(0.02)
     assert report["typical_quantile"] == 0.5 and report["typical_score_top"] == pytest.approx(0.02)
     references = torch.tensor([0.2, 0.4, 0.95])  # a new surface's images, its normal references' median 0.3

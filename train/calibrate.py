@@ -193,8 +193,7 @@ def _main(argv: list[str] | None = None) -> int:
             )
     if "typical" in report.get("zero_shot", {}):
         typical = report["zero_shot"]["typical"]
-        names = typical.get("surfaces") or [""] * len(typical["normal_medians"])
-        medians = ", ".join(f"{name} {m:.3f}".strip() for name, m in zip(names, typical["normal_medians"]))
+        medians = ", ".join(f"{name} {m:.3f}" for name, m in zip(typical["surfaces"], typical["normal_medians"]))
         print(
             f"typical_score_top {typical['typical_score_top']:.3f} (quantile {typical['typical_quantile']} of the "
             f"surfaces' median normal scores {medians})"

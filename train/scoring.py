@@ -152,10 +152,8 @@ def calibrate(
             category: [i for i, c in enumerate(categories) if c == category] for category in dict.fromkeys(categories)
         }
         calibration, report["typical"] = calibration.with_typical_top(
-            [scores[i] for i in folders.values()], [labels[i] for i in folders.values()], settings
+            [scores[i] for i in folders.values()], [labels[i] for i in folders.values()], settings, list(folders)
         )
-        # the category of each of normal_medians, in order (a category without normal images has none)
-        report["typical"]["surfaces"] = [c for c, found in folders.items() if any(labels[i] == 0 for i in found)]
         calibration.write(model.config)
     return report
 
