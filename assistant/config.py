@@ -59,6 +59,11 @@ class AnomalyAssistantConfig(PretrainedConfig):
             mean of the views' maps turned back, the score the mean of their scores; the LLM's tokens and the
             look-twice tokens come from the image as given. Thresholds are calibrated for one setting, so
             re-calibrate after changing it. Training ignores it.
+        detection_zoom: 1 (off), or how many times larger (up to 2) the expert also reads each scored crop, in four
+            tiles of the crop's size (`AnomalyAssistantModel._zoomed`); its learned map and score join the crop's
+            own in logit terms (`assistant.modeling.ZOOM_WEIGHT`), in every mode. Thin scratches and cracks on busy
+            textures, a pixel or two wide at the crop's size, are caught far more often; it costs four tower passes
+            per crop. Re-calibrate after changing it (`train.calibrate --detection-zoom`). Training ignores it.
         few_shot_thresholds: (image, pixel) thresholds calibrated for the few-shot mode (scores against normal
             references), or None. When set, few-shot scores and maps are mapped piecewise-linearly so that
             these thresholds land on `image_threshold` / `pixel_threshold` (0 and 1 stay put; the order of the
@@ -101,6 +106,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         suspicion_bounds: tuple[float, float] = (0.3, 0.7),
         image_token_pooling: int = 1,
         detection_views: int = 1,
+        detection_zoom: float = 1.0,
         few_shot_thresholds: tuple[float, float] | None = None,
         batch_thresholds: tuple[float, float] | None = None,
         moderate_from: float | None = None,
@@ -149,6 +155,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
         if int(detection_views) not in (1, 2, 4, 8):
             raise ValueError(f"detection_views must be 1, 2, 4 or 8, got {detection_views}")
         self.detection_views = int(detection_views)
+        if not 1.0 <= float(detection_zoom) <= 2.0:
+            raise ValueError(f"detection_zoom must be between 1 and 2, got {detection_zoom}")
+        self.detection_zoom = float(detection_zoom)
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"

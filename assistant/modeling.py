@@ -79,6 +79,35 @@ def map_back(maps: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
     return grid.reshape(maps.shape)
 
 
+#: the weight of the zoomed view (`config.detection_zoom`) in the learned score and map, in logit terms
+ZOOM_WEIGHT = 0.5
+
+
+def zoom_tiles(crops: torch.Tensor, zoom: float, patches: int) -> tuple[torch.Tensor, list[int], int]:
+    """Crops [N, C, S, S] enlarged `zoom` times (bicubic, the side rounded to whole patches of S / `patches` pixels)
+    and cut into tiles of the crop's size at both ends of each axis (overlapping below 2x): (tiles [N·T, C, S, S],
+    each tile's offset in patches along one axis, the enlarged side in patches). Four tiles for any zoom in (1, 2]."""
+    size = crops.shape[-1]
+    stride = size // patches
+    side = int(round(size * zoom / stride)) * stride
+    big = nn.functional.interpolate(crops.float(), size=(side, side), mode="bicubic", align_corners=False)
+    starts = sorted({0, side - size})
+    tiles = [big[..., y : y + size, x : x + size] for y in starts for x in starts]
+    return torch.stack(tiles, 1).flatten(0, 1).to(crops.dtype), [s // stride for s in starts], side // stride
+
+
+def stitch_tiles(maps: torch.Tensor, offsets: list[int], side: int, patches: int) -> torch.Tensor:
+    """Tile maps [N·T, P] from `zoom_tiles` laid back on the enlarged grid (the maximum where tiles overlap) and
+    max-pooled to the crop's grid [N, P], so a defect a tile sees stays as high on the crop's map."""
+    tiles = maps.float().reshape(-1, len(offsets) ** 2, patches, patches)
+    canvas = torch.zeros(tiles.shape[0], side, side, device=maps.device)
+    corners = [(y, x) for y in offsets for x in offsets]
+    for t, (y, x) in enumerate(corners):
+        window = canvas[:, y : y + patches, x : x + patches]
+        canvas[:, y : y + patches, x : x + patches] = torch.maximum(window, tiles[:, t])
+    return nn.functional.adaptive_max_pool2d(canvas[:, None], patches).flatten(1).to(maps.dtype)
+
+
 @dataclass
 class VisualEncoding:
     """Everything the vision side computed for a batch of images, reusable across chat turns."""
@@ -294,7 +323,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         encoding = VisualEncoding(image_embeds=image_embeds, image_sizes=image_sizes)
         if self.expert is None:
             return encoding
-        crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None  # only re-read for more views
+        crops = self._flat_crops(pixel_values, counts) if self._needs_crops() else None  # re-read for views or a zoom
         first = torch.tensor([0] + counts[:-1]).cumsum(0).to(features.device)
         encoding.domain_distances = self.domain_distance(features[first])
         if self.expert.config.views == "base":  # the expert sees each image's first crop, the whole image
@@ -341,8 +370,8 @@ class AnomalyAssistantModel(PreTrainedModel):
     def reference_learned(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
         """The references' zero-shot learned scores [N] and crop maps, as `detect` gives them without references."""
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
-        features, levels, counts, _, fine = self._detection_features(reference_pixel_values, sizes)
-        _, scores, maps = self._look_once(features, levels, counts, fine=fine)
+        features, levels, counts, crops, fine = self._detection_features(reference_pixel_values, sizes)
+        _, scores, maps = self._look_once(features, levels, counts, fine=fine, crops=crops)
         return scores, maps
 
     @torch.no_grad()
@@ -362,7 +391,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert is None:
             return ReferenceSet(None, None, None)
         features, levels, counts, crops, fine = self._detection_features(reference_pixel_values, sizes)
-        _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine)
+        _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine, crops=crops)
         typical = ReferenceTypical.of(learned, learned_maps)
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
         bank = [bank_rows(level) for level in bank_levels]
@@ -424,7 +453,7 @@ class AnomalyAssistantModel(PreTrainedModel):
                 typical = self.reference_typical(reference_pixel_values, reference_image_sizes)
         elif bank is not None:
             bank = reduce_bank(bank)
-        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical, fine)
+        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical, fine, crops)
         if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
         views = self.config.detection_views
@@ -432,7 +461,10 @@ class AnomalyAssistantModel(PreTrainedModel):
         scores = scores.float()
         for turns, mirrored in DETECTION_VIEWS[1:views]:
             view_features, view_levels, view_fine = self._tower(view_of(crops, turns, mirrored))
-            _, view_scores, view_maps = self._look_once(view_features, view_levels, counts, bank, typical, view_fine)
+            view_crops = view_of(crops, turns, mirrored)
+            _, view_scores, view_maps = self._look_once(
+                view_features, view_levels, counts, bank, typical, view_fine, view_crops
+            )
             scores = scores + view_scores.float()
             crop_maps = [total + map_back(maps.float(), turns, mirrored) for total, maps in zip(crop_maps, view_maps)]
         dtype = view_maps[0].dtype
@@ -442,13 +474,15 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Whether the expert averages more views than the crops as given (`config.detection_views`, not in training)."""
         return self.config.detection_views > 1 and not self.training
 
-    def _look_once(self, features, levels, counts, bank=None, typical=None, fine=None):
+    def _look_once(self, features, levels, counts, bank=None, typical=None, fine=None, crops=None):
         """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level, `typical`
         how they score on their own (`ReferenceTypical`): the learned map joins the reference distance relative to
         their typical patch, and the learned score is shifted back when their median is above the training
         surfaces' (`Calibration.anchor`). With a fine head, its maps `fine` [N, h, w] join the learned map (each patch
         its cell's maximum) and the learned score (the image's maximum), `blend_fine`; the look-twice tokens keep the
-        expert's own selection."""
+        expert's own selection. With `config.detection_zoom` > 1 (not in training) and the `crops` [N, 3, S, S]
+        the features came from, the learned map and score join those of the crops enlarged (`_zoomed`), before the
+        references or the folder are read."""
         per_image = features.split(counts)
         base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
@@ -460,6 +494,11 @@ class AnomalyAssistantModel(PreTrainedModel):
             fine_max = fine.flatten(1).amax(-1).split(counts)
         else:
             fine_max = [None] * len(counts)
+        zoomed_scores = [None] * len(counts)
+        if crops is not None and self._zooms():
+            zoomed_map, zoomed = self._zoomed(crops)
+            crop_map = blend_fine(crop_map, zoomed_map, ZOOM_WEIGHT).to(crop_map.dtype)
+            zoomed_scores = zoomed.split(counts)
         weight = self.expert.config.reference_weight
         reference_map = None
         if bank is not None:
@@ -470,13 +509,20 @@ class AnomalyAssistantModel(PreTrainedModel):
             # map let a surface the references cover badly pick the tokens (docs/default_model_history.md)
         tokens, scores, crop_maps = [], [], []
         per_crop = zip(
-            per_image, crop_map.split(counts), selection_map.split(counts), crop_significance.split(counts), fine_max
+            per_image,
+            crop_map.split(counts),
+            selection_map.split(counts),
+            crop_significance.split(counts),
+            fine_max,
+            zoomed_scores,
         )
-        for feats, maps, selection, significance, image_fine in per_crop:
+        for feats, maps, selection, significance, image_fine, image_zoomed in per_crop:
             chosen, weights = self.selector(feats, selection, significance)
             score = self.expert.score(chosen, weights, feats, selection)
             if image_fine is not None:
                 score = blend_fine(score, image_fine.amax(), fine_weight).to(score.dtype)
+            if image_zoomed is not None:  # the image's score at the larger scale: its highest tile's
+                score = blend_fine(score, image_zoomed.amax(), ZOOM_WEIGHT).to(score.dtype)
             if (
                 reference_map is not None
             ):  # few-shot: on the zero-shot scale when calibrated (config.few_shot_thresholds)
@@ -488,6 +534,27 @@ class AnomalyAssistantModel(PreTrainedModel):
             scores.append(score)
             crop_maps.append(maps)
         return tokens, torch.stack(scores), crop_maps
+
+    def _zooms(self) -> bool:
+        """Whether the expert also reads each crop enlarged (`config.detection_zoom` > 1, not in training)."""
+        return getattr(self.config, "detection_zoom", 1.0) > 1.0 and not self.training
+
+    def _needs_crops(self) -> bool:
+        """Whether detection re-reads the crops' pixels: more views (`_scores_views`) or a zoom (`_zooms`)."""
+        return self._scores_views() or self._zooms()
+
+    def _zoomed(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned map [N, P] and score [N] of crops [N, 3, S, S] enlarged `config.detection_zoom` times, in four
+        tiles of the crop's size (`zoom_tiles`): each tile is read as a crop of its own (expert, fine head and
+        look-twice score, no references), the map is the tiles' maps laid back and max-pooled to the crop's grid
+        (`stitch_tiles`), the score the highest tile's. Thin lines one or two pixels wide become features the
+        stride-8 and stride-16 stages see; four more tower passes per crop."""
+        patches = self.config.patches_per_side
+        tiles, offsets, side = zoom_tiles(crops, self.config.detection_zoom, patches)
+        features, levels, fine = self._tower(tiles)
+        _, scores, maps = self._look_once(features, levels, [1] * tiles.shape[0], fine=fine)
+        maps = stitch_tiles(torch.cat(maps), offsets, side, patches)
+        return maps, scores.reshape(crops.shape[0], -1).amax(-1)
 
     def _detection_features(self, pixel_values, image_sizes):
         """(projector-layer features, expert levels, crop counts, crops for more views or None, the fine head's maps or
@@ -501,9 +568,9 @@ class AnomalyAssistantModel(PreTrainedModel):
                 first = torch.tensor([0] + counts[:-1]).cumsum(0)
                 base = pixel_values[first]
             features, levels, fine = self._tower(base)
-            return features, levels, [1] * len(image_sizes), base if self._scores_views() else None, fine
+            return features, levels, [1] * len(image_sizes), base if self._needs_crops() else None, fine
         features, levels, counts, fine = self.vision_features(pixel_values, image_sizes, with_fine=True)
-        crops = self._flat_crops(pixel_values, counts) if self._scores_views() else None
+        crops = self._flat_crops(pixel_values, counts) if self._needs_crops() else None
         return features, levels, counts, crops, fine
 
     def detect(
@@ -565,12 +632,15 @@ class AnomalyAssistantModel(PreTrainedModel):
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         features, levels, learned, learned_scores = [], [], [], []
         for pixel_values, image_sizes in chunks:
-            chunk_features, chunk_levels, counts, _, fine = self._detection_features(pixel_values, image_sizes)
+            chunk_features, chunk_levels, counts, crops, fine = self._detection_features(pixel_values, image_sizes)
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(chunk_features.device)  # each image's whole view
             chunk_features, chunk_levels = chunk_features[first], [level[first] for level in chunk_levels]
             fine = fine[first] if fine is not None else None
+            crops = crops[first.to(crops.device)] if crops is not None else None
             # each image's own zero-shot map [P] and learned score, as the single-image mode gives them
-            _, chunk_scores, chunk_maps = self._look_once(chunk_features, chunk_levels, [1] * len(first), fine=fine)
+            _, chunk_scores, chunk_maps = self._look_once(
+                chunk_features, chunk_levels, [1] * len(first), fine=fine, crops=crops
+            )
             features.append(chunk_features)
             levels.append(chunk_levels)
             learned.extend(chunk_maps)

@@ -94,8 +94,8 @@ class QwenAssistantConfig(AnomalyAssistantConfig):
         super().__init__(
             vision_config=vision_config, text_config=text_config, image_token_index=image_token_index, **kwargs
         )
-        if self.detection_views != 1 or self.image_token_pooling != 1:
-            raise ValueError("a Qwen2.5-VL base takes detection_views=1 and image_token_pooling=1")
+        if self.detection_views != 1 or self.detection_zoom != 1 or self.image_token_pooling != 1:
+            raise ValueError("a Qwen2.5-VL base takes detection_views=1, detection_zoom=1 and image_token_pooling=1")
         self.video_token_index = int(video_token_index)
         self.vision_start_token_id = int(vision_start_token_id)
         self.vision_end_token_id = int(vision_end_token_id)

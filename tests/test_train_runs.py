@@ -794,3 +794,23 @@ def test_calibrate_takes_typical_score_top_at_the_quantile_asked_for(full_run, p
     bad = tmp_path / "bad"
     assert main(["--model", model, "--data", data, "--out", str(bad), "--typical-quantile", "2"]) == 2
     assert "typical_quantile must be in [0, 1], got 2.0" in capsys.readouterr().err and not bad.exists()
+
+
+def test_calibrate_fits_a_checkpoint_that_reads_each_image_enlarged_too(full_run, prepared, tmp_path, capsys):
+    import json
+
+    from assistant.config import AnomalyAssistantConfig
+    from train.calibrate import main
+
+    model, data = str(full_run["stage1"]), str(prepared["images"])
+    plain, zoomed = tmp_path / "plain", tmp_path / "zoomed"
+    assert main(["--model", model, "--data", data, "--out", str(plain)]) == 0
+    assert main(["--model", model, "--data", data, "--out", str(zoomed), "--detection-zoom", "1.5"]) == 0
+    assert "each image is read 1.5 times larger too" in capsys.readouterr().out
+    assert AnomalyAssistantConfig.from_pretrained(zoomed).detection_zoom == 1.5
+    assert AnomalyAssistantConfig.from_pretrained(plain).detection_zoom == 1.0
+    fits = [json.loads((out / "calibration.json").read_text())["zero_shot"] for out in (plain, zoomed)]
+    assert fits[0]["image_auroc"] != fits[1]["image_auroc"] or fits[0]["image_threshold"] != fits[1]["image_threshold"]
+    bad = tmp_path / "bad"
+    assert main(["--model", model, "--data", data, "--out", str(bad), "--detection-zoom", "3"]) == 2
+    assert "--detection-zoom must be between 1 and 2, got 3.0" in capsys.readouterr().err and not bad.exists()

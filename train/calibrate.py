@@ -81,6 +81,7 @@ def recalibrate(
     overwrite: bool = False,
     domain_margin: float | None = None,
     typical_quantile: float | None = None,
+    detection_zoom: float | None = None,
 ) -> dict:
     from assistant import checkpoint
     from assistant.calibration import Calibration, CalibrationConfig, write_report
@@ -104,6 +105,10 @@ def recalibrate(
     model, processor, generation, _ = checkpoint.load(model_path)
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
+    if detection_zoom is not None:  # the new checkpoint reads each crop enlarged too, and is fitted that way
+        if not 1.0 <= detection_zoom <= 2.0:
+            raise CalibrateError(f"--detection-zoom must be between 1 and 2, got {detection_zoom}")
+        model.config.detection_zoom = float(detection_zoom)
     try:  # the recipe's calibration settings, the checkpoint's suspicion rule, and --domain-margin etc. when given
         settings = CalibrationConfig.from_dict(
             {
@@ -120,6 +125,7 @@ def recalibrate(
         "model": str(model_path),
         "data": str(data),
         "held_out": len(held_out),
+        "detection_zoom": float(getattr(model.config, "detection_zoom", 1.0)),
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
     if few_shot:
@@ -165,6 +171,14 @@ def _main(argv: list[str] | None = None) -> int:
         "calibration.typical_quantile, 1.0 = the highest); lower: fewer false alarms on new surfaces with references "
         "or in a folder, more misses",
     )
+    parser.add_argument(
+        "--detection-zoom",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="the new checkpoint also reads each image Z times larger (1-2; 1 = off; default: the checkpoint's), "
+        "config.detection_zoom: thin scratches on busy textures are caught more often, at four tower passes more",
+    )
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -178,7 +192,12 @@ def _main(argv: list[str] | None = None) -> int:
         args.overwrite,
         args.domain_margin,
         args.typical_quantile,
+        args.detection_zoom,
     )
+    if report["detection_zoom"] > 1:
+        print(
+            f"detection zoom {report['detection_zoom']:g}: each image is read {report['detection_zoom']:g} times larger too"
+        )
     if "domain" in report:
         print(
             f"out-of-domain threshold {report['domain']['domain_threshold']:.3f} (held-out 99th percentile "

@@ -1,0 +1,111 @@
+"""`config.detection_zoom`: the expert also reads each crop enlarged, in four tiles of the crop's size, and its learned
+map and score join the crop's own (`AnomalyAssistantModel._zoomed`), in every scoring mode; training ignores it."""
+
+import pytest
+import torch
+from conftest import random_image
+
+TILE = 64  # a 4 x 4 patch grid of 16-pixel patches
+
+
+def _tiny_model():
+    from assistant.backbones.tower import EfficientNetLiteVisionConfig
+    from assistant.expert import ExpertConfig
+    from assistant.modeling import AnomalyAssistantModel
+    from assistant.testing import image_processor, tiny_config, train_tokenizer
+
+    processor = image_processor(TILE)
+    expert = ExpertConfig(feature_layers=[0, 1], embedding_dim=16, class_dim=16, predictor_dim=16, fine_stages=[1, 2])
+    config = tiny_config(
+        vocab_size=len(train_tokenizer()),
+        vision_config=EfficientNetLiteVisionConfig(image_size=TILE),
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=processor.image_grid_pinpoints,
+        expert_config=expert.to_dict(),
+    )
+    torch.manual_seed(0)
+    return AnomalyAssistantModel(config).eval(), processor
+
+
+def _pixels(processor, images):
+    inputs = processor(images, return_tensors="pt")
+    return inputs["pixel_values"], inputs["image_sizes"].tolist()
+
+
+def test_zoom_tiles_cover_the_enlarged_crop_and_their_maps_land_where_they_were_read():
+    from assistant.modeling import stitch_tiles, zoom_tiles
+
+    crops = torch.randn(2, 3, TILE, TILE)
+    tiles, offsets, side = zoom_tiles(crops, 2.0, 4)
+    big = torch.nn.functional.interpolate(crops, size=(128, 128), mode="bicubic", align_corners=False)
+    assert tiles.shape == (8, 3, TILE, TILE) and offsets == [0, 4] and side == 8
+    torch.testing.assert_close(tiles[3], big[0, :, 64:, 64:])  # the first crop's bottom-right quarter
+    torch.testing.assert_close(tiles[5], big[1, :, :64, 64:])  # the second crop's top-right quarter
+    # below 2x the tiles overlap; the enlarged side is rounded to whole patches
+    assert zoom_tiles(crops, 1.5, 4)[1:] == ([0, 2], 6)
+    assert zoom_tiles(crops, 1.3, 4)[1:] == ([0, 1], 5)
+
+    maps = torch.zeros(8, 16)
+    maps[3, 0] = 0.9  # crop 0, bottom-right tile, its top-left patch: the enlarged grid's (4, 4)
+    maps[5, 15] = 0.7  # crop 1, top-right tile, its bottom-right patch: the enlarged grid's (3, 7)
+    stitched = stitch_tiles(maps, offsets, side, 4).reshape(2, 4, 4)
+    assert stitched.shape == (2, 4, 4)
+    assert float(stitched[0, 2, 2]) == pytest.approx(0.9) and float(stitched[0].sum()) == pytest.approx(0.9)
+    assert float(stitched[1, 1, 3]) == pytest.approx(0.7) and float(stitched[1].sum()) == pytest.approx(0.7)
+
+
+def test_a_zoomed_model_joins_the_enlarged_tiles_score_and_map_to_the_crops_own():
+    from assistant.expert import blend_fine
+    from assistant.modeling import ZOOM_WEIGHT, stitch_tiles, zoom_tiles
+
+    model, processor = _tiny_model()
+    pixels, sizes = _pixels(processor, [random_image(TILE, TILE, seed=3)])
+    with torch.no_grad():
+        plain_maps, plain = model.detect(pixels, sizes)
+        crop = pixels[:, 0] if pixels.dim() == 5 else pixels
+        tiles, offsets, side = zoom_tiles(crop, 1.5, 4)
+        tile_maps, tile_scores = model.detect(
+            tiles[:, None], [(TILE, TILE)] * 4
+        )  # each tile read as an image of its own
+        model.config.detection_zoom = 1.5
+        zoomed_maps, zoomed = model.detect(pixels, sizes)
+    expected = blend_fine(plain, tile_scores.max(), ZOOM_WEIGHT)
+    assert float(zoomed[0]) == pytest.approx(float(expected[0]), abs=1e-5)
+    assert abs(float(zoomed[0]) - float(plain[0])) > 1e-4  # the zoom did move the score
+    expected_map = blend_fine(plain_maps[0], stitch_tiles(torch.cat(tile_maps), offsets, side, 4), ZOOM_WEIGHT)
+    torch.testing.assert_close(zoomed_maps[0], expected_map, atol=1e-5, rtol=1e-4)
+    model.train()  # training reads the crops as given
+    with torch.no_grad():
+        assert float(model.detect(pixels, sizes)[1][0]) == pytest.approx(float(plain[0]), abs=1e-6)
+
+
+def test_the_references_and_the_folder_read_the_learned_scores_zoomed_too():
+    model, processor = _tiny_model()
+    images = [random_image(TILE, TILE, seed=s) for s in range(4)]
+    pixels, sizes = _pixels(processor, images)
+    scores = {}
+    for zoom in (1.0, 2.0):
+        model.config.detection_zoom = zoom
+        with torch.no_grad():
+            _, zero_shot = model.detect(pixels, sizes)
+            learned, _ = model.reference_learned(pixels, sizes)  # what the few-shot mode's `typical` reads
+            _, few_shot = model.detect(pixels[:1], sizes[:1], pixels[1:], sizes[1:])
+            _, folder, _ = model.detect_folder([(pixels, sizes)])
+        # the references are read as the image is: their learned scores are its zero-shot scores
+        torch.testing.assert_close(learned, zero_shot)
+        scores[zoom] = (zero_shot, few_shot, folder)
+    for plain, zoomed in zip(scores[1.0], scores[2.0]):
+        assert torch.all((zoomed >= 0) & (zoomed <= 1)) and not torch.allclose(plain, zoomed)
+
+
+def test_the_zoom_is_saved_with_the_checkpoint_and_a_bad_one_is_refused(tmp_path):
+    from assistant.config import AnomalyAssistantConfig
+    from assistant.modeling import AnomalyAssistantModel
+
+    model, _ = _tiny_model()
+    model.config.detection_zoom = 1.5
+    model.save_pretrained(tmp_path)
+    assert AnomalyAssistantModel.from_pretrained(tmp_path).config.detection_zoom == 1.5
+    for bad in (0.5, 3):
+        with pytest.raises(ValueError, match="detection_zoom must be between 1 and 2"):
+            AnomalyAssistantConfig(detection_zoom=bad)
