@@ -84,16 +84,18 @@ ZOOM_WEIGHT = 0.5
 
 
 def zoom_tiles(crops: torch.Tensor, zoom: float, patches: int) -> tuple[torch.Tensor, list[int], int]:
-    """Crops [N, C, S, S] enlarged `zoom` times (bicubic, the side rounded to whole patches of S / `patches` pixels)
-    and cut into tiles of the crop's size at both ends of each axis (overlapping below 2x): (tiles [N·T, C, S, S],
-    each tile's offset in patches along one axis, the enlarged side in patches). Four tiles for any zoom in (1, 2]."""
+    """Crops [N, C, S, S] enlarged about `zoom` times (bicubic; the growth rounded to whole patches of S // `patches`
+    pixels, so the tiles' patch grids line up) and cut into tiles of the crop's size at both ends of each axis
+    (overlapping below 2x): (tiles [N·T, C, S, S], each tile's offset in patches along one axis, the enlarged grid's
+    side in patches). Four tiles for any zoom in (1, 2]."""
     size = crops.shape[-1]
-    stride = size // patches
-    side = int(round(size * zoom / stride)) * stride
+    stride = size // patches  # a tower whose patches do not fill the crop (SigLIP: 27 x 14 of 384) drops the rest
+    extra = int(round((zoom - 1) * size / stride))
+    side = size + extra * stride
     big = nn.functional.interpolate(crops.float(), size=(side, side), mode="bicubic", align_corners=False)
-    starts = sorted({0, side - size})
+    starts = sorted({0, extra * stride})
     tiles = [big[..., y : y + size, x : x + size] for y in starts for x in starts]
-    return torch.stack(tiles, 1).flatten(0, 1).to(crops.dtype), [s // stride for s in starts], side // stride
+    return torch.stack(tiles, 1).flatten(0, 1).to(crops.dtype), sorted({0, extra}), patches + extra
 
 
 def stitch_tiles(maps: torch.Tensor, offsets: list[int], side: int, patches: int) -> torch.Tensor:

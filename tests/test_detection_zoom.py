@@ -44,6 +44,10 @@ def test_zoom_tiles_cover_the_enlarged_crop_and_their_maps_land_where_they_were_
     # below 2x the tiles overlap; the enlarged side is rounded to whole patches
     assert zoom_tiles(crops, 1.5, 4)[1:] == ([0, 2], 6)
     assert zoom_tiles(crops, 1.3, 4)[1:] == ([0, 1], 5)
+    # a tower whose patches do not fill the crop (7-pixel patches, 4 of them on a 30-pixel crop): the tiles start
+    # on whole patches, so their grids line up on the enlarged one
+    odd, odd_offsets, odd_side = zoom_tiles(torch.randn(1, 3, 30, 30), 1.5, 4)
+    assert odd.shape == (4, 3, 30, 30) and odd_offsets == [0, 2] and odd_side == 6
 
     maps = torch.zeros(8, 16)
     maps[3, 0] = 0.9  # crop 0, bottom-right tile, its top-left patch: the enlarged grid's (4, 4)
