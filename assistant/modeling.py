@@ -462,8 +462,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         crop_maps = [maps.float() for maps in crop_maps]
         scores = scores.float()
         for turns, mirrored in DETECTION_VIEWS[1:views]:
-            view_features, view_levels, view_fine = self._tower(view_of(crops, turns, mirrored))
             view_crops = view_of(crops, turns, mirrored)
+            view_features, view_levels, view_fine = self._tower(view_crops)
             _, view_scores, view_maps = self._look_once(
                 view_features, view_levels, counts, bank, typical, view_fine, view_crops
             )
@@ -486,7 +486,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         the features came from, the learned map and score join those of the crops enlarged (`_zoomed`), before the
         references or the folder are read."""
         per_image = features.split(counts)
-        base = torch.cat([crops[:1].expand(n, -1, -1) for crops, n in zip(per_image, counts)])
+        base = torch.cat([image[:1].expand(n, -1, -1) for image, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
         fine_weight = self.expert.config.fine_weight
         if fine is not None:
