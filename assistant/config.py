@@ -31,6 +31,14 @@ def _sub_config(value):
     raise TypeError(f"expected a config or a dict, got {type(value).__name__}")
 
 
+def checked_zoom(zoom) -> float:
+    """`detection_zoom` as a float, or a ValueError when it is outside [1, 2] (`AnomalyAssistantModel._zoomed` cuts
+    the enlarged crop into tiles at its two ends per axis, which cover it up to 2x)."""
+    if not 1.0 <= float(zoom) <= 2.0:
+        raise ValueError(f"detection_zoom must be between 1 and 2, got {zoom}")
+    return float(zoom)
+
+
 class AnomalyAssistantConfig(PretrainedConfig):
     """Vision tower + anomaly expert + look-twice selector + projector + causal LM.
 
@@ -155,9 +163,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         if int(detection_views) not in (1, 2, 4, 8):
             raise ValueError(f"detection_views must be 1, 2, 4 or 8, got {detection_views}")
         self.detection_views = int(detection_views)
-        if not 1.0 <= float(detection_zoom) <= 2.0:
-            raise ValueError(f"detection_zoom must be between 1 and 2, got {detection_zoom}")
-        self.detection_zoom = float(detection_zoom)
+        self.detection_zoom = checked_zoom(detection_zoom)
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"

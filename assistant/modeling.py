@@ -393,7 +393,8 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert is None:
             return ReferenceSet(None, None, None)
         features, levels, counts, crops, fine = self._detection_features(reference_pixel_values, sizes)
-        _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine, crops=crops)
+        zoomed = self._zoomed(crops) if crops is not None and self._zooms() else None  # read once, used twice
+        _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine, crops=crops, zoomed=zoomed)
         typical = ReferenceTypical.of(learned, learned_maps)
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
         bank = [bank_rows(level) for level in bank_levels]
@@ -407,6 +408,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         per_features, per_levels = features.split(counts), [level.split(counts) for level in levels]
         per_crops = crops.split(counts) if crops is not None else [None] * len(sizes)
         per_fine = fine.split(counts) if fine is not None else [None] * len(sizes)
+        per_zoomed = list(zip(*(part.split(counts) for part in zoomed))) if zoomed is not None else [None] * len(sizes)
         scores = []
         for i in range(len(sizes)):
             others = [level[owner != i] for level in bank]
@@ -421,6 +423,7 @@ class AnomalyAssistantModel(PreTrainedModel):
                 bank=others,
                 typical=rest_typical,
                 fine=per_fine[i],
+                zoomed=per_zoomed[i],
             )
             scores.append(float(score[0]))
         return ReferenceSet(max(scores), typical, bank)
@@ -440,9 +443,10 @@ class AnomalyAssistantModel(PreTrainedModel):
         bank=None,
         typical=None,
         fine=None,
+        zoomed=None,
     ):
         """Expert map, look-twice tokens and score for crops [N, P, H] grouped per image by `counts`; `fine`: the fine
-        head's maps of the crops [N, h, w], as `_tower` gives them.
+        head's maps of the crops [N, h, w], as `_tower` gives them; `zoomed`: their `_zoomed` when already read.
 
         In eval mode with `config.detection_views` > 1 and the `crops` [N, 3, S, S] the features came from,
         the maps and scores are averaged over that many views of the crops (`DETECTION_VIEWS`); the tokens
@@ -455,7 +459,7 @@ class AnomalyAssistantModel(PreTrainedModel):
                 typical = self.reference_typical(reference_pixel_values, reference_image_sizes)
         elif bank is not None:
             bank = reduce_bank(bank)
-        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical, fine, crops)
+        tokens, scores, crop_maps = self._look_once(features, levels, counts, bank, typical, fine, crops, zoomed)
         if crops is None or not self._scores_views():
             return tokens, scores, crop_maps
         views = self.config.detection_views
@@ -476,15 +480,15 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Whether the expert averages more views than the crops as given (`config.detection_views`, not in training)."""
         return self.config.detection_views > 1 and not self.training
 
-    def _look_once(self, features, levels, counts, bank=None, typical=None, fine=None, crops=None):
+    def _look_once(self, features, levels, counts, bank=None, typical=None, fine=None, crops=None, zoomed=None):
         """`_look_twice` on one view: `bank` holds the few-shot references' unit patch features per level, `typical`
         how they score on their own (`ReferenceTypical`): the learned map joins the reference distance relative to
         their typical patch, and the learned score is shifted back when their median is above the training
         surfaces' (`Calibration.anchor`). With a fine head, its maps `fine` [N, h, w] join the learned map (each patch
         its cell's maximum) and the learned score (the image's maximum), `blend_fine`; the look-twice tokens keep the
         expert's own selection. With `config.detection_zoom` > 1 (not in training) and the `crops` [N, 3, S, S]
-        the features came from, the learned map and score join those of the crops enlarged (`_zoomed`), before the
-        references or the folder are read."""
+        the features came from, the learned map and score join those of the crops enlarged (`_zoomed`, or `zoomed`
+        when the caller has it already), before the references or the folder are read."""
         per_image = features.split(counts)
         base = torch.cat([image[:1].expand(n, -1, -1) for image, n in zip(per_image, counts)])
         crop_map, crop_significance, selection_map = self.expert(levels, base)
@@ -497,10 +501,11 @@ class AnomalyAssistantModel(PreTrainedModel):
         else:
             fine_max = [None] * len(counts)
         zoomed_scores = [None] * len(counts)
-        if crops is not None and self._zooms():
-            zoomed_map, zoomed = self._zoomed(crops)
-            crop_map = blend_fine(crop_map, zoomed_map, ZOOM_WEIGHT).to(crop_map.dtype)
-            zoomed_scores = zoomed.split(counts)
+        if zoomed is None and crops is not None and self._zooms():
+            zoomed = self._zoomed(crops)
+        if zoomed is not None:
+            crop_map = blend_fine(crop_map, zoomed[0], ZOOM_WEIGHT).to(crop_map.dtype)
+            zoomed_scores = zoomed[1].split(counts)
         weight = self.expert.config.reference_weight
         reference_map = None
         if bank is not None:
@@ -539,7 +544,7 @@ class AnomalyAssistantModel(PreTrainedModel):
 
     def _zooms(self) -> bool:
         """Whether the expert also reads each crop enlarged (`config.detection_zoom` > 1, not in training)."""
-        return getattr(self.config, "detection_zoom", 1.0) > 1.0 and not self.training
+        return self.config.detection_zoom > 1.0 and not self.training
 
     def _needs_crops(self) -> bool:
         """Whether detection re-reads the crops' pixels: more views (`_scores_views`) or a zoom (`_zooms`)."""

@@ -813,4 +813,4 @@ def test_calibrate_fits_a_checkpoint_that_reads_each_image_enlarged_too(full_run
     assert fits[0]["image_auroc"] != fits[1]["image_auroc"] or fits[0]["image_threshold"] != fits[1]["image_threshold"]
     bad = tmp_path / "bad"
     assert main(["--model", model, "--data", data, "--out", str(bad), "--detection-zoom", "3"]) == 2
-    assert "--detection-zoom must be between 1 and 2, got 3.0" in capsys.readouterr().err and not bad.exists()
+    assert "detection_zoom must be between 1 and 2, got 3.0" in capsys.readouterr().err and not bad.exists()

@@ -85,6 +85,7 @@ def recalibrate(
 ) -> dict:
     from assistant import checkpoint
     from assistant.calibration import Calibration, CalibrationConfig, write_report
+    from assistant.config import checked_zoom
     from assistant.run_config import ConfigError, config_section, read_run_config
 
     from .data import read_held_out
@@ -106,9 +107,10 @@ def recalibrate(
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
     if detection_zoom is not None:  # the new checkpoint reads each crop enlarged too, and is fitted that way
-        if not 1.0 <= detection_zoom <= 2.0:
-            raise CalibrateError(f"--detection-zoom must be between 1 and 2, got {detection_zoom}")
-        model.config.detection_zoom = float(detection_zoom)
+        try:
+            model.config.detection_zoom = checked_zoom(detection_zoom)
+        except ValueError as error:
+            raise CalibrateError(str(error)) from None
     try:  # the recipe's calibration settings, the checkpoint's suspicion rule, and --domain-margin etc. when given
         settings = CalibrationConfig.from_dict(
             {
@@ -125,7 +127,7 @@ def recalibrate(
         "model": str(model_path),
         "data": str(data),
         "held_out": len(held_out),
-        "detection_zoom": float(getattr(model.config, "detection_zoom", 1.0)),
+        "detection_zoom": model.config.detection_zoom,
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
     if few_shot:
