@@ -51,6 +51,7 @@ def test_dotted_overrides_are_typed():
         (["data.augment_saturation=1.5"], "augment_saturation must be in"),
         (["data.augment_lighting=1.0"], "augment_lighting must be in"),
         (["data.augment_grain=-0.1"], "augment_grain must be in"),
+        (["data.augment_scale=1.5"], "augment_scale must be in"),
         (["model.image_token_pooling=0"], "image_token_pooling must be"),
         (["model.init.vision_heads=3"], "vision_heads must divide"),
         (["model.init.vision_heads=0"], "vision_heads must divide"),
@@ -248,6 +249,72 @@ def test_stage1_grain_is_fine_luminance_noise_of_a_bounded_deviation():
             assert 0.2 < near < 0.95 and abs(far) < 0.15  # fine: neighbours correlate, pixels 8 apart do not
     assert max(deviations) < 0.08 * 1.1 and max(deviations) > 0.05  # drawn in [0, 0.08]
     assert min(deviations) < 0.03  # and afresh per item, light grain too
+
+
+def test_stage1_scale_enlarges_a_window_of_image_and_mask_together_on_half_the_items():
+    import torch
+
+    from train.data import Augment
+
+    mean = torch.full((3, 1, 1), 0.5)
+    std = torch.full((3, 1, 1), 0.25)
+    rgb = torch.full((1, 3, 64, 64), 0.2)
+    rgb[:, :, 24:40, 24:40] = 0.9  # a bright square, 16 pixels, in the middle
+    mask = torch.zeros(16, 16)
+    mask[6:10, 6:10] = 1  # the same square at the map's resolution
+    pixels = _normalised(rgb, mean, std)
+    torch.manual_seed(7)
+    unchanged, sides = 0, []
+    for _ in range(64):
+        out, out_mask = Augment(scale=1.0)(pixels, mask, mean, std)
+        if torch.equal(out, pixels):
+            assert torch.equal(out_mask, mask)
+            unchanged += 1
+            continue
+        bright = ((out[0, 0] * std[0] + mean[0]) > 0.55).float()
+        side = float(bright.sum()) ** 0.5
+        assert 16 - 1.5 <= side <= 32 + 1.5  # enlarged by at most 2
+        sides.append(side)
+        # the bright square, pooled to the mask's cells, is where the enlarged mask says (up to a cell's edge)
+        pooled = bright.view(16, 4, 16, 4).mean((1, 3))
+        assert ((pooled > 0.5).float() - out_mask).abs().sum() <= 2 * out_mask.sum() ** 0.5 * 2 + 4
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}  # map targets stay 0/1
+    assert 16 <= unchanged <= 48  # about half keep the data's scale
+    assert min(sides) < 20 and max(sides) > 26  # factors drawn over the range, afresh per item
+
+
+def test_stage1_scaled_item_that_misses_its_defect_is_relabelled_normal(clip_llama, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from assistant import checkpoint
+    from data_prep.records import Record
+    from train.data import Augment, MaskedImages
+
+    image = np.full((64, 64, 3), 100, np.uint8)
+    image[0:6, 0:6] = 250  # a defect in the corner, which most enlarged windows leave out
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:6, 0:6] = 255
+    Image.fromarray(image).save(tmp_path / "corner.png")
+    Image.fromarray(mask).save(tmp_path / "corner_mask.png")
+    record = Record(
+        image=str(tmp_path / "corner.png"),
+        label=1,
+        mask=str(tmp_path / "corner_mask.png"),
+        category="x",
+        split="test",
+        defect_type="spot",
+    )
+    _, processor, _, _ = checkpoint.load(clip_llama)
+    dataset = MaskedImages([record], processor, map_size=16, augment=Augment(scale=1.0))
+    torch.manual_seed(0)
+    labels = []
+    for _ in range(40):
+        item = dataset[0]
+        assert float(item["labels"]) == float(item["masks"].any())  # the label follows what the window shows
+        labels.append(float(item["labels"]))
+    assert 0 < sum(labels) < len(labels)  # some windows keep the defect, some miss it
 
 
 def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
@@ -450,3 +517,17 @@ def test_cache_of_images_the_processor_tiles_holds_every_crop(clip_llama, tmp_pa
     assert plain[2]["pixel_values"].shape[0] > 2  # the large image really is tiled
     with pytest.raises(ConfigError, match="cache_workers"):
         load_config(ROOT / "configs/train/default_model.yaml", ["data.cache_workers=-1"])
+
+
+@pytest.mark.parametrize("option", ["data.augment_flips=true", "data.augment_scale=0.5"])
+def test_flips_and_scale_are_refused_when_the_expert_also_scores_the_tiles(option):
+    from types import SimpleNamespace
+
+    from train.run import stage1_augment
+
+    cfg = load_config(ROOT / "configs/train/debug_tiny.yaml", [option])
+    model = SimpleNamespace(config=SimpleNamespace(), expert=SimpleNamespace(config=SimpleNamespace(views="all")))
+    with pytest.raises(ConfigError, match=rf"data.{option.split('=')[0][5:]} needs the expert to score the base view"):
+        stage1_augment(cfg, model)
+    model.expert.config.views = "base"
+    assert stage1_augment(cfg, model).active

@@ -106,12 +106,14 @@ class DataConfig:
     #: stage 1 augmentation (`train.data.Augment`), drawn afresh per item: the 8 flips / quarter turns of image
     #: and mask, a hue rotation of up to ± this many turns (0.5: any hue), a saturation factor in [1 − s, 1 + s],
     #: uneven lighting (a smooth gain field in [1 − l, 1 + l]), sensor grain (fine luminance noise of a standard
-    #: deviation drawn in [0, g], in [0, 1] intensity units)
+    #: deviation drawn in [0, g], in [0, 1] intensity units), and on half the items a random window enlarged by a
+    #: factor in [1, 1 + scale] (up to 2: the range of the model's detection_zoom) with its mask
     augment_flips: bool = False
     augment_hue: float = 0.0
     augment_saturation: float = 0.0
     augment_lighting: float = 0.0
     augment_grain: float = 0.0
+    augment_scale: float = 0.0
     mask_targets: str = (
         "max"  # stage 1's map targets: max (a cell any defect pixel touches is 1) | area (its defective fraction)
     )
@@ -163,7 +165,7 @@ class TrainerConfig:
 @dataclass
 class PolishConfig:
     """Stage 1's polish: a second, short phase after the main one, with its own warmup and cosine schedule and a
-    milder augmentation (lighting and grain off unless set here too). The main phase's strong hue changes keep the
+    milder augmentation (lighting, grain and scale off unless set here too). The main phase's strong hue changes keep the
     tower from fitting the surface itself; the polish lets it fit what the data look like. On the default model
     (`configs/train/default_model.yaml`), 3,000 such steps after its stage 1 raised the held-out image AUROC
     from 0.935 to 0.949 (the same 3,000 steps with the main augmentation: 0.935)."""
@@ -176,6 +178,7 @@ class PolishConfig:
     augment_saturation: float = 0.2
     augment_lighting: float = 0.0
     augment_grain: float = 0.0
+    augment_scale: float = 0.0
 
 
 @dataclass
@@ -272,6 +275,7 @@ def check_augment_ranges(prefix: str, section) -> None:
         ("saturation", 0.0, 1.0, False, ""),
         ("lighting", 0.0, 1.0, False, ""),
         ("grain", 0.0, 0.5, True, ""),
+        ("scale", 0.0, 1.0, True, ""),
     ):
         value = getattr(section, f"augment_{name}")
         if not (low <= value <= high if closed else low <= value < high):

@@ -138,6 +138,7 @@ _STAGE_NAMES = {
         "MaskedImages",
         "Augment",
         "grain_field",
+        "enlarge_window",
         "hue_rotation",
         "collate_masked",
     ),

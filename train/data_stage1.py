@@ -84,7 +84,10 @@ class MaskedImages(Dataset):
         if self.augment is None:
             return item
         pixels, mask = self.augment(item["pixel_values"], item["masks"], self._mean, self._std)
-        return {**item, "pixel_values": pixels, "masks": mask}
+        out = {**item, "pixel_values": pixels, "masks": mask}
+        if item["labels"] > 0 and item["masks"].any() and not mask.any():  # the enlarged window missed the defect
+            out["labels"] = torch.zeros_like(item["labels"])
+        return out
 
     def fill_cache(self, workers: int) -> list[str]:
         """Load every item not yet cached, in `workers` forked processes (one where the platform cannot fork).
@@ -199,6 +202,11 @@ class Augment:
       that σ, rescaled to the drawn deviation), is added to every crop, so a grainy surface is normal while a
       defect stays a region that differs from its surroundings. Grain is drawn per crop pixel, after the
       resize to the tower's input, so its scale is the tower's.
+    * `scale`: on half the items (drawn afresh), a random square window of side 1/z of the crop, z drawn in
+      [1, 1 + scale], is enlarged back to the crop's size (bilinear; the mask by its nearest cell), so surfaces and
+      defects are also seen up to 1 + scale times larger: the model's `detection_zoom` reads every image enlarged
+      this way at inference. The other half keep the data's own scale. An anomalous item whose window misses its
+      defect is relabelled normal (`MaskedImages`). Like flips, it needs base-view scoring.
     """
 
     flips: bool = False
@@ -206,10 +214,13 @@ class Augment:
     saturation: float = 0.0
     lighting: float = 0.0
     grain: float = 0.0
+    scale: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.flips or self.hue > 0 or self.saturation > 0 or self.lighting > 0 or self.grain > 0
+        return (
+            self.flips or self.hue > 0 or self.saturation > 0 or self.lighting > 0 or self.grain > 0 or self.scale > 0
+        )
 
     def __call__(
         self, pixels: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
@@ -220,6 +231,8 @@ class Augment:
             pixels, mask = torch.rot90(pixels, turns, dims=(-2, -1)), torch.rot90(mask, turns, dims=(-2, -1))
             if flip:
                 pixels, mask = pixels.flip(-1), mask.flip(-1)
+        if self.scale > 0 and bool(torch.randint(2, ())):
+            pixels, mask = enlarge_window(pixels, mask, float(torch.empty(()).uniform_(1, 1 + self.scale)))
         if self.hue > 0 or self.saturation > 0 or self.lighting > 0 or self.grain > 0:
             rgb = pixels * std + mean  # [crops, 3, S, S] in [0, 1]
             if self.hue > 0:
@@ -243,6 +256,20 @@ class Augment:
                 )
             pixels = (rgb.clamp(0, 1) - mean) / std
         return pixels.contiguous(), mask.contiguous()
+
+
+def enlarge_window(pixels: torch.Tensor, mask: torch.Tensor, zoom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random square window of side 1/`zoom` of the crops [crops, C, S, S], at the same place in each crop and in
+    the mask [M, M], enlarged back to full size: bilinear for the crops, nearest cell for the mask (a map target
+    stays 0/1, or its area fraction)."""
+    slack = 1 - 1 / zoom  # the window's centre may move this far from the middle, in [-1, 1] coordinates
+    shift = torch.empty(2).uniform_(-slack, slack)
+    theta = torch.tensor([[1 / zoom, 0.0, float(shift[0])], [0.0, 1 / zoom, float(shift[1])]])
+    grid = F.affine_grid(theta[None], [1, 1, *pixels.shape[-2:]], align_corners=False)
+    out = F.grid_sample(pixels, grid.expand(len(pixels), -1, -1, -1), mode="bilinear", align_corners=False)
+    grid = F.affine_grid(theta[None], [1, 1, *mask.shape[-2:]], align_corners=False)
+    enlarged = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0]
+    return out, enlarged.to(mask.dtype)
 
 
 def grain_field(crops: int, size: tuple[int, int], deviation: float, sigma: float) -> torch.Tensor:

@@ -191,6 +191,7 @@ def run_polish(cfg: TrainConfig, dataset, model, polish_dir: Path, resume: str |
             augment_saturation=polish.augment_saturation,
             augment_lighting=polish.augment_lighting,
             augment_grain=polish.augment_grain,
+            augment_scale=polish.augment_scale,
         ),
     )
     dataset.set_augment(stage1_augment(milder, model))
@@ -228,13 +229,16 @@ def stage1_augment(cfg: TrainConfig, model) -> Augment:
         saturation=data.augment_saturation,
         lighting=data.augment_lighting,
         grain=data.augment_grain,
+        scale=data.augment_scale,
     )
     if augment.active and isinstance(model.config, QwenAssistantConfig):
         raise ConfigError("data.augment_* act on image crops; a Qwen2.5-VL base reads flat patches: set them off")
-    if data.augment_flips and model.expert.config.views != "base":
-        raise ConfigError(
-            "data.augment_flips needs the expert to score the base view only (views='base'): tiles do not flip with the image"
-        )
+    for name, on in (("augment_flips", data.augment_flips), ("augment_scale", data.augment_scale > 0)):
+        if on and model.expert.config.views != "base":
+            raise ConfigError(
+                f"data.{name} needs the expert to score the base view only (views='base'): tiles do not flip or "
+                "enlarge with the image"
+            )
     return augment
 
 
