@@ -198,3 +198,37 @@ def test_quality_few_shot_scores_each_image_against_normals_of_its_own_family(as
     zero = evaluate(assistant, ["wood", "carpet"], ["carpet"], n=2, seed=3, size=128, text_n=0)
     assert all(refs == [] for _, refs in calls)
     assert few["rows"]["all"]["pixel_AUROC"] != zero["rows"]["all"]["pixel_AUROC"]  # the references change the maps
+
+
+def test_quality_rows_give_each_familys_own_ranking_beside_the_pooled_one(monkeypatch):
+    """Two surfaces each ranked perfectly, one scoring higher throughout: pooled, the row ranks below 1; the family
+    mean (the MVTec AD convention) and each family's own row say 1."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    import eval.default_model_quality as quality
+
+    def samples(families, n, seed, size):
+        for family in families:
+            base = 0.6 if family == "tissue" else 0.1  # tissue's normal images score above gravel's defects
+            for i in range(n):
+                label = i % 2
+                mask = np.zeros((8, 8), bool)
+                mask[2:4, 2:4] = bool(label)
+                yield family, Image.new("RGB", (8, 8), int(255 * (base + 0.2 * label))), mask, label, None
+
+    def detect(image, references=None):
+        score = image.getpixel((0, 0))[0] / 255
+        return SimpleNamespace(
+            pred_score=score, pred_label=score > 0.5, anomaly_map=np.full((8, 8), score, np.float32), location=""
+        )
+
+    monkeypatch.setattr(quality, "held_out_samples", samples)
+    result = quality.evaluate(SimpleNamespace(detect=detect), ["gravel", "tissue"], ["gravel", "tissue"], 8, 1, 8, 0)
+    row = result["rows"]["unseen real surfaces (gravel, tissue)"]
+    assert row["image_AUROC"] < 0.8 and row["image_AUROC_family_mean"] == 1.0
+    assert {f: r["image_AUROC"] for f, r in result["by_family"].items()} == {"gravel": 1.0, "tissue": 1.0}
+    assert result["by_family"]["tissue"]["false_alarms"] == 1.0 and result["by_family"]["gravel"]["false_alarms"] == 0.0
+    table = quality.markdown_table(result["by_family"], quality.FAMILY_COLUMNS).splitlines()
+    assert len(table) == 4 and table[2].startswith("| gravel | 8 | 1.000 |")
