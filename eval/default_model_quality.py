@@ -157,7 +157,7 @@ FAMILY_COLUMNS = [
 ]
 
 
-def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]] | None = None) -> str:
+def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]] | None = None, first: str = "set") -> str:
     columns = columns or [
         ("n", "images"),
         ("image_AUROC", "image AUROC"),
@@ -170,7 +170,7 @@ def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]] | None 
         ("text_names_location", "text names location"),
         ("text_n", "texts"),
     ]
-    lines = ["| set | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [f"| {first} | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[key]) for key, _ in columns) + " |")
     return "\n".join(lines)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print("\nby family:\n")
-    print(markdown_table(result["by_family"], FAMILY_COLUMNS))
+    print(markdown_table(result["by_family"], FAMILY_COLUMNS, first="family"))
     print("\nby truth (normal, or the defect type):\n")
     print(defect_table(result["by_defect"]))
     print("\nsample answers:")

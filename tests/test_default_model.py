@@ -230,5 +230,7 @@ def test_quality_rows_give_each_familys_own_ranking_beside_the_pooled_one(monkey
     assert row["image_AUROC"] < 0.8 and row["image_AUROC_family_mean"] == 1.0
     assert {f: r["image_AUROC"] for f, r in result["by_family"].items()} == {"gravel": 1.0, "tissue": 1.0}
     assert result["by_family"]["tissue"]["false_alarms"] == 1.0 and result["by_family"]["gravel"]["false_alarms"] == 0.0
-    table = quality.markdown_table(result["by_family"], quality.FAMILY_COLUMNS).splitlines()
-    assert len(table) == 4 and table[2].startswith("| gravel | 8 | 1.000 |")
+    table = quality.markdown_table(result["by_family"], quality.FAMILY_COLUMNS, first="family").splitlines()
+    assert (
+        len(table) == 4 and table[0].startswith("| family | images |") and table[2].startswith("| gravel | 8 | 1.000 |")
+    )
