@@ -167,6 +167,15 @@ def reference_warnings(image: Image.Image, references, histograms: list[np.ndarr
     return found
 
 
+#: what an answer about an image of a kind of surface new to the model ends with, scored on its own
+#: (`Calibration.is_novel`): the report's warning in the answer's words, for a reader of the answer alone (the OpenAI-
+#: style server's clients); it claims neither a defect nor a normal part (`eval.default_model_quality.answer_claim`)
+NEW_KIND_NOTE = (
+    " This kind of surface is new to me, so one image alone is where my verdicts are least reliable: a few images "
+    "of good parts of the same kind, given as references, would settle it."
+)
+
+
 def out_of_domain_answer(evidence: dict) -> str:
     """What the assistant says about an image far from everything it was trained on: that it cannot judge it
     reliably, then what the score says (verdict, score, threshold, where the map peaks, in the report's own words)
@@ -517,17 +526,30 @@ class AnomalyAssistant:
         tokens are prefilled; `session` keeps the caches of different users apart.
         """
         image, visual, pixels = self.encode(image, references)
-        if visual.scores is not None and not references and self._evidence(image, visual)["out_of_domain"]:
-            # the LLM only knows the training images' objects; with normal references the score rests on them instead
-            answer = out_of_domain_answer(self._evidence(image, visual))
-            return iter([answer]) if stream else answer
+        note = ""
+        if visual.scores is not None and not references:
+            evidence = self._evidence(image, visual)
+            if evidence["out_of_domain"]:
+                # the LLM only knows the training images' objects; with normal references the score rests on them
+                answer = out_of_domain_answer(evidence)
+                return iter([answer]) if stream else answer
+            if self.model.config.calibration.is_novel(evidence["domain_distance"]):
+                note = NEW_KIND_NOTE
+        # earlier answers reach the LLM as it wrote them: without the note, which it never generated (and the
+        # conversation's KV cache holds the tokens it did)
+        messages = [
+            {**m, "content": m["content"].removesuffix(NEW_KIND_NOTE)}
+            if m.get("role") == "assistant" and isinstance(m.get("content"), str)
+            else m
+            for m in messages
+        ]
         inputs = self._inputs(messages, image, visual, pixels)
         generation = self._generation(max_new_tokens, **generate_kwargs)
         if not stream:
-            return self.processor.decode(self._generate(inputs, visual, generation, session=session)[0])
-        return self._stream(inputs, visual, generation, session)
+            return self.processor.decode(self._generate(inputs, visual, generation, session=session)[0]) + note
+        return self._stream(inputs, visual, generation, session, note)
 
-    def _stream(self, inputs, visual, generation, session=None) -> Iterator[str]:
+    def _stream(self, inputs, visual, generation, session=None, note: str = "") -> Iterator[str]:
         streamer = TextIteratorStreamer(
             self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
         )
@@ -546,6 +568,8 @@ class AnomalyAssistant:
         thread.join()
         if failure:
             raise failure[0]
+        if note:
+            yield note
 
     def analyze(
         self, image, question: str | None = None, references=None, max_new_tokens: int = 128, **generate_kwargs

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from assistant.checkpoint import default_model_path
+from assistant.inference import NEW_KIND_NOTE
 from assistant.localize import LOCATION_WORDS
+from eval.default_model_quality import answer_claim
 
 pytestmark = pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="no default model")
 skimage_data = pytest.importorskip("skimage.data")
@@ -86,6 +88,7 @@ def test_real_surfaces_training_saw_are_in_domain_and_answers_use_the_reports_lo
         report = assistant.analyze(crop, max_new_tokens=48)
         assert report.out_of_domain is False
         assert not any("new to the model" in w for w in report.warnings), (name, report.domain_distance)
+        assert NEW_KIND_NOTE not in report.answer
         assert locations_in(report.answer) <= ({report.location} if report.location else set()), report.answer
 
 
@@ -105,9 +108,33 @@ def test_real_surfaces_training_never_saw_are_in_domain_and_the_report_advises_r
         report = assistant.analyze(crops[0], max_new_tokens=48)
         assert "does not look like the surfaces" not in report.answer.lower(), report.answer
         assert any("new to the model" in w for w in report.warnings)
-        with_references = assistant.detect(crops[0], references=crops[1:])
+        # the answer says so too, and still claims what the verdict says
+        assert report.answer.endswith(NEW_KIND_NOTE) and len(report.answer) > len(NEW_KIND_NOTE)
+        assert answer_claim(report.answer) == ("anomalous" if report.pred_label else "normal"), report.answer
+        with_references = assistant.analyze(crops[0], references=crops[1:], max_new_tokens=32)
         assert not any("new to the model" in w for w in with_references.warnings)
+        assert NEW_KIND_NOTE not in with_references.answer
     assert assistant.detect("examples/pill_contamination.png").warnings == []
+
+
+def test_the_new_kind_note_ends_a_streamed_answer_and_never_reaches_the_llm(assistant):
+    """Streamed, the note comes last, as in the whole answer; in a follow-up the earlier answer reaches the LLM without
+    it (the model never wrote it), so the second answer is the one the plain first answer gives."""
+    from data_prep.synth.photos import make_photo_crop
+
+    crop = Image.fromarray(make_photo_crop("gravel", 256, np.random.default_rng(7), scale=0.5)[0].astype(np.uint8))
+    first = [{"role": "user", "content": "Is there any anomaly in this image?"}]
+    whole = assistant.chat(first, crop, stream=False, max_new_tokens=32)
+    chunks = list(assistant.chat(first, crop, stream=True, max_new_tokens=32))
+    assert "".join(chunks) == whole and chunks[-1] == NEW_KIND_NOTE
+    follow = [{"role": "user", "content": "How severe is it?"}]
+    seconds = [
+        assistant.chat(
+            [*first, {"role": "assistant", "content": answer}, *follow], crop, stream=False, max_new_tokens=32
+        )
+        for answer in (whole, whole.removesuffix(NEW_KIND_NOTE))
+    ]
+    assert seconds[0] == seconds[1] and seconds[0].endswith(NEW_KIND_NOTE)
 
 
 def test_references_that_vary_raise_the_threshold_on_a_surface_training_never_saw(assistant):
