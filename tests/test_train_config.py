@@ -251,6 +251,24 @@ def test_stage1_grain_is_fine_luminance_noise_of_a_bounded_deviation():
     assert min(deviations) < 0.03  # and afresh per item, light grain too
 
 
+def _defect_record(tmp_path, name: str, image, mask, defect_type: str):
+    """An anomalous test record of `image` and its `mask` (uint8 arrays), written under `tmp_path`."""
+    from PIL import Image
+
+    from data_prep.records import Record
+
+    Image.fromarray(image).save(tmp_path / f"{name}.png")
+    Image.fromarray(mask).save(tmp_path / f"{name}_mask.png")
+    return Record(
+        image=str(tmp_path / f"{name}.png"),
+        label=1,
+        mask=str(tmp_path / f"{name}_mask.png"),
+        category="x",
+        split="test",
+        defect_type=defect_type,
+    )
+
+
 def test_stage1_scale_enlarges_a_window_of_image_and_mask_together_on_half_the_items():
     import torch
 
@@ -288,26 +306,15 @@ def test_stage1_scale_enlarges_a_window_of_image_and_mask_together_on_half_the_i
 def test_stage1_scaled_item_that_misses_its_defect_is_relabelled_normal(clip_llama, tmp_path):
     import numpy as np
     import torch
-    from PIL import Image
 
     from assistant import checkpoint
-    from data_prep.records import Record
     from train.data import Augment, MaskedImages
 
     image = np.full((64, 64, 3), 100, np.uint8)
     image[0:6, 0:6] = 250  # a defect in the corner, which most enlarged windows leave out
     mask = np.zeros((64, 64), np.uint8)
     mask[0:6, 0:6] = 255
-    Image.fromarray(image).save(tmp_path / "corner.png")
-    Image.fromarray(mask).save(tmp_path / "corner_mask.png")
-    record = Record(
-        image=str(tmp_path / "corner.png"),
-        label=1,
-        mask=str(tmp_path / "corner_mask.png"),
-        category="x",
-        split="test",
-        defect_type="spot",
-    )
+    record = _defect_record(tmp_path, "corner", image, mask, "spot")
     _, processor, _, _ = checkpoint.load(clip_llama)
     dataset = MaskedImages([record], processor, map_size=16, augment=Augment(scale=1.0))
     torch.manual_seed(0)
@@ -322,10 +329,8 @@ def test_stage1_scaled_item_that_misses_its_defect_is_relabelled_normal(clip_lla
 def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     """A 1-pixel scratch stays in stage 1's target and in the calibration masks at the map size."""
     import numpy as np
-    from PIL import Image
 
     from assistant import checkpoint
-    from data_prep.records import Record
     from train.data import MaskedImages
     from train.scoring import score_records
 
@@ -333,16 +338,7 @@ def test_stage1_targets_keep_thin_defects(clip_llama, tmp_path):
     mask[50, 10:120] = 255  # horizontal, one pixel wide
     rows = np.arange(20, 80)
     mask[rows, rows + 20] = 255  # diagonal, one pixel wide
-    Image.fromarray(np.full((100, 130, 3), 128, np.uint8)).save(tmp_path / "scratch.png")
-    Image.fromarray(mask).save(tmp_path / "scratch_mask.png")
-    record = Record(
-        image=str(tmp_path / "scratch.png"),
-        label=1,
-        mask=str(tmp_path / "scratch_mask.png"),
-        category="x",
-        split="test",
-        defect_type="scratch",
-    )
+    record = _defect_record(tmp_path, "scratch", np.full((100, 130, 3), 128, np.uint8), mask, "scratch")
     model, processor, _, _ = checkpoint.load(clip_llama)
     target = MaskedImages([record], processor, map_size=64)[0]["masks"]
     assert target.shape == (64, 64)
