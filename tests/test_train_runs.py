@@ -814,3 +814,79 @@ def test_calibrate_fits_a_checkpoint_that_reads_each_image_enlarged_too(full_run
     bad = tmp_path / "bad"
     assert main(["--model", model, "--data", data, "--out", str(bad), "--detection-zoom", "3"]) == 2
     assert "detection_zoom must be between 1 and 2, got 3.0" in capsys.readouterr().err and not bad.exists()
+
+
+def test_calibrate_on_every_image_of_a_product_fits_its_verdicts_and_makes_it_a_known_kind(full_run, tmp_path, capsys):
+    """`--all-images`: labelled images of a product the checkpoint never trained on (caps, for a model of wood) are
+    all used, the checkpoint's typical level is kept, and the product's images stop being a new kind (no warning, no
+    raised threshold); a folder without defective images is refused in one line and nothing is written."""
+    from assistant.calibration import Calibration
+    from assistant.config import AnomalyAssistantConfig
+    from assistant.inference import AnomalyAssistant
+    from data_prep.synth import SynthPlan, write_dataset
+    from train.calibrate import main
+    from train.data import read_masked
+
+    model = full_run["stage1"]
+    product = tmp_path / "caps"
+    write_dataset(product, SynthPlan(n=16, families=("cap",), size=64, seed=9, anomaly_ratio=0.5))
+    records, _ = read_masked(product)
+    images = [r.image for r in records]
+    before = AnomalyAssistant.from_pretrained(str(model))
+    novel = [bool(before.detect(path).warnings) for path in images]
+    assert any(novel)  # the premise: to the wood model, caps are a new kind
+
+    out = tmp_path / "for-caps"
+    assert main(["--model", str(model), "--data", str(product), "--all-images", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["held_out"] == len(records) == 16 and report["images"] == "all"
+    assert f"{len(records)} images' image AUROC" in printed and "typical_score_top kept from the checkpoint" in printed
+    fitted = AnomalyAssistantConfig.from_pretrained(out)
+    assert fitted.typical_score_top == AnomalyAssistantConfig.from_pretrained(model).typical_score_top
+    after = AnomalyAssistant.from_pretrained(str(out))
+    reports = [after.detect(path) for path in images]
+    assert not any(r.warnings for r in reports)
+    calibration = Calibration.of(fitted)
+    assert [bool(r.pred_label) for r in reports] == [calibration.is_anomalous(r.pred_score) for r in reports]
+    assert report["domain_bank"]["added"] >= 1
+    assert (out / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+
+    # the folder mode is fitted on the scores it gives at inference, the shift of a far kind's learned scores
+    # included (`Calibration.anchor_folder`): on the product's own folder its verdicts are the fit's, to the image
+    source = tmp_path / "low-typical"
+    shutil.copytree(model, source)
+    config = json.loads((source / "config.json").read_text())
+    config["typical_score_top"] = 1e-6  # every caps folder lies above it: its learned scores are shifted down
+    (source / "config.json").write_text(json.dumps(config))
+    folder_fit = tmp_path / "for-caps-folders"
+    assert (
+        main(["--model", str(source), "--data", str(product), "--all-images", "--out", str(folder_fit), "--batch-mode"])
+        == 0
+    )
+    fit = json.loads((folder_fit / "calibration.json").read_text())["batch"]
+    verdicts = [
+        r.pred_label for r in AnomalyAssistant.from_pretrained(str(folder_fit)).detect_batch(images, zero_shot="batch")
+    ]
+    truth = [r.label == 1 for r in records]
+    balanced = (
+        np.mean([v for v, t in zip(verdicts, truth) if t]) + np.mean([not v for v, t in zip(verdicts, truth) if not t])
+    ) / 2
+    assert balanced == pytest.approx(fit["image_balanced_accuracy"]), (balanced, fit)
+
+    # image-level labels only: the defective images keep no mask; the image threshold is the same, the pixel
+    # thresholds stay the checkpoint's (fitted on maps whose defect pixels would count as normal, they would fall)
+    shutil.rmtree(product / "cap" / "ground_truth")
+    unmasked = tmp_path / "for-caps-unmasked"
+    assert main(["--model", str(model), "--data", str(product), "--all-images", "--out", str(unmasked)]) == 0
+    assert "pixel thresholds kept from the checkpoint: 8 defective images have no mask" in capsys.readouterr().out
+    labels_only = AnomalyAssistantConfig.from_pretrained(unmasked)
+    assert labels_only.image_threshold == fitted.image_threshold
+    assert labels_only.pixel_threshold == AnomalyAssistantConfig.from_pretrained(model).pixel_threshold
+
+    normals = tmp_path / "normals-only"
+    write_dataset(normals, SynthPlan(n=6, families=("cap",), size=64, seed=9, anomaly_ratio=0.0))
+    refused = tmp_path / "refused"
+    assert main(["--model", str(model), "--data", str(normals), "--all-images", "--out", str(refused)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "has no defective one" in err[-1] and "--reference" in err[-1] and not refused.exists()

@@ -10,6 +10,13 @@ how high the training surfaces' normal images score (`Calibration.with_typical_t
 thresholds are fitted on those scores; with `--batch-mode` each category's held-out images are scored against each
 other (the folder mode, `AnomalyAssistantModel.detect_folder`) and its thresholds are fitted. The new checkpoint goes
 to `--out` (never over `--model`), with `calibration.json` holding the fits.
+
+`--all-images` uses every labelled image of `--data` instead of a held-out split: images of a product the checkpoint
+never trained on (an MVTec-layout folder; defective images without a mask count at the image level), so that its
+verdicts are fitted to that product, which then counts as a kind the model knows (docs/training.md, "Fitting the
+verdicts to your own product"). `--model default` is the embedded model:
+
+    python -m train.calibrate --model default --data ./my_product --all-images --out ./my_model --few-shot 4 --batch-mode
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ from assistant.errors import run_main
 
 class CalibrateError(ValueError):
     pass
+
+
+def checkpoint_folder(model) -> Path:
+    """The folder of `--model`: a path, or "default" for the embedded model."""
+    from assistant.checkpoint import default_model_path
+
+    return default_model_path() if str(model) == "default" else Path(model)
 
 
 def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
@@ -54,14 +68,20 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def batch_mode_calibration(model, processor, records, map_size: int, prepared=None, settings=None) -> dict:
+def batch_mode_calibration(
+    model, processor, records, map_size: int, prepared=None, settings=None, shifted: bool = False
+) -> dict:
     """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`. They are fitted on
     unshifted folder scores (no `Calibration.anchor_folder`): up to three quarters of a held-out folder are
-    defective, past the folder mode's premise that most of a folder is normal."""
+    defective, past the folder mode's premise that most of a folder is normal. `shifted` fits them on the scores as
+    the folder mode gives them, shift included (`--all-images`: a product far from the training surfaces is shifted
+    at inference, so a threshold fitted unshifted would not hold for it; its moon and retina crops' folder verdicts
+    fell from 80% right to 68% that way)."""
     from assistant.calibration import Calibration
 
     kept = Calibration.of(model.config)
-    kept.without_mode("batch").replace(typical_score_top=None).write(model.config)  # the raw folder-mode scale
+    raw = kept.without_mode("batch")
+    (raw if shifted else raw.replace(typical_score_top=None)).write(model.config)  # the raw folder-mode scale
     scored = batch_mode_scores(model, processor, records, map_size, prepared)
     try:
         calibration, report = kept.without_mode("batch").with_mode("batch", *scored, settings=settings)
@@ -69,6 +89,49 @@ def batch_mode_calibration(model, processor, records, map_size: int, prepared=No
         raise CalibrateError(str(error)) from None
     calibration.write(model.config)
     return report
+
+
+def keep_checkpoint_typical_top(model, top: float | None, fit: dict) -> None:
+    """Under `--all-images`, keep the checkpoint's `typical_score_top`, the level to which references and folders of a
+    surface far from its training are shifted (`Calibration.anchor`): it says how high the training surfaces' normal
+    images score, which a product's images do not change. Set from the product's own images instead, the few-shot
+    ranking of two unseen real surfaces fell (image AUROC 0.946 to 0.924, docs/default_model_history.md)."""
+    from assistant.calibration import Calibration
+
+    if "typical" in fit:
+        fit["typical"]["kept_from_checkpoint"] = top
+    Calibration.of(model.config).replace(typical_score_top=top).write(model.config)
+
+
+def keep_pixel_thresholds(model, original, unmasked: int) -> str:
+    """Under `--all-images` with defective images that have no mask: the pixel thresholds (zero-shot and each mode's)
+    put back to the checkpoint's `original` ones, which a fit on maps without their masks would not give (those
+    images' defect pixels would count as normal); a mode the checkpoint had not fitted keeps the new fit's."""
+    from assistant.calibration import Calibration
+
+    fitted = Calibration.of(model.config)
+    modes = {
+        mode: [pair[0], original.modes[mode][1]] if mode in original.modes else pair
+        for mode, pair in fitted.modes.items()
+    }
+    fitted.replace(pixel_threshold=original.pixel_threshold, modes=modes).write(model.config)
+    return f"kept from the checkpoint: {unmasked} defective images have no mask"
+
+
+def add_to_domain_bank(model, processor, records) -> dict:
+    """The calibration images' domain embeddings added to the checkpoint's bank (`assistant.domain`), cut by greedy
+    coreset to `assistant.domain.BANK_SIZE` of them: images of the product are then judged as a kind the model knows
+    (`Calibration.is_novel` false: the thresholds fitted on them apply, and no answer calls the surface new)."""
+    import torch
+
+    from assistant.domain import build_bank
+
+    from .scoring import embed_records
+
+    before = int(model.domain_bank.shape[0])
+    added = build_bank(embed_records(model, processor, records).to(model.domain_bank.dtype))
+    model.domain_bank = torch.cat([model.domain_bank, added.to(model.domain_bank.device)]).contiguous()
+    return {"before": before, "added": int(added.shape[0])}
 
 
 def recalibrate(
@@ -82,27 +145,44 @@ def recalibrate(
     domain_margin: float | None = None,
     typical_quantile: float | None = None,
     detection_zoom: float | None = None,
+    all_images: bool = False,
 ) -> dict:
     from assistant import checkpoint
     from assistant.calibration import Calibration, CalibrationConfig, write_report
     from assistant.config import checked_zoom
     from assistant.run_config import ConfigError, config_section, read_run_config
 
-    from .data import read_held_out
+    from .data import Skipped, decode_checked, read_held_out, read_masked_or_fail
     from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
     from .scoring import Prepared, calibrate, fit_domain_threshold
     from .self_reference import few_shot_calibration, training_split
 
-    model_path, out = Path(model_path), Path(out)
+    model_path, out = checkpoint_folder(model_path), Path(out)
     problem = refit_problem(model_path, out, overwrite)
     if problem:
         raise CalibrateError(problem)
     if few_shot < 0:
         raise CalibrateError(f"--few-shot must be ≥ 0, got {few_shot}")
     val_fraction, seed = training_split(model_path) or (0.1, 0)
-    held_out, _, found = read_held_out(data, val_fraction, seed)
-    if not held_out:
-        raise CalibrateError(f"no held-out images in {data} (found {found} images)")
+    if all_images:  # every labelled image: a product the checkpoint never trained on
+        try:
+            records, _ = read_masked_or_fail(data, full_check=False, masks_required=False)
+        except ValueError as error:
+            raise CalibrateError(str(error)) from None
+        held_out, problems = decode_checked(records)
+        Skipped(problems, len(records)).report(f"{data} (decoded)")
+        labels = {r.label for r in held_out}
+        if labels != {0, 1}:
+            missing = (
+                "no defective one (with normal images alone, give them as references: --reference)"
+                if 0 in labels
+                else "no normal one (test/good or train/good)"
+            )
+            raise CalibrateError(f"--all-images needs normal and defective images; {data} has {missing}")
+    else:
+        held_out, _, found = read_held_out(data, val_fraction, seed)
+        if not held_out:
+            raise CalibrateError(f"no held-out images in {data} (found {found} images)")
     model, processor, generation, _ = checkpoint.load(model_path)
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
@@ -123,23 +203,35 @@ def recalibrate(
     except (ConfigError, ValueError) as error:
         raise CalibrateError(str(error)) from None
     prepared = Prepared(processor, map_size, keep_bytes=2 << 30)
+    original = Calibration.of(model.config)
+    kept_top = original.typical_score_top
+    unmasked = sum(r.label == 1 and r.mask is None for r in held_out)
     report = {
         "model": str(model_path),
         "data": str(data),
         "held_out": len(held_out),
+        "images": "all" if all_images else "held-out split",
         "detection_zoom": model.config.detection_zoom,
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
+    if all_images:
+        keep_checkpoint_typical_top(model, kept_top, report["zero_shot"])
     if few_shot:
         report["few_shot"] = few_shot_calibration(
             model, processor, held_out, map_size, few_shot, seed, prepared, settings
         )
     if batch_mode:
-        report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared, settings)
+        report["batch"] = batch_mode_calibration(
+            model, processor, held_out, map_size, prepared, settings, shifted=all_images
+        )
     if domain_margin is not None:
         if model.domain_bank is None:
             raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
         report["domain"] = fit_domain_threshold(model, processor, held_out, settings)
+    if unmasked:  # image-level labels: every pixel threshold stays the checkpoint's
+        report["pixel_thresholds"] = keep_pixel_thresholds(model, original, unmasked)
+    if all_images and model.domain_bank is not None:  # the product's images are a kind the checkpoint now knows
+        report["domain_bank"] = add_to_domain_bank(model, processor, held_out)
     with atomic_folder(out) as staging:
         write_model_parts(staging, model, processor, generation, model_path, RUN_FILES)
         write_report(report, staging, Calibration.of(model.config))
@@ -148,9 +240,21 @@ def recalibrate(
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path, help="a full checkpoint folder with an expert")
     parser.add_argument(
-        "--data", required=True, type=Path, help="the masked images it was trained on (its held-out split is used)"
+        "--model", required=True, help="a full checkpoint folder with an expert, or 'default' (the embedded model)"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="the masked images it was trained on (its held-out split is used), or with --all-images your product's",
+    )
+    parser.add_argument(
+        "--all-images",
+        action="store_true",
+        help="use every labelled image of --data (an MVTec-layout folder of your own product, normal and defective "
+        "images; without masks, the pixel thresholds stay the checkpoint's), not the held-out split: the verdicts are "
+        "fitted to that product, which then counts as a kind the model knows",
     )
     parser.add_argument("--out", required=True, type=Path, help="the new checkpoint folder")
     parser.add_argument(
@@ -195,6 +299,7 @@ def _main(argv: list[str] | None = None) -> int:
         args.domain_margin,
         args.typical_quantile,
         args.detection_zoom,
+        args.all_images,
     )
     if report["detection_zoom"] > 1:
         print(
@@ -205,20 +310,39 @@ def _main(argv: list[str] | None = None) -> int:
             f"out-of-domain threshold {report['domain']['domain_threshold']:.3f} (held-out 99th percentile "
             f"{report['domain']['held_out_q99']:.3f})"
         )
+    where = "held-out" if report["images"] == "held-out split" else f"{report['held_out']} images'"
     for mode in ("zero_shot", "few_shot", "batch"):
         if mode in report:
             fit = report[mode]
+            if "pixel_thresholds" in report:  # maps without their masks: no pixel figure holds
+                print(
+                    f"{mode}: {where} image AUROC {fit['image_auroc']:.3f}, "
+                    f"image threshold {fit.get('image_threshold', float('nan')):.3f}"
+                )
+                continue
             print(
-                f"{mode}: held-out image AUROC {fit['image_auroc']:.3f}, pixel AUROC {fit['pixel_auroc']:.3f}, "
+                f"{mode}: {where} image AUROC {fit['image_auroc']:.3f}, pixel AUROC {fit['pixel_auroc']:.3f}, "
                 f"thresholds {fit.get('image_threshold', float('nan')):.3f} / {fit.get('pixel_threshold', float('nan')):.3f}"
             )
     if "typical" in report.get("zero_shot", {}):
         typical = report["zero_shot"]["typical"]
         medians = ", ".join(f"{name} {m:.3f}" for name, m in zip(typical["surfaces"], typical["normal_medians"]))
-        print(
-            f"typical_score_top {typical['typical_score_top']:.3f} (quantile {typical['typical_quantile']} of the "
-            f"surfaces' median normal scores {medians})"
-        )
+        if "kept_from_checkpoint" in typical:
+            kept = typical["kept_from_checkpoint"]
+            print(
+                f"typical_score_top kept from the checkpoint ({'none' if kept is None else f'{kept:.3f}'}); "
+                f"the images' median normal scores: {medians}"
+            )
+        else:
+            print(
+                f"typical_score_top {typical['typical_score_top']:.3f} (quantile {typical['typical_quantile']} of the "
+                f"surfaces' median normal scores {medians})"
+            )
+    if "pixel_thresholds" in report:
+        print(f"pixel thresholds {report['pixel_thresholds']}")
+    if "domain_bank" in report:
+        bank = report["domain_bank"]
+        print(f"domain bank: {bank['added']} embeddings of these images added to the {bank['before']} of training")
     print(f"written to {args.out}")
     return 0
 

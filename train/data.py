@@ -37,8 +37,9 @@ class Skipped:
             print(f"{what}: skipped {len(self.problems)} of {self.seen} entries (listed above)", file=stream)
 
 
-def read_masked(root: str | Path, full_check: bool = True) -> tuple[list[Record], Skipped]:
-    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root.
+def read_masked(root: str | Path, full_check: bool = True, masks_required: bool = True) -> tuple[list[Record], Skipped]:
+    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root (an MVTec
+    folder's defective images without a mask too, as `mask=None`, with `masks_required=False`).
 
     `full_check=False` opens only the headers (missing, unreadable or empty files, mask sizes); `decode_checked`
     then decodes the records that are used. Held-out splits are drawn from this list (`split_records`), so the split
@@ -47,8 +48,10 @@ def read_masked(root: str | Path, full_check: bool = True) -> tuple[list[Record]
     from data_prep.readers import read_mvtec, read_visa
 
     root = Path(root)
-    reader = read_visa if (root / "split_csv").is_dir() else read_mvtec
-    result: ReadResult = reader(root, full_check=full_check)
+    if (root / "split_csv").is_dir():
+        result: ReadResult = read_visa(root, full_check=full_check)
+    else:
+        result = read_mvtec(root, full_check=full_check, masks_required=masks_required)
     records = [r for r in result.records if r.label is not None]
     problems = [str(p) for p in result.dropped] + [f"{r.image}: no label" for r in result.records if r.label is None]
     return records, Skipped(problems, result.n_seen)
@@ -76,11 +79,13 @@ def read_held_out(root: str | Path, val_fraction: float, seed: int) -> tuple[lis
     return held_out, Skipped(skipped.problems + problems, skipped.seen), len(records)
 
 
-def read_masked_or_fail(root: str | Path, full_check: bool = True) -> tuple[list[Record], Skipped]:
+def read_masked_or_fail(
+    root: str | Path, full_check: bool = True, masks_required: bool = True
+) -> tuple[list[Record], Skipped]:
     """`read_masked` for the post-training commands (`train.fit_check`): the skipped images are reported, and an
     unreadable or empty source is a ValueError with a one-line message."""
     try:
-        records, skipped = read_masked(root, full_check)
+        records, skipped = read_masked(root, full_check, masks_required)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read masked images from {root}: {error}") from None
     skipped.report(str(root))

@@ -29,10 +29,12 @@ def _is_class_dir(path: Path) -> bool:
     return (path / "train").is_dir() or (path / "test").is_dir()
 
 
-def read_mvtec(root: str | Path, full_check: bool = False) -> ReadResult:
+def read_mvtec(root: str | Path, full_check: bool = False, masks_required: bool = True) -> ReadResult:
     """Every image of an MVTec-layout tree as records; missing masks and unreadable files are problems.
 
-    ``full_check`` decodes every image (slower; catches truncated files).
+    ``full_check`` decodes every image (slower; catches truncated files). ``masks_required=False`` keeps a defective
+    image without a mask as a record with ``mask=None`` (image-level labels only, as `train.calibrate --all-images`
+    takes them).
     """
     root = Path(root)
     result = ReadResult()
@@ -43,11 +45,11 @@ def read_mvtec(root: str | Path, full_check: bool = False) -> ReadResult:
     if not classes:
         result.report(str(root), "no class folder with train/ or test/ found (MVTec AD layout)")
     for class_dir in classes:
-        _read_class(class_dir, result, full_check)
+        _read_class(class_dir, result, full_check, masks_required)
     return result
 
 
-def _read_class(class_dir: Path, result: ReadResult, full_check: bool) -> None:
+def _read_class(class_dir: Path, result: ReadResult, full_check: bool, masks_required: bool = True) -> None:
     category = class_dir.name
     used_masks: set[Path] = set()
     pending = []  # (image, mask, record id, record), checked together below
@@ -66,9 +68,12 @@ def _read_class(class_dir: Path, result: ReadResult, full_check: bool) -> None:
                 if defect != GOOD:
                     mask = class_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
                     if not mask.is_file():
-                        result.drop(str(mask), "missing ground-truth mask", record_id)
-                        continue
-                    used_masks.add(mask)
+                        if masks_required:
+                            result.drop(str(mask), "missing ground-truth mask", record_id)
+                            continue
+                        mask = None
+                    else:
+                        used_masks.add(mask)
                 pending.append(
                     (
                         path,
