@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from assistant.app_http import RefuseFileURLs
 from assistant.app_uploads import UploadRejected, read_upload, upload_key
+from assistant.calibration import shown
 from assistant.errors import UsageError, checked_question, run_main
 
 if TYPE_CHECKING:  # the app imports PIL, torch and gradio only once it runs
@@ -275,7 +276,8 @@ def _verdict(report) -> str:
     words = "**ANOMALOUS**" if report.pred_label else "**Normal**"
     where = f" · {report.location}" if report.location else ""
     warnings = "".join(f"\n\n⚠ {warning}" for warning in report.warnings)
-    return f"{words} · score {report.pred_score:.3f} (threshold {report.threshold:.2f}){where}{warnings}"
+    score, threshold = shown(report.pred_score, report.threshold)
+    return f"{words} · score {score} (threshold {threshold}){where}{warnings}"
 
 
 def _display(messages: list[dict], pending: str | None) -> list[dict]:

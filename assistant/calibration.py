@@ -361,6 +361,21 @@ def typical_score(scores) -> float:
     return float(torch.quantile(scores.float().cpu(), TYPICAL_QUANTILE))
 
 
+def shown(score: float, threshold: float, digits: int = 3, most: int = 6) -> tuple[str, str]:
+    """A score and its threshold as text for a verdict line: `digits` decimals, or more (up to `most`) while the two
+    read the same or the threshold reads as 1 without being 1, so that a line such as "score 1.000, threshold 1.000"
+    never hides which side of the threshold a score is on (a threshold fitted to a far product can sit at 0.9998)."""
+    score, threshold = float(score), float(threshold)
+
+    def unclear(d: int) -> bool:
+        same = f"{score:.{d}f}" == f"{threshold:.{d}f}" and score != threshold
+        return same or (threshold < 1.0 and float(f"{threshold:.{d}f}") >= 1.0)
+
+    while digits < most and unclear(digits):
+        digits += 1
+    return f"{score:.{digits}f}", f"{threshold:.{digits}f}"
+
+
 def _logit(p: float) -> float:
     import math
 

@@ -312,7 +312,10 @@ def _print_answer(answer: str, evidence: dict, heatmap: str | None, as_json: boo
     if evidence.get("score") is not None:
         verdict = "ANOMALOUS" if evidence["anomalous"] else "normal"
         where = f", {evidence['location']}" if evidence.get("location") else ""
-        print(f"verdict: {verdict} (score {evidence['score']:.3f}, threshold {evidence['threshold']:.3f}{where})")
+        from .calibration import shown
+
+        score, threshold = shown(evidence["score"], evidence["threshold"])
+        print(f"verdict: {verdict} (score {score}, threshold {threshold}{where})")
     print(answer)
     if heatmap:
         print(f"heatmap: {heatmap}")

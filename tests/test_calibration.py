@@ -224,3 +224,17 @@ def _written(calibration):
     config = SimpleNamespace()
     calibration.write(config)
     return config
+
+
+def test_a_verdict_line_shows_which_side_of_the_threshold_a_score_is_on():
+    """Scores and thresholds are printed to 3 decimals, or more where 3 would read the same or round a threshold
+    under 1 up to 1.000 (a threshold fitted to a far product, `train.calibrate --all-images`, sat at 0.9998)."""
+    from assistant.calibration import shown
+
+    assert shown(0.977, 0.937) == ("0.977", "0.937")
+    assert shown(0.999, 0.99981) == ("0.9990", "0.9998")
+    assert shown(1.0, 0.99981) == ("1.0000", "0.9998")
+    assert shown(0.93712, 0.93705) == ("0.93712", "0.93705")
+    assert shown(0.5, 0.5) == ("0.500", "0.500")
+    for score, threshold in [(0.9999991, 0.9999992), (0.12345678, 0.12345679)]:
+        assert len(shown(score, threshold)[0]) == len("0.123456")  # at most 6 decimals

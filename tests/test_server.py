@@ -427,7 +427,10 @@ def test_ask_with_server_prints_what_a_local_ask_prints_without_loading_a_model(
     lines = done.stdout.strip().splitlines()
     single = assistant.analyze(image, None, max_new_tokens=16)
     verdict = "ANOMALOUS" if single.pred_label else "normal"
-    assert lines[0].startswith(f"verdict: {verdict} (score {single.pred_score:.3f}, threshold {single.threshold:.3f}")
+    from assistant.calibration import shown
+
+    score, threshold = shown(single.pred_score, single.threshold)
+    assert lines[0].startswith(f"verdict: {verdict} (score {score}, threshold {threshold}")
     assert lines[1:] == [single.answer]
 
 
