@@ -884,6 +884,13 @@ def test_calibrate_on_every_image_of_a_product_fits_its_verdicts_and_makes_it_a_
     assert labels_only.image_threshold == fitted.image_threshold
     assert labels_only.pixel_threshold == AnomalyAssistantConfig.from_pretrained(model).pixel_threshold
 
+    too_few = tmp_path / "too-few"  # 8 normal caps cannot give 8 references to each image and leave one out
+    assert (
+        main(["--model", str(model), "--data", str(product), "--all-images", "--out", str(too_few), "--few-shot", "8"])
+        == 2
+    )
+    assert "at least 9 normal images per category" in capsys.readouterr().err and not too_few.exists()
+
     normals = tmp_path / "normals-only"
     write_dataset(normals, SynthPlan(n=6, families=("cap",), size=64, seed=9, anomaly_ratio=0.0))
     refused = tmp_path / "refused"

@@ -155,7 +155,7 @@ def recalibrate(
     from .data import Skipped, decode_checked, read_held_out, read_masked_or_fail
     from .folders import RUN_FILES, atomic_folder, refit_problem, write_model_parts
     from .scoring import Prepared, calibrate, fit_domain_threshold
-    from .self_reference import few_shot_calibration, training_split
+    from .self_reference import SelfReferenceError, few_shot_calibration, training_split
 
     model_path, out = checkpoint_folder(model_path), Path(out)
     problem = refit_problem(model_path, out, overwrite)
@@ -217,9 +217,13 @@ def recalibrate(
     if all_images:
         keep_checkpoint_typical_top(model, kept_top, report["zero_shot"])
     if few_shot:
-        report["few_shot"] = few_shot_calibration(
-            model, processor, held_out, map_size, few_shot, seed, prepared, settings
-        )
+        try:
+            report["few_shot"] = few_shot_calibration(
+                model, processor, held_out, map_size, few_shot, seed, prepared, settings
+            )
+        except SelfReferenceError as error:  # too few normal images: bad input, exit 2
+            message = str(error)
+            raise CalibrateError(message.replace("the held-out split", str(data)) if all_images else message) from None
     if batch_mode:
         report["batch"] = batch_mode_calibration(
             model, processor, held_out, map_size, prepared, settings, shifted=all_images
