@@ -68,20 +68,18 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
     return np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
 
 
-def batch_mode_calibration(
-    model, processor, records, map_size: int, prepared=None, settings=None, shifted: bool = False
-) -> dict:
+def batch_mode_calibration(model, processor, records, map_size: int, prepared=None, settings=None) -> dict:
     """The folder mode's thresholds (`Calibration.with_mode("batch")`), written into `model.config`. They are fitted on
-    unshifted folder scores (no `Calibration.anchor_folder`): up to three quarters of a held-out folder are
-    defective, past the folder mode's premise that most of a folder is normal. `shifted` fits them on the scores as
-    the folder mode gives them, shift included (`--all-images`: a product far from the training surfaces is shifted
-    at inference, so a threshold fitted unshifted would not hold for it; its moon and retina crops' folder verdicts
-    fell from 80% right to 68% that way)."""
+    the folder scores as the folder mode gives them at inference, a folder's learned scores shifted when its typical
+    image scores above the training surfaces' (`Calibration.anchor_folder`). Fitted on unshifted scores (until the
+    thirteenth session), the thresholds sat above the shifted scores of surfaces far from training: on the default
+    model's held-out split the folder image AUROC was 0.994 against 0.997 shifted, and a fit to moon and retina crops
+    (`--all-images`) judged their folders worse than the default model (68% of verdicts right against 80%; shifted
+    93%; docs/default_model_history.md)."""
     from assistant.calibration import Calibration
 
     kept = Calibration.of(model.config)
-    raw = kept.without_mode("batch")
-    (raw if shifted else raw.replace(typical_score_top=None)).write(model.config)  # the raw folder-mode scale
+    kept.without_mode("batch").write(model.config)  # the raw folder-mode scale, the shift kept
     scored = batch_mode_scores(model, processor, records, map_size, prepared)
     try:
         calibration, report = kept.without_mode("batch").with_mode("batch", *scored, settings=settings)
@@ -225,9 +223,7 @@ def recalibrate(
             message = str(error)
             raise CalibrateError(message.replace("the held-out split", str(data)) if all_images else message) from None
     if batch_mode:
-        report["batch"] = batch_mode_calibration(
-            model, processor, held_out, map_size, prepared, settings, shifted=all_images
-        )
+        report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared, settings)
     if domain_margin is not None:
         if model.domain_bank is None:
             raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
