@@ -147,29 +147,25 @@ def _fmt(value) -> str:
     )
 
 
-#: the per-family table's columns (`markdown_table`): the ranking and the verdicts, without the sampled answers
-FAMILY_COLUMNS = [
+#: the rows' columns (`markdown_table`): (metric key, title)
+ROW_COLUMNS = [
     ("n", "images"),
     ("image_AUROC", "image AUROC"),
+    ("image_AUROC_family_mean", "image AUROC, family mean"),
     ("pixel_AUROC", "pixel AUROC"),
     ("verdict_accuracy", "verdict acc."),
     ("false_alarms", "false alarms"),
+    ("location_accuracy", "location acc."),
+    ("text_agrees_with_verdict", "text = verdict"),
+    ("text_names_location", "text names location"),
+    ("text_n", "texts"),
 ]
+#: the per-family table's columns: the ranking and the verdicts, without the family mean or the sampled answers
+FAMILY_COLUMNS = [c for c in ROW_COLUMNS[:6] if c[0] != "image_AUROC_family_mean"]
 
 
 def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]] | None = None, first: str = "set") -> str:
-    columns = columns or [
-        ("n", "images"),
-        ("image_AUROC", "image AUROC"),
-        ("image_AUROC_family_mean", "image AUROC, family mean"),
-        ("pixel_AUROC", "pixel AUROC"),
-        ("verdict_accuracy", "verdict acc."),
-        ("false_alarms", "false alarms"),
-        ("location_accuracy", "location acc."),
-        ("text_agrees_with_verdict", "text = verdict"),
-        ("text_names_location", "text names location"),
-        ("text_n", "texts"),
-    ]
+    columns = columns or ROW_COLUMNS
     lines = [f"| {first} | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[key]) for key, _ in columns) + " |")

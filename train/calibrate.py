@@ -34,13 +34,6 @@ class CalibrateError(ValueError):
     pass
 
 
-def checkpoint_folder(model) -> Path:
-    """The folder of `--model`: a path, or "default" for the embedded model."""
-    from assistant.checkpoint import default_model_path
-
-    return default_model_path() if str(model) == "default" else Path(model)
-
-
 def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
     """(labels, scores, maps, masks) of `records` in the folder mode: each category's images scored against each other
     (on the raw scale: call with the mode's thresholds cleared)."""
@@ -116,7 +109,7 @@ def keep_pixel_thresholds(model, original, unmasked: int) -> str:
     return f"kept from the checkpoint: {unmasked} defective images have no mask"
 
 
-def add_to_domain_bank(model, processor, records) -> dict:
+def add_to_domain_bank(model, processor, records, prepared=None) -> dict:
     """The calibration images' domain embeddings added to the checkpoint's bank (`assistant.domain`), cut by greedy
     coreset to `assistant.domain.BANK_SIZE` of them: images of the product are then judged as a kind the model knows
     (`Calibration.is_novel` false: the thresholds fitted on them apply, and no answer calls the surface new)."""
@@ -127,7 +120,7 @@ def add_to_domain_bank(model, processor, records) -> dict:
     from .scoring import embed_records
 
     before = int(model.domain_bank.shape[0])
-    added = build_bank(embed_records(model, processor, records).to(model.domain_bank.dtype))
+    added = build_bank(embed_records(model, processor, records, prepared=prepared).to(model.domain_bank.dtype))
     model.domain_bank = torch.cat([model.domain_bank, added.to(model.domain_bank.device)]).contiguous()
     return {"before": before, "added": int(added.shape[0])}
 
@@ -155,12 +148,21 @@ def recalibrate(
     from .scoring import Prepared, calibrate, fit_domain_threshold
     from .self_reference import SelfReferenceError, few_shot_calibration, training_split
 
-    model_path, out = checkpoint_folder(model_path), Path(out)
+    try:  # a folder, or "default" for the embedded model, as every other command takes it
+        model_path, out = checkpoint.resolve(model_path), Path(out)
+    except checkpoint.ModelLoadError as error:
+        raise CalibrateError(str(error)) from None
     problem = refit_problem(model_path, out, overwrite)
     if problem:
         raise CalibrateError(problem)
     if few_shot < 0:
         raise CalibrateError(f"--few-shot must be ≥ 0, got {few_shot}")
+    if all_images and domain_margin is not None:
+        # the margin multiplies the training surfaces' own spread; a product's distances to them would set it so wide
+        # (gravel and tissue crops at margin 6: 1.0) that nothing is ever out of domain
+        raise CalibrateError(
+            "--domain-margin refits the training surfaces' domain threshold; it does not go with --all-images"
+        )
     val_fraction, seed = training_split(model_path) or (0.1, 0)
     if all_images:  # every labelled image: a product the checkpoint never trained on
         try:
@@ -215,23 +217,23 @@ def recalibrate(
     if all_images:
         keep_checkpoint_typical_top(model, kept_top, report["zero_shot"])
     if few_shot:
+        images = str(data) if all_images else "the held-out split"
         try:
             report["few_shot"] = few_shot_calibration(
-                model, processor, held_out, map_size, few_shot, seed, prepared, settings
+                model, processor, held_out, map_size, few_shot, seed, prepared, settings, images
             )
         except SelfReferenceError as error:  # too few normal images: bad input, exit 2
-            message = str(error)
-            raise CalibrateError(message.replace("the held-out split", str(data)) if all_images else message) from None
+            raise CalibrateError(str(error)) from None
     if batch_mode:
         report["batch"] = batch_mode_calibration(model, processor, held_out, map_size, prepared, settings)
     if domain_margin is not None:
         if model.domain_bank is None:
             raise CalibrateError("the checkpoint has no domain bank (domain_bank.safetensors); stage 1 fits it")
-        report["domain"] = fit_domain_threshold(model, processor, held_out, settings)
+        report["domain"] = fit_domain_threshold(model, processor, held_out, settings, prepared)
     if unmasked:  # image-level labels: every pixel threshold stays the checkpoint's
         report["pixel_thresholds"] = keep_pixel_thresholds(model, original, unmasked)
     if all_images and model.domain_bank is not None:  # the product's images are a kind the checkpoint now knows
-        report["domain_bank"] = add_to_domain_bank(model, processor, held_out)
+        report["domain_bank"] = add_to_domain_bank(model, processor, held_out, prepared)
     with atomic_folder(out) as staging:
         write_model_parts(staging, model, processor, generation, model_path, RUN_FILES)
         write_report(report, staging, Calibration.of(model.config))

@@ -159,19 +159,22 @@ def calibrate(
 
 
 @torch.no_grad()
-def embed_records(model, processor, records, batch_size: int = 16) -> torch.Tensor:
-    """Unit domain embeddings [N, H] of `records` (`assistant.domain.embeddings`), `batch_size` at a time."""
+def embed_records(model, processor, records, batch_size: int = 16, prepared: Prepared | None = None) -> torch.Tensor:
+    """Unit domain embeddings [N, H] of `records` (`assistant.domain.embeddings`), `batch_size` at a time; `prepared`
+    (a `Prepared` that keeps its items) shares the preprocessing with the command's other passes."""
     from assistant.domain import embeddings
 
-    prepared, out = Prepared(processor, 8), []
+    prepared, out = prepared or Prepared(processor, 8), []
     for _, group in prepared.batches(records, batch_size):
         out.append(embeddings(model, torch.cat([item[0] for item in group]), [item[1] for item in group]))
     return torch.cat(out)
 
 
-def fit_domain_threshold(model, processor, held_out_records, settings: CalibrationConfig | None = None) -> dict:
+def fit_domain_threshold(
+    model, processor, held_out_records, settings: CalibrationConfig | None = None, prepared: Prepared | None = None
+) -> dict:
     """`domain_threshold` from the held-out images' distances to `model.domain_bank` (`Calibration.with_domain`)."""
-    vectors = embed_records(model, processor, held_out_records)
+    vectors = embed_records(model, processor, held_out_records, prepared=prepared)
     distances = model.domain_distance(vectors[:, None, :])  # each embedding as a one-patch crop
     calibration, report = Calibration.of(model.config).with_domain(distances.cpu().numpy(), settings)
     calibration.write(model.config)

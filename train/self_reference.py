@@ -75,10 +75,19 @@ def fit_scale_bias(
 
 
 def few_shot_calibration(
-    model, processor, records, map_size: int, shots: int, seed: int = 0, prepared=None, settings=None
+    model,
+    processor,
+    records,
+    map_size: int,
+    shots: int,
+    seed: int = 0,
+    prepared=None,
+    settings=None,
+    images: str = "the held-out split",
 ) -> dict:
     """The few-shot mode's thresholds (`Calibration.with_mode`), written into `model.config`: each held-out image is
-    scored against `shots` held-out normal images of its own category (never itself)."""
+    scored against `shots` held-out normal images of its own category (never itself). `images` names the records in
+    the error raised when they are too few."""
     from assistant.calibration import Calibration
     from data_prep.records import ANOMALOUS
 
@@ -105,7 +114,7 @@ def few_shot_calibration(
             scored = []
     if not scored:
         raise SelfReferenceError(
-            f"--few-shot {shots}: the held-out split needs normal and defective images with at least "
+            f"--few-shot {shots}: {images} needs normal and defective images with at least "
             f"{shots + 1} normal images per category"
         )
     calibration.write(model.config)
