@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -542,6 +543,34 @@ def test_visa_csv_layout_with_defect_id_masks(tmp_path, clip_llama):
     result = results(out)
     assert result["n_scored"] == 4 and [r["class"] for r in result["per_class"]] == ["candle"]
     assert result["summary"]["pixel_AUROC"] is not None and 0.0 <= result["summary"]["pixel_AUPRO"] <= 1.0
+
+
+def test_defective_images_without_masks_count_for_the_image_metrics(tmp_path, clip_llama, capsys):
+    """Image-level labels only (no ground_truth/, or masks for some defects): every test image is scored, the image
+    metrics read all of them and the pixel metrics only the images whose truth is known."""
+    from eval.metrics import image_auroc
+
+    data = write_mvtec(tmp_path / "labels_only", n_good=4, n_bad=4)
+    (data / "bottle" / "ground_truth" / "crack" / "000_mask.png").unlink()
+    (data / "bottle" / "ground_truth" / "crack" / "001_mask.png").unlink()
+    some = tmp_path / "some"
+    assert run("ad", "--data", data, "--model", clip_llama, "--out", some, "--zero-shot", "single") == 0
+    result, lines = results(some), cache_lines(some)
+    assert result["n_scored"] == 8 and len(lines) == 8
+    labels = [int("/crack/" in line["id"]) for line in lines]
+    assert sum(labels) == 4
+    assert result["summary"]["image_AUROC"] == pytest.approx(image_auroc(labels, [line["score"] for line in lines]))
+    assert 0.0 <= result["summary"]["pixel_AUROC"] <= 1.0
+    assert "2 of 4 anomalous images have no ground-truth mask" in capsys.readouterr().out
+
+    shutil.rmtree(data / "bottle" / "ground_truth")
+    none = tmp_path / "none"
+    assert run("ad", "--data", data, "--model", clip_llama, "--out", none, "--zero-shot", "single") == 0
+    result = results(none)
+    assert result["n_scored"] == 8 and result["summary"]["image_AUROC"] == pytest.approx(
+        image_auroc(labels, [line["score"] for line in lines])
+    )
+    assert "pixel_AUROC" not in result["summary"]
 
 
 def test_ad_scoring_without_masks_is_image_level_and_hand_computable():

@@ -17,8 +17,13 @@ COLUMNS = ("object", "split", "label", "image", "mask")
 LABELS = {"normal": NORMAL, "anomaly": ANOMALOUS}
 
 
-def read_visa(root: str | Path, csv_path: str | Path | None = None, full_check: bool = False) -> ReadResult:
-    """Every row of the VisA split CSV as a record; bad rows and unreadable files are problems."""
+def read_visa(
+    root: str | Path, csv_path: str | Path | None = None, full_check: bool = False, masks_required: bool = True
+) -> ReadResult:
+    """Every row of the VisA split CSV as a record; bad rows and unreadable files are problems.
+
+    ``masks_required=False`` keeps an anomaly row without a mask path (``mask=None``: image-level labels only, as the
+    `ad` evaluation takes them)."""
     root = Path(root)
     csv_path = Path(csv_path) if csv_path is not None else root / DEFAULT_CSV
     result = ReadResult()
@@ -47,7 +52,7 @@ def read_visa(root: str | Path, csv_path: str | Path | None = None, full_check: 
         image = root / (row.get("image") or "").strip()
         mask_text = (row.get("mask") or "").strip()
         mask = root / mask_text if mask_text else None
-        if label == ANOMALOUS and mask is None:
+        if label == ANOMALOUS and mask is None and masks_required:
             result.drop(str(csv_path), "anomaly row without a mask path", record_id)
             continue
         reason = pair_problem(image, mask, full_check)

@@ -1,8 +1,11 @@
 """Anomaly-detection metrics on an MVTec-layout folder (also the synthetic sets) or a VisA split CSV.
 
 The test images go through the detection-only path (`AnomalyAssistant.detect`: score and map, no
-text). Metrics per class with `eval.metrics.compute_ad_metrics`: image AUROC, AP, F1-max always;
-pixel AUROC, AUPRO (FPR <= 0.3) and AUPIMO when the set has ground-truth masks. Maps are cached
+text). Metrics per class with `eval.metrics.compute_ad_metrics`: image AUROC, AP, F1-max always, on
+every test image; pixel AUROC, AUPRO (FPR <= 0.3) and AUPIMO when the set has ground-truth masks. A
+defective image without a mask (image-level labels only) still counts for the image metrics; the pixel
+metrics then read the normal images and the defective ones that have a mask, and the notes say how many
+were left out of them. Maps are cached
 downsampled (longest side <= ``--map-size``); masks are resized (nearest) to the cached map size,
 so pixel metrics are computed at that resolution, as anomalib computes them at its eval size.
 The summary is the mean over classes, as MVTec AD and VisA results are published.
@@ -44,13 +47,13 @@ class ADTask(Task):
         except UnknownFormat as error:
             raise DataError(str(error)) from error
         if fmt == "mvtec":
-            result, root = read_mvtec(data), data
+            result, root = read_mvtec(data, masks_required=False), data
         elif fmt == "visa":
             if data.is_dir():
-                result, root = read_visa(data), data
+                result, root = read_visa(data, masks_required=False), data
             else:
                 root = data.parent.parent if data.parent.name == DEFAULT_CSV.parent.name else data.parent
-                result = read_visa(root, data)
+                result = read_visa(root, data, masks_required=False)
         else:
             raise DataError(f"'{data}' is {fmt} data; the ad task reads an MVTec-layout folder or a VisA split CSV")
         records = [r for r in result.records if r.split == "test"]
@@ -120,28 +123,39 @@ class ADTask(Task):
 
     def score(self, samples: list[Sample], predictions: dict[str, dict], options: dict) -> Scores:
         load_map = options["load_map"]
-        with_masks = all(s.mask is not None for s in samples if s.label == 1)
-        notes = [] if with_masks else ["some anomalous images have no ground-truth mask: image-level metrics only"]
+        anomalous = [s for s in samples if s.label == 1]
+        unmasked = sum(s.mask is None for s in anomalous)
+        with_masks = unmasked < len(anomalous)  # pixel metrics when some defective image has a mask
+        notes = []
+        if unmasked and with_masks:
+            notes.append(
+                f"{unmasked} of {len(anomalous)} anomalous images have no ground-truth mask: they count for the image "
+                "metrics only; the pixel metrics read the normal images and the masked anomalous ones"
+            )
+        elif unmasked:
+            notes.append("the anomalous images have no ground-truth masks: image-level metrics only")
         rows = []
         for category in sorted({s.category for s in samples}):
             chosen = [s for s in samples if s.category == category]
             row = {"class": category, "n": len(chosen), "n_anomalous": sum(s.label == 1 for s in chosen)}
             labels = np.array([s.label for s in chosen])
             scores = np.array([predictions[s.key]["score"] for s in chosen], dtype=np.float64)
-            masks = maps = None
-            if with_masks:
-                maps = [load_map(predictions[s.key]["map"]) for s in chosen]
+            metrics = self._metrics(category, labels, scores, None, None, notes)
+            masked = [s for s in chosen if s.label == 0 or s.mask is not None]
+            if metrics and with_masks and any(s.label == 1 for s in masked):
+                maps = [load_map(predictions[s.key]["map"]) for s in masked]
                 shape = Counter(m.shape for m in maps).most_common(1)[0][0]
                 maps = np.stack([_resize(m, shape) for m in maps])
-                masks = np.stack([_mask(s.mask, shape) for s in chosen])
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    metrics = compute(labels, scores, masks, maps)
-                notes.extend(f"{category}: {w.message}" for w in caught if issubclass(w.category, RuntimeWarning))
-            except ValueError as error:
-                notes.append(f"{category}: not scored ({error})")
-                metrics = {}
+                masks = np.stack([_mask(s.mask, shape) for s in masked])
+                pixel = self._metrics(
+                    category,
+                    np.array([s.label for s in masked]),
+                    np.array([predictions[s.key]["score"] for s in masked], dtype=np.float64),
+                    masks,
+                    maps,
+                    notes,
+                )
+                metrics.update({name: pixel[name] for name in PIXEL_METRICS if name in pixel})
             for name in IMAGE_METRICS + (PIXEL_METRICS if with_masks else ()):
                 row[name] = metrics.get(name, float("nan"))
             row["threshold_F1max"] = metrics.get("thresholds", {}).get("image_F1max", float("nan"))
@@ -151,6 +165,19 @@ class ADTask(Task):
             values = [r[name] for r in rows if not math.isnan(r[name])]
             summary[name] = sum(values) / len(values) if values else float("nan")
         return Scores(summary, rows, notes)
+
+    @staticmethod
+    def _metrics(category: str, labels, scores, masks, maps, notes: list[str]) -> dict:
+        """`compute`'s metrics for one class; a class it cannot score gets a note instead (and no metrics)."""
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                metrics = compute(labels, scores, masks, maps)
+            notes.extend(f"{category}: {w.message}" for w in caught if issubclass(w.category, RuntimeWarning))
+        except ValueError as error:
+            notes.append(f"{category}: {'not scored' if masks is None else 'no pixel metrics'} ({error})")
+            return {}
+        return metrics
 
 
 def compute(labels, scores, masks, maps) -> dict:
