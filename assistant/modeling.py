@@ -81,6 +81,8 @@ def map_back(maps: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
 
 #: the weight of the zoomed view (`config.detection_zoom`) in the learned score and map, in logit terms
 ZOOM_WEIGHT = 0.5
+#: crops read by the tower at a time without gradients (`_tower`), which bounds the memory of a large reference set
+TOWER_CHUNK = 32
 
 
 def zoom_tiles(crops: torch.Tensor, zoom: float, patches: int) -> tuple[torch.Tensor, list[int], int]:
@@ -275,7 +277,15 @@ class AnomalyAssistantModel(PreTrainedModel):
         self, pixel_values: torch.Tensor, with_fine: bool = True
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Crops [N, 3, S, S] → projector-layer features [N, P, H], the expert's feature levels and the fine head's
-        maps [N, h, w] (None without a fine head, or without `with_fine`: a reference bank has no use for them)."""
+        maps [N, h, w] (None without a fine head, or without `with_fine`: a reference bank has no use for them).
+
+        Without gradients, at most `TOWER_CHUNK` crops go through the tower at a time, so a large set of references
+        (or the zoom's four tiles of each) holds one chunk's activations, not all of them."""
+        if not torch.is_grad_enabled() and pixel_values.shape[0] > TOWER_CHUNK:
+            parts = [self._tower(chunk, with_fine) for chunk in pixel_values.split(TOWER_CHUNK)]
+            fine = torch.cat([part[2] for part in parts]) if parts[0][2] is not None else None
+            levels = [torch.cat(level) for level in zip(*(part[1] for part in parts))]
+            return torch.cat([part[0] for part in parts]), levels, fine
         pixel_values = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
         fine_stages = self.expert.config.fine_stages if self.expert is not None and with_fine else []
         extra = {"fine_stages": fine_stages} if fine_stages else {}

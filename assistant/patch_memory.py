@@ -40,8 +40,9 @@ TYPICAL = 0.75
 #: the learned score ranks real surfaces' defects better than any map's maximum, and being absolute, it does not
 #: move with the folder's other images
 LEARNED_SCORE_SHARE = 0.25
-#: a reference bank above this many patches is cut to a coreset of this size
-MAX_BANK = 16384
+#: a reference bank above this many patches (256 references of 256 patches) is cut to a coreset of this size. Up to
+#: there an exact search costs less than building the coreset, which takes one pass over the bank per row it keeps
+MAX_BANK = 65536
 #: the folder mode compares each image with at most this many other images (a fixed random sample of the folder),
 #: so its cost grows linearly beyond `MAX_PEERS` + 1 images. On 200-image folders, 128 sampled peers ranked within
 #: 0.001 image AUROC of all 199, 64 within 0.009 (docs/default_model_history.md)

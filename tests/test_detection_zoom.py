@@ -113,3 +113,32 @@ def test_the_zoom_is_saved_with_the_checkpoint_and_a_bad_one_is_refused(tmp_path
     for bad in (0.5, 3):
         with pytest.raises(ValueError, match="detection_zoom must be between 1 and 2"):
             AnomalyAssistantConfig(detection_zoom=bad)
+
+
+def test_a_large_reference_set_is_read_in_chunks_with_the_same_scores(monkeypatch):
+    """Without gradients the tower reads at most `TOWER_CHUNK` crops at a time (a large reference set with the zoom's
+    tiles had held every activation at once); the scores, maps and reference floor are those of one pass."""
+    import assistant.modeling as modeling
+
+    model, processor = _tiny_model()
+    model.config.detection_zoom = 1.5
+    images = [random_image(TILE, TILE, seed=s) for s in range(7)]
+    pixels, sizes = _pixels(processor, images)
+    batches = []
+    tower = model.vision_tower.forward
+    monkeypatch.setattr(model.vision_tower, "forward", lambda x, **k: batches.append(x.shape[0]) or tower(x, **k))
+    with torch.no_grad():
+        whole = model.reference_set(pixels[1:], sizes[1:])
+        maps, scores = model.detect(pixels[:1], sizes[:1], pixels[1:], sizes[1:])
+    assert max(batches) == 24  # the six references' zoom tiles in one pass
+    monkeypatch.setattr(modeling, "TOWER_CHUNK", 5)
+    batches.clear()
+    with torch.no_grad():
+        chunked = model.reference_set(pixels[1:], sizes[1:])
+        chunked_maps, chunked_scores = model.detect(pixels[:1], sizes[:1], pixels[1:], sizes[1:])
+    assert max(batches) == 5
+    assert chunked.floor == pytest.approx(whole.floor, abs=1e-6)
+    torch.testing.assert_close(chunked_scores, scores)
+    torch.testing.assert_close(chunked_maps[0], maps[0])
+    for a, b in zip(chunked.bank, whole.bank):
+        torch.testing.assert_close(a, b)
