@@ -40,9 +40,11 @@ TYPICAL = 0.75
 #: the learned score ranks real surfaces' defects better than any map's maximum, and being absolute, it does not
 #: move with the folder's other images
 LEARNED_SCORE_SHARE = 0.25
-#: a reference bank above this many patches (256 references of 256 patches) is cut to a coreset of this size. Up to
-#: there an exact search costs less than building the coreset, which takes one pass over the bank per row it keeps
+#: a reference bank of up to this many patches (256 references of 256 patches) is searched whole: up to there an exact
+#: search costs less than building a coreset, which takes one pass over the bank per row it keeps
 MAX_BANK = 65536
+#: a larger bank is cut to a greedy coreset of this many patches
+CORESET_SIZE = 16384
 #: the folder mode compares each image with at most this many other images (a fixed random sample of the folder),
 #: so its cost grows linearly beyond `MAX_PEERS` + 1 images. On 200-image folders, 128 sampled peers ranked within
 #: 0.001 image AUROC of all 199, 64 within 0.009 (docs/default_model_history.md)
@@ -75,19 +77,21 @@ def greedy_coreset(bank: torch.Tensor, size: int, projection_dim: int = 128, see
     return chosen
 
 
-def bank_keep(bank: list[torch.Tensor], max_size: int = MAX_BANK) -> torch.Tensor | None:
+def bank_keep(bank: list[torch.Tensor], max_size: int = MAX_BANK, size: int = CORESET_SIZE) -> torch.Tensor | None:
     """The rows of a multi-level reference bank (per level [M, H], rows aligned across levels) that `reduce_bank`
-    keeps: `greedy_coreset` on the levels concatenated, or None when the bank is small enough to keep whole."""
+    keeps: None when it has at most `max_size` rows (kept whole), else `size` of them by `greedy_coreset` on the
+    levels concatenated."""
     if bank[0].shape[0] <= max_size:
         return None
-    return greedy_coreset(torch.cat([unit(level) for level in bank], dim=-1), max_size)
+    return greedy_coreset(torch.cat([unit(level) for level in bank], dim=-1), min(size, max_size))
 
 
-def reduce_bank(bank: list[torch.Tensor], max_size: int = MAX_BANK) -> list[torch.Tensor]:
-    """A multi-level reference bank cut to at most `max_size` rows (`bank_keep`); unchanged when it is small enough.
-    Building the coreset costs far more than one search of the whole bank (`max_size` passes over it), so a caller
-    scoring many images against one set of references reduces its bank once (`AnomalyAssistantModel.reference_set`)."""
-    keep = bank_keep(bank, max_size)
+def reduce_bank(bank: list[torch.Tensor], max_size: int = MAX_BANK, size: int = CORESET_SIZE) -> list[torch.Tensor]:
+    """A multi-level reference bank cut to `size` rows when it has more than `max_size` (`bank_keep`); unchanged
+    otherwise. Building the coreset costs far more than one search of the whole bank (`size` passes over it), so a
+    caller scoring many images against one set of references reduces its bank once
+    (`AnomalyAssistantModel.reference_set`)."""
+    keep = bank_keep(bank, max_size, size)
     return bank if keep is None else [level[keep] for level in bank]
 
 
@@ -156,7 +160,7 @@ def folder_relative(maps: torch.Tensor, typical: float = TYPICAL) -> torch.Tenso
 class ReferenceSet(NamedTuple):
     """What `AnomalyAssistantModel.reference_set` computes once per set of normal references: the leave-one-out
     `floor` for the verdict threshold (None with one reference), their `typical` (`ReferenceTypical`), and their
-    memory `bank` (per expert level, unit patch rows, cut to a coreset above `MAX_BANK` rows)."""
+    memory `bank` (per expert level, unit patch rows, cut to a coreset of `CORESET_SIZE` above `MAX_BANK` rows)."""
 
     floor: float | None
     typical: ReferenceTypical | None

@@ -34,6 +34,7 @@ class ModelAdapter:
         self.device = device
         self.max_new_tokens = max_new_tokens
         self._assistant = None
+        self._references: tuple[tuple, list] = ((), [])  # the last reference paths and their decoded images
 
     @property
     def assistant(self):
@@ -91,12 +92,23 @@ class ModelAdapter:
     def detect(self, sample) -> dict:
         """The detection-only path: ``{"score", "verdict", "anomaly_map"}``, no text."""
         try:
-            report = self.assistant.detect(sample.image, references=sample.extra.get("references"))
+            report = self.assistant.detect(sample.image, references=self._reference_images(sample))
         except ValueError as error:
             if self.assistant.has_expert:
                 raise
             raise AdapterError(str(error)) from error
         return {"score": report.pred_score, "verdict": report.pred_label, "anomaly_map": report.anomaly_map}
+
+    def _reference_images(self, sample) -> list | None:
+        """The sample's normal references, decoded once for every sample of a class that shares them (`--shots K`)."""
+        paths = tuple(sample.extra.get("references") or ())
+        if not paths:
+            return None
+        if self._references[0] != paths:
+            from assistant.imageio import load_image
+
+            self._references = (paths, [load_image(path) for path in paths])
+        return self._references[1]
 
     def detect_folder(self, samples) -> list[dict]:
         """The folder mode: the samples' images scored against each other (`AnomalyAssistant.detect_batch`)."""

@@ -614,21 +614,28 @@ def test_few_shot_ad_uses_normal_training_images_as_references(
     tmp_path, mvtec, clip_llama, reference_run, monkeypatch, capsys
 ):
     from assistant import AnomalyAssistant
+    from eval.adapters import ModelAdapter
 
-    seen = []
-    original = AnomalyAssistant.detect
+    seen, paths = [], []
+    original, decode = AnomalyAssistant.detect, ModelAdapter._reference_images
 
     def spy(self, image, references=None):
         seen.append(references)
         return original(self, image, references=references)
 
     monkeypatch.setattr(AnomalyAssistant, "detect", spy)
+    monkeypatch.setattr(
+        ModelAdapter,
+        "_reference_images",
+        lambda self, sample: paths.append(sample.extra["references"]) or decode(self, sample),
+    )
     out = tmp_path / "one_shot"
     assert run("ad", "--data", mvtec, "--model", clip_llama, "--out", out, "--shots", "1", "--shot-seed", "3") == 0
     assert len(seen) == 8 and all(r is not None and len(r) == 1 for r in seen)
-    assert (
-        len({r[0] for r in seen}) == 1 and "/train/good/" in seen[0][0]
-    )  # one reference for the class, from train/good
+    # one reference for the class, from train/good, decoded once for all its test images
+    assert len({tuple(p) for p in paths}) == 1 and "/train/good/" in paths[0][0]
+    assert all(r is seen[0] for r in seen)
+    assert np.array_equal(np.asarray(seen[0][0]), np.asarray(Image.open(paths[0][0]).convert("RGB")))
     zero, one = cached_scores(reference_run), cached_scores(out)
     assert zero.keys() == one.keys() and any(
         abs(zero[k] - one[k]) > 1e-6 for k in zero

@@ -88,6 +88,9 @@ def test_greedy_coreset_covers_the_bank_better_than_a_random_subset():
     assert covered < random
     levels = reduce_bank([bank, bank * 2], max_size=50)
     assert levels[0].shape == (50, 8) and torch.equal(levels[1], levels[0] * 2)  # rows stay aligned across levels
+    # a bank up to `max_size` rows is searched whole; a larger one is cut to `size` rows
+    assert reduce_bank([bank], max_size=1000, size=50)[0] is bank
+    assert reduce_bank([bank], max_size=999, size=50)[0].shape == (50, 8)
 
 
 @pytest.fixture
@@ -190,8 +193,8 @@ def test_a_large_reference_set_builds_its_coreset_once_for_every_image(clip_llam
     with torch.no_grad():
         rows = model.reference_bank(refs["pixel_values"], refs["image_sizes"])[0].shape[0]
     small = rows // 2  # the coreset applies to this set
-    monkeypatch.setattr(patch_memory.bank_keep, "__defaults__", (small,))
-    monkeypatch.setattr(patch_memory.reduce_bank, "__defaults__", (small,))
+    monkeypatch.setattr(patch_memory.bank_keep, "__defaults__", (small, small))
+    monkeypatch.setattr(patch_memory.reduce_bank, "__defaults__", (small, small))
     built = []
     coreset = patch_memory.greedy_coreset
     monkeypatch.setattr(patch_memory, "greedy_coreset", lambda *a, **k: built.append(1) or coreset(*a, **k))
