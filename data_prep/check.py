@@ -38,8 +38,14 @@ def detect_format(path: str | Path) -> str:
             )
         ):
             return "mvtec"
+        hint = (
+            f"; for images sorted into good/ and defect folders, move those folders into {path / 'test'}"
+            if (path / "good").is_dir()
+            else ""
+        )
         raise UnknownFormat(
             f"{path}: a folder that is neither MVTec layout (<class>/train, <class>/test) nor a VisA root ({DEFAULT_CSV})"
+            + hint
         )
     if path.suffix.lower() == ".csv":
         return "visa"

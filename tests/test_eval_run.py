@@ -573,6 +573,24 @@ def test_defective_images_without_masks_count_for_the_image_metrics(tmp_path, cl
     assert "pixel_AUROC" not in result["summary"]
 
 
+def test_images_sorted_into_good_and_defect_folders_are_told_where_they_go(tmp_path, clip_llama, capsys):
+    data = write_mvtec(tmp_path / "sorted", n_good=3, n_bad=3)
+    part = data / "bottle"
+    shutil.rmtree(part / "ground_truth")
+    shutil.rmtree(part / "train")
+    for folder in (part / "test").iterdir():
+        folder.rename(part / folder.name)
+    (part / "test").rmdir()
+    assert run("ad", "--data", part, "--model", clip_llama, "--out", tmp_path / "refused") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"move those folders into {part / 'test'}" in err and "\n" not in err
+    (part / "test").mkdir()
+    for name in ("good", "crack"):
+        (part / name).rename(part / "test" / name)
+    assert run("ad", "--data", part, "--model", clip_llama, "--out", tmp_path / "run") == 0
+    assert results(tmp_path / "run")["n_scored"] == 6
+
+
 def test_ad_scoring_without_masks_is_image_level_and_hand_computable():
     from eval.tasks import Sample
     from eval.tasks.ad import ADTask
