@@ -529,3 +529,27 @@ def test_flips_and_scale_are_refused_when_the_expert_also_scores_the_tiles(optio
         stage1_augment(cfg, model)
     model.expert.config.views = "base"
     assert stage1_augment(cfg, model).active
+
+
+def test_a_folder_of_sorted_images_is_told_where_they_go_and_then_reads(tmp_path):
+    """`train.calibrate` and the other commands reading labelled images: good/ and defect folders without test/ get
+    the layout's message (where to move them), not "no masked images"; moved there, they read without masks."""
+    from data_prep.synth import SynthPlan, write_dataset
+    from train.data import read_masked_or_fail
+
+    write_dataset(tmp_path / "d", SynthPlan(n=6, families=("pill",), size=64, seed=2, anomaly_ratio=0.5))
+    part = tmp_path / "d" / "pill"
+    for folder in (part / "test").iterdir():
+        folder.rename(part / folder.name)
+    (part / "test").rmdir()
+    for path in ("train", "ground_truth"):
+        subprocess.run(["rm", "-r", str(part / path)], check=True)
+    with pytest.raises(ValueError, match="move those folders into") as caught:
+        read_masked_or_fail(part, masks_required=False)
+    assert "\n" not in str(caught.value)
+    (part / "test").mkdir()
+    for folder in [p for p in part.iterdir() if p.name != "test"]:
+        folder.rename(part / "test" / folder.name)
+    records, _ = read_masked_or_fail(part, masks_required=False)
+    assert {r.label for r in records} == {0, 1} and all(r.mask is None for r in records)
+    assert {r.label for r in read_masked_or_fail(part)[0]} == {0}  # training drops the defects without masks

@@ -90,8 +90,15 @@ def read_masked_or_fail(
         raise ValueError(f"cannot read masked images from {root}: {error}") from None
     skipped.report(str(root))
     if not records:
+        from data_prep.check import UnknownFormat, detect_format
+
+        try:  # a folder of another layout gets the layout's message (and where sorted images go)
+            detect_format(root)
+        except UnknownFormat as error:
+            raise ValueError(str(error)) from None
+        what = "masked images" if masks_required else "labelled images"
         raise ValueError(
-            f"no masked images in {root} (an MVTec-layout folder, the synthetic generator's output or a VisA root)"
+            f"no {what} in {root} (an MVTec-layout folder, the synthetic generator's output or a VisA root)"
         )
     return records, skipped
 
