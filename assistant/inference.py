@@ -435,15 +435,18 @@ class AnomalyAssistant:
         return reports
 
     def _detect_folder(self, images, batch_size: int) -> list[AnomalyReport]:
-        """Folder zero-shot: every image's patches against the other images' (one preprocessing pass, one scoring)."""
+        """Folder zero-shot: every image's patches against the other images' (one preprocessing pass, one scoring). The
+        images are preprocessed chunk by chunk as the tower reads them, so the folder's pixels are never all held."""
         if len(images) < 2:
             raise ValueError("folder zero-shot scoring needs at least 2 images")
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.processor.preprocess(images[start : start + batch_size])
-            chunks.append((pixels["pixel_values"], pixels["image_sizes"]))
+
+        def chunks():
+            for start in range(0, len(images), batch_size):
+                pixels = self.processor.preprocess(images[start : start + batch_size])
+                yield pixels["pixel_values"], pixels["image_sizes"]
+
         with torch.no_grad():
-            crop_maps, scores, distances = self.model.detect_folder(chunks)
+            crop_maps, scores, distances = self.model.detect_folder(chunks())
         calibration = self.model.config.calibration
         scores = calibration.for_new_kinds(scores, distances, "batch")
         far = distances.tolist() if distances is not None else [None] * len(images)

@@ -647,7 +647,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         (docs/default_model_history.md)."""
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
-        features, levels, learned, learned_scores = [], [], [], []
+        levels, learned, learned_scores, distances = [], [], [], []
         for pixel_values, image_sizes in chunks:
             chunk_features, chunk_levels, counts, crops, fine = self._detection_features(pixel_values, image_sizes)
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(chunk_features.device)  # each image's whole view
@@ -658,11 +658,10 @@ class AnomalyAssistantModel(PreTrainedModel):
             _, chunk_scores, chunk_maps = self._look_once(
                 chunk_features, chunk_levels, [1] * len(first), fine=fine, crops=crops
             )
-            features.append(chunk_features)
-            levels.append(chunk_levels)
+            levels.append(chunk_levels)  # the projector-layer features are read here and not kept
             learned.extend(chunk_maps)
             learned_scores.append(chunk_scores)
-        features = torch.cat(features)
+            distances.append(self.domain_distance(chunk_features))
         levels = [torch.cat(level) for level in zip(*levels)]
         calibration = self.config.calibration
         learned_scores = calibration.anchor_folder(torch.cat(learned_scores).float())
@@ -670,11 +669,11 @@ class AnomalyAssistantModel(PreTrainedModel):
         maps = (1 - weight) * folder_relative(torch.cat(learned).float()) + weight * folder_relative(
             mutual_distance(levels, lowest, peers=peers)
         )
-        maps = maps.to(features.device)
+        maps = maps.to(levels[0].device)
         scores = score_share * learned_scores.to(maps.device) + (1 - score_share) * maps.amax(-1)
         scores = calibration.rescale(scores, "batch")
         maps = calibration.rescale(maps, "batch", pixel=True)
-        return [m[None] for m in maps], scores, self.domain_distance(features)
+        return [m[None] for m in maps], scores, None if distances[0] is None else torch.cat(distances)
 
     def domain_embedding(self, features: torch.Tensor) -> torch.Tensor:
         """One unit vector per crop [N, P, H] → [N, H]: its patch features averaged, what the domain check compares."""

@@ -260,3 +260,25 @@ def test_folder_map_fuses_the_mutual_distance_and_the_learned_map_each_relative_
     share = LEARNED_SCORE_SHARE
     assert 0 < share < 1
     assert torch.allclose(scores, share * single + (1 - share) * expected.amax(-1), atol=1e-5)
+
+
+def test_a_folder_is_preprocessed_chunk_by_chunk_as_the_tower_reads_it(clip_llama, monkeypatch):
+    """The folder mode never holds every image's pixels at once: each chunk
+    is preprocessed just before the tower reads it, and the scores are those of the whole folder read in one chunk."""
+    from conftest import random_image
+
+    from assistant import AnomalyAssistant
+
+    assistant = AnomalyAssistant.from_pretrained(clip_llama)
+    model = assistant.model
+    images = [random_image(48, 48, seed=s) for s in range(6)]
+    whole = [r.pred_score for r in assistant.detect_batch(images, zero_shot="batch", batch_size=6)]
+    events = []
+    preprocess, read = assistant.processor.preprocess, model._detection_features
+    monkeypatch.setattr(
+        assistant.processor, "preprocess", lambda *a, **k: events.append("pixels") or preprocess(*a, **k)
+    )
+    monkeypatch.setattr(model, "_detection_features", lambda *a, **k: events.append("tower") or read(*a, **k))
+    chunked = [r.pred_score for r in assistant.detect_batch(images, zero_shot="batch", batch_size=2)]
+    assert events == ["pixels", "tower"] * 3
+    assert chunked == pytest.approx(whole, abs=1e-6)
