@@ -223,13 +223,21 @@ class AnomalyAssistantModel(PreTrainedModel):
         tile = self.config.vision_config.image_size
         return [num_crops(tuple(size), self.config.image_grid_pinpoints, tile) for size in image_sizes]
 
-    def vision_features(self, pixel_values: torch.Tensor, image_sizes, with_fine: bool = False) -> tuple:
+    def vision_features(
+        self, pixel_values: torch.Tensor, image_sizes, with_fine: bool = False, distinct: bool = False
+    ) -> tuple:
         """Run the tower once. Returns the projector-layer features [N, P, H], the expert's levels and crops per image;
-        `with_fine`: also the fine head's maps [N, h, w] (None without a fine head)."""
+        `with_fine`: also the fine head's maps [N, h, w] (None without a fine head). `distinct`: only the crops that
+        differ (`_distinct_crops`), with the counts of those per image: a tile that repeats its image's base view adds
+        rows a reference bank's nearest-neighbour search would find twice."""
         counts = self.crops_per_image(image_sizes)
         crops = self._flat_crops(pixel_values, counts)
         read, index = self._distinct_crops(crops, counts)
-        if read is None:
+        if read is not None and distinct:
+            projector_input, levels, fine = self._tower(crops[read], with_fine)
+            owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(read.device)
+            counts = torch.bincount(owner[read], minlength=len(counts)).tolist()
+        elif read is None:
             projector_input, levels, fine = self._tower(crops, with_fine)
         else:  # the same features as reading every crop, and the same gradients (indexing sums them back)
             projector_input, levels, fine = self._tower(crops[read], with_fine)
@@ -366,7 +374,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         Row-wise, so the bank of several references is the concatenation of their banks, level by level: a caller
         scoring many images against references drawn from one pool computes each reference's bank once.
         """
-        _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes)
+        _, reference_levels, _ = self.vision_features(reference_pixel_values, reference_image_sizes, distinct=True)
         return reduce_bank([bank_rows(level) for level in reference_levels])
 
     @torch.no_grad()
@@ -406,7 +414,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         zoomed = self._zoomed(crops) if crops is not None and self._zooms() else None  # read once, used twice
         _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine, crops=crops, zoomed=zoomed)
         typical = ReferenceTypical.of(learned, learned_maps)
-        _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes)
+        _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes, distinct=True)
         bank = [bank_rows(level) for level in bank_levels]
         rows = bank_levels[0].shape[1]  # patches per crop
         owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(bank_counts) * rows).to(bank[0].device)

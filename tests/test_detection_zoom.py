@@ -142,3 +142,22 @@ def test_a_large_reference_set_is_read_in_chunks_with_the_same_scores(monkeypatc
     torch.testing.assert_close(chunked_maps[0], maps[0])
     for a, b in zip(chunked.bank, whole.bank):
         torch.testing.assert_close(a, b)
+
+
+def test_a_reference_bank_holds_each_distinct_patch_once():
+    """An image that fits one tile gets a tile repeating its base view; the bank keeps that view's patches once, so a
+    set of references holds half the rows to search, and the scores stay the same (a repeat is never nearer)."""
+    from assistant.modeling import bank_rows
+
+    model, processor = _tiny_model()
+    pixels, sizes = _pixels(processor, [random_image(TILE, TILE, seed=30 + i) for i in range(4)])
+    with torch.no_grad():
+        _, levels, counts = model.vision_features(pixels[1:], sizes[1:])
+        bank = model.reference_bank(pixels[1:], sizes[1:])
+        maps, scores = model.detect(pixels[:1], sizes[:1], reference_bank=bank)
+        every = [bank_rows(level) for level in levels]  # the base views and their repeats
+        every_maps, every_scores = model.detect(pixels[:1], sizes[:1], reference_bank=every)
+    assert counts == [2, 2, 2]
+    assert bank[0].shape[0] == every[0].shape[0] // 2 == torch.unique(every[0], dim=0).shape[0]
+    torch.testing.assert_close(scores, every_scores)
+    torch.testing.assert_close(maps[0], every_maps[0])
