@@ -112,6 +112,10 @@ def test_visa_reads_split_csv_and_reports_bad_rows(visa):
     assert any("file not found" in r for r in reasons)
     _assert_accounted(result)
     assert result.n_seen == 6
+    # image-level labels only (the `ad` evaluation): the anomaly row without a mask is kept, with mask=None
+    labels_only = read_visa(visa, masks_required=False)
+    assert [(r.label, r.mask is None) for r in labels_only.records] == [(0, True), (0, True), (1, False), (1, True)]
+    assert not any("without a mask" in p.reason for p in labels_only.dropped)
 
 
 def test_visa_missing_csv_is_a_problem_not_a_crash(tmp_path):
