@@ -173,8 +173,9 @@ class QwenAssistantModel(AnomalyAssistantModel):
     def crops_per_image(self, image_sizes) -> list[int]:
         return [1] * len(image_sizes)  # the whole image at its own resolution, no tiles
 
-    def vision_features(self, pixel_values: torch.Tensor, image_sizes):
-        """The expert's inputs: last-block features [N, S², H], its levels, and one crop per image."""
+    def vision_features(self, pixel_values: torch.Tensor, image_sizes, distinct: bool = False):
+        """The expert's inputs: last-block features [N, S², H], its levels, and one crop per image (so every crop is
+        distinct, whatever `distinct` asks)."""
         _, features, levels = self._tower(pixel_values, self.config.grid_thw(image_sizes))
         return features, levels, [1] * len(image_sizes)
 
