@@ -98,7 +98,7 @@ def model_modes(args) -> None:
     print(
         f"  few-shot, 4 references          {rate(lambda: [assistant.detect(im, references=references) for im in single], 20):7.2f} images/s"
     )
-    many = images(40)  # a reference folder whose bank (40 × its crops × 256 patches) is cut to a coreset
+    many = images(100)  # a reference folder of 100 images (its bank: 25,600 patches of 256 px images)
     start = time.perf_counter()
     assistant.detect(single[0], references=many)
     first = time.perf_counter() - start
@@ -106,11 +106,11 @@ def model_modes(args) -> None:
     query = assistant.processor.preprocess(single[:1])
     refs = assistant.processor.preprocess(many)
     start = time.perf_counter()
-    with torch.no_grad():  # the baseline: the references' pixels each call, so their bank and coreset are rebuilt
+    with torch.no_grad():  # the baseline: the references' pixels each call, so their floor and bank are rebuilt
         assistant.model.detect(query["pixel_values"], query["image_sizes"], refs["pixel_values"], refs["image_sizes"])
     rebuilt = time.perf_counter() - start
     print(
-        f"  few-shot, 40 references         first image {first:.1f} s (the set's floor, typical and coreset), then "
+        f"  few-shot, 100 references        first image {first:.1f} s (the set's floor, typical scores and bank), then "
         f"{per_image:.2f} s per image; {rebuilt:.1f} s per image with the bank rebuilt each call "
         f"({rebuilt / per_image:.0f}x)"
     )
