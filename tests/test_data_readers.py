@@ -116,6 +116,9 @@ def test_visa_reads_split_csv_and_reports_bad_rows(visa):
     labels_only = read_visa(visa, masks_required=False)
     assert [(r.label, r.mask is None) for r in labels_only.records] == [(0, True), (0, True), (1, False), (1, True)]
     assert not any("without a mask" in p.reason for p in labels_only.dropped)
+    from train.data import read_masked  # what `train.calibrate --all-images` reads
+
+    assert len(read_masked(visa, full_check=False, masks_required=False)[0]) == len(labels_only.records)
 
 
 def test_visa_missing_csv_is_a_problem_not_a_crash(tmp_path):

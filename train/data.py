@@ -38,8 +38,8 @@ class Skipped:
 
 
 def read_masked(root: str | Path, full_check: bool = True, masks_required: bool = True) -> tuple[list[Record], Skipped]:
-    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root (an MVTec
-    folder's defective images without a mask too, as `mask=None`, with `masks_required=False`).
+    """Labelled images with masks from an MVTec-layout folder (synthetic output too) or a VisA root (defective images
+    without a mask too, as `mask=None`, with `masks_required=False`).
 
     `full_check=False` opens only the headers (missing, unreadable or empty files, mask sizes); `decode_checked`
     then decodes the records that are used. Held-out splits are drawn from this list (`split_records`), so the split
@@ -49,7 +49,7 @@ def read_masked(root: str | Path, full_check: bool = True, masks_required: bool 
 
     root = Path(root)
     if (root / "split_csv").is_dir():
-        result: ReadResult = read_visa(root, full_check=full_check)
+        result: ReadResult = read_visa(root, full_check=full_check, masks_required=masks_required)
     else:
         result = read_mvtec(root, full_check=full_check, masks_required=masks_required)
     records = [r for r in result.records if r.label is not None]
