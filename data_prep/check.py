@@ -1,8 +1,8 @@
 """Detect a dataset's format from a path and read it with every check on.
 
-Supported: an MVTec-layout folder (also the synthetic generator's output), a VisA root with
-`split_csv/1cls.csv` (or the CSV itself), a LLaVA conversation JSON, VisA-D&R `test_data.json` and
-`visa_dr.json`. JSON files are recognised by their content, falling back to the file name.
+Supported: an MVTec-layout folder (also the synthetic generator's output, and images sorted into good/ and a
+folder per defect), a VisA root with `split_csv/1cls.csv` (or the CSV itself), a LLaVA conversation JSON, VisA-D&R
+`test_data.json` and `visa_dr.json`. JSON files are recognised by their content, falling back to the file name.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .readers import read_llava, read_mvtec, read_visa, read_visa_dr_detection, read_visa_dr_reasoning
+from .readers.mvtec import class_dirs
 from .readers.visa import DEFAULT_CSV
 from .records import ReadResult
 
@@ -30,22 +31,11 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         if (path / DEFAULT_CSV).is_file():
             return "visa"
-        if (
-            (path / "train").is_dir()
-            or (path / "test").is_dir()
-            or any(
-                (child / "train").is_dir() or (child / "test").is_dir() for child in path.iterdir() if child.is_dir()
-            )
-        ):
+        if class_dirs(path):
             return "mvtec"
-        hint = (
-            f"; for images sorted into good/ and defect folders, move those folders into {path / 'test'}"
-            if (path / "good").is_dir()
-            else ""
-        )
         raise UnknownFormat(
-            f"{path}: a folder that is neither MVTec layout (<class>/train, <class>/test) nor a VisA root ({DEFAULT_CSV})"
-            + hint
+            f"{path}: a folder that is neither MVTec layout (<class>/train, <class>/test), label folders "
+            f"(<class>/good and a folder per defect) nor a VisA root ({DEFAULT_CSV})"
         )
     if path.suffix.lower() == ".csv":
         return "visa"

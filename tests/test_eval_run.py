@@ -573,22 +573,33 @@ def test_defective_images_without_masks_count_for_the_image_metrics(tmp_path, cl
     assert "pixel_AUROC" not in result["summary"]
 
 
-def test_images_sorted_into_good_and_defect_folders_are_told_where_they_go(tmp_path, clip_llama, capsys):
-    data = write_mvtec(tmp_path / "sorted", n_good=3, n_bad=3)
-    part = data / "bottle"
-    shutil.rmtree(part / "ground_truth")
-    shutil.rmtree(part / "train")
-    for folder in (part / "test").iterdir():
-        folder.rename(part / folder.name)
-    (part / "test").rmdir()
-    assert run("ad", "--data", part, "--model", clip_llama, "--out", tmp_path / "refused") == 2
+def test_images_sorted_into_good_and_defect_folders_are_scored_as_they_lie(tmp_path, clip_llama, capsys):
+    """Label folders (<class>/good, <class>/<defect>, masks in <class>/ground_truth): the same scores and metrics as
+    the same images in MVTec layout; with --shots the references come from good/ and leave the test set."""
+    data = write_mvtec(tmp_path / "mvtec", n_good=4, n_bad=3)
+    part = tmp_path / "sorted" / "bottle"
+    shutil.copytree(data / "bottle" / "test", part)
+    shutil.copytree(data / "bottle" / "ground_truth", part / "ground_truth")
+    runs = {}
+    for name, root in (("mvtec", data), ("sorted", part)):
+        out = tmp_path / f"run_{name}"
+        assert run("ad", "--data", root, "--model", clip_llama, "--out", out, "--zero-shot", "single") == 0
+        runs[name] = results(out)
+        runs[name]["scores"] = sorted(line["score"] for line in cache_lines(out))
+    assert runs["sorted"]["n_scored"] == 7 and runs["sorted"]["scores"] == runs["mvtec"]["scores"]
+    for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
+        assert runs["sorted"]["summary"][metric] == pytest.approx(runs["mvtec"]["summary"][metric])
+
+    capsys.readouterr()
+    assert run("ad", "--data", part, "--model", clip_llama, "--out", tmp_path / "shots", "--shots", "2") == 0
+    scored = {line["id"] for line in cache_lines(tmp_path / "shots")}
+    assert results(tmp_path / "shots")["n_scored"] == 5 and sum(key.startswith("good/") for key in scored) == 2
+    assert "bottle: no training split, so its 2 references were drawn from its normal images" in capsys.readouterr().out
+
+    assert run("ad", "--data", part, "--model", clip_llama, "--out", tmp_path / "too_many", "--shots", "4") == 2
     err = capsys.readouterr().err.strip()
-    assert f"move those folders into {part / 'test'}" in err and "\n" not in err
-    (part / "test").mkdir()
-    for name in ("good", "crack"):
-        (part / name).rename(part / "test" / name)
-    assert run("ad", "--data", part, "--model", clip_llama, "--out", tmp_path / "run") == 0
-    assert results(tmp_path / "run")["n_scored"] == 6
+    assert "--shots 4: class 'bottle' has only 3 normal images (no training split)" in err and "\n" not in err
+    assert not (tmp_path / "too_many" / "results.json").exists()
 
 
 def test_ad_scoring_without_masks_is_image_level_and_hand_computable():

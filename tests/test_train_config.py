@@ -531,25 +531,24 @@ def test_flips_and_scale_are_refused_when_the_expert_also_scores_the_tiles(optio
     assert stage1_augment(cfg, model).active
 
 
-def test_a_folder_of_sorted_images_is_told_where_they_go_and_then_reads(tmp_path):
-    """`train.calibrate` and the other commands reading labelled images: good/ and defect folders without test/ get
-    the layout's message (where to move them), not "no masked images"; moved there, they read without masks."""
+def test_images_sorted_into_good_and_defect_folders_read_as_labelled_images(tmp_path):
+    """`train.calibrate --all-images` and the other commands reading labelled images: a class folder of good/ and a
+    folder per defect reads as it lies, with the masks in its ground_truth/ when there are any."""
+    import shutil
+
     from data_prep.synth import SynthPlan, write_dataset
     from train.data import read_masked_or_fail
 
     write_dataset(tmp_path / "d", SynthPlan(n=6, families=("pill",), size=64, seed=2, anomaly_ratio=0.5))
-    part = tmp_path / "d" / "pill"
-    for folder in (part / "test").iterdir():
-        folder.rename(part / folder.name)
-    (part / "test").rmdir()
-    for path in ("train", "ground_truth"):
-        subprocess.run(["rm", "-r", str(part / path)], check=True)
-    with pytest.raises(ValueError, match="move those folders into") as caught:
-        read_masked_or_fail(part, masks_required=False)
-    assert "\n" not in str(caught.value)
-    (part / "test").mkdir()
-    for folder in [p for p in part.iterdir() if p.name != "test"]:
-        folder.rename(part / "test" / folder.name)
+    mvtec = tmp_path / "d" / "pill"
+    part = tmp_path / "sorted" / "pill"
+    shutil.copytree(mvtec / "test", part)
+    tested = sorted(p.name for p in (mvtec / "test").rglob("*.png"))
     records, _ = read_masked_or_fail(part, masks_required=False)
-    assert {r.label for r in records} == {0, 1} and all(r.mask is None for r in records)
+    assert sorted(Path(r.image).name for r in records) == tested and {r.label for r in records} == {0, 1}
+    assert all(r.mask is None for r in records) and all(r.split == "test" for r in records)
     assert {r.label for r in read_masked_or_fail(part)[0]} == {0}  # training drops the defects without masks
+    shutil.copytree(mvtec / "ground_truth", part / "ground_truth")
+    masked, _ = read_masked_or_fail(part)
+    assert sorted(Path(r.image).name for r in masked) == tested
+    assert all((r.mask is not None) == (r.label == 1) for r in masked) and {r.label for r in masked} == {0, 1}

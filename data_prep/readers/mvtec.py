@@ -6,6 +6,14 @@
     <root>/<class>/ground_truth/<defect>/<name>_mask.png
 
 `root` may also be a single class folder (one that holds `train/` or `test/`).
+
+Image folders sorted by label (anomalib's `Folder` habit) read as a class without a training split:
+
+    <class>/good/*.png                                   normal images
+    <class>/<defect>/*.png                               anomalous images (any other folder)
+    <class>/ground_truth/<defect>/<name>_mask.png        optional masks, named as MVTec AD names them
+
+Their images are test records (`split="test"`); `<class>` may be `root` itself or a folder under it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,12 @@ def class_dirs(root: Path) -> list[Path]:
 
 
 def _is_class_dir(path: Path) -> bool:
-    return (path / "train").is_dir() or (path / "test").is_dir()
+    return (path / "train").is_dir() or (path / "test").is_dir() or (path / GOOD).is_dir()
+
+
+def _label_folders(class_dir: Path) -> bool:
+    """Whether `class_dir` holds its images in label folders (good/, <defect>/) rather than train/ and test/."""
+    return not (class_dir / "train").is_dir() and not (class_dir / "test").is_dir()
 
 
 def read_mvtec(root: str | Path, full_check: bool = False, masks_required: bool = True) -> ReadResult:
@@ -53,12 +66,15 @@ def _read_class(class_dir: Path, result: ReadResult, full_check: bool, masks_req
     category = class_dir.name
     used_masks: set[Path] = set()
     pending = []  # (image, mask, record id, record), checked together below
-    for split in ("train", "test"):
-        split_dir = class_dir / split
+    # label folders: the class folder itself plays the part of test/ (its ground_truth/ holds the masks)
+    splits = [("test", class_dir)] if _label_folders(class_dir) else [(s, class_dir / s) for s in ("train", "test")]
+    for split, split_dir in splits:
         if not split_dir.is_dir():
             continue
         for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
+            if split_dir == class_dir and (defect == "ground_truth" or defect.startswith(".")):
+                continue
             if split == "train" and defect != GOOD:
                 result.report(str(defect_dir), "train/ should hold only good/ images; folder ignored")
                 continue

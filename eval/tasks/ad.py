@@ -30,7 +30,8 @@ class ADTask(Task):
     name = "ad"
     prompt = "(no text: detection-only path)"
     needs_model = True
-    #: few-shot: this many normal training images of each test image's class are its references
+    #: few-shot: this many normal training images of each test image's class are its references (a class without a
+    #: training split draws them from its normal test images, which then leave its test set)
     shots = 0
     shot_seed = 0
     #: without shots: "single" (each image on its own), "batch" (each class's test images scored against each other)
@@ -70,32 +71,47 @@ class ADTask(Task):
             )
             for i, r in enumerate(records)
         ]
+        self._drawn_from_test = {}
         if self.shots:
-            references = self._references([r for r in result.records if r.split == "train" and r.label == 0])
-            for sample in samples:
-                if sample.category not in references:
-                    raise DataError(
-                        f"--shots {self.shots}: class '{sample.category}' has no normal training images to draw from"
-                    )
-                sample.extra["references"] = references[sample.category]
+            samples = self._with_references(samples, result.records)
         self._samples = samples  # the batch mode scores a class's whole test set together
         return Dataset(samples, [str(p) for p in result.problems], len(samples) + len(result.dropped))
 
-    def _references(self, normals) -> dict[str, list[str]]:
-        """Per class, `shots` normal training images drawn with `shot_seed` (the same for every test image)."""
+    def _with_references(self, samples: list[Sample], records) -> list[Sample]:
+        """The test samples, each with `shots` normal images of its class as references: drawn with `shot_seed` from
+        the class's training images (the same for every test image), or, for a class without any (images sorted into
+        good/ and defect folders), from its normal test images, which then leave the test set (anomalib's `Folder`
+        splits its normal images likewise); `_drawn_from_test` counts them per class for the notes."""
         import random
 
-        by_class: dict[str, list[str]] = {}
-        for record in normals:
-            by_class.setdefault(record.category, []).append(str(record.image))
+        train: dict[str, list[str]] = {}
+        for record in records:
+            if record.split == "train" and record.label == 0:
+                train.setdefault(record.category, []).append(str(record.image))
+        test_normal: dict[str, list[str]] = {}
+        for sample in samples:
+            if sample.label == 0:
+                test_normal.setdefault(sample.category, []).append(str(sample.image))
         chosen = {}
-        for category, paths in sorted(by_class.items()):
-            if len(paths) < self.shots:
+        for category in sorted({s.category for s in samples}):
+            pool = train.get(category) or test_normal.get(category, [])
+            kind = "normal training images" if category in train else "normal images (no training split)"
+            # one normal image stays in the test set, so that a class drawn from its test images can still be ranked
+            spare = 0 if category in train else 1
+            if len(pool) < self.shots + spare:
+                have = len(pool) if category in train else max(len(pool) - spare, 0)
                 raise DataError(
-                    f"--shots {self.shots}: class '{category}' has only {len(paths)} normal training images"
+                    f"--shots {self.shots}: class '{category}' has only {have} {kind} to draw references from"
+                    + ("" if category in train else " while keeping one to test")
                 )
-            chosen[category] = random.Random(f"{self.shot_seed}/{category}").sample(sorted(paths), self.shots)
-        return chosen
+            chosen[category] = random.Random(f"{self.shot_seed}/{category}").sample(sorted(pool), self.shots)
+            if category not in train:
+                self._drawn_from_test[category] = self.shots
+        drawn = {path for category in self._drawn_from_test for path in chosen[category]}
+        kept = [s for s in samples if str(s.image) not in drawn]
+        for sample in kept:
+            sample.extra["references"] = chosen[sample.category]
+        return kept
 
     def class_mode(self, category: str) -> str:
         """How a class's test images are scored without shots: "single" or "batch" (`assistant.batch.choose_zero_shot`
@@ -126,7 +142,11 @@ class ADTask(Task):
         anomalous = [s for s in samples if s.label == 1]
         unmasked = sum(s.mask is None for s in anomalous)
         with_masks = unmasked < len(anomalous)  # pixel metrics when some defective image has a mask
-        notes = []
+        notes = [
+            f"{category}: no training split, so its {count} references were drawn from its normal images and left out "
+            "of its test set"
+            for category, count in sorted(getattr(self, "_drawn_from_test", {}).items())
+        ]
         if unmasked and with_masks:
             notes.append(
                 f"{unmasked} of {len(anomalous)} anomalous images have no ground-truth mask: they count for the image "
