@@ -102,9 +102,28 @@ def test_a_run_takes_foreign_textures_only_from_its_own_families(tmp_path, monke
             n=6, families=("cap",), size=48, anomaly_ratio=1.0, defect_types=("foreign_texture", "poisson_patch")
         ),
     )
-    assert set(drawn) == {"cap"}  # no other family: the defects reuse the image itself
+    assert set(drawn) == {"cap"}  # no other family: no family enters as a foreign texture
     result = read_mvtec(tmp_path / "one")
     assert len(result.records) == 6 and result.problems == []
+
+
+def test_a_one_family_run_still_pastes_a_texture_that_looks_foreign():
+    """Without another family, foreign textures are noise of random colours (`noise_texture`), not the image itself
+    rotated: on a photographed surface such a patch had been the same texture (the model scored it at chance)."""
+    from scipy import ndimage
+
+    shifts, detail = [], []
+    for index in range(6):
+        sample = make_sample("gravel", index, seed=3, size=96, defect_type="foreign_texture", donors=["gravel"])
+        inside, normal = sample.image[sample.mask].astype(float), sample.normal[sample.mask].astype(float)
+        shifts.append(np.abs(inside.mean(0) - normal.mean(0)).max())
+        sample = make_sample("gravel", index, seed=3, size=96, defect_type="poisson_patch", donors=["gravel"])
+        edges = [
+            np.abs(ndimage.laplace(x.astype(float).mean(-1)))[sample.mask].mean() for x in (sample.image, sample.normal)
+        ]
+        detail.append(abs(np.log((edges[0] + 1) / (edges[1] + 1))))
+    # the rotated image itself: a colour shift of 5 grey levels and a change of detail of 0.04 on average
+    assert np.mean(shifts) > 20 and np.mean(detail) > 0.2
 
 
 def test_poisson_blend_keeps_source_gradients_inside_and_target_outside():

@@ -33,7 +33,8 @@ def sample_rng(seed: int, family: str, index: int, stream: int = 0) -> np.random
 
 def donor_source(family: str | None, size: int, rng: np.random.Generator, donors: Sequence[str] | None = None):
     """A callable drawing a foreign texture: a normal image of another procedural family in `donors`
-    (default: every family), or None when there is no other (defects then reuse the image itself, rotated).
+    (default: every family), or None when there is no other (defects then take a texture of no family,
+    `defects.noise_texture`).
 
     A training run passes its own families, so a family it holds out never appears in it, not even as the
     foreign texture of a defect (which would teach the model that the held-out family *is* an anomaly).
