@@ -42,8 +42,9 @@ def evaluate(out: Path, options: dict) -> dict:
     if manifest is None:
         raise cache.RunFolderError(f"'{out}' holds no eval run (no {cache.MANIFEST})")
     task = get_task(manifest["task"])
-    if manifest.get("shots") is not None:  # the run's references: for the ad task they can leave the test set
+    if manifest.get("shots") is not None:  # the run's references, as `eval.run` set them (ad: they leave the test set)
         task.shots, task.shot_seed = manifest["shots"], manifest.get("shot_seed") or 0
+        task.similar_template = manifest.get("templates") == "similar"
     dataset = task.load(Path(manifest["data"]), need_images=False)
     predictions = cache.read_predictions(out)
     errors = {s.key: predictions[s.key]["error"] for s in dataset.samples if "error" in predictions.get(s.key, {})}
