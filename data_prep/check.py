@@ -67,17 +67,21 @@ def _json_format(path: Path) -> str:
     )
 
 
-def read_any(path: str | Path, full_check: bool = True) -> tuple[str, ReadResult]:
-    """(format, result) for `path`, with every image decoded when ``full_check``."""
+def read_any(path: str | Path, full_check: bool = True, masks_required: bool = True) -> tuple[str, ReadResult]:
+    """(format, result) for `path`, with every image decoded when ``full_check``. ``masks_required=False`` reads
+    MVTec-layout and VisA data as `eval.run ad` and `train.calibrate --all-images` do: a defective image without a
+    mask is a record (image-level label), not a problem."""
     path = Path(path)
     fmt = detect_format(path)
+    masks = {} if masks_required else {"masks_required": False}
     if fmt == "visa":
         if path.is_dir():
-            return fmt, read_visa(path, full_check=full_check)
+            return fmt, read_visa(path, full_check=full_check, **masks)
         root = path.parent.parent if path.parent.name == DEFAULT_CSV.parent.name else path.parent
-        return fmt, read_visa(root, path, full_check=full_check)
+        return fmt, read_visa(root, path, full_check=full_check, **masks)
+    if fmt == "mvtec":
+        return fmt, read_mvtec(path, full_check=full_check, **masks)
     reader = {
-        "mvtec": read_mvtec,
         "llava": read_llava,
         "visa_dr_detection": read_visa_dr_detection,
         "visa_dr_reasoning": read_visa_dr_reasoning,

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="detect a dataset's format and list every problem")
     check.add_argument("path", type=Path)
     check.add_argument("--quick", action="store_true", help="read image headers only instead of decoding every image")
+    check.add_argument(
+        "--labels-only",
+        action="store_true",
+        help="defective images may lack masks (as eval.run ad and train.calibrate --all-images read them); "
+        "training the expert needs the masks",
+    )
     return parser
 
 
@@ -156,12 +162,21 @@ def run_check(args) -> int:
     from .check import UnknownFormat, read_any
 
     try:
-        fmt, result = read_any(args.path, full_check=not args.quick)
+        fmt, result = read_any(args.path, full_check=not args.quick, masks_required=not args.labels_only)
     except UnknownFormat as error:
         raise UsageError(str(error)) from None
     for problem in result.problems:
         print(f"problem: {problem}")
-    print(f"{args.path}: {fmt}, {result.n_seen} entries, {len(result.records)} ok, {len(result.problems)} problems")
+    unmasked = sum(r.label == 1 and r.mask is None for r in result.records) if args.labels_only else 0
+    print(
+        f"{args.path}: {fmt}, {result.n_seen} entries, {len(result.records)} ok, {len(result.problems)} problems"
+        + (f" ({unmasked} defective images without a mask: image-level labels)" if unmasked else "")
+    )
+    if not args.labels_only and any("missing ground-truth mask" in str(problem) for problem in result.problems):
+        print(
+            "(defective images without masks are image-level labels to eval.run ad and train.calibrate --all-images: "
+            "check them so with --labels-only)"
+        )
     return EXIT_PROBLEMS if result.problems else EXIT_OK
 
 

@@ -108,3 +108,20 @@ def test_check_detects_visa_dr_files_by_content(tmp_path, capsys):
 def test_module_entry_point_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "data_prep", "check", str(tmp_path)], capture_output=True, text=True)
     assert ok.returncode == 2 and ok.stderr.startswith("error: ") and "Traceback" not in ok.stderr
+
+
+def test_check_labels_only_reads_defects_without_masks_as_labels(synth_dir, capsys):
+    """Masks removed: a problem each for training (with the hint to --labels-only), image-level labels with it."""
+    import shutil
+
+    defects = sum(1 for _ in synth_dir.glob("*/ground_truth/*/*.png"))
+    for family in ("wood", "cap"):
+        shutil.rmtree(synth_dir / family / "ground_truth")
+    capsys.readouterr()
+    assert main(["check", str(synth_dir)]) == 1
+    out = capsys.readouterr().out
+    assert _reported(out, "wood", "missing ground-truth mask") and "--labels-only" in out.splitlines()[-1]
+    assert main(["check", str(synth_dir), "--labels-only"]) == 0
+    out = capsys.readouterr().out
+    assert "problem:" not in out and "16 ok, 0 problems" in out and defects > 0
+    assert f"({defects} defective images without a mask: image-level labels)" in out
