@@ -29,6 +29,7 @@ __all__ = [
     "aupro",
     "compute_ad_metrics",
     "f1_max",
+    "verdict_rates",
     "image_ap",
     "image_auroc",
     "pixel_auroc",
@@ -250,3 +251,22 @@ def compute_ad_metrics(labels, scores, masks=None, maps=None, fpr_limit: float =
     if per_image:
         result["per_image"] = per_image
     return result
+
+
+def verdict_rates(labels, verdicts) -> dict:
+    """The model's own verdicts (its calibrated thresholds, not a threshold chosen on the set) against the labels:
+    ``verdict_accuracy`` (share right), ``false_alarms`` (share of normal images flagged, NaN without normal ones)
+    and ``missed`` (share of anomalous images passed, NaN without anomalous ones). Counts by scikit-learn's
+    ``confusion_matrix``."""
+    from sklearn.metrics import confusion_matrix
+
+    labels = np.asarray(labels, dtype=int)
+    verdicts = np.asarray(verdicts, dtype=bool).astype(int)
+    if labels.shape != verdicts.shape or labels.ndim != 1 or not len(labels):
+        raise ValueError(f"verdict_rates needs one verdict per label, got {labels.shape} and {verdicts.shape}")
+    tn, fp, fn, tp = confusion_matrix(labels, verdicts, labels=[0, 1]).ravel()
+    return {
+        "verdict_accuracy": float((tn + tp) / len(labels)),
+        "false_alarms": float(fp / (tn + fp)) if tn + fp else float("nan"),
+        "missed": float(fn / (fn + tp)) if fn + tp else float("nan"),
+    }

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 import assistant.metrics
 import eval.metrics
 from assistant.metrics import balanced_accuracy_threshold, f1_max, image_ap, image_auroc, pixel_auroc
-from eval.metrics import AUPIMOUndefinedError, aupimo, aupro, compute_ad_metrics
+from eval.metrics import AUPIMOUndefinedError, aupimo, aupro, compute_ad_metrics, verdict_rates
 
 # The classic four-image example:
 #   labels 0    0    1     1
@@ -393,3 +393,13 @@ def test_results_json_writes_undefined_numbers_as_null():
         "rows": [None, 0.5, [None, 2]],
         "n": 3,
     }
+
+
+def test_verdict_rates_hand_computed():
+    # 3 normal images (one flagged), 4 anomalous (one passed): 5 of 7 right
+    rates = verdict_rates([0, 0, 0, 1, 1, 1, 1], [False, True, False, True, True, False, True])
+    assert rates == pytest.approx({"verdict_accuracy": 5 / 7, "false_alarms": 1 / 3, "missed": 1 / 4})
+    only_normal = verdict_rates([0, 0], [True, False])
+    assert only_normal["false_alarms"] == 0.5 and math.isnan(only_normal["missed"])
+    with pytest.raises(ValueError, match="one verdict per label"):
+        verdict_rates([0, 1], [True])

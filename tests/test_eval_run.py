@@ -328,6 +328,14 @@ def test_ad_metrics_and_cached_maps(reference_run):
     lines = cache_lines(reference_run)
     labels = [int("/crack/" in line["id"]) for line in lines]
     assert result["summary"]["image_AUROC"] == pytest.approx(image_auroc(labels, [line["score"] for line in lines]))
+    # the model's own verdicts, as cached: false alarms among the normal images, misses among the anomalous ones
+    flagged = {0: [], 1: []}
+    for label, line in zip(labels, lines):
+        flagged[label].append(line["verdict"])
+    assert result["summary"]["false_alarms"] == pytest.approx(np.mean(flagged[0]))
+    assert result["summary"]["missed"] == pytest.approx(1 - np.mean(flagged[1]))
+    right = np.mean([line["verdict"] == bool(label) for label, line in zip(labels, lines)])
+    assert result["summary"]["verdict_accuracy"] == pytest.approx(right)
     stored = np.load(reference_run / lines[0]["map"])
     assert stored.dtype == np.float16 and stored.shape == (32, 32)
     assert (reference_run / "worst").is_dir() and len(list((reference_run / "worst").glob("*.png"))) == 8

@@ -2,7 +2,8 @@
 
 The test images go through the detection-only path (`AnomalyAssistant.detect`: score and map, no
 text). Metrics per class with `eval.metrics.compute_ad_metrics`: image AUROC, AP, F1-max always, on
-every test image; pixel AUROC, AUPRO (FPR <= 0.3) and AUPIMO when the set has ground-truth masks. A
+every test image; the model's own verdicts' accuracy, false alarms and misses at its calibrated thresholds
+(`eval.metrics.verdict_rates`); pixel AUROC, AUPRO (FPR <= 0.3) and AUPIMO when the set has ground-truth masks. A
 defective image without a mask (image-level labels only) still counts for the image metrics; the pixel
 metrics then read the normal images and the defective ones that have a mask, and the notes say how many
 were left out of them. Maps are cached
@@ -23,6 +24,8 @@ import numpy as np
 from .base import DataError, Dataset, Sample, Scores, Task
 
 IMAGE_METRICS = ("image_AUROC", "image_AP", "image_F1max")
+#: at the model's own thresholds (`eval.metrics.verdict_rates`), when every scored image has a verdict
+VERDICT_METRICS = ("verdict_accuracy", "false_alarms", "missed")
 PIXEL_METRICS = ("pixel_AUROC", "pixel_AUPRO", "pixel_AUPIMO")
 
 
@@ -142,6 +145,10 @@ class ADTask(Task):
         anomalous = [s for s in samples if s.label == 1]
         unmasked = sum(s.mask is None for s in anomalous)
         with_masks = unmasked < len(anomalous)  # pixel metrics when some defective image has a mask
+        from ..metrics import verdict_rates
+
+        # a model without thresholds gives no verdict: then only the threshold-free metrics
+        with_verdicts = all(predictions[s.key].get("verdict") is not None for s in samples)
         notes = [
             f"{category}: no training split, so its {count} references were drawn from its normal images and left out "
             "of its test set"
@@ -179,9 +186,11 @@ class ADTask(Task):
             for name in IMAGE_METRICS + (PIXEL_METRICS if with_masks else ()):
                 row[name] = metrics.get(name, float("nan"))
             row["threshold_F1max"] = metrics.get("thresholds", {}).get("image_F1max", float("nan"))
+            if with_verdicts:
+                row.update(verdict_rates(labels, [predictions[s.key]["verdict"] for s in chosen]))
             rows.append(row)
         summary = {"n": len(samples), "n_classes": len(rows)}
-        for name in IMAGE_METRICS + (PIXEL_METRICS if with_masks else ()):
+        for name in IMAGE_METRICS + (PIXEL_METRICS if with_masks else ()) + (VERDICT_METRICS if with_verdicts else ()):
             values = [r[name] for r in rows if not math.isnan(r[name])]
             summary[name] = sum(values) / len(values) if values else float("nan")
         return Scores(summary, rows, notes)
