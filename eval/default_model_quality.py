@@ -110,9 +110,15 @@ def best_threshold_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def row_metrics(items: list[dict]) -> dict:
-    from eval.metrics import image_auroc, pixel_auroc
+    from eval.metrics import image_auroc, pixel_auroc, verdict_rates
 
     labels = np.array([it["label"] for it in items])
+    nan = float("nan")
+    verdicts = (
+        verdict_rates(labels, [it["pred_label"] for it in items])
+        if items
+        else {"verdict_accuracy": nan, "false_alarms": nan}
+    )
     scores = np.array([it["score"] for it in items])
     anomalous = [it for it in items if it["label"]]
     texts = [it for it in items if "claim" in it]
@@ -122,8 +128,8 @@ def row_metrics(items: list[dict]) -> dict:
         "n_anomalous": int(labels.sum()),
         "image_AUROC": image_auroc(labels, scores),
         "pixel_AUROC": pixel_auroc(np.stack([it["mask"] for it in items]), np.stack([it["map"] for it in items])),
-        "verdict_accuracy": _rate([it["pred_label"] == bool(it["label"]) for it in items]),
-        "false_alarms": _rate([it["pred_label"] for it in items if not it["label"]]),
+        "verdict_accuracy": verdicts["verdict_accuracy"],
+        "false_alarms": verdicts["false_alarms"],
         "verdict_accuracy_best_threshold": best_threshold_accuracy(labels, scores) if len(items) else float("nan"),
         "location_accuracy": _rate([it["location"] == it["gt_location"] for it in anomalous]),
         "location_accuracy_detected": _rate(
