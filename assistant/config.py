@@ -39,6 +39,14 @@ def checked_zoom(zoom) -> float:
     return float(zoom)
 
 
+def zoom_geometry(size: int, zoom: float, patches: int) -> tuple[int, int]:
+    """(extra patches per axis, side in pixels) of a crop of `size` pixels enlarged about `zoom` times, the growth
+    rounded to whole patches of size // `patches` pixels so that the zoom's tiles' patch grids line up."""
+    stride = size // patches
+    extra = int(round((zoom - 1) * size / stride))
+    return extra, size + extra * stride
+
+
 class AnomalyAssistantConfig(PretrainedConfig):
     """Vision tower + anomaly expert + look-twice selector + projector + causal LM.
 
@@ -177,6 +185,19 @@ class AnomalyAssistantConfig(PretrainedConfig):
     @property
     def has_expert(self) -> bool:
         return self.expert_config is not None
+
+    @property
+    def zoom_source_side(self) -> int | None:
+        """The side of the enlarged base view the zoom reads (`detection_zoom` > 1, an expert that scores each image's
+        base view): the processor makes it from the image itself (`AssistantProcessor.zoom_views`), so an image larger
+        than the crop keeps its own detail there. None otherwise (the zoom, if any, enlarges the crops)."""
+        if (
+            self.detection_zoom <= 1.0
+            or not self.has_expert
+            or (self.expert_config or {}).get("views", "base") != "base"
+        ):
+            return None
+        return zoom_geometry(self.vision_config.image_size, self.detection_zoom, self.patches_per_side)[1]
 
     @property
     def patches_per_side(self) -> int:

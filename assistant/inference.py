@@ -71,6 +71,12 @@ class AnomalyReport:
         return answer_record(self.answer, self.evidence(), heatmap)
 
 
+def _zoom(pixels: dict) -> dict:
+    """The enlarged base views the processor made for the model's zoom (`zoom_pixel_values`), as keyword arguments;
+    nothing for a model without that zoom (and for the Qwen processor)."""
+    return {"zoom_pixel_values": pixels["zoom_pixel_values"]} if "zoom_pixel_values" in pixels else {}
+
+
 #: a reference whose colour histogram shares less than this with the query's is another kind of part
 REFERENCE_MIN_COLOUR_OVERLAP = 0.25
 #: ... or whose width or height differs from the query's by more than this factor
@@ -274,7 +280,7 @@ class AnomalyAssistant:
                 return self._reference_sets[key]
         refs = refs if refs is not None else self.processor.preprocess(references)
         with torch.no_grad():
-            found = self.model.reference_set(refs["pixel_values"], refs["image_sizes"])
+            found = self.model.reference_set(refs["pixel_values"], refs["image_sizes"], **_zoom(refs))
         with self._lock:
             self._reference_sets[key] = found
             while len(self._reference_sets) > 8:
@@ -305,6 +311,7 @@ class AnomalyAssistant:
             refs["image_sizes"] if refs else None,
             reference_typical=typical,
             reference_bank=bank,
+            **_zoom(pixels),
         )
         calibration = self.model.config.calibration
         if references and visual.scores is not None:  # the references' own spread raises the verdict threshold
@@ -409,6 +416,7 @@ class AnomalyAssistant:
                     with_domain=True,
                     reference_bank=bank,
                     reference_typical=typical,
+                    **_zoom(pixels),
                 )
             scores = calibration.raise_to(scores, floor) if references else calibration.for_new_kinds(scores, distances)
             far = distances.tolist() if distances is not None else [None] * len(chunk)
@@ -443,7 +451,7 @@ class AnomalyAssistant:
         def chunks():
             for start in range(0, len(images), batch_size):
                 pixels = self.processor.preprocess(images[start : start + batch_size])
-                yield pixels["pixel_values"], pixels["image_sizes"]
+                yield pixels["pixel_values"], pixels["image_sizes"], *_zoom(pixels).values()
 
         with torch.no_grad():
             crop_maps, scores, distances = self.model.detect_folder(chunks())

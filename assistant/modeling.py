@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import AnomalyAssistantConfig
+from .config import AnomalyAssistantConfig, zoom_geometry
 from .expert import AnomalyExpert, ExpertConfig, blend_fine, reference_distance
 from .loss import fused_loss_applies, linear_cross_entropy
 from .patch_memory import (
@@ -32,6 +32,7 @@ from .patch_memory import (
     reduce_bank,
     relative_to,
 )
+from .processing import enlarge
 from .projector import Projector, num_crops, pack_image_features, pool_crops
 from .selector import LookTwiceSelector, SelectorConfig
 
@@ -85,16 +86,22 @@ ZOOM_WEIGHT = 0.5
 TOWER_CHUNK = 32
 
 
-def zoom_tiles(crops: torch.Tensor, zoom: float, patches: int) -> tuple[torch.Tensor, list[int], int]:
-    """Crops [N, C, S, S] enlarged about `zoom` times (bicubic; the growth rounded to whole patches of S // `patches`
-    pixels, so the tiles' patch grids line up) and cut into tiles of the crop's size at both ends of each axis
-    (overlapping below 2x): (tiles [N·T, C, S, S], each tile's offset in patches along one axis, the enlarged grid's
-    side in patches). Four tiles for any zoom in (1, 2]."""
+def zoom_tiles(
+    crops: torch.Tensor, zoom: float, patches: int, source: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[int], int]:
+    """Crops [N, C, S, S] enlarged about `zoom` times (`config.zoom_geometry`: the growth rounded to whole patches of
+    S // `patches` pixels, so the tiles' patch grids line up) and cut into tiles of the crop's size at both ends of
+    each axis (overlapping below 2x): (tiles [N·T, C, S, S], each tile's offset in patches along one axis, the enlarged
+    grid's side in patches). Four tiles for any zoom in (1, 2]. `source` [N, C, side, side], when given, is the
+    enlarged view already made (`AssistantProcessor.zoom_views`, from the images themselves); otherwise the crops are
+    enlarged (`enlarge`, bicubic)."""
     size = crops.shape[-1]
     stride = size // patches  # a tower whose patches do not fill the crop (SigLIP: 27 x 14 of 384) drops the rest
-    extra = int(round((zoom - 1) * size / stride))
-    side = size + extra * stride
-    big = nn.functional.interpolate(crops.float(), size=(side, side), mode="bicubic", align_corners=False)
+    extra, side = zoom_geometry(size, zoom, patches)
+    if source is not None and tuple(source.shape[-2:]) == (side, side) and source.shape[0] == crops.shape[0]:
+        big = source.to(crops.device).float()
+    else:
+        big = enlarge(crops, side).float()
     starts = sorted({0, extra * stride})
     tiles = [big[..., y : y + size, x : x + size] for y in starts for x in starts]
     return torch.stack(tiles, 1).flatten(0, 1).to(crops.dtype), sorted({0, extra}), patches + extra
@@ -316,12 +323,13 @@ class AnomalyAssistantModel(PreTrainedModel):
         reference_image_sizes=None,
         reference_typical=None,
         reference_bank=None,
+        zoom_pixel_values=None,
     ) -> VisualEncoding:
         """Image tokens for the LLM, and — with an expert — anomaly maps, scores and look-twice tokens.
 
         `reference_*` are normal images of the same object (the few-shot mode); they apply to every image
         in the batch (`reference_typical` and `reference_bank`: theirs, as `reference_set` gives them, computed when
-        not given).
+        not given). `zoom_pixel_values`: the images' enlarged base views for the zoom, as the processor makes them.
         """
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         features, levels, counts, fine = self.vision_features(pixel_values, image_sizes, with_fine=True)
@@ -360,6 +368,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             bank=reference_bank,
             typical=reference_typical,
             fine=fine,
+            zoomed=self._zoom_of(crops, zoom_pixel_values),
         )
         encoding.anomaly_embeds = [self.multi_modal_projector(t) for t in tokens]
         return encoding
@@ -378,24 +387,30 @@ class AnomalyAssistantModel(PreTrainedModel):
         return reduce_bank([bank_rows(level) for level in reference_levels])
 
     @torch.no_grad()
-    def reference_typical(self, reference_pixel_values: torch.Tensor, reference_image_sizes):
+    def reference_typical(self, reference_pixel_values: torch.Tensor, reference_image_sizes, zoom_pixel_values=None):
         """How the few-shot references score on their own (`ReferenceTypical`: their median zero-shot learned score,
         for `Calibration.anchor`, and their learned maps' typical patch); None without an expert. One tower pass
         over the references."""
         if self.expert is None:
             return None
-        return ReferenceTypical.of(*self.reference_learned(reference_pixel_values, reference_image_sizes))
+        return ReferenceTypical.of(
+            *self.reference_learned(reference_pixel_values, reference_image_sizes, zoom_pixel_values)
+        )
 
     @torch.no_grad()
-    def reference_learned(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> tuple:
-        """The references' zero-shot learned scores [N] and crop maps, as `detect` gives them without references."""
+    def reference_learned(self, reference_pixel_values: torch.Tensor, reference_image_sizes, zoom_pixel_values=None):
+        """The references' zero-shot learned scores [N] and crop maps, as `detect` gives them without references
+        (`zoom_pixel_values`: their enlarged base views, as the processor makes them)."""
         sizes = [tuple(int(v) for v in size) for size in reference_image_sizes]
         features, levels, counts, crops, fine = self._detection_features(reference_pixel_values, sizes)
-        _, scores, maps = self._look_once(features, levels, counts, fine=fine, crops=crops)
+        zoomed = self._zoom_of(crops, zoom_pixel_values)
+        _, scores, maps = self._look_once(features, levels, counts, fine=fine, crops=crops, zoomed=zoomed)
         return scores, maps
 
     @torch.no_grad()
-    def reference_set(self, reference_pixel_values: torch.Tensor, reference_image_sizes) -> ReferenceSet:
+    def reference_set(
+        self, reference_pixel_values: torch.Tensor, reference_image_sizes, zoom_pixel_values=None
+    ) -> ReferenceSet:
         """What scoring against one set of normal references needs, computed once (`ReferenceSet`): `floor`, the
         highest few-shot score a reference gets against the other references (leave-one-out), on the zero-shot
         scale, or None with fewer than two references: references that score high against each other vary more
@@ -411,7 +426,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert is None:
             return ReferenceSet(None, None, None)
         features, levels, counts, crops, fine = self._detection_features(reference_pixel_values, sizes)
-        zoomed = self._zoomed(crops) if crops is not None and self._zooms() else None  # read once, used twice
+        zoomed = self._zoom_of(crops, zoom_pixel_values)  # read once, used twice
         _, learned, learned_maps = self._look_once(features, levels, counts, fine=fine, crops=crops, zoomed=zoomed)
         typical = ReferenceTypical.of(learned, learned_maps)
         _, bank_levels, bank_counts = self.vision_features(reference_pixel_values, sizes, distinct=True)
@@ -564,18 +579,23 @@ class AnomalyAssistantModel(PreTrainedModel):
         """Whether the expert also reads each crop enlarged (`config.detection_zoom` > 1, not in training)."""
         return self.config.detection_zoom > 1.0 and not self.training
 
+    def _zoom_of(self, crops, source=None):
+        """`_zoomed` of the scored crops when the zoom applies (None otherwise), from `source`, the images' own
+        enlarged base views (`zoom_pixel_values`), when given."""
+        return self._zoomed(crops, source) if crops is not None and self._zooms() else None
+
     def _needs_crops(self) -> bool:
         """Whether detection re-reads the crops' pixels: more views (`_scores_views`) or a zoom (`_zooms`)."""
         return self._scores_views() or self._zooms()
 
-    def _zoomed(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _zoomed(self, crops: torch.Tensor, source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned map [N, P] and score [N] of crops [N, 3, S, S] enlarged `config.detection_zoom` times, in four
         tiles of the crop's size (`zoom_tiles`): each tile is read as a crop of its own (expert, fine head and
         look-twice score, no references), the map is the tiles' maps laid back and max-pooled to the crop's grid
         (`stitch_tiles`), the score the highest tile's. Thin lines one or two pixels wide become features the
         stride-8 and stride-16 stages see; four more tower passes per crop."""
         patches = self.config.patches_per_side
-        tiles, offsets, side = zoom_tiles(crops, self.config.detection_zoom, patches)
+        tiles, offsets, side = zoom_tiles(crops, self.config.detection_zoom, patches, source)
         features, levels, fine = self._tower(tiles)
         _, scores, maps = self._look_once(features, levels, [1] * tiles.shape[0], fine=fine)
         maps = stitch_tiles(torch.cat(maps), offsets, side, patches)
@@ -608,6 +628,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         with_domain: bool = False,
         reference_typical=None,
         with_fine: bool = False,
+        zoom_pixel_values=None,
     ):
         """The detection-only path: vision tower + expert + selector, no projector, no LLM.
 
@@ -615,6 +636,7 @@ class AnomalyAssistantModel(PreTrainedModel):
         values `encode_images` gives, and with `with_domain` also each image's `domain_distance` (None without a
         domain bank). The few-shot references come as pixels or as their `reference_bank` and `reference_typical`.
         `with_fine` (stage 1's loss): (crop_maps, scores, the fine head's maps [N, h, w] or None) instead.
+        `zoom_pixel_values`: the images' enlarged base views for the zoom, as the processor makes them.
         """
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
@@ -629,6 +651,7 @@ class AnomalyAssistantModel(PreTrainedModel):
             reference_bank,
             reference_typical,
             fine,
+            zoomed=self._zoom_of(crops, zoom_pixel_values),
         )
         if with_fine:
             return crop_maps, scores, fine
@@ -642,8 +665,9 @@ class AnomalyAssistantModel(PreTrainedModel):
     ):
         """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
         images' (MuSc; in a folder of more than `peers` + 1 images, against the same `peers` of them). `chunks` are
-        (pixel_values, image_sizes) batches as the processor makes them, read through the tower and the expert one
-        at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
+        (pixel_values, image_sizes) batches as the processor makes them, or (pixel_values, image_sizes,
+        zoom_pixel_values) for a zoom that reads the images' own enlarged views, read through the tower and the
+        expert one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
         `detect`: each image's map on its scored crop fuses, as the few-shot mode does (`reference_weight`), the
         mutual distance and the expert's learned map, each relative to the folder's typical patch
         (`folder_relative`); the score is `score_share` of the expert's learned image score (as zero-shot, absolute)
@@ -656,15 +680,16 @@ class AnomalyAssistantModel(PreTrainedModel):
         if self.expert is None:
             raise ValueError("this model has no anomaly expert, so it cannot score images")
         levels, learned, learned_scores, distances = [], [], [], []
-        for pixel_values, image_sizes in chunks:
+        for pixel_values, image_sizes, *zoom_source in chunks:
             chunk_features, chunk_levels, counts, crops, fine = self._detection_features(pixel_values, image_sizes)
             first = torch.tensor([0] + counts[:-1]).cumsum(0).to(chunk_features.device)  # each image's whole view
             chunk_features, chunk_levels = chunk_features[first], [level[first] for level in chunk_levels]
             fine = fine[first] if fine is not None else None
             crops = crops[first.to(crops.device)] if crops is not None else None
             # each image's own zero-shot map [P] and learned score, as the single-image mode gives them
+            zoomed = self._zoom_of(crops, zoom_source[0] if zoom_source else None)
             _, chunk_scores, chunk_maps = self._look_once(
-                chunk_features, chunk_levels, [1] * len(first), fine=fine, crops=crops
+                chunk_features, chunk_levels, [1] * len(first), fine=fine, crops=crops, zoomed=zoomed
             )
             levels.append(chunk_levels)  # the projector-layer features are read here and not kept
             learned.extend(chunk_maps)
@@ -731,14 +756,16 @@ class AnomalyAssistantModel(PreTrainedModel):
         use_cache: bool | None = None,
         visual: VisualEncoding | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        zoom_pixel_values: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Causal-LM forward (loss when `labels` are given). Images come as pixels or a precomputed `visual`."""
+        """Causal-LM forward (loss when `labels` are given). Images come as pixels (with the processor's
+        `zoom_pixel_values` when it makes them) or a precomputed `visual`."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
             if visual is None and pixel_values is not None:
-                visual = self.encode_images(pixel_values, image_sizes)
+                visual = self.encode_images(pixel_values, image_sizes, zoom_pixel_values=zoom_pixel_values)
             inputs_embeds = self.merge_embeddings(input_ids, visual)
         if (
             labels is not None

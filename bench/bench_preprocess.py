@@ -37,14 +37,14 @@ def main() -> None:
     processor = AnomalyAssistant.from_pretrained(args.model).processor
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.n)]
-    ours = [processor.preprocess([im]) for im in images]
+    ours = [processor.preprocess([im], zoom=False) for im in images]
     theirs = [processor.image_processor([im], return_tensors="pt") for im in images]
     same = all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(ours, theirs))
     times = {"processor": [], "preprocess": []}
     for _ in range(args.repeats):
         for name, fn in (
             ("processor", lambda im: processor.image_processor([im], return_tensors="pt")),
-            ("preprocess", lambda im: processor.preprocess([im])),
+            ("preprocess", lambda im: processor.preprocess([im], zoom=False)),
         ):
             start = time.perf_counter()
             for im in images:

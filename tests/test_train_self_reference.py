@@ -205,7 +205,8 @@ def test_few_shot_scoring_with_kept_reference_features_gives_the_reference_pixel
     labels, scores, maps, _ = scoring.score_records(model, processor, records, 32, references, prepared=prepared)
     assert len(calls) == len({n.image for r in records for n in references(r)}) < 2 * len(records)
     for index, record in enumerate(records):
-        pixels, size, _ = prepared(record)
+        pixels, size, _, zoom = prepared(record)
+        assert zoom is None  # this model does not zoom
         refs = [prepared(n) for n in references(record)]
         with torch.no_grad():
             crop_maps, score = model.detect(pixels, [size], torch.cat([r[0][0] for r in refs]), [r[1] for r in refs])

@@ -42,8 +42,10 @@ class Prepared:
     def __init__(self, processor, map_size: int, keep_bytes: int = 0):
         self.processor, self.map_size, self.keep_bytes, self._items, self._kept = processor, map_size, keep_bytes, {}, 0
 
-    def __call__(self, record) -> tuple[torch.Tensor, tuple[int, int], np.ndarray]:
-        """(pixel_values [1, crops, 3, S, S], (height, width), mask [map_size, map_size] bool)."""
+    def __call__(self, record) -> tuple[torch.Tensor, tuple[int, int], np.ndarray, torch.Tensor | None]:
+        """(pixel_values [1, crops, 3, S, S], (height, width), mask [map_size, map_size] bool, the zoom's enlarged
+        base view [1, 3, Z, Z] or None: `AssistantProcessor.preprocess`'s `zoom_pixel_values`, so that thresholds are
+        fitted on the scores inference gives)."""
         from .data import load_mask, load_rgb, mask_at
 
         key = (record.image, record.mask)
@@ -52,8 +54,9 @@ class Prepared:
         image = load_rgb(record.image)
         size = (image.height, image.width)
         mask = mask_at(load_mask(record.mask, size), self.map_size).numpy() > 0.5
-        item = (self.processor.preprocess([image])["pixel_values"], size, mask)
-        nbytes = item[0].numel() * item[0].element_size()
+        pixels = self.processor.preprocess([image])
+        item = (pixels["pixel_values"], size, mask, pixels.get("zoom_pixel_values"))
+        nbytes = sum(t.numel() * t.element_size() for t in (item[0], item[3]) if t is not None)
         if self._kept + nbytes <= self.keep_bytes:
             self._items[key], self._kept = item, self._kept + nbytes
         return item
@@ -98,10 +101,10 @@ def score_records(
         key = (record.image, record.mask)
         if key in banks:
             return banks[key]
-        pixels, size, _ = prepared(record)
+        pixels, size, _, zoom = prepared(record)
         # LLaVA's pixels are [1, crops, 3, S, S], a Qwen base's flat patches already one image's
         pixels = pixels[0] if pixels.dim() == 5 else pixels
-        bank = model.reference_bank(pixels, [size]), *model.reference_learned(pixels, [size])
+        bank = model.reference_bank(pixels, [size]), *model.reference_learned(pixels, [size], zoom)
         nbytes = sum(level.numel() * level.element_size() for level in bank[0])
         if (
             kept + nbytes <= REFERENCE_BANK_BYTES
@@ -121,7 +124,14 @@ def score_records(
                 if parts
                 else None
             )
-        crop_maps, batch_scores = model.detect(pixels, sizes, reference_bank=bank, reference_typical=typical)
+        zoom = torch.cat([item[3] for item in group]) if group[0][3] is not None else None
+        crop_maps, batch_scores = model.detect(
+            pixels,
+            sizes,
+            reference_bank=bank,
+            reference_typical=typical,
+            **({"zoom_pixel_values": zoom} if zoom is not None else {}),
+        )
         maps.extend(small_maps(model, crop_maps, sizes, map_size).float().cpu().numpy())
         masks.extend(item[2] for item in group)
         scores.extend(float(v) for v in batch_scores)
