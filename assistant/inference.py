@@ -71,12 +71,6 @@ class AnomalyReport:
         return answer_record(self.answer, self.evidence(), heatmap)
 
 
-def _zoom(pixels: dict) -> dict:
-    """The enlarged base views the processor made for the model's zoom (`zoom_pixel_values`), as keyword arguments;
-    nothing for a model without that zoom (and for the Qwen processor)."""
-    return {"zoom_pixel_values": pixels["zoom_pixel_values"]} if "zoom_pixel_values" in pixels else {}
-
-
 #: a reference whose colour histogram shares less than this with the query's is another kind of part
 REFERENCE_MIN_COLOUR_OVERLAP = 0.25
 #: ... or whose width or height differs from the query's by more than this factor
@@ -280,7 +274,7 @@ class AnomalyAssistant:
                 return self._reference_sets[key]
         refs = refs if refs is not None else self.processor.preprocess(references)
         with torch.no_grad():
-            found = self.model.reference_set(refs["pixel_values"], refs["image_sizes"], **_zoom(refs))
+            found = self.model.reference_set(refs["pixel_values"], refs["image_sizes"], refs.get("zoom_pixel_values"))
         with self._lock:
             self._reference_sets[key] = found
             while len(self._reference_sets) > 8:
@@ -311,7 +305,7 @@ class AnomalyAssistant:
             refs["image_sizes"] if refs else None,
             reference_typical=typical,
             reference_bank=bank,
-            **_zoom(pixels),
+            zoom_pixel_values=pixels.get("zoom_pixel_values"),
         )
         calibration = self.model.config.calibration
         if references and visual.scores is not None:  # the references' own spread raises the verdict threshold
@@ -416,7 +410,7 @@ class AnomalyAssistant:
                     with_domain=True,
                     reference_bank=bank,
                     reference_typical=typical,
-                    **_zoom(pixels),
+                    zoom_pixel_values=pixels.get("zoom_pixel_values"),
                 )
             scores = calibration.raise_to(scores, floor) if references else calibration.for_new_kinds(scores, distances)
             far = distances.tolist() if distances is not None else [None] * len(chunk)
@@ -451,7 +445,7 @@ class AnomalyAssistant:
         def chunks():
             for start in range(0, len(images), batch_size):
                 pixels = self.processor.preprocess(images[start : start + batch_size])
-                yield pixels["pixel_values"], pixels["image_sizes"], *_zoom(pixels).values()
+                yield pixels["pixel_values"], pixels["image_sizes"], pixels.get("zoom_pixel_values")
 
         with torch.no_grad():
             crop_maps, scores, distances = self.model.detect_folder(chunks())

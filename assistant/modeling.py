@@ -98,10 +98,12 @@ def zoom_tiles(
     size = crops.shape[-1]
     stride = size // patches  # a tower whose patches do not fill the crop (SigLIP: 27 x 14 of 384) drops the rest
     extra, side = zoom_geometry(size, zoom, patches)
-    if source is not None and tuple(source.shape[-2:]) == (side, side) and source.shape[0] == crops.shape[0]:
-        big = source.to(crops.device).float()
-    else:
+    if source is None:
         big = enlarge(crops, side).float()
+    elif tuple(source.shape) != (crops.shape[0], crops.shape[1], side, side):
+        raise ValueError(f"the zoom's views are {tuple(source.shape)}, expected {(*crops.shape[:2], side, side)}")
+    else:
+        big = source.to(crops.device).float()
     starts = sorted({0, extra * stride})
     tiles = [big[..., y : y + size, x : x + size] for y in starts for x in starts]
     return torch.stack(tiles, 1).flatten(0, 1).to(crops.dtype), sorted({0, extra}), patches + extra
@@ -665,9 +667,9 @@ class AnomalyAssistantModel(PreTrainedModel):
     ):
         """Folder zero-shot (`assistant.patch_memory.mutual_distance`): every image's patches scored against the other
         images' (MuSc; in a folder of more than `peers` + 1 images, against the same `peers` of them). `chunks` are
-        (pixel_values, image_sizes) batches as the processor makes them, or (pixel_values, image_sizes,
-        zoom_pixel_values) for a zoom that reads the images' own enlarged views, read through the tower and the
-        expert one at a time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
+        (pixel_values, image_sizes[, zoom_pixel_values]) batches as the processor makes them (the third, when given
+        and not None, the images' own enlarged views for the zoom), read through the tower and the expert one at a
+        time; the images together need ≥ 2. Returns (crop_maps, scores, domain distances) like
         `detect`: each image's map on its scored crop fuses, as the few-shot mode does (`reference_weight`), the
         mutual distance and the expert's learned map, each relative to the folder's typical patch
         (`folder_relative`); the score is `score_share` of the expert's learned image score (as zero-shot, absolute)

@@ -232,8 +232,10 @@ class QwenAssistantModel(AnomalyAssistantModel):
         reference_image_sizes=None,
         reference_typical=None,
         reference_bank=None,
+        zoom_pixel_values=None,
     ) -> VisualEncoding:
-        """Image tokens for the LLM and, with an expert, maps, scores and look-twice tokens (see the parent)."""
+        """Image tokens for the LLM and, with an expert, maps, scores and look-twice tokens (see the parent; Qwen's
+        processor makes no `zoom_pixel_values`, so a zoom, if set, enlarges the crops)."""
         image_sizes = [tuple(int(v) for v in size) for size in image_sizes]
         grid = self.config.grid_thw(image_sizes)
         merged, features, levels = self._tower(pixel_values, grid)

@@ -160,6 +160,7 @@ def run_instruct(args) -> int:
 def run_check(args) -> int:
     """`check`: print the format, the record count and every problem; exit 1 when there are any."""
     from .check import UnknownFormat, read_any
+    from .records import MISSING_MASK
 
     try:
         fmt, result = read_any(args.path, full_check=not args.quick, masks_required=not args.labels_only)
@@ -172,7 +173,7 @@ def run_check(args) -> int:
         f"{args.path}: {fmt}, {result.n_seen} entries, {len(result.records)} ok, {len(result.problems)} problems"
         + (f" ({unmasked} defective images without a mask: image-level labels)" if unmasked else "")
     )
-    if not args.labels_only and any("missing ground-truth mask" in str(problem) for problem in result.problems):
+    if not args.labels_only and any(MISSING_MASK in str(problem) for problem in result.problems):
         print(
             "(defective images without masks are image-level labels to eval.run ad and train.calibrate --all-images: "
             "check them so with --labels-only)"

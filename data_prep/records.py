@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NORMAL, ANOMALOUS = 0, 1
+#: the problem a reader reports for a defective image without its mask (training needs masks; `data_prep check
+#: --labels-only` and the evaluation do not)
+MISSING_MASK = "missing ground-truth mask"
 _LABEL_WORDS = {"normal": NORMAL, "good": NORMAL, "anomaly": ANOMALOUS, "anomalous": ANOMALOUS, "abnormal": ANOMALOUS}
 
 

@@ -113,12 +113,7 @@ def row_metrics(items: list[dict]) -> dict:
     from eval.metrics import image_auroc, pixel_auroc, verdict_rates
 
     labels = np.array([it["label"] for it in items])
-    nan = float("nan")
-    verdicts = (
-        verdict_rates(labels, [it["pred_label"] for it in items])
-        if items
-        else {"verdict_accuracy": nan, "false_alarms": nan}
-    )
+    verdicts = verdict_rates(labels, [it["pred_label"] for it in items])
     scores = np.array([it["score"] for it in items])
     anomalous = [it for it in items if it["label"]]
     texts = [it for it in items if "claim" in it]

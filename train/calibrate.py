@@ -51,8 +51,7 @@ def batch_mode_scores(model, processor, records, map_size: int, prepared=None):
             continue
         items = [prepared(records[i]) for i in indices]
         with torch.no_grad():
-            chunks = [(item[0], [item[1]], *([item[3]] if item[3] is not None else [])) for item in items]
-            crop_maps, batch_scores, _ = model.detect_folder(chunks)
+            crop_maps, batch_scores, _ = model.detect_folder([(item[0], [item[1]], item[3]) for item in items])
         maps.extend(small_maps(model, crop_maps, [item[1] for item in items], map_size).float().cpu().numpy())
         masks.extend(item[2] for item in items)
         scores.extend(float(v) for v in batch_scores)

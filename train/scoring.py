@@ -126,11 +126,7 @@ def score_records(
             )
         zoom = torch.cat([item[3] for item in group]) if group[0][3] is not None else None
         crop_maps, batch_scores = model.detect(
-            pixels,
-            sizes,
-            reference_bank=bank,
-            reference_typical=typical,
-            **({"zoom_pixel_values": zoom} if zoom is not None else {}),
+            pixels, sizes, reference_bank=bank, reference_typical=typical, zoom_pixel_values=zoom
         )
         maps.extend(small_maps(model, crop_maps, sizes, map_size).float().cpu().numpy())
         masks.extend(item[2] for item in group)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..images import is_image_file, pair_problems
-from ..records import ANOMALOUS, NORMAL, ReadResult, Record
+from ..records import ANOMALOUS, MISSING_MASK, NORMAL, ReadResult, Record
 
 GOOD = "good"
 
@@ -85,7 +85,7 @@ def _read_class(class_dir: Path, result: ReadResult, full_check: bool, masks_req
                     mask = class_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
                     if not mask.is_file():
                         if masks_required:
-                            result.drop(str(mask), "missing ground-truth mask", record_id)
+                            result.drop(str(mask), MISSING_MASK, record_id)
                             continue
                         mask = None
                     else:

@@ -10,7 +10,7 @@ import csv
 from pathlib import Path
 
 from ..images import pair_problem
-from ..records import ANOMALOUS, NORMAL, ReadResult, Record
+from ..records import ANOMALOUS, MISSING_MASK, NORMAL, ReadResult, Record
 
 DEFAULT_CSV = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
@@ -53,7 +53,7 @@ def read_visa(
         mask_text = (row.get("mask") or "").strip()
         mask = root / mask_text if mask_text else None
         if label == ANOMALOUS and mask is None and masks_required:
-            result.drop(str(csv_path), "anomaly row without a mask path", record_id)
+            result.drop(str(csv_path), f"{MISSING_MASK} (an anomaly row without a mask path)", record_id)
             continue
         reason = pair_problem(image, mask, full_check)
         if reason is not None:

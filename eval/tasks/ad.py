@@ -102,10 +102,9 @@ class ADTask(Task):
             # one normal image stays in the test set, so that a class drawn from its test images can still be ranked
             spare = 0 if category in train else 1
             if len(pool) < self.shots + spare:
-                have = len(pool) if category in train else max(len(pool) - spare, 0)
                 raise DataError(
-                    f"--shots {self.shots}: class '{category}' has only {have} {kind} to draw references from"
-                    + ("" if category in train else " while keeping one to test")
+                    f"--shots {self.shots}: class '{category}' has only {max(len(pool) - spare, 0)} {kind} to draw "
+                    "references from" + ("" if category in train else " while keeping one to test")
                 )
             chosen[category] = random.Random(f"{self.shot_seed}/{category}").sample(sorted(pool), self.shots)
             if category not in train:
