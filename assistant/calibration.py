@@ -85,9 +85,6 @@ class Calibration:
     #: the zero-shot verdict threshold for such an image scored on its own (`for_new_kinds`): the highest of the
     #: held-out thresholds that are as good as the chosen one (`threshold_range`); None: the image threshold
     novel_image_threshold: float | None = None
-    #: the same for the folder mode, on its raw scale: the top of the batch fit's range (`with_mode`); None: its
-    #: threshold
-    novel_batch_threshold: float | None = None
     #: the folder and few-shot modes: the highest median zero-shot score of a held-out folder's normal images (a
     #: folder per training surface, `with_typical_top`); a folder whose typical image (`typical_score`), or a set of
     #: normal references whose median, scores above it has its learned scores shifted down (`anchor`); None: never
@@ -104,7 +101,7 @@ class Calibration:
             self.domain_threshold = float(self.domain_threshold)
         if self.novel_threshold is not None:
             self.novel_threshold = float(self.novel_threshold)
-        for name in ("novel_image_threshold", "novel_batch_threshold", "typical_score_top"):
+        for name in ("novel_image_threshold", "typical_score_top"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, float(value))
@@ -129,7 +126,6 @@ class Calibration:
             getattr(config, "domain_threshold", None),
             getattr(config, "novel_threshold", None),
             getattr(config, "novel_image_threshold", None),
-            getattr(config, "novel_batch_threshold", None),
             getattr(config, "typical_score_top", None),
         )
 
@@ -143,7 +139,6 @@ class Calibration:
         config.domain_threshold = self.domain_threshold
         config.novel_threshold = self.novel_threshold
         config.novel_image_threshold = self.novel_image_threshold
-        config.novel_batch_threshold = self.novel_batch_threshold
         config.typical_score_top = self.typical_score_top
 
     # -- fitting ----------------------------------------------------------------------------------
@@ -181,8 +176,7 @@ class Calibration:
     def with_mode(
         self, mode: str, labels, scores, maps, masks, settings: CalibrationConfig | None = None
     ) -> tuple[Calibration, dict]:
-        """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores; for
-        the folder (batch) mode also the top of its range for new kinds of surface (`for_new_kinds`)."""
+        """This calibration plus `mode`'s own thresholds, fitted on that mode's raw (un-rescaled) held-out scores."""
         if mode not in MODES:
             raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
         settings = settings or CalibrationConfig()
@@ -191,17 +185,11 @@ class Calibration:
             raise ValueError(f"{mode} calibration needs normal and anomalous held-out images")
         pair = [min(max(report[key], 1e-4), 1 - 1e-4) for key in ("image_threshold", "pixel_threshold")]
         report["image_threshold"], report["pixel_threshold"] = pair
-        changes = {"modes": {**self.modes, mode: pair}}
-        if mode == "batch":
-            changes["novel_batch_threshold"] = _range_top(report)
-        return self.replace(**changes), report
+        return self.replace(modes={**self.modes, mode: pair}), report
 
     def without_mode(self, mode: str) -> Calibration:
         """This calibration with `mode`'s thresholds cleared (its scores then stay on their raw scale)."""
-        changes = {"modes": {k: v for k, v in self.modes.items() if k != mode}}
-        if mode == "batch":
-            changes["novel_batch_threshold"] = None
-        return self.replace(**changes)
+        return self.replace(modes={k: v for k, v in self.modes.items() if k != mode})
 
     def with_typical_top(
         self, folder_scores, folder_labels, settings: CalibrationConfig | None = None, names=None
@@ -289,23 +277,15 @@ class Calibration:
             return values
         return _move(values, min(float(floor), 1 - 1e-6), self.image_threshold)
 
-    def novel_top(self, mode: str = "single") -> float | None:
-        """The verdict threshold on the zero-shot scale for an image past the new-kind distance, scored on its own
-        ("single") or in a folder ("batch"); None when the mode has none."""
-        if mode == "single":
-            return self.novel_image_threshold
-        if mode == "batch":
-            top = self.novel_batch_threshold
-            return None if top is None or "batch" not in self.modes else float(self.rescale(top, "batch"))
-        raise ValueError(f"new-kind thresholds exist for the single and batch modes, not {mode!r}")
-
-    def for_new_kinds(self, values, distances, mode: str = "single"):
-        """Zero-shot scores [N] (tensor) of one image each ("single") or of a folder ("batch"), with each image past
-        the new-kind distance (`is_novel`, or farther: out of domain) re-mapped so that its mode's top (`novel_top`)
-        lands on the image threshold (as `raise_to` does for references): on a surface training did not show, normal
-        scores shift up, so the verdict takes the most cautious threshold the held-out images cannot tell from the
-        chosen one. Unchanged without distances or that threshold; order kept within each group."""
-        top = self.novel_top(mode)
+    def for_new_kinds(self, values, distances):
+        """Zero-shot scores [N] (tensor) of images scored each on its own, with each image past the new-kind distance
+        (`is_novel`, or farther: out of domain) re-mapped so that `novel_image_threshold` lands on the image
+        threshold (as `raise_to` does for references): on a surface training did not show, normal scores shift up,
+        so the verdict takes the most cautious threshold the held-out images cannot tell from the chosen one.
+        Unchanged without distances or that threshold; order kept within each group. The folder mode needs no such
+        raise: its typical-image shift (`anchor_folder`) takes a new surface's scores back down by how far they
+        rose, and its verdicts balance better without one (docs/default_model_history.md)."""
+        top = self.novel_image_threshold
         if distances is None or top is None or top <= self.image_threshold:
             return values
         novel = [self.is_past_new_kind(float(d)) for d in distances]
@@ -385,7 +365,7 @@ def _logit(p: float) -> float:
 
 def _range_top(report: dict) -> float:
     """The top of a fit's range of equally good image thresholds (`threshold_range`), kept at or above the chosen
-    threshold and below 1: the verdict threshold for images of a new kind (`Calibration.novel_top`)."""
+    threshold and below 1: the verdict threshold for images of a new kind (`Calibration.for_new_kinds`)."""
     return min(max(report["image_threshold_range"][1], report["image_threshold"]), 1 - 1e-4)
 
 

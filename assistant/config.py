@@ -94,7 +94,6 @@ class AnomalyAssistantConfig(PretrainedConfig):
             report advises references or a folder); None: no check.
         novel_image_threshold: the zero-shot verdict threshold for such an image scored on its own (its score is
             given on the image threshold's scale, `Calibration.for_new_kinds`); None: the image threshold.
-        novel_batch_threshold: the same for the folder mode, on its raw scale; None: its threshold.
         typical_score_top: the highest median learned score of a held-out folder's normal images; a folder whose
             typical image, or normal references whose median, scores above it has its learned scores shifted down
             (`Calibration.anchor`); None: never. All thresholds are fitted and written by `assistant.calibration`.
@@ -129,7 +128,6 @@ class AnomalyAssistantConfig(PretrainedConfig):
         domain_threshold: float | None = None,
         novel_threshold: float | None = None,
         novel_image_threshold: float | None = None,
-        novel_batch_threshold: float | None = None,
         typical_score_top: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
@@ -162,7 +160,6 @@ class AnomalyAssistantConfig(PretrainedConfig):
             domain_threshold,
             novel_threshold,
             novel_image_threshold,
-            novel_batch_threshold,
             typical_score_top,
         ).write(self)
         if int(image_token_pooling) < 1:
@@ -177,6 +174,9 @@ class AnomalyAssistantConfig(PretrainedConfig):
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"
             )
         self.format_version = int(format_version)
+        # checkpoints calibrated before the folder mode lost its raised threshold for new kinds carry this key; it is
+        # not used, and dropping it here keeps it out of the config they are saved with again
+        kwargs.pop("novel_batch_threshold", None)
         tie = kwargs.pop("tie_word_embeddings", None)
         if tie is None and self.text_config is not None:
             tie = getattr(self.text_config, "tie_word_embeddings", False)

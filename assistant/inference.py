@@ -96,15 +96,16 @@ def floor_warning(floor: float | None, threshold: float) -> list[str]:
 
 def novelty_warning(calibration, distance, mode: str = "single") -> list[str]:
     """The note a report scored without references carries when the image lies past the new-kind distance: in domain
-    but of a kind training did not show (`Calibration.is_novel`), or out of domain altogether. Its threshold is then
-    the cautious one (`Calibration.for_new_kinds`); scored on its own ("single"), the note also advises references or
-    a folder, the modes whose verdicts carry over to new surfaces."""
+    but of a kind training did not show (`Calibration.is_novel`), or out of domain altogether. Scored on its own
+    ("single"), its threshold is then the cautious one (`Calibration.for_new_kinds`) and the note also advises
+    references or a folder, the modes whose verdicts carry over to new surfaces; in a folder ("batch") the note only
+    names the new kind."""
     if not calibration.is_past_new_kind(distance):
         return []
-    top, threshold = calibration.novel_top(mode), calibration.image_threshold
+    top, threshold = calibration.novel_image_threshold, calibration.image_threshold
     raised = (
         f"; its threshold is raised to {top:.2f} (the score is given on the {threshold:.2f} scale)"
-        if top is not None and top > threshold
+        if mode == "single" and top is not None and top > threshold
         else ""
     )
     if calibration.is_out_of_domain(distance):
@@ -450,7 +451,6 @@ class AnomalyAssistant:
         with torch.no_grad():
             crop_maps, scores, distances = self.model.detect_folder(chunks())
         calibration = self.model.config.calibration
-        scores = calibration.for_new_kinds(scores, distances, "batch")
         far = distances.tolist() if distances is not None else [None] * len(images)
         warnings = [novelty_warning(calibration, d, "batch") for d in far]
         return self._reports(images, crop_maps, scores, distances, warnings)

@@ -144,25 +144,21 @@ def test_a_new_kind_of_surface_takes_the_top_of_the_held_out_threshold_range():
     )
 
 
-def test_the_folder_mode_keeps_its_own_top_for_new_kinds_on_its_raw_scale():
-    """The batch fit keeps the top of its own range; `novel_top("batch")` gives it on the zero-shot scale (where the
-    folder's scores are compared), clearing the mode clears it, and a mode without such a top is an error."""
-    import numpy as np
-    import pytest
-
+def test_a_new_kind_in_a_folder_is_judged_at_the_folders_own_threshold():
+    """Only an image scored on its own is judged at the raised threshold for new kinds; in a folder the new kind is
+    named but its threshold is the folder's own. A checkpoint calibrated when the folder mode kept a raised top of
+    its own still loads, and saving its config again drops that unused key."""
     from assistant.calibration import Calibration
+    from assistant.config import AnomalyAssistantConfig
+    from assistant.inference import novelty_warning
 
-    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    scores = np.array([0.6, 0.62, 0.65, 0.7, 0.85, 0.9, 0.92, 0.95])  # a folder mode's raw scale
-    maps, masks = np.zeros((8, 4, 4)), np.zeros((8, 4, 4), dtype=bool)
-    maps[4:, 0, 0], masks[4:, 0, 0] = 1.0, True
-    calibration, report = Calibration(image_threshold=0.5).with_mode("batch", labels, scores, maps, masks)
-    assert report["image_threshold_range"] == [0.7, 0.85] and calibration.novel_batch_threshold == 0.85
-    top = calibration.novel_top("batch")
-    assert top == pytest.approx(float(calibration.rescale(0.85, "batch"))) and 0.5 < top < 1.0
-    assert calibration.without_mode("batch").novel_top("batch") is None
-    with pytest.raises(ValueError, match="single and batch"):
-        calibration.novel_top("few_shot")
+    calibration = Calibration(0.5, 0.5, domain_threshold=0.2, novel_threshold=0.1, novel_image_threshold=0.8)
+    single, folder = (novelty_warning(calibration, 0.15, mode) for mode in ("single", "batch"))
+    assert "threshold is raised to 0.80" in single[0] and "references" in single[0]
+    assert "new to the model" in folder[0] and "raised" not in folder[0]
+    assert novelty_warning(calibration, 0.05, "batch") == []
+    old = AnomalyAssistantConfig(batch_thresholds=(0.7, 0.8), novel_batch_threshold=0.85)
+    assert Calibration.of(old).modes["batch"] == [0.7, 0.8] and "novel_batch_threshold" not in old.to_dict()
 
 
 def test_a_folder_whose_typical_image_scores_above_every_training_folder_is_shifted_back():

@@ -160,19 +160,20 @@ def test_references_that_vary_raise_the_threshold_on_a_surface_training_never_sa
 @pytest.mark.parametrize(("name", "seed"), [("gravel", 12), ("tissue", 11)])
 def test_a_folder_of_a_surface_training_never_saw_flags_the_defect_and_fewer_normal_crops(assistant, name, seed):
     """What the new-kind advice promises, on fixed crops of the two surfaces training never saw: scored as a folder
-    (each image against the others), the crop with a hole ranks first and is flagged, and at most one of the nine
-    normal crops is, no more than when each is scored on its own. Over 60 crops per surface the folder mode's false
-    alarms are 3.3% (docs/default_model.md)."""
+    (each image against the others), the crop with a hole ranks first and is flagged, while at most two of the nine
+    normal crops are. Judged at the folder's own threshold (no raise for new kinds), a mostly normal folder of a
+    new kind can flag a normal crop that the single-image mode's raised threshold passes; over 60 crops per surface,
+    half of them defective, the folder mode's false alarms are 1.7% (docs/default_model.md)."""
     from eval.default_model_quality import sample_of
 
     normals = [Image.fromarray(sample_of(name, 2 * i, seed, 256, None).image) for i in range(9)]
     folder = [*normals[:4], Image.fromarray(sample_of(name, 1, seed, 256, "hole").image), *normals[4:]]
-    single = assistant.detect_batch(folder)
     reports = assistant.detect_batch(folder, zero_shot="batch")
     assert reports[4].pred_label and max(range(len(reports)), key=lambda i: reports[i].pred_score) == 4
-    flagged = [sum(r.pred_label for i, r in enumerate(group) if i != 4) for group in (reports, single)]
-    assert flagged[0] <= min(1, flagged[1]), flagged
-    assert all(any("threshold is raised" in w for w in r.warnings) for r in reports)  # all past the new-kind distance
+    assert sum(r.pred_label for i, r in enumerate(reports) if i != 4) <= 2
+    # all past the new-kind distance: named as such, judged at the folder's own threshold
+    notes = [" ".join(r.warnings) for r in reports]
+    assert all(("new to the model" in n or "far from everything" in n) and "raised" not in n for n in notes), notes
 
 
 def test_a_folder_of_a_far_surface_is_not_called_anomalous_throughout(assistant):
@@ -279,6 +280,6 @@ def test_inspect_lists_each_report_warning_for_a_folder_of_a_surface_training_ne
     assert main(["inspect", str(folder), "--out", str(out)]) == 0
     lines = (out / "warnings.txt").read_text().splitlines()
     assert sorted(line.split(":")[0] for line in lines) == [f"crop_{i}.png" for i in range(8)]
-    assert all("threshold is raised" in line for line in lines)
+    assert all(("new to the model" in line or "far from everything" in line) for line in lines)
     err = capsys.readouterr().err
     assert "each against the folder's other images" in err and "8 of 8 reports carry a warning" in err
