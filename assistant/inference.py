@@ -137,19 +137,27 @@ def report_warnings(
 
 
 def reference_warnings(image: Image.Image, references, histograms: list[np.ndarray] | None = None) -> list[str]:
-    """Warnings for normal references that do not look like the inspected part.
+    """Warnings for normal references that do not look like the inspected part, or that are the inspected image.
 
     The rule (kept simple on purpose): a reference is flagged when its coarse colour histogram (4 levels
     per channel) overlaps the query's by less than `REFERENCE_MIN_COLOUR_OVERLAP` (histogram
     intersection, 1 = same colours), or its width or height is more than `REFERENCE_SIZE_RATIO` times
     the query's or less than its inverse. The score is still computed against it. `histograms`: the
-    references' own (`_colour_histogram`), when computed once for many images.
+    references' own (`_colour_histogram`), when computed once for many images. A reference with the image's own
+    pixels (`inspect DIR --reference DIR`, say) matches it everywhere, so the image scores as normal whatever it
+    shows: that is said too (the histograms pick the candidates, so a folder costs no pixel comparison per pair).
     """
     query = _colour_histogram(image)
     if histograms is None:
         histograms = [_colour_histogram(reference) for reference in references]
     found = []
     for number, (reference, histogram) in enumerate(zip(references, histograms), start=1):
+        if _same_pixels(reference, image, histogram, query):
+            found.append(
+                f"reference {number} is this image itself: an image matches itself everywhere, so it scores as "
+                "normal whatever it shows; leave it out of the references"
+            )
+            continue
         overlap = float(np.minimum(histogram, query).sum())
         ratio = max(
             max(reference.width, image.width) / min(reference.width, image.width),
@@ -166,6 +174,13 @@ def reference_warnings(image: Image.Image, references, histograms: list[np.ndarr
                 f"reference {number} may show another kind of part: {' and '.join(why)}; the score compares against it"
             )
     return found
+
+
+def _same_pixels(reference: Image.Image, image: Image.Image, reference_histogram, histogram) -> bool:
+    """Whether two images have the same size and RGB pixels; the colour histograms rule most pairs out first."""
+    if reference.size != image.size or not np.array_equal(reference_histogram, histogram):
+        return False
+    return reference.convert("RGB").tobytes() == image.convert("RGB").tobytes()
 
 
 #: what an answer about an image of a kind of surface new to the model ends with, scored on its own

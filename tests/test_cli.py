@@ -91,6 +91,27 @@ def test_a_reference_of_another_kind_of_part_is_warned_about(clip_llama, tmp_pat
     assert code == 0 and out.startswith("verdict: ") and "warning: reference 1 may show another kind of part" in err
 
 
+def test_a_reference_that_is_the_image_itself_is_warned_about(tmp_path, capsys):
+    """The image given as one of its own references matches itself everywhere: the default model calls the stained
+    board normal then, and the report says why (a copy under another name counts; an image of a like part does not)."""
+    import shutil
+
+    copy = tmp_path / "copy.png"
+    shutil.copy("examples/wood_stain.png", copy)
+    base = ["ask", "examples/wood_stain.png", "--json", "--max-new-tokens", "3"]
+    code, out, _ = run([*base, "--reference", str(copy)], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["anomalous"] is False
+    assert [w for w in report["warnings"] if "itself" in w] == [
+        "reference 1 is this image itself: an image matches itself everywhere, so it scores as normal whatever it "
+        "shows; leave it out of the references"
+    ]
+    pill = ["ask", "examples/pill_contamination.png", "--json", "--max-new-tokens", "3"]
+    code, out, _ = run([*pill, "--reference", "examples/pill_good.png"], capsys)
+    assert code == 0 and json.loads(out)["anomalous"] is True
+    assert not any("itself" in w for w in json.loads(out)["warnings"])
+
+
 def test_a_reference_folder_stands_for_its_images(clip_llama, tmp_path, capsys):
     """`ask --reference DIR` uses the image files in DIR, as `inspect --reference` does: the same report as listing
     them; an empty folder is a one-line error."""
