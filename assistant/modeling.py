@@ -93,16 +93,26 @@ def zoom_tiles(
     S // `patches` pixels, so the tiles' patch grids line up) and cut into tiles of the crop's size at both ends of
     each axis (overlapping below 2x): (tiles [N·T, C, S, S], each tile's offset in patches along one axis, the enlarged
     grid's side in patches). Four tiles for any zoom in (1, 2]. `source` [N, C, side, side], when given, is the
-    enlarged view already made (`AssistantProcessor.zoom_views`, from the images themselves); otherwise the crops are
-    enlarged (`enlarge`, bicubic)."""
+    enlarged view already made (`AssistantProcessor.zoom_views`, from the images themselves), and its side sets the
+    zoom (`config.detection_zoom_large` for a large image); otherwise the crops are enlarged `zoom` times
+    (`enlarge`, bicubic)."""
     size = crops.shape[-1]
     stride = size // patches  # a tower whose patches do not fill the crop (SigLIP: 27 x 14 of 384) drops the rest
     extra, side = zoom_geometry(size, zoom, patches)
     if source is None:
         big = enlarge(crops, side).float()
-    elif tuple(source.shape) != (crops.shape[0], crops.shape[1], side, side):
-        raise ValueError(f"the zoom's views are {tuple(source.shape)}, expected {(*crops.shape[:2], side, side)}")
     else:
+        side = int(source.shape[-1])
+        extra = (side - size) // stride
+        if (
+            tuple(source.shape) != (crops.shape[0], crops.shape[1], side, side)
+            or side != size + extra * stride
+            or not 0 < extra <= size // stride
+        ):
+            raise ValueError(
+                f"the zoom's views are {tuple(source.shape)}, expected {tuple(crops.shape[:2])} views whose side is "
+                f"{size} plus 1 to {size // stride} patches of {stride} pixels"
+            )
         big = source.to(crops.device).float()
     starts = sorted({0, extra * stride})
     tiles = [big[..., y : y + size, x : x + size] for y in starts for x in starts]
@@ -596,6 +606,16 @@ class AnomalyAssistantModel(PreTrainedModel):
         look-twice score, no references), the map is the tiles' maps laid back and max-pooled to the crop's grid
         (`stitch_tiles`), the score the highest tile's. Thin lines one or two pixels wide become features the
         stride-8 and stride-16 stages see; four more tower passes per crop."""
+        if isinstance(source, (list, tuple)):  # images of different sizes take different zooms: one pass per side
+            maps = scores = None
+            for side in sorted({int(view.shape[-1]) for view in source}):
+                index = [i for i, view in enumerate(source) if int(view.shape[-1]) == side]
+                group_maps, group_scores = self._zoomed(crops[index], torch.stack([source[i] for i in index]))
+                if maps is None:
+                    maps = group_maps.new_zeros((crops.shape[0], *group_maps.shape[1:]))
+                    scores = group_scores.new_zeros(crops.shape[0])
+                maps[index], scores[index] = group_maps, group_scores
+            return maps, scores
         patches = self.config.patches_per_side
         tiles, offsets, side = zoom_tiles(crops, self.config.detection_zoom, patches, source)
         features, levels, fine = self._tower(tiles)

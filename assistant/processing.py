@@ -94,6 +94,17 @@ def enlarge(crops: torch.Tensor, side: int) -> torch.Tensor:
     )
 
 
+def join_zoom_views(parts) -> torch.Tensor | list[torch.Tensor] | None:
+    """Batches of the zoom's views (`AssistantProcessor.zoom_views`: tensors [n, 3, Z, Z] or lists of [3, Z_i, Z_i])
+    joined in order: one tensor when every view has the same side, else a list of [3, Z_i, Z_i]; None for none."""
+    views = [view for part in parts if part is not None for view in part]
+    if not views:
+        return None
+    if len({tuple(view.shape) for view in views}) == 1:
+        return torch.stack(views)
+    return views
+
+
 class AssistantProcessor:
     def __init__(self, tokenizer, image_processor, config: AnomalyAssistantConfig, chat_template: str | None = None):
         self.tokenizer = tokenizer
@@ -143,23 +154,25 @@ class AssistantProcessor:
             out["zoom_pixel_values"] = self.zoom_views(images, out["pixel_values"], side)
         return out
 
-    def zoom_views(self, images, pixel_values: torch.Tensor, side: int) -> torch.Tensor:
-        """Each image's base view at `side` × `side` [N, 3, side, side], what the zoom cuts its tiles from: made from
-        the image itself, with the base view's resize, rescale and normalisation, when the image is larger than the
-        crop on both sides (its own detail: thin lines the crop's resize loses); otherwise the base view enlarged
-        (`enlarge`), as the zoom did before, so an image no larger than the crop scores exactly as it did. Measured on
-        384 px crops of photographed surfaces (docs/default_model_history.md): gravel and tissue 0.878 → 0.926 image
-        AUROC zero-shot."""
+    def zoom_views(self, images, pixel_values: torch.Tensor, side: int) -> torch.Tensor | list[torch.Tensor]:
+        """Each image's base view enlarged for the zoom, what it cuts its tiles from: [N, 3, side, side], or a list of
+        [3, side_i, side_i] where images of different sizes take different zooms (`config.zoom_source_side_of`: the
+        larger zoom for an image that holds its view in its own pixels). Made from the image itself, with the base
+        view's resize, rescale and normalisation, when the image is larger than the crop on both sides (its own
+        detail: thin lines the crop's resize loses); otherwise the base view enlarged (`enlarge`), as the zoom did
+        before, so an image no larger than the crop scores exactly as it did. Measured on 384 px crops of
+        photographed surfaces (docs/default_model_history.md): gravel and tissue 0.878 → 0.926 image AUROC zero-shot."""
         tile = int(pixel_values.shape[-1])
         base = pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values
         views = []
         for index, image in enumerate(images):
             if isinstance(image, Image.Image) and image.mode == "RGB" and min(image.width, image.height) > tile:
-                view = self._normalised_view(image, SizeDict(height=side, width=side))
+                own = self.config.zoom_source_side_of(image.height, image.width) or side
+                view = self._normalised_view(image, SizeDict(height=own, width=own))
                 views.append(torch.from_numpy(np.ascontiguousarray(view)).to(base.dtype))
             else:
                 views.append(enlarge(base[index : index + 1], side)[0])
-        return torch.stack(views)
+        return join_zoom_views([view[None] for view in views])
 
     def pixels_of(self, image: Image.Image) -> torch.Tensor:
         """One image's pixel values as a batch concatenates them: its crops [crops, 3, S, S], no padding crops."""

@@ -208,3 +208,61 @@ def test_an_image_larger_than_the_crop_is_zoomed_from_its_own_pixels(tmp_path):
         records.append(Record(str(tmp_path / f"{index}.png"), 0, None, "gravel", "test"))
     _, fitted, _, _ = score_records(model, processor, records, 32)
     np.testing.assert_allclose(fitted, own_scores[:3].numpy(), atol=1e-5)
+
+
+def test_a_large_image_is_zoomed_more_from_its_own_pixels_and_mixed_sizes_score_as_each_alone(tmp_path, monkeypatch):
+    """`config.detection_zoom_large`: an image whose short side holds the larger zoom's whole view is read at that
+    zoom from its own pixels (at the default model's 256 px crop, 2x for 512 px and more), the others as before; a
+    batch or a folder of mixed sizes gives each image what it gets alone."""
+    import assistant.modeling as modeling
+    from assistant.config import AnomalyAssistantConfig
+    from assistant.modeling import AnomalyAssistantModel
+    from assistant.processing import AssistantProcessor
+    from assistant.testing import train_tokenizer
+
+    model, image_processor = _tiny_model()
+    model.config.detection_zoom = 1.5
+    read = []  # (images, side of the enlarged view) of each pass of the zoom
+    tiles = modeling.zoom_tiles
+    monkeypatch.setattr(
+        modeling, "zoom_tiles", lambda c, z, p, s=None: read.append((len(c), s.shape[-1])) or tiles(c, z, p, s)
+    )
+    processor = AssistantProcessor(train_tokenizer(), image_processor, model.config)
+    images = [random_image(80, 80, seed=1), random_image(100, 120, seed=2), random_image(128, 160, seed=3)]
+    assert [processor.preprocess([image])["zoom_pixel_values"].shape[-1] for image in images] == [96, 96, 96]
+    with torch.no_grad():
+        before = [model.detect(**_inputs(processor, [image])) for image in images]
+
+    model.config.detection_zoom_large = 2.0
+    read.clear()
+    together = processor.preprocess(images)
+    assert [view.shape[-1] for view in together["zoom_pixel_values"]] == [96, 96, 128]  # short side 128: its own
+    with torch.no_grad():
+        maps, scores = model.detect(**_inputs(processor, images))
+        alone = [model.detect(**_inputs(processor, [image])) for image in images]
+        chunks = [tuple(_inputs(processor, images[:2]).values()), tuple(_inputs(processor, images[2:]).values())]
+        folder_maps, folder_scores, _ = model.detect_folder(chunks)
+        mixed_maps, mixed_scores, _ = model.detect_folder([tuple(_inputs(processor, images).values())])
+    assert read[:2] == [(2, 96), (1, 128)]  # the batch: one pass for each side
+    for index, (alone_maps, alone_score) in enumerate(alone):
+        torch.testing.assert_close(scores[index : index + 1], alone_score, atol=1e-5, rtol=0)
+        torch.testing.assert_close(maps[index], alone_maps[0], atol=1e-5, rtol=0)
+    for index in (0, 1):  # smaller images: as before
+        torch.testing.assert_close(maps[index], before[index][0][0], atol=1e-5, rtol=0)
+    assert (maps[2] - before[2][0][0]).abs().max() > 1e-4  # the large one is read at 2x now
+    torch.testing.assert_close(mixed_scores, folder_scores, atol=1e-5, rtol=0)
+
+    model.save_pretrained(tmp_path)
+    assert AnomalyAssistantModel.from_pretrained(tmp_path).config.detection_zoom_large == 2.0
+    for zoom, large in ((1.0, 2.0), (1.5, 1.2), (1.5, 3.0)):
+        with pytest.raises(ValueError, match="detection_zoom"):
+            AnomalyAssistantConfig(detection_zoom=zoom, detection_zoom_large=large)
+
+
+def _inputs(processor, images) -> dict:
+    out = processor.preprocess(images)
+    return {
+        "pixel_values": out["pixel_values"],
+        "image_sizes": out["image_sizes"],
+        "zoom_pixel_values": out["zoom_pixel_values"],
+    }

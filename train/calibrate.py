@@ -137,10 +137,11 @@ def recalibrate(
     typical_quantile: float | None = None,
     detection_zoom: float | None = None,
     all_images: bool = False,
+    detection_zoom_large: float | None = None,
 ) -> dict:
     from assistant import checkpoint
     from assistant.calibration import Calibration, CalibrationConfig, write_report
-    from assistant.config import checked_zoom
+    from assistant.config import checked_zooms
     from assistant.run_config import ConfigError, config_section, read_run_config
 
     from .data import Skipped, decode_checked, read_held_out, read_masked_or_fail
@@ -186,9 +187,12 @@ def recalibrate(
     model, processor, generation, _ = checkpoint.load(model_path)
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
-    if detection_zoom is not None:  # the new checkpoint reads each crop enlarged too, and is fitted that way
-        try:
-            model.config.detection_zoom = checked_zoom(detection_zoom)
+    if detection_zoom is not None or detection_zoom_large is not None:  # the new checkpoint reads each crop
+        try:  # enlarged too (large images more), and is fitted that way
+            model.config.detection_zoom, model.config.detection_zoom_large = checked_zooms(
+                model.config.detection_zoom if detection_zoom is None else detection_zoom,
+                model.config.detection_zoom_large if detection_zoom_large is None else detection_zoom_large,
+            )
         except ValueError as error:
             raise CalibrateError(str(error)) from None
     try:  # the recipe's calibration settings, the checkpoint's suspicion rule, and --domain-margin etc. when given
@@ -212,6 +216,7 @@ def recalibrate(
         "held_out": len(held_out),
         "images": "all" if all_images else "held-out split",
         "detection_zoom": model.config.detection_zoom,
+        "detection_zoom_large": model.config.detection_zoom_large,
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
     if all_images:
@@ -287,6 +292,14 @@ def _main(argv: list[str] | None = None) -> int:
         help="the new checkpoint also reads each image Z times larger (1-2; 1 = off; default: the checkpoint's), "
         "config.detection_zoom: thin scratches on busy textures are caught more often, at four tower passes more",
     )
+    parser.add_argument(
+        "--detection-zoom-large",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="a larger zoom (up to 2; 1 = off; default: the checkpoint's) for images that hold its whole view in their "
+        "own pixels (2: a short side of 512 px at 256 px crops), config.detection_zoom_large; same cost",
+    )
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -302,10 +315,16 @@ def _main(argv: list[str] | None = None) -> int:
         args.typical_quantile,
         args.detection_zoom,
         args.all_images,
+        args.detection_zoom_large,
     )
     if report["detection_zoom"] > 1:
         print(
             f"detection zoom {report['detection_zoom']:g}: each image is read {report['detection_zoom']:g} times larger too"
+            + (
+                f", {report['detection_zoom_large']:g} times from its own pixels when it has them"
+                if report["detection_zoom_large"]
+                else ""
+            )
         )
     if "domain" in report:
         print(

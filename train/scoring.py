@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from assistant.calibration import Calibration, CalibrationConfig
 from assistant.maps import image_anomaly_map
 from assistant.patch_memory import ReferenceTypical
+from assistant.processing import join_zoom_views
 
 
 def small_maps(model, crop_maps: list[torch.Tensor], image_sizes, size: int) -> torch.Tensor:
@@ -124,7 +125,7 @@ def score_records(
                 if parts
                 else None
             )
-        zoom = torch.cat([item[3] for item in group]) if group[0][3] is not None else None
+        zoom = join_zoom_views(item[3] for item in group)  # one tensor, or a list where sizes take different zooms
         crop_maps, batch_scores = model.detect(
             pixels, sizes, reference_bank=bank, reference_typical=typical, zoom_pixel_values=zoom
         )
