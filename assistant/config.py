@@ -39,16 +39,16 @@ def checked_zoom(zoom) -> float:
     return float(zoom)
 
 
-def checked_zooms(zoom, large=None) -> tuple[float, float | None]:
-    """(`detection_zoom`, `detection_zoom_large`) checked: each in [1, 2] (`checked_zoom`), the large one (None or 1:
-    off) only above a `detection_zoom` above 1 and no smaller than it; a ValueError otherwise."""
+def checked_zooms(zoom, largest=None) -> tuple[float, float | None]:
+    """(`detection_zoom`, `detection_zoom_max`) checked: each in [1, 2] (`checked_zoom`), the largest (None or 1: off)
+    only with a `detection_zoom` above 1 and no smaller than it; a ValueError otherwise."""
     zoom = checked_zoom(zoom)
-    if large is None or float(large) == 1.0:
+    if largest is None or float(largest) == 1.0:
         return zoom, None
-    large = checked_zoom(large)
-    if zoom <= 1.0 or large < zoom:
-        raise ValueError(f"detection_zoom_large ({large:g}) needs a detection_zoom above 1 and no larger, got {zoom:g}")
-    return zoom, large
+    largest = checked_zoom(largest)
+    if zoom <= 1.0 or largest < zoom:
+        raise ValueError(f"detection_zoom_max ({largest:g}) needs a detection_zoom above 1 and no larger, got {zoom:g}")
+    return zoom, largest
 
 
 def zoom_geometry(size: int, zoom: float, patches: int) -> tuple[int, int]:
@@ -92,9 +92,10 @@ class AnomalyAssistantConfig(PretrainedConfig):
             own in logit terms (`assistant.modeling.ZOOM_WEIGHT`), in every mode. Thin scratches and cracks on busy
             textures, a pixel or two wide at the crop's size, are caught far more often; it costs four tower passes
             per crop. Re-calibrate after changing it (`train.calibrate --detection-zoom`). Training ignores it.
-        detection_zoom_large: None (off), or a larger zoom (up to 2) for images that hold its whole enlarged view in
-            their own pixels (short side at least `zoom_geometry`'s side for it: 512 px for a 256 px crop at 2x); the
-            zoom then reads the image at its own resolution, same four tower passes. Needs `detection_zoom` > 1.
+        detection_zoom_max: None (off), or the largest zoom (up to 2) for an image that has the pixels: one whose
+            short side is larger than `detection_zoom`'s view is read at its own resolution (in whole patches), up to
+            this zoom (at the default model's 256 px crop and 2x: 384 px at 1.5x, 448 px at 1.75x, 512 px and more at
+            2x); same four tower passes. Needs `detection_zoom` > 1 (`zoom_source_side_of`).
         few_shot_thresholds: (image, pixel) thresholds calibrated for the few-shot mode (scores against normal
             references), or None. When set, few-shot scores and maps are mapped piecewise-linearly so that
             these thresholds land on `image_threshold` / `pixel_threshold` (0 and 1 stay put; the order of the
@@ -137,7 +138,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         image_token_pooling: int = 1,
         detection_views: int = 1,
         detection_zoom: float = 1.0,
-        detection_zoom_large: float | None = None,
+        detection_zoom_max: float | None = None,
         few_shot_thresholds: tuple[float, float] | None = None,
         batch_thresholds: tuple[float, float] | None = None,
         moderate_from: float | None = None,
@@ -184,7 +185,7 @@ class AnomalyAssistantConfig(PretrainedConfig):
         if int(detection_views) not in (1, 2, 4, 8):
             raise ValueError(f"detection_views must be 1, 2, 4 or 8, got {detection_views}")
         self.detection_views = int(detection_views)
-        self.detection_zoom, self.detection_zoom_large = checked_zooms(detection_zoom, detection_zoom_large)
+        self.detection_zoom, self.detection_zoom_max = checked_zooms(detection_zoom, detection_zoom_max)
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format version {format_version} is newer than this library supports ({FORMAT_VERSION}); upgrade anomaly-assistant"
@@ -216,13 +217,16 @@ class AnomalyAssistantConfig(PretrainedConfig):
         return zoom_geometry(self.vision_config.image_size, self.detection_zoom, self.patches_per_side)[1]
 
     def zoom_source_side_of(self, height: int, width: int) -> int | None:
-        """The zoom's view side for an image of `height` × `width` pixels: `detection_zoom_large`'s when the image's
-        short side holds that view in its own pixels, otherwise `zoom_source_side`."""
+        """The zoom's view side for an image of `height` × `width` pixels: its short side in whole patches, between
+        `zoom_source_side` and `detection_zoom_max`'s view, so the zoom reads an image that has the pixels at its own
+        resolution; `zoom_source_side` without `detection_zoom_max`."""
         side = self.zoom_source_side
-        if side is None or self.detection_zoom_large is None:
+        if side is None or self.detection_zoom_max is None:
             return side
-        large = zoom_geometry(self.vision_config.image_size, self.detection_zoom_large, self.patches_per_side)[1]
-        return large if min(int(height), int(width)) >= large else side
+        size, patches = self.vision_config.image_size, self.patches_per_side
+        stride = size // patches
+        own = size + (min(int(height), int(width)) - size) // stride * stride
+        return max(side, min(own, zoom_geometry(size, self.detection_zoom_max, patches)[1]))
 
     @property
     def patches_per_side(self) -> int:

@@ -94,7 +94,7 @@ def zoom_tiles(
     each axis (overlapping below 2x): (tiles [N·T, C, S, S], each tile's offset in patches along one axis, the enlarged
     grid's side in patches). Four tiles for any zoom in (1, 2]. `source` [N, C, side, side], when given, is the
     enlarged view already made (`AssistantProcessor.zoom_views`, from the images themselves), and its side sets the
-    zoom (`config.detection_zoom_large` for a large image); otherwise the crops are enlarged `zoom` times
+    zoom (up to `config.detection_zoom_max` for a large image); otherwise the crops are enlarged `zoom` times
     (`enlarge`, bicubic)."""
     size = crops.shape[-1]
     stride = size // patches  # a tower whose patches do not fill the crop (SigLIP: 27 x 14 of 384) drops the rest

@@ -156,8 +156,9 @@ class AssistantProcessor:
 
     def zoom_views(self, images, pixel_values: torch.Tensor, side: int) -> torch.Tensor | list[torch.Tensor]:
         """Each image's base view enlarged for the zoom, what it cuts its tiles from: [N, 3, side, side], or a list of
-        [3, side_i, side_i] where images of different sizes take different zooms (`config.zoom_source_side_of`: the
-        larger zoom for an image that holds its view in its own pixels). Made from the image itself, with the base
+        [3, side_i, side_i] where images of different sizes take different zooms (`config.zoom_source_side_of`: an
+        image that has the pixels is read at its own resolution, up to `detection_zoom_max`). Made from the image
+        itself, with the base
         view's resize, rescale and normalisation, when the image is larger than the crop on both sides (its own
         detail: thin lines the crop's resize loses); otherwise the base view enlarged (`enlarge`), as the zoom did
         before, so an image no larger than the crop scores exactly as it did. Measured on 384 px crops of

@@ -211,9 +211,9 @@ def test_an_image_larger_than_the_crop_is_zoomed_from_its_own_pixels(tmp_path):
 
 
 def test_a_large_image_is_zoomed_more_from_its_own_pixels_and_mixed_sizes_score_as_each_alone(tmp_path, monkeypatch):
-    """`config.detection_zoom_large`: an image whose short side holds the larger zoom's whole view is read at that
-    zoom from its own pixels (at the default model's 256 px crop, 2x for 512 px and more), the others as before; a
-    batch or a folder of mixed sizes gives each image what it gets alone."""
+    """`config.detection_zoom_max`: an image larger than the zoom's view is read at its own resolution, in whole
+    patches, up to that zoom (at the default model's 256 px crop, 1.5x to 2x: 448 px at 1.75x, 512 px and more at 2x),
+    the others as before; a batch or a folder of mixed sizes gives each image what it gets alone."""
     import assistant.modeling as modeling
     from assistant.config import AnomalyAssistantConfig
     from assistant.modeling import AnomalyAssistantModel
@@ -228,35 +228,37 @@ def test_a_large_image_is_zoomed_more_from_its_own_pixels_and_mixed_sizes_score_
         modeling, "zoom_tiles", lambda c, z, p, s=None: read.append((len(c), s.shape[-1])) or tiles(c, z, p, s)
     )
     processor = AssistantProcessor(train_tokenizer(), image_processor, model.config)
-    images = [random_image(80, 80, seed=1), random_image(100, 120, seed=2), random_image(128, 160, seed=3)]
-    assert [processor.preprocess([image])["zoom_pixel_values"].shape[-1] for image in images] == [96, 96, 96]
+    sizes = [(80, 80), (100, 120), (120, 140), (200, 160)]  # short sides: under, within one patch of, and past 2x's
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    assert [processor.preprocess([image])["zoom_pixel_values"].shape[-1] for image in images] == [96, 96, 96, 96]
     with torch.no_grad():
         before = [model.detect(**_inputs(processor, [image])) for image in images]
 
-    model.config.detection_zoom_large = 2.0
+    model.config.detection_zoom_max = 2.0
     read.clear()
     together = processor.preprocess(images)
-    assert [view.shape[-1] for view in together["zoom_pixel_values"]] == [96, 96, 128]  # short side 128: its own
+    assert [view.shape[-1] for view in together["zoom_pixel_values"]] == [96, 96, 112, 128]  # 16 px patches
     with torch.no_grad():
         maps, scores = model.detect(**_inputs(processor, images))
         alone = [model.detect(**_inputs(processor, [image])) for image in images]
         chunks = [tuple(_inputs(processor, images[:2]).values()), tuple(_inputs(processor, images[2:]).values())]
         folder_maps, folder_scores, _ = model.detect_folder(chunks)
         mixed_maps, mixed_scores, _ = model.detect_folder([tuple(_inputs(processor, images).values())])
-    assert read[:2] == [(2, 96), (1, 128)]  # the batch: one pass for each side
+    assert read[:3] == [(2, 96), (1, 112), (1, 128)]  # the batch: one pass for each side
     for index, (alone_maps, alone_score) in enumerate(alone):
         torch.testing.assert_close(scores[index : index + 1], alone_score, atol=1e-5, rtol=0)
         torch.testing.assert_close(maps[index], alone_maps[0], atol=1e-5, rtol=0)
-    for index in (0, 1):  # smaller images: as before
+    for index in (0, 1):  # images without more pixels: as before
         torch.testing.assert_close(maps[index], before[index][0][0], atol=1e-5, rtol=0)
-    assert (maps[2] - before[2][0][0]).abs().max() > 1e-4  # the large one is read at 2x now
+    for index in (2, 3):  # read at their own resolution now
+        assert (maps[index] - before[index][0][0]).abs().max() > 1e-4
     torch.testing.assert_close(mixed_scores, folder_scores, atol=1e-5, rtol=0)
 
     model.save_pretrained(tmp_path)
-    assert AnomalyAssistantModel.from_pretrained(tmp_path).config.detection_zoom_large == 2.0
+    assert AnomalyAssistantModel.from_pretrained(tmp_path).config.detection_zoom_max == 2.0
     for zoom, large in ((1.0, 2.0), (1.5, 1.2), (1.5, 3.0)):
         with pytest.raises(ValueError, match="detection_zoom"):
-            AnomalyAssistantConfig(detection_zoom=zoom, detection_zoom_large=large)
+            AnomalyAssistantConfig(detection_zoom=zoom, detection_zoom_max=large)
 
 
 def _inputs(processor, images) -> dict:

@@ -137,7 +137,7 @@ def recalibrate(
     typical_quantile: float | None = None,
     detection_zoom: float | None = None,
     all_images: bool = False,
-    detection_zoom_large: float | None = None,
+    detection_zoom_max: float | None = None,
 ) -> dict:
     from assistant import checkpoint
     from assistant.calibration import Calibration, CalibrationConfig, write_report
@@ -187,11 +187,11 @@ def recalibrate(
     model, processor, generation, _ = checkpoint.load(model_path)
     if model.expert is None:
         raise CalibrateError(f"{model_path} has no anomaly expert")
-    if detection_zoom is not None or detection_zoom_large is not None:  # the new checkpoint reads each crop
+    if detection_zoom is not None or detection_zoom_max is not None:  # the new checkpoint reads each crop
         try:  # enlarged too (large images more), and is fitted that way
-            model.config.detection_zoom, model.config.detection_zoom_large = checked_zooms(
+            model.config.detection_zoom, model.config.detection_zoom_max = checked_zooms(
                 model.config.detection_zoom if detection_zoom is None else detection_zoom,
-                model.config.detection_zoom_large if detection_zoom_large is None else detection_zoom_large,
+                model.config.detection_zoom_max if detection_zoom_max is None else detection_zoom_max,
             )
         except ValueError as error:
             raise CalibrateError(str(error)) from None
@@ -216,7 +216,7 @@ def recalibrate(
         "held_out": len(held_out),
         "images": "all" if all_images else "held-out split",
         "detection_zoom": model.config.detection_zoom,
-        "detection_zoom_large": model.config.detection_zoom_large,
+        "detection_zoom_max": model.config.detection_zoom_max,
         "zero_shot": calibrate(model, processor, held_out, map_size, settings, prepared=prepared),
     }
     if all_images:
@@ -293,12 +293,13 @@ def _main(argv: list[str] | None = None) -> int:
         "config.detection_zoom: thin scratches on busy textures are caught more often, at four tower passes more",
     )
     parser.add_argument(
-        "--detection-zoom-large",
+        "--detection-zoom-max",
         type=float,
         default=None,
         metavar="Z",
-        help="a larger zoom (up to 2; 1 = off; default: the checkpoint's) for images that hold its whole view in their "
-        "own pixels (2: a short side of 512 px at 256 px crops), config.detection_zoom_large; same cost",
+        help="the largest zoom (up to 2; 1 = off; default: the checkpoint's), config.detection_zoom_max: an image larger "
+        "than --detection-zoom's view is read at its own resolution up to Z times the crop (2: 512 px at 256 px crops); "
+        "same cost",
     )
     parser.add_argument("--map-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
@@ -315,14 +316,14 @@ def _main(argv: list[str] | None = None) -> int:
         args.typical_quantile,
         args.detection_zoom,
         args.all_images,
-        args.detection_zoom_large,
+        args.detection_zoom_max,
     )
     if report["detection_zoom"] > 1:
         print(
             f"detection zoom {report['detection_zoom']:g}: each image is read {report['detection_zoom']:g} times larger too"
             + (
-                f", {report['detection_zoom_large']:g} times from its own pixels when it has them"
-                if report["detection_zoom_large"]
+                f", up to {report['detection_zoom_max']:g} times at an image's own resolution when it has the pixels"
+                if report["detection_zoom_max"]
                 else ""
             )
         )
