@@ -107,11 +107,11 @@ def zoom_tiles(
         if (
             tuple(source.shape) != (crops.shape[0], crops.shape[1], side, side)
             or side != size + extra * stride
-            or not 0 < extra <= size // stride
+            or not 0 <= extra <= size // stride
         ):
             raise ValueError(
                 f"the zoom's views are {tuple(source.shape)}, expected {tuple(crops.shape[:2])} views whose side is "
-                f"{size} plus 1 to {size // stride} patches of {stride} pixels"
+                f"{size} plus up to {size // stride} whole patches of {stride} pixels"
             )
         big = source.to(crops.device).float()
     starts = sorted({0, extra * stride})
