@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
     synth.add_argument("--families", help="comma-separated procedural families (default: all)")
-    synth.add_argument("--defects", help="comma-separated defect types (default: all)")
+    synth.add_argument(
+        "--defects",
+        help="comma-separated defect types (default: the standard seven; shading, a large region, on request)",
+    )
     synth.add_argument(
         "--anomaly-ratio", type=float, default=0.5, help="fraction of images that are anomalous test images"
     )
@@ -89,7 +92,7 @@ def _names(text: str | None, known, what: str) -> tuple[str, ...] | None:
 
 def run_synth(args) -> int:
     """`synth`: write the dataset and print a one-line summary."""
-    from .synth import DEFECT_TYPES, FAMILIES, SynthPlan, write_dataset
+    from .synth import ALL_DEFECT_TYPES, DEFECT_TYPES, FAMILIES, SynthPlan, write_dataset
     from .synth.families import all_families
     from .synth.writer import list_normals
 
@@ -103,7 +106,7 @@ def run_synth(args) -> int:
         raise UsageError("--anomaly-ratio must be between 0 and 1")
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
-    defects = _names(args.defects, DEFECT_TYPES, "defect type") or DEFECT_TYPES
+    defects = _names(args.defects, ALL_DEFECT_TYPES, "defect type") or DEFECT_TYPES
     normals: list[Path] = []
     if args.normals is not None:
         if args.families is not None:

@@ -213,6 +213,7 @@ KEYWORDS = {
     "fold": "bent",
     "color": "color",
     "colour": "color",
+    "shading": "color",
     "type": "color",
     "cut": "cut",
     "missing": "missing",

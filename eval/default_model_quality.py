@@ -76,14 +76,15 @@ def sample_of(family: str, index: int, seed: int, size: int, defect: str | None)
     return make_sample(family, index, seed, size, defect, normal=normal)
 
 
-def held_out_samples(families: list[str], n: int, seed: int, size: int):
+def held_out_samples(families: list[str], n: int, seed: int, size: int, defects: tuple[str, ...] | None = None):
     """(family, PIL image, gt mask bool [H, W], label, defect type or None) for `n` images per family: even index
-    normal, odd anomalous (the defect types in turn)."""
+    normal, odd anomalous (the `defects` in turn; default: the standard `DEFECT_TYPES`)."""
     from data_prep.synth import DEFECT_TYPES
 
+    defects = tuple(defects or DEFECT_TYPES)
     for family in families:
         for index in range(n):
-            defect = DEFECT_TYPES[(index // 2) % len(DEFECT_TYPES)] if index % 2 else None
+            defect = defects[(index // 2) % len(defects)] if index % 2 else None
             sample = sample_of(family, index, seed, size, defect)
             mask = sample.mask.astype(bool) if sample.mask is not None else np.zeros((size, size), dtype=bool)
             yield family, Image.fromarray(sample.image), mask, int(sample.mask is not None), defect
@@ -198,13 +199,14 @@ def evaluate(
     text_n: int,
     shots: int = 0,
     zero_shot: str = "single",
+    defects: tuple[str, ...] | None = None,
 ) -> dict:
     from assistant.localize import location_words
 
     items: list[dict] = []
     text_budget: dict[tuple[str, int], int] = {}
     references = {family: reference_images(family, shots, seed, size) for family in families} if shots else {}
-    samples = list(held_out_samples(families, n, seed, size))
+    samples = list(held_out_samples(families, n, seed, size, defects))
     folder_reports = {}
     if zero_shot == "batch" and not shots:  # each family's images scored against each other
         for family in families:
@@ -331,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         default="single",
         help="without --shots: each image on its own, or each family's images against each other",
     )
+    parser.add_argument(
+        "--defects",
+        nargs="+",
+        default=None,
+        help="defect types drawn in turn (default: the standard seven; shading: a large darker or brighter region)",
+    )
     parser.add_argument("--out", default=None, help="write the metrics and sample answers as JSON here")
     args = parser.parse_args(argv)
 
@@ -346,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.shots < 0:
         print(f"error: --shots must be ≥ 0, got {args.shots}", file=sys.stderr)
         return 2
+    from data_prep.synth import ALL_DEFECT_TYPES
+
+    wrong = sorted(set(args.defects or []) - set(ALL_DEFECT_TYPES))
+    if wrong:
+        print(f"error: unknown defect types {wrong}; the generator has {list(ALL_DEFECT_TYPES)}", file=sys.stderr)
+        return 2
     unknown = sorted(set(families + (args.unseen or [])) - set(all_families()))
     if unknown:
         print(f"error: unknown families {unknown}; the generator has {list(all_families())}", file=sys.stderr)
@@ -360,7 +374,16 @@ def main(argv: list[str] | None = None) -> int:
         args.unseen if args.unseen is not None else [f for f in families if trained is not None and f not in trained]
     )
     result = evaluate(
-        assistant, families, unseen, args.n, args.seed, args.size, args.text_n, args.shots, args.zero_shot
+        assistant,
+        families,
+        unseen,
+        args.n,
+        args.seed,
+        args.size,
+        args.text_n,
+        args.shots,
+        args.zero_shot,
+        args.defects,
     )
     result["conversation"] = sample_conversation(assistant, args.seed, args.size)
     command = "python -m eval.default_model_quality " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -42,6 +42,7 @@ def test_synth_refuses_a_non_empty_out_unless_overwrite(synth_dir, capsys):
         (["synth", "--out", "X", "--n", "0"], "--n"),
         (["synth", "--out", "X", "--n", "2", "--families", "wood,plastic"], "unknown family plastic"),
         (["synth", "--out", "X", "--n", "2", "--anomaly-ratio", "1.5"], "--anomaly-ratio"),
+        (["synth", "--out", "X", "--n", "2", "--defects", "scratch,dent"], "unknown defect type dent"),
         (["synth", "--out", "X", "--n", "2", "--normals", "no/such/dir"], "not a folder"),
         (["instruct", "--source", "no/such/dir", "--out", "x.json"], "not a folder"),
         (["check", "no/such/path"], "no such file"),
@@ -53,6 +54,18 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monke
     assert main(args) == 2
     assert message in _one_error_line(capsys)
     assert not (tmp_path / "X").exists()
+
+
+def test_synth_draws_the_large_shading_region_only_when_asked(synth_dir, tmp_path):
+    assert not list(synth_dir.glob("*/ground_truth/shading"))  # not among the standard types
+    out = tmp_path / "shaded"
+    assert (
+        main(
+            ["synth", "--out", str(out), "--n", "6", "--families", "wood", "--size", "64", "--defects", "shading,crack"]
+        )
+        == 0
+    )
+    assert {p.name for p in (out / "wood/ground_truth").iterdir()} == {"shading", "crack"}
 
 
 def test_instruct_then_check_is_clean_and_output_is_never_overwritten(synth_dir, tmp_path, capsys):

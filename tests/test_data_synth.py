@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from data_prep.readers import read_mvtec
-from data_prep.synth import DEFECT_TYPES, FAMILIES, SynthPlan, make_normal, make_sample, write_dataset
+from data_prep.synth import ALL_DEFECT_TYPES, DEFECT_TYPES, FAMILIES, SynthPlan, make_normal, make_sample, write_dataset
 from data_prep.synth.poisson import poisson_blend
 from data_prep.synth.shapes import bbox
 
@@ -25,7 +25,7 @@ def test_there_are_at_least_five_families_each_drawing_varied_images():
 
 
 @pytest.mark.parametrize("family", ["wood", "fabric", "pill", "cap"])
-@pytest.mark.parametrize("defect_type", DEFECT_TYPES)
+@pytest.mark.parametrize("defect_type", ALL_DEFECT_TYPES)
 def test_mask_is_exactly_the_changed_pixels(family, defect_type):
     for index in range(3):
         sample = make_sample(family, index, seed=7, size=96, defect_type=defect_type)
@@ -36,7 +36,7 @@ def test_mask_is_exactly_the_changed_pixels(family, defect_type):
         assert np.abs(sample.image[sample.mask].astype(int) - sample.normal[sample.mask]).max(-1).mean() >= 6
 
 
-@pytest.mark.parametrize("defect_type", ["scratch", "crack", "stain", "hole"])
+@pytest.mark.parametrize("defect_type", ["scratch", "crack", "stain", "hole", "shading"])
 def test_defects_stay_on_the_object(defect_type):
     for index in range(4):
         sample = make_sample("pill", index, seed=3, size=96, defect_type=defect_type)
@@ -44,6 +44,19 @@ def test_defects_stay_on_the_object(defect_type):
         background = ndimage.binary_erosion(sample.normal.mean(-1) < 90, iterations=2)
         assert background.mean() > 0.5
         assert not (sample.mask & background).any()
+
+
+def test_shading_is_a_large_region_made_darker_or_brighter_and_drawn_only_when_asked():
+    assert "shading" in ALL_DEFECT_TYPES and "shading" not in DEFECT_TYPES  # the standard sets stay as they were
+    darker = brighter = 0
+    for index in range(12):
+        sample = make_sample("metal", index, seed=5, size=128, defect_type="shading")
+        area = sample.mask.mean()
+        assert 0.08 < area < 0.6, area  # every standard type covers at most about a tenth of the image
+        change = sample.image[sample.mask].astype(float).mean() - sample.normal[sample.mask].astype(float).mean()
+        darker, brighter = darker + (change < -10), brighter + (change > 10)
+        assert ndimage.label(sample.mask)[1] <= 3  # one region (a fringe may leave a few specks)
+    assert darker and brighter
 
 
 def test_samples_are_deterministic_from_the_seed():

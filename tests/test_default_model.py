@@ -118,6 +118,7 @@ def test_cli_ask_without_model_prints_json():
         (["--model", "no/such/folder/x"], "no model at"),
         (["--families", "wood", "rug"], "unknown families ['rug']"),
         (["--shots", "-1"], "--shots must be ≥ 0"),
+        (["--defects", "crack", "dent"], "unknown defect types ['dent']"),
     ],
 )
 def test_quality_script_bad_input_is_one_line(args, message, capsys):
@@ -126,6 +127,15 @@ def test_quality_script_bad_input_is_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_quality_draws_the_defect_types_asked_for_in_turn():
+    from eval.default_model_quality import held_out_samples
+
+    drawn = [(s[3], s[4]) for s in held_out_samples(["metal"], 8, 3, 64, ("shading", "crack"))]
+    assert drawn == [(0, None), (1, "shading"), (0, None), (1, "crack")] * 2
+    standard = {s[4] for s in held_out_samples(["metal"], 30, 3, 64)} - {None}
+    assert "shading" not in standard and len(standard) == 7
 
 
 @needs_model
@@ -209,7 +219,7 @@ def test_quality_rows_give_each_familys_own_ranking_beside_the_pooled_one(monkey
 
     import eval.default_model_quality as quality
 
-    def samples(families, n, seed, size):
+    def samples(families, n, seed, size, defects=None):
         for family in families:
             base = 0.6 if family == "tissue" else 0.1  # tissue's normal images score above gravel's defects
             for i in range(n):

@@ -55,6 +55,7 @@ def test_dotted_overrides_are_typed():
         (["model.image_token_pooling=0"], "image_token_pooling must be"),
         (["model.init.vision_heads=3"], "vision_heads must divide"),
         (["model.init.vision_heads=0"], "vision_heads must divide"),
+        (["data.synth.defect_types=[crack,dent]"], "unknown defect type 'dent'"),
     ],
 )
 def test_bad_overrides_name_the_problem(overrides, message):

@@ -19,7 +19,7 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
     from data_prep.instruct import build_instructions, write_instructions
     from data_prep.parallel import default_workers
     from data_prep.readers import read_mvtec
-    from data_prep.synth import FAMILIES, SynthPlan, write_dataset
+    from data_prep.synth import DEFECT_TYPES, FAMILIES, SynthPlan, write_dataset
     from data_prep.synth.families import all_families
 
     synth = cfg.data.synth
@@ -31,11 +31,12 @@ def synthetic_data(cfg: TrainConfig, data_dir: Path) -> tuple[Path, Path]:
             raise ConfigError(
                 f"data.synth.families: unknown family {unknown[0]!r}; choose from {', '.join(all_families())}"
             )
+        defects = tuple(synth.defect_types) or DEFECT_TYPES  # checked by TrainConfig.validate
         with atomic_folder(images) as staging:
             # one process per core: every sample depends only on (seed, family, index), so the data are the same
             write_dataset(
                 staging,
-                SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio),
+                SynthPlan(synth.n, families, synth.size, synth.seed, synth.anomaly_ratio, defects),
                 overwrite=True,
                 workers=default_workers(),
             )

@@ -78,6 +78,8 @@ class SynthData:
     n: int = 24  # images per family
     size: int = 64
     families: list = field(default_factory=list)  # empty: all
+    #: empty: the standard seven (`data_prep.synth.DEFECT_TYPES`); `shading`, a large region, only when listed
+    defect_types: list = field(default_factory=list)
     anomaly_ratio: float = 0.5
     seed: int = 0
     #: the conversations name a family by its kind ("surface", "part") instead of its noun ("wooden board"): a model
@@ -235,6 +237,14 @@ class TrainConfig:
             raise ConfigError(f"model.init.text must be llama or qwen2, got {self.model.init.text!r}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be between 0 and 1")
+        if self.data.synth is not None and self.data.synth.defect_types:
+            from data_prep.synth.defects import ALL_DEFECT_TYPES
+
+            unknown = [d for d in self.data.synth.defect_types if d not in ALL_DEFECT_TYPES]
+            if unknown:
+                raise ConfigError(
+                    f"data.synth.defect_types: unknown defect type {unknown[0]!r}; choose from {', '.join(ALL_DEFECT_TYPES)}"
+                )
         if self.model.image_token_pooling is not None and self.model.image_token_pooling < 1:
             raise ConfigError(f"model.image_token_pooling must be ≥ 1, got {self.model.image_token_pooling}")
         check_augment_ranges("data.", self.data)

@@ -220,6 +220,29 @@ def poisson_patch(image, rng, ctx):
     return candidate, core, support
 
 
+def shading(image, rng, ctx):
+    """A large soft-edged region, a tenth to a half of the image, darker or brighter than the rest: an inactive
+    area, uneven coating or lighting, a discoloration. Every other type covers at most about a tenth of the image,
+    and a model trained on them alone passed such regions on surfaces it never saw (docs/default_model_history.md)."""
+    size = image.shape[0]
+    cy, cx = pick_center(rng, size, ctx.foreground, margin=0.15)
+    radius = size * rng.uniform(0.18, 0.36)
+    sigma = size * 0.03
+    y = np.arange(size, dtype=np.float32)[:, None] - cy
+    x = np.arange(size, dtype=np.float32)[None, :] - cx
+    theta = np.arctan2(y, x)
+    k = np.arange(2, 5)[:, None, None]
+    wobble = (rng.uniform(0, 0.12, (3, 1, 1)) * np.cos(k * theta + rng.uniform(0, 2 * np.pi, (3, 1, 1)))).sum(0)
+    region = np.sqrt(y**2 + x**2) <= radius * (1 + wobble)
+    alpha = ndimage.gaussian_filter(region.astype(np.float32), sigma=sigma, mode="constant")
+    if rng.random() < 0.6:  # darker: inactive or shadowed
+        target = image * rng.uniform(0.3, 0.65)
+    else:  # brighter: bleached or over-lit
+        target = image + (rng.uniform(215, 250) - image) * rng.uniform(0.4, 0.7)
+    candidate = image * (1 - alpha[..., None]) + target * alpha[..., None]
+    return candidate, alpha > 0.5, alpha > 0.02
+
+
 #: defect type → function(image float32, rng, ctx) -> (candidate, core, support)
 DEFECTS = {
     "foreign_texture": foreign_texture,
@@ -229,10 +252,14 @@ DEFECTS = {
     "stain": stain,
     "hole": hole,
     "poisson_patch": poisson_patch,
+    "shading": shading,
 }
-DEFECT_TYPES = tuple(DEFECTS)
+#: the standard types: what a synthetic set and the default model's quality tables draw unless told otherwise
+#: (`shading`, the large region, is drawn only where asked: `data.synth.defect_types`, `--defects`)
+DEFECT_TYPES = tuple(name for name in DEFECTS if name != "shading")
+ALL_DEFECT_TYPES = tuple(DEFECTS)
 #: defect types that stay on the object when the image has a foreground (a misplaced patch may not)
-_ON_OBJECT = {"foreign_texture", "scratch", "crack", "stain", "hole", "poisson_patch"}
+_ON_OBJECT = {"foreign_texture", "scratch", "crack", "stain", "hole", "poisson_patch", "shading"}
 
 
 def finalize(
@@ -259,7 +286,7 @@ def apply_defect(
 ) -> Defect:
     """Draw `defect_type` on the uint8 `normal` image; redrawn until it is visible and non-empty."""
     if defect_type not in DEFECTS:
-        raise KeyError(f"unknown defect type {defect_type!r}; choose from {', '.join(DEFECT_TYPES)}")
+        raise KeyError(f"unknown defect type {defect_type!r}; choose from {', '.join(ALL_DEFECT_TYPES)}")
     ctx = ctx or DefectContext()
     image = normal.astype(np.float32)
     min_area = max(8, normal.shape[0] * normal.shape[1] // 2000)
