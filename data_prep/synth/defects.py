@@ -254,9 +254,11 @@ DEFECTS = {
     "poisson_patch": poisson_patch,
     "shading": shading,
 }
+#: types drawn only where asked (`data.synth.defect_types`, `--defects`): the large region, which the default recipe
+#: leaves out (docs/default_model_history.md)
+ON_REQUEST = ("shading",)
 #: the standard types: what a synthetic set and the default model's quality tables draw unless told otherwise
-#: (`shading`, the large region, is drawn only where asked: `data.synth.defect_types`, `--defects`)
-DEFECT_TYPES = tuple(name for name in DEFECTS if name != "shading")
+DEFECT_TYPES = tuple(name for name in DEFECTS if name not in ON_REQUEST)
 ALL_DEFECT_TYPES = tuple(DEFECTS)
 #: defect types that stay on the object when the image has a foreground (a misplaced patch may not)
 _ON_OBJECT = {"foreign_texture", "scratch", "crack", "stain", "hole", "poisson_patch", "shading"}
